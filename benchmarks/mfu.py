@@ -1,0 +1,166 @@
+"""Measure training throughput and MFU of a config on the devices present.
+
+    python -m benchmarks.mfu --config=configs/1b.py --steps=20 --warmup=3 \
+        --config.train.global_batch_size=16
+
+Runs real jitted train steps (optimizer included) on synthetic tokens, one document per
+row, timing each step after `block_until_ready`. MFU = model FLOPs per token (DESIGN.md:
+6 * block matmul params + 6 * d_model * vocab + causal attention) * tokens/s / peak FLOP/s
+of all devices; the full-square attention count is printed beside it. A row is appended to
+benchmarks/results/<device kind>.md, and the same as JSON to <device kind>.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import re
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxlm import config as config_lib
+from jaxlm import metrics as metrics_lib
+from jaxlm import model as model_lib
+from jaxlm import optim
+from jaxlm import sharding as sharding_lib
+from jaxlm import step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/1b.py", "Config file.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Measured optimizer steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Unmeasured steps after compilation.")
+_RESULTS = flags.DEFINE_string("results", "benchmarks/results", "Where rows are appended.")
+_NOTE = flags.DEFINE_string("note", "", "Free text recorded with the row.")
+
+
+def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
+    tokens = np.random.default_rng(seed).integers(0, vocab, (batch_size, seq_len + 1), np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "loss_mask": np.ones((batch_size, seq_len), bool)}
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"], "device peak_bytes_in_use (device 0)"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
+
+
+def record(results_dir: str, row: dict) -> pathlib.Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", row["device_kind"]).strip("-").lower()
+    directory = pathlib.Path(results_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"{slug}.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    table = directory / f"{slug}.md"
+    columns = ["date", "config", "params", "devices", "mesh", "batch x seq", "dtype", "remat",
+               "attention", "compile s", "step ms (median/min/max)", "tokens/s/device",
+               "TFLOP/s/device", "MFU causal", "MFU full-square", "peak mem GiB", "jax", "note"]
+    if not table.exists():
+        table.write_text(f"# {row['device_kind']}\n\nRows appended by `python -m benchmarks.mfu`; "
+                         "MFU uses DESIGN.md's FLOPs formula.\n\n| " + " | ".join(columns)
+                         + " |\n|" + "---|" * len(columns) + "\n")
+    cells = [row["date"], row["config"], f"{row['params'] / 1e9:.3f}B",
+             f"{row['device_count']}x {row['device_kind']}", row["mesh"],
+             f"{row['global_batch_size']} x {row['seq_len']}", row["dtype"], row["remat"],
+             row["attention"], f"{row['compile_seconds']:.1f}",
+             f"{row['step_ms_median']:.1f} / {row['step_ms_min']:.1f} / {row['step_ms_max']:.1f}",
+             f"{row['tokens_per_second_per_device']:,.0f}", f"{row['tflops_per_device']:.1f}",
+             f"{100 * row['mfu_causal']:.1f}%", f"{100 * row['mfu_full_square']:.1f}%",
+             f"{row['peak_memory_bytes'] / 2**30:.1f}", row["jax_version"], row["note"]]
+    with open(table, "a") as f:
+        f.write("| " + " | ".join(str(c) for c in cells) + " |\n")
+    return table
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    devices = jax.devices()
+    derived = config_lib.validate(config, len(devices))
+    t, m, seq_len = config.train, config.model, config.data.seq_len
+    model = model_lib.Transformer(config_lib.model_config(config, derived))
+    factory = step_lib.StateFactory(model, optim.make_optimizer(t),
+                                    sharding_lib.make_mesh(derived.mesh_shape),
+                                    sharding_lib.axis_rules(config.mesh.rules),
+                                    (derived.micro_batch_size, seq_len))
+    state = factory.create(jax.random.key(config.seed))
+    batch = sharding_lib.global_batch(
+        synthetic_batch(derived.micro_batch_size, seq_len, m.vocab_size), factory.batch_sharding)
+
+    with factory.context():
+        start = time.perf_counter()
+        train_step = step_lib.make_train_step(factory).lower(state, batch).compile()
+        compile_seconds = time.perf_counter() - start
+
+    def optimizer_step(state):
+        for _ in range(t.grad_accum_steps):
+            state, metrics = train_step(state, batch)
+        return jax.block_until_ready((state, metrics))
+
+    for _ in range(_WARMUP.value):
+        state, metrics = optimizer_step(state)
+    times = []
+    for _ in range(_STEPS.value):
+        start = time.perf_counter()
+        state, metrics = optimizer_step(state)
+        times.append(time.perf_counter() - start)
+    if not np.isfinite(float(metrics["loss"])):
+        raise SystemExit(f"loss is {float(metrics['loss'])}: the measured steps are not valid")
+
+    peak, peak_source = metrics_lib.peak_flops_total(devices)
+    causal = metrics_lib.flops_per_token(m, derived.head_dim, seq_len, causal=True)
+    full = metrics_lib.flops_per_token(m, derived.head_dim, seq_len, causal=False)
+    tokens_per_step = t.global_batch_size * seq_len
+    tokens_per_second = tokens_per_step / statistics.median(times)
+    memory, memory_source = peak_memory_bytes()
+    attention = m.attention
+    if attention == "auto":
+        attention = ("auto: cudnn" if devices[0].platform == "gpu"
+                     and jnp.dtype(m.dtype) in (jnp.bfloat16, jnp.float16) else "auto: xla")
+    row = {
+        "date": time.strftime("%Y-%m-%d"), "config": flags.FLAGS["config"].config_filename,
+        "device_kind": devices[0].device_kind, "device_count": len(devices),
+        "host": f"{platform.machine()} {os.cpu_count()} cores", "mesh": str(derived.mesh_shape),
+        "params": derived.n_params, "flops_per_token_causal": causal,
+        "flops_per_token_full_square": full, "global_batch_size": t.global_batch_size,
+        "grad_accum_steps": t.grad_accum_steps, "seq_len": seq_len, "dtype": m.dtype,
+        "remat": m.remat, "attention": attention, "compile_seconds": compile_seconds,
+        "step_ms_median": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times),
+        "step_ms_max": 1e3 * max(times), "steps": len(times),
+        "tokens_per_second": tokens_per_second,
+        "tokens_per_second_per_device": tokens_per_second / len(devices),
+        "tflops_per_device": causal * tokens_per_second / len(devices) / 1e12,
+        "mfu_causal": metrics_lib.mfu(causal, tokens_per_second, peak),
+        "mfu_full_square": metrics_lib.mfu(full, tokens_per_second, peak),
+        "peak_flops_total": peak, "peak_source": peak_source,
+        "peak_memory_bytes": memory, "memory_source": memory_source,
+        "jax_version": jax.__version__, "note": _NOTE.value,
+    }
+    print(f"devices      {len(devices)} x {row['device_kind']} ({row['host']}), mesh {row['mesh']}")
+    print(f"model        {derived.n_params / 1e9:.3f}B params, {m.dtype}, remat {m.remat}, "
+          f"attention {attention}")
+    print(f"batch        {t.global_batch_size} x {seq_len} tokens ({t.grad_accum_steps} microbatches)")
+    print(f"FLOPs/token  {causal / 1e9:.3f} GFLOP causal, {full / 1e9:.3f} GFLOP full-square "
+          "(6*N_matmul + 6*d_model*vocab + 6*n_layers*seq*d_attn [x2 full-square])")
+    print(f"compile      {compile_seconds:.1f} s")
+    print(f"step time    median {row['step_ms_median']:.1f} ms, min {row['step_ms_min']:.1f}, "
+          f"max {row['step_ms_max']:.1f} over {len(times)} steps (after {_WARMUP.value} warmup)")
+    print(f"throughput   {tokens_per_second:,.0f} tokens/s, {row['tokens_per_second_per_device']:,.0f}"
+          f" per device, {row['tflops_per_device']:.1f} model TFLOP/s per device")
+    print(f"MFU          {100 * row['mfu_causal']:.1f}% causal, {100 * row['mfu_full_square']:.1f}% "
+          f"full-square; peak {peak / 1e12:.1f} TFLOP/s ({peak_source})")
+    print(f"memory       {memory / 2**30:.2f} GiB ({memory_source})")
+    print(f"recorded     {record(_RESULTS.value, row)}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,217 @@
+"""The config schema, its validation, and the values derived from it.
+
+Every config file under `configs/` starts from `default_config()` and changes fields; no
+other fields exist. `validate()` runs before anything is compiled and raises `ConfigError`
+naming the field, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+import ml_collections
+
+from jaxlm import model as model_lib
+
+REMAT_POLICIES = ("none", *model_lib.REMAT_POLICIES)
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field jaxlm knows, with its default. Config files override these."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 32000
+    m.d_model = 4096
+    m.n_layers = 32
+    m.n_heads = 32
+    m.n_kv_heads = 32
+    m.head_dim = 0  # 0: d_model // n_heads
+    m.d_ff = 11008
+    m.rope_theta = 10000.0
+    m.norm_eps = 1e-5
+    m.tie_embeddings = False
+    m.init_std = 0.02
+    m.dtype = "float32"  # compute dtype
+    m.param_dtype = "float32"
+    m.remat = "full"  # one of REMAT_POLICIES
+    m.attention = "auto"  # one of ATTENTION_IMPLS
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "builtin"  # the running Python's standard library, see jaxlm.data.corpus
+    d.seq_len = 4096
+    d.tokenizer = ""  # path to a sentencepiece .model; "" trains one into the workdir
+    d.val_fraction = 0.05  # built-in corpus: share of documents held out
+    d.eval_batches = 4
+    d.num_threads = 2  # grain read threads
+    d.prefetch = 4  # batches grain prepares ahead
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 1000  # optimizer updates
+    t.global_batch_size = 256  # sequences per optimizer update, all microbatches together
+    t.grad_accum_steps = 1
+    t.lr = 3e-4
+    t.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+    t.warmup_steps = 100
+    t.weight_decay = 0.1
+    t.b1 = 0.9
+    t.b2 = 0.95
+    t.eps = 1e-8
+    t.clip_norm = 1.0
+    t.log_every = 10
+    t.eval_every = 200
+
+    c.mesh = me = ml_collections.ConfigDict()
+    me.data = 1
+    me.fsdp = -1  # -1: the rest of the devices
+    me.tensor = 1
+    me.sequence = 1
+    me.rules = ()  # ((logical_name, mesh_axes), ...) replacing entries of the default table
+
+    c.checkpoint = ck = ml_collections.ConfigDict()
+    ck.every = 1000
+    ck.keep = 3
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """Values computed from a validated config, once."""
+
+    head_dim: int
+    mesh_shape: dict  # axis name -> size, -1 resolved
+    data_parallel: int  # data * fsdp: how many ways a batch is split
+    micro_batch_size: int  # sequences per jitted step (global batch / grad accum)
+    per_device_batch_size: int
+    n_params: int
+
+
+def _unknown_fields(given, schema, prefix=""):
+    for key in given.keys():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            yield name
+        elif isinstance(schema[key], ml_collections.ConfigDict):
+            yield from _unknown_fields(given[key], schema[key], name + ".")
+
+
+def _require(ok: bool, field: str, value, valid: str):
+    if not ok:
+        raise ConfigError(f"config.{field}={value!r} is invalid: {valid}")
+
+
+def resolve_mesh_shape(mesh_cfg, n_devices: int) -> dict:
+    shape = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
+    free = [a for a, s in shape.items() if s == -1]
+    _require(len(free) <= 1, f"mesh.{free[-1] if free else 'fsdp'}", -1,
+             f"at most one mesh axis may be -1 (the rest of the devices); got -1 for {free}")
+    for axis, size in shape.items():
+        _require(size == -1 or size >= 1, f"mesh.{axis}", size, "a positive size or -1")
+    fixed = math.prod(s for s in shape.values() if s != -1)
+    if free:
+        _require(n_devices % fixed == 0, f"mesh.{free[0]}", -1,
+                 f"the other axes multiply to {fixed}, which does not divide the "
+                 f"{n_devices} devices present")
+        shape[free[0]] = n_devices // fixed
+    total = math.prod(shape.values())
+    _require(total <= n_devices, "mesh", dict(shape),
+             f"the mesh needs {total} devices but only {n_devices} are present; "
+             f"make the axes multiply to at most {n_devices}, or set one axis to -1")
+    _require(total == n_devices, "mesh", dict(shape),
+             f"the mesh uses {total} of the {n_devices} devices present; make the axes "
+             f"multiply to {n_devices}, or set one axis to -1")
+    return shape
+
+
+def count_params(m, head_dim: int) -> int:
+    """Parameter count of the Transformer in jaxlm.model, from the config alone."""
+    attn = m.d_model * head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
+    mlp = 3 * m.d_model * m.d_ff
+    per_layer = attn + mlp + 2 * m.d_model
+    embed = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    return m.n_layers * per_layer + embed + m.d_model
+
+
+def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
+    """Check `config` against the schema and the devices present; return derived values."""
+    unknown = list(_unknown_fields(config, default_config()))
+    if unknown:
+        raise ConfigError(
+            f"unknown config field(s) {['config.' + u for u in unknown]}; the known fields "
+            "are those of jaxlm.config.default_config() (check the spelling)")
+    m, t, d = config.model, config.train, config.data
+
+    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+        _require(int(m[field]) >= 1, f"model.{field}", m[field], "a positive integer")
+    _require(m.n_kv_heads <= m.n_heads and m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+             m.n_kv_heads, f"must divide model.n_heads={m.n_heads} (grouped-query attention "
+             f"shares each kv head among n_heads / n_kv_heads query heads)")
+    head_dim = m.head_dim
+    if not head_dim:
+        _require(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads,
+                 f"must divide model.d_model={m.d_model}, or set model.head_dim explicitly")
+        head_dim = m.d_model // m.n_heads
+    _require(head_dim % 2 == 0, "model.head_dim", head_dim, "rotary embeddings need an even head_dim")
+    _require(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {REMAT_POLICIES}")
+    _require(m.attention in ATTENTION_IMPLS, "model.attention", m.attention, f"one of {ATTENTION_IMPLS}")
+    for field in ("dtype", "param_dtype"):
+        _require(m[field] in DTYPES, f"model.{field}", m[field], f"one of {DTYPES}")
+
+    _require(d.seq_len >= 2, "data.seq_len", d.seq_len, "at least 2 tokens")
+    _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "between 0 and 1")
+    _require(d.eval_batches >= 1, "data.eval_batches", d.eval_batches, "at least 1")
+    _require(t.steps >= 1, "train.steps", t.steps, "at least 1")
+    _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "at least 1")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "zero or more")
+    _require(t.log_every >= 1, "train.log_every", t.log_every, "at least 1")
+    _require(t.eval_every >= 1, "train.eval_every", t.eval_every, "at least 1")
+    _require(config.checkpoint.every >= 1, "checkpoint.every", config.checkpoint.every, "at least 1")
+    _require(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, "at least 1")
+
+    shape = resolve_mesh_shape(config.mesh, n_devices)
+    tensor = shape["tensor"]
+    _require(m.n_heads % tensor == 0, "model.n_heads", m.n_heads,
+             f"must be divisible by mesh.tensor={tensor} (heads are split over the tensor axis)")
+    _require(m.n_kv_heads % tensor == 0, "model.n_kv_heads", m.n_kv_heads,
+             f"must be divisible by mesh.tensor={tensor} (kv heads are split over the tensor axis)")
+    _require(m.d_ff % tensor == 0, "model.d_ff", m.d_ff, f"must be divisible by mesh.tensor={tensor}")
+    _require(m.vocab_size % tensor == 0, "model.vocab_size", m.vocab_size,
+             f"must be divisible by mesh.tensor={tensor}")
+    _require(m.d_model % shape["fsdp"] == 0, "model.d_model", m.d_model,
+             f"must be divisible by mesh.fsdp={shape['fsdp']} (weights are split over fsdp "
+             "along d_model)")
+    _require(d.seq_len % shape["sequence"] == 0, "data.seq_len", d.seq_len,
+             f"must be divisible by mesh.sequence={shape['sequence']}")
+
+    dp = shape["data"] * shape["fsdp"]
+    _require(t.global_batch_size % t.grad_accum_steps == 0, "train.global_batch_size",
+             t.global_batch_size, f"must be divisible by train.grad_accum_steps={t.grad_accum_steps}")
+    micro = t.global_batch_size // t.grad_accum_steps
+    _require(micro % dp == 0, "train.global_batch_size", t.global_batch_size,
+             f"each microbatch (global_batch_size / grad_accum_steps = {micro}) must be "
+             f"divisible by the data-parallel degree mesh.data*mesh.fsdp = {dp}; "
+             f"use a multiple of {dp * t.grad_accum_steps}")
+    return Derived(head_dim=head_dim, mesh_shape=shape, data_parallel=dp,
+                   micro_batch_size=micro, per_device_batch_size=micro // dp,
+                   n_params=count_params(m, head_dim))
+
+
+def model_config(config: ml_collections.ConfigDict, derived: Derived) -> model_lib.ModelConfig:
+    """The model's own frozen config, from a validated ConfigDict."""
+    m = config.model
+    return model_lib.ModelConfig(
+        vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads, head_dim=derived.head_dim, d_ff=m.d_ff,
+        rope_theta=m.rope_theta, norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings,
+        init_std=m.init_std, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
+        remat=m.remat, attention=m.attention)

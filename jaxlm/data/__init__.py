@@ -1,0 +1,1 @@
+"""Data: the built-in corpus, sentencepiece tokenizers, and the grain pipeline."""

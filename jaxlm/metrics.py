@@ -1,0 +1,97 @@
+"""Model FLOPs, MFU against the device peak, and where metrics go (JSONL, TensorBoard)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per device, from vendor spec sheets (DESIGN.md). Matched by
+# substring against jax.Device.device_kind, most specific first.
+PEAK_FLOPS = (
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v4", 275e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+)
+
+
+def flops_per_token(m, head_dim: int, seq_len: int, causal: bool = True) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), DESIGN.md's formula.
+
+    6 * (block matmul params) + 6 * d_model * vocab (LM head) + attention scores and
+    values: 6 * n_layers * seq_len * d_attn with causal masking (half the square), or
+    12 * ... counting the full square as some peers do. Embedding lookups count zero.
+    """
+    d_attn = m.n_heads * head_dim
+    block_matmuls = m.n_layers * (m.d_model * head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
+                                  + 3 * m.d_model * m.d_ff)
+    attention = 6 * m.n_layers * seq_len * d_attn * (1 if causal else 2)
+    return 6 * block_matmuls + 6 * m.d_model * m.vocab_size + attention
+
+
+def measure_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of a jitted float32 size^3 matmul on the first device (CPU peak)."""
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def peak_flops_total(devices) -> tuple[float, str]:
+    """Peak FLOP/s of all `devices` together, and where the number came from.
+
+    CPU devices (real or simulated) share the host's cores, so the CPU peak is one
+    measured matmul rate for the whole host, not one per simulated device.
+    """
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        return measure_cpu_peak(), "measured: best jitted f32 2048^3 matmul on this host"
+    for name, peak in PEAK_FLOPS:
+        if name.lower() in kind.lower():
+            return peak * len(devices), f"spec sheet: {peak / 1e12:.0f} TFLOP/s x {len(devices)} {kind}"
+    return float("nan"), f"unknown device kind {kind!r}: no peak in jaxlm.metrics.PEAK_FLOPS"
+
+
+def mfu(flops_per_tok: float, tokens_per_second: float, peak_total: float) -> float:
+    return flops_per_tok * tokens_per_second / peak_total
+
+
+class Writer:
+    """Scalars to `metrics.jsonl` and TensorBoard event files in the workdir (process 0)."""
+
+    def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # heavy import, only where used
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.path, "a", buffering=1)
+            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        for name, value in row.items():
+            if name != "step":
+                self._tb.add_scalar(name, value, int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()

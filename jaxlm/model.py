@@ -1,0 +1,172 @@
+"""A LLaMA-style decoder-only Transformer in Flax linen, read top to bottom.
+
+RMSNorm -> grouped-query attention with rotary embeddings -> SwiGLU MLP, pre-norm residual
+blocks scanned over layers. Every parameter and the main activations carry logical axis
+names (see DESIGN.md); the model knows nothing about meshes. Logits come out in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.attention import attention
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a block, recompute it all in the backward pass
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32  # compute
+    param_dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # "none" or a key of REMAT_POLICIES
+    attention: str = "xla"  # see jaxlm.attention.attention
+
+
+def _init(std: float, names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def apply_rotary(x, positions, theta: float):
+    """Rotate pairs (i, i + head_dim/2) of x [b, l, h, d] by position-dependent angles."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions[..., None].astype(jnp.float32) * inv_freq  # [b, l, d/2]
+    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _weight(module: nn.Module, name: str, shape: tuple, names: tuple, std: float, c):
+    """A normal(std)-initialised parameter tagged with logical axis names, cast for compute."""
+    w = module.param(name, _init(std, names), shape, c.param_dtype)
+    return w.astype(c.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        c = self.cfg
+        d, h, kv, hd = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+        out_std = c.init_std / (2 * c.n_layers) ** 0.5
+        wq = _weight(self, "q", (d, h, hd), ("embed", "heads", "head_dim"), c.init_std, c)
+        wk = _weight(self, "k", (d, kv, hd), ("embed", "kv_heads", "head_dim"), c.init_std, c)
+        wv = _weight(self, "v", (d, kv, hd), ("embed", "kv_heads", "head_dim"), c.init_std, c)
+        wo = _weight(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), out_std, c)
+
+        q = nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x, wq),
+                                       ("batch", "length", "act_heads", None))
+        k = nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x, wk),
+                                       ("batch", "length", "act_kv_heads", None))
+        v = nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x, wv),
+                                       ("batch", "length", "act_kv_heads", None))
+        q = apply_rotary(q, positions, c.rope_theta)
+        k = apply_rotary(k, positions, c.rope_theta)
+        out = attention(q, k, v, segment_ids, c.attention)
+        out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
+        return jnp.einsum("blhk,hkd->bld", out, wo)
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        out_std = c.init_std / (2 * c.n_layers) ** 0.5
+        w_gate = _weight(self, "gate", (c.d_model, c.d_ff), ("embed", "mlp"), c.init_std, c)
+        w_up = _weight(self, "up", (c.d_model, c.d_ff), ("embed", "mlp"), c.init_std, c)
+        w_down = _weight(self, "down", (c.d_ff, c.d_model), ("mlp", "embed"), out_std, c)
+        gate = jnp.einsum("bld,df->blf", x, w_gate)
+        up = jnp.einsum("bld,df->blf", x, w_up)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return jnp.einsum("blf,fd->bld", h, w_down)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; scan-shaped: (carry, *broadcast) -> (carry, None)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        c = self.cfg
+        norm = functools.partial(RMSNorm, c.norm_eps, c.dtype, c.param_dtype)
+        x = x + Attention(c, name="attn")(norm(name="attn_norm")(x), positions, segment_ids)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        x = x + MLP(c, name="mlp")(norm(name="mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return x, None
+
+
+class Transformer(nn.Module):
+    """tokens [batch, length] -> float32 logits [batch, length, vocab].
+
+    `positions` restart at 0 for each packed document and `segment_ids` keep documents
+    from attending to each other (0 marks padding); both default to one document per row.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        c = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        embedding = self.param("embedding", _init(c.init_std, ("vocab", "embed")),
+                               (c.vocab_size, c.d_model), c.param_dtype)
+        x = jnp.take(embedding, tokens, axis=0).astype(c.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[c.remat])
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = layers(c, name="layers")(x, positions, segment_ids)
+        x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x)
+
+        if c.tie_embeddings:
+            head = embedding.T
+        else:
+            head = self.param("head", _init(c.init_std, ("embed", "vocab")),
+                              (c.d_model, c.vocab_size), c.param_dtype)
+        logits = jnp.einsum("bld,dv->blv", x, head.astype(c.dtype),
+                            preferred_element_type=jnp.float32)
+        return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))

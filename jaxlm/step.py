@@ -1,0 +1,110 @@
+"""The train state, created already sharded, and the jitted train and eval steps.
+
+The state is a plain dict {"params", "opt_state"}; its shardings come from the logical
+axis names the model attaches to every parameter (optax's state mirrors the params, so
+it inherits them). Nothing is ever materialised whole on one device or on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm import sharding as sharding_lib
+
+
+def loss_sum_and_count(logits, batch):
+    """Float32 cross-entropy summed over the tokens whose target is real, and their count."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def forward(model, params, batch):
+    """Logits; a batch without positions / segment_ids holds one document per row."""
+    return model.apply({"params": params}, batch["inputs"], batch.get("positions"),
+                       batch.get("segment_ids"))
+
+
+class StateFactory:
+    """Builds the abstract state, its shardings, and the real state on the mesh."""
+
+    def __init__(self, model, tx, mesh, rules, batch_shape):
+        self.model, self.tx, self.mesh, self.rules = model, tx, mesh, rules
+        self.batch_shape = batch_shape
+        with self.context():
+            self.boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+        self.shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(self.boxed), mesh, rules)
+        self.abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            nn.unbox(self.boxed), self.shardings)
+
+    @contextlib.contextmanager
+    def context(self):
+        """Mesh and logical rules, needed whenever model code is traced."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def _init_boxed(self, rng):
+        params = self.model.init(rng, jnp.zeros(self.batch_shape, jnp.int32))["params"]
+        return {"params": params, "opt_state": self.tx.init(params)}
+
+    def create(self, rng):
+        """A fresh state, each shard initialised on its own device."""
+        with self.context():
+            return jax.jit(lambda r: nn.unbox(self._init_boxed(r)),
+                           out_shardings=self.shardings)(rng)
+
+    @property
+    def batch_sharding(self):
+        return sharding_lib.batch_sharding(self.mesh, self.rules)
+
+
+def abstract_batch(factory: StateFactory, batch_size: int, seq_len: int) -> dict:
+    """Shapes, dtypes and shardings of one batch, for ahead-of-time compilation."""
+    def field(dtype):
+        return jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=factory.batch_sharding)
+    return {"inputs": field(jnp.int32), "targets": field(jnp.int32), "positions": field(jnp.int32),
+            "segment_ids": field(jnp.int32), "loss_mask": field(jnp.bool_)}
+
+
+def _applied_gradient_norm(grads, opt_state):
+    """Norm of the gradient the optimizer applies: with MultiSteps, the running mean."""
+    if isinstance(opt_state, optax.MultiStepsState):
+        n = opt_state.mini_step
+        grads = jax.tree.map(lambda g, acc: acc + (g - acc) / (n + 1), grads, opt_state.acc_grads)
+    return optax.tree.norm(grads)
+
+
+def make_train_step(factory: StateFactory):
+    """jit(state, batch) -> (state, metrics); the state is donated."""
+    model, tx = factory.model, factory.tx
+
+    def train_step(state, batch):
+        def loss_fn(params):
+            total, count = loss_sum_and_count(forward(model, params, batch), batch)
+            return total / jnp.maximum(count, 1.0), count
+
+        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grad_norm = _applied_gradient_norm(grads, state["opt_state"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": count}
+        return {"params": params, "opt_state": opt_state}, metrics
+
+    return jax.jit(train_step, in_shardings=(factory.shardings, factory.batch_sharding),
+                   out_shardings=(factory.shardings, None), donate_argnums=0)
+
+
+def make_eval_step(factory: StateFactory):
+    """jit(params, batch) -> (loss sum, target count)."""
+    model = factory.model
+
+    def eval_step(params, batch):
+        return loss_sum_and_count(forward(model, params, batch), batch)
+
+    return jax.jit(eval_step, in_shardings=(factory.shardings["params"], factory.batch_sharding))

@@ -1,0 +1,56 @@
+"""Small configs, states and batches shared by the tests."""
+
+import jax
+import numpy as np
+
+from configs import tiny
+from jaxlm import config as config_lib
+from jaxlm import model as model_lib
+from jaxlm import optim
+from jaxlm import sharding as sharding_lib
+from jaxlm import step as step_lib
+from jaxlm.data.pipeline import PackedRows
+
+
+def small_config(**mesh):
+    """A 2-layer model small enough to compile in seconds; mesh sizes as given."""
+    config = tiny.get_config()
+    m = config.model
+    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 256, 64, 2, 4, 2, 128
+    config.data.seq_len = 32
+    config.train.global_batch_size = 16
+    config.train.warmup_steps = 0  # the first update already moves the weights
+    config.train.steps = 10
+    config.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1, **mesh})
+    return config
+
+
+def factory_for(config, devices=None):
+    devices = devices if devices is not None else jax.devices()
+    derived = config_lib.validate(config, len(devices))
+    mesh = sharding_lib.make_mesh(derived.mesh_shape, devices)
+    model = model_lib.Transformer(config_lib.model_config(config, derived))
+    return step_lib.StateFactory(model, optim.make_optimizer(config.train), mesh,
+                                 sharding_lib.axis_rules(config.mesh.rules),
+                                 (derived.micro_batch_size, config.data.seq_len))
+
+
+def packed_batch(config, n_rows, seed=0, doc_lengths=(5, 40)):
+    """Rows packed from random documents (several per row, with boundaries)."""
+    rng = np.random.default_rng(seed)
+    docs, total = [], 0
+    while total < (n_rows + 1) * config.data.seq_len:
+        docs.append(rng.integers(4, config.model.vocab_size, size=rng.integers(*doc_lengths)))
+        total += len(docs[-1])
+    rows = PackedRows(docs, config.data.seq_len, seed=seed)
+    return {k: np.stack([rows[i][k] for i in range(n_rows)]) for k in rows[0]}
+
+
+def one_document_batch(config, n_rows, seed=0):
+    """Rows cut from one long document: every target is real (no masking)."""
+    rng = np.random.default_rng(seed)
+    doc = rng.integers(4, config.model.vocab_size, size=(n_rows + 1) * config.data.seq_len + 1)
+    rows = PackedRows([doc], config.data.seq_len, seed=seed)
+    batch = {k: np.stack([rows[i][k] for i in range(n_rows)]) for k in rows[0]}
+    assert batch["loss_mask"].all()
+    return batch
