@@ -1,0 +1,167 @@
+"""The Flax model against an independent float64 NumPy implementation of the same math."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxlm.model import ModelConfig, Transformer
+
+CFG = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
+           rope_theta=10000.0, norm_eps=1e-5, init_std=0.2)
+
+
+# ---- reference, written without jaxlm: float64, loops where they make the math plain ----
+
+def ref_rmsnorm(x, scale, eps):
+    return x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + eps) * scale
+
+
+def ref_rope(x, positions, theta):
+    """x [length, heads, d]: rotate each pair (i, i + d/2) by angle pos * theta^(-2i/d)."""
+    out = x.copy()
+    half = x.shape[-1] // 2
+    for t, pos in enumerate(positions):
+        for i in range(half):
+            angle = pos * theta ** (-2.0 * i / x.shape[-1])
+            z = (x[t, :, i] + 1j * x[t, :, i + half]) * np.exp(1j * angle)
+            out[t, :, i], out[t, :, i + half] = z.real, z.imag
+    return out
+
+
+def ref_attention(q, k, v, segments):
+    """q [L, H, d], k/v [L, KV, d]; query head h reads kv head h // (H / KV)."""
+    length, heads, d = q.shape
+    group = heads // k.shape[1]
+    out = np.zeros_like(q)
+    for h in range(heads):
+        scores = q[:, h] @ k[:, h // group].T / np.sqrt(d)
+        for i in range(length):
+            for j in range(length):
+                if j > i or segments[i] != segments[j]:
+                    scores[i, j] = -np.inf
+        weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+        weights /= weights.sum(axis=1, keepdims=True)
+        out[:, h] = weights @ v[:, h // group]
+    return out
+
+
+def ref_forward(params, tokens, positions, segments, cfg, tied):
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    x = p["embedding"][tokens]
+    layers = p["layers"]
+    for layer in range(cfg["n_layers"]):
+        w = jax.tree.map(lambda a: a[layer], layers)
+        h = ref_rmsnorm(x, w["attn_norm"]["scale"], cfg["norm_eps"])
+        q = np.einsum("ld,dhk->lhk", h, w["attn"]["q"])
+        k = np.einsum("ld,dhk->lhk", h, w["attn"]["k"])
+        v = np.einsum("ld,dhk->lhk", h, w["attn"]["v"])
+        q = ref_rope(q, positions, cfg["rope_theta"])
+        k = ref_rope(k, positions, cfg["rope_theta"])
+        x = x + np.einsum("lhk,hkd->ld", ref_attention(q, k, v, segments), w["attn"]["o"])
+        h = ref_rmsnorm(x, w["mlp_norm"]["scale"], cfg["norm_eps"])
+        gate = h @ w["mlp"]["gate"]
+        x = x + (gate / (1 + np.exp(-gate)) * (h @ w["mlp"]["up"])) @ w["mlp"]["down"]
+    x = ref_rmsnorm(x, p["final_norm"]["scale"], cfg["norm_eps"])
+    return x @ (p["embedding"].T if tied else p["head"])
+
+
+# ---- tests ----
+
+def _model(tied=False, **changes):
+    return Transformer(ModelConfig(**{**CFG, "tie_embeddings": tied, **changes}))
+
+
+def _params(model, length=16):
+    variables = model.init(jax.random.key(0), jnp.zeros((1, length), jnp.int32))
+    params = nn.unbox(variables)["params"]
+    # Norm scales start at 1; perturb them so the test sees whether they are applied.
+    rng = np.random.default_rng(1)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype)
+        if "scale" in jax.tree_util.keystr(path) else a, params)
+
+
+def _packed_row(rng, lengths=(5, 6, 3), total=16):
+    segments = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])
+    positions = np.concatenate([np.arange(n) for n in lengths])
+    pad = total - len(segments)
+    tokens = rng.integers(0, CFG["vocab_size"], total)
+    return tokens, np.pad(positions, (0, pad)), np.pad(segments, (0, pad))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_forward_matches_numpy_reference(tied):
+    model = _model(tied)
+    params = _params(model)
+    assert ("head" in params) != tied
+    rng = np.random.default_rng(0)
+    rows = [_packed_row(rng), _packed_row(rng, lengths=(16,))]
+    tokens, positions, segments = (np.stack(parts) for parts in zip(*rows))
+    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
+                                  jnp.asarray(segments))
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 16, CFG["vocab_size"])
+    for b in range(2):
+        expected = ref_forward(params, tokens[b], positions[b], segments[b], CFG, tied)
+        real = segments[b] != 0  # padding rows attend only to padding; not compared
+        np.testing.assert_allclose(np.asarray(logits[b])[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_documents_equal_documents_alone():
+    model = _model()
+    params = _params(model)
+    rng = np.random.default_rng(2)
+    lengths = (5, 7, 4)
+    tokens, positions, segments = _packed_row(rng, lengths)
+    apply = jax.jit(model.apply)
+    packed = apply({"params": params}, jnp.asarray(tokens[None]), jnp.asarray(positions[None]),
+                   jnp.asarray(segments[None]))[0]
+    start = 0
+    for n in lengths:
+        alone = apply({"params": params}, jnp.asarray(tokens[None, start:start + n]))[0]
+        np.testing.assert_allclose(packed[start:start + n], alone, atol=1e-5, rtol=1e-5)
+        start += n
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots", "save_dots_no_batch"])
+def test_remat_changes_nothing_but_memory(remat):
+    plain, rematted = _model(), _model(remat=remat)
+    params = _params(plain)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, CFG["vocab_size"], (2, 16)))
+    weights = jnp.asarray(np.random.default_rng(4).standard_normal((2, 16, CFG["vocab_size"])))
+
+    def loss(model, p):
+        return jnp.sum(model.apply({"params": p}, tokens) * weights)
+
+    value, grads = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(params)
+    value_r, grads_r = jax.jit(jax.value_and_grad(lambda p: loss(rematted, p)))(params)
+    np.testing.assert_allclose(value, value_r, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_parameters_carry_logical_axis_names():
+    variables = _model().init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    specs = nn.get_partition_spec(variables)["params"]
+    assert specs["embedding"] == P("vocab", "embed")
+    assert specs["head"] == P("embed", "vocab")
+    assert specs["layers"]["attn"]["q"] == P("layers", "embed", "heads", "head_dim")
+    assert specs["layers"]["attn"]["k"] == P("layers", "embed", "kv_heads", "head_dim")
+    assert specs["layers"]["attn"]["o"] == P("layers", "heads", "head_dim", "embed")
+    assert specs["layers"]["mlp"]["down"] == P("layers", "mlp", "embed")
+    assert specs["layers"]["mlp_norm"]["scale"] == P("layers", "norm")
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    model = _model(dtype=jnp.bfloat16)
+    params = _params(model)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, CFG["vocab_size"], (1, 16)))
+    logits = jax.jit(model.apply)({"params": params}, tokens)
+    reference = jax.jit(_model().apply)({"params": params}, tokens)
+    assert logits.dtype == jnp.float32
+    # bf16 has ~3 significant digits; the answer is close to float32, not identical.
+    error = float(jnp.max(jnp.abs(logits - reference)) / jnp.max(jnp.abs(reference)))
+    assert 0 < error < 0.05
