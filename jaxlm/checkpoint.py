@@ -1,39 +1,123 @@
-"""Orbax checkpoints: the train state and a JSON record (config, version) saved together.
+"""Orbax checkpoints: the train state and a JSON record (config, version, data position).
 
-Saves are asynchronous: training continues while the state is written. Restoring takes
-the abstract state with the current shardings, so a checkpoint lands directly sharded.
+Saves are asynchronous: training continues while the state is written. orbax writes each
+step to a temporary directory and renames it when complete, so a run killed mid-save
+leaves the earlier checkpoints untouched and the half-written one is never listed.
+Restoring takes the abstract state with the current shardings, so a checkpoint lands
+directly sharded on whatever mesh the new run uses. A checkpoint that cannot be read is
+reported and the one before it is used.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
+import uuid
 
 import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint directory cannot be written or read; the message says what to do."""
+
+
+def probe_writable(directory: pathlib.Path) -> None:
+    """Fail at start, not at the first save, when the directory cannot take a file."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe-{uuid.uuid4().hex}"
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write checkpoints to {directory}: {e}. Free disk space, fix the "
+            "permissions, or choose another --workdir") from e
 
 
 class Checkpointer:
-    def __init__(self, directory: str | pathlib.Path, keep: int):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=True)
+    def __init__(self, directory: str | pathlib.Path, keep: int, keep_every: int = 0,
+                 probe: bool = True):
         self.directory = pathlib.Path(directory).absolute()
+        if probe:
+            probe_writable(self.directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, keep_period=keep_every or None, create=True,
+            enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta"))
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:  # includes an earlier async save that failed in the background
+            raise CheckpointError(
+                f"saving checkpoint {step} to {self.directory} failed: {e}. Earlier complete "
+                f"checkpoints are intact: {self.all_steps()}") from e
 
     def restore(self, step: int, abstract_state):
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
 
+    def restore_latest_readable(self, abstract_state):
+        """(step, state, meta) of the newest checkpoint that reads back, or None if none exist."""
+        for step in reversed(self.all_steps()):
+            try:
+                return (step, *self.restore(step, abstract_state))
+            except Exception as e:  # corrupt or truncated files: report, fall back
+                logging.warning("checkpoint %s cannot be read (%s: %s); trying the one before it",
+                                self.path(step), type(e).__name__, e)
+                print(f"checkpoint {self.path(step)} cannot be read ({type(e).__name__}); "
+                      "falling back to the one before it", flush=True)
+        if self.all_steps():
+            raise CheckpointError(f"no checkpoint in {self.directory} can be read "
+                                  f"(steps {self.all_steps()}); see the warnings above")
+        return None
+
     def path(self, step: int) -> pathlib.Path:
         return self.directory / str(step)
 
+    def wait(self) -> None:
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(f"a checkpoint save to {self.directory} failed: {e}") from e
+
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+def restore_params(path: str | pathlib.Path, abstract_params):
+    """The params of another run's checkpoint (a run's checkpoints/ dir, or one step in it).
+
+    Only the params are read: the other run's optimizer state and step are left behind.
+    """
+    path = pathlib.Path(path).absolute()
+    if (path / "state").is_dir():
+        directory, step = path.parent, int(path.name)
+    else:
+        directory, step = path, None
+    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"config.checkpoint.init_from={str(path)!r}: no checkpoint there; "
+                              "give a run's checkpoints/ directory or one step inside it")
+    target = {"params": abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+    manager.close()
+    return restored["state"]["params"], step

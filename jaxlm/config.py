@@ -19,6 +19,7 @@ REMAT_POLICIES = ("none", *model_lib.REMAT_POLICIES)
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+NONFINITE_POLICIES = ("raise", "skip")
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,8 @@ def default_config() -> ml_collections.ConfigDict:
     t.clip_norm = 1.0
     t.log_every = 10
     t.eval_every = 200
+    t.nonfinite = "raise"  # a non-finite loss or gradient: "raise" (stop) or "skip" the update
+    t.max_skips_in_a_row = 10  # with "skip": stop after this many non-finite microbatches in a row
 
     c.mesh = me = ml_collections.ConfigDict()
     me.data = 1
@@ -80,7 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ck = ml_collections.ConfigDict()
     ck.every = 1000
-    ck.keep = 3
+    ck.keep = 3  # the newest `keep` checkpoints ...
+    ck.keep_every = 0  # ... plus every step that is a multiple of this (0: none)
+    ck.init_from = ""  # a run's checkpoints/ dir (or one step in it): start from its params
     return c
 
 
@@ -177,6 +182,12 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
     _require(t.eval_every >= 1, "train.eval_every", t.eval_every, "at least 1")
     _require(config.checkpoint.every >= 1, "checkpoint.every", config.checkpoint.every, "at least 1")
     _require(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, "at least 1")
+    _require(config.checkpoint.keep_every >= 0, "checkpoint.keep_every",
+             config.checkpoint.keep_every, "zero (off) or a positive step interval")
+    _require(t.nonfinite in NONFINITE_POLICIES, "train.nonfinite", t.nonfinite,
+             f"one of {NONFINITE_POLICIES}")
+    _require(t.max_skips_in_a_row >= 1, "train.max_skips_in_a_row", t.max_skips_in_a_row,
+             "at least 1")
 
     shape = resolve_mesh_shape(config.mesh, n_devices)
     tensor = shape["tensor"]

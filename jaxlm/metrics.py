@@ -72,9 +72,11 @@ def mfu(flops_per_tok: float, tokens_per_second: float, peak_total: float) -> fl
 class Writer:
     """Scalars to `metrics.jsonl` and TensorBoard event files in the workdir (process 0)."""
 
+    FILENAME = "metrics.jsonl"
+
     def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
         self.enabled = enabled
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.path = pathlib.Path(workdir) / self.FILENAME
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter  # heavy import, only where used

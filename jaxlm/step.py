@@ -93,8 +93,13 @@ def make_train_step(factory: StateFactory):
         grad_norm = _applied_gradient_norm(grads, state["opt_state"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": count}
-        return {"params": params, "opt_state": opt_state}, metrics
+        # A non-finite loss or gradient leaves the state as it was; the loop decides
+        # (train.nonfinite) whether to stop or go on.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                 {"params": params, "opt_state": opt_state}, state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": count, "finite": finite}
+        return new_state, metrics
 
     return jax.jit(train_step, in_shardings=(factory.shardings, factory.batch_sharding),
                    out_shardings=(factory.shardings, None), donate_argnums=0)

@@ -1,19 +1,24 @@
 """`python -m jaxlm.train --config=configs/tiny.py [--workdir=DIR] [--config.train.steps=N]`.
 
 Validates the config, builds the mesh, data, model and optimizer, then runs the loop:
-train steps, periodic logging and evaluation, checkpoints; resumes from the workdir's
-latest checkpoint when started again.
+train steps, periodic logging and evaluation, checkpoints. Started again with the same
+workdir it resumes from the newest readable checkpoint and continues exactly as an
+unbroken run would. SIGTERM (what TPU VMs and SLURM send before preemption) saves a
+checkpoint at the next step boundary and exits with PREEMPTED_EXIT_CODE.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
+import signal
 import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -27,8 +32,22 @@ from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 from jaxlm.data import pipeline
 
+PREEMPTED_EXIT_CODE = 42  # checkpoint saved after SIGTERM: start the same command again
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "A config file under configs/.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Run directory; default runs/<config name>.")
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient; nothing bad was applied or saved."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint of `step` was saved."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted: checkpoint saved at step {step}")
+        self.step = step
 
 
 class _Console:
@@ -48,11 +67,64 @@ class _Console:
         self.bar.close()
 
 
+class _SigtermFlag:
+    """Set by SIGTERM; every process agrees on it at step boundaries."""
+
+    def __init__(self):
+        self.local = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.local = True
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.local
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.local))))
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
 def evaluate(eval_step, params, eval_data, batch_sharding) -> float:
     totals = [eval_step(params, sharding_lib.global_batch(b, batch_sharding)) for b in eval_data]
     loss_sum = sum(float(t[0]) for t in totals)
     count = sum(float(t[1]) for t in totals)
     return loss_sum / max(count, 1.0)
+
+
+def _keep_metrics_up_to(path: pathlib.Path, step: int) -> None:
+    """Drop the rows a killed run wrote after checkpoint `step` (all of them when starting
+    afresh at 0), and any line torn by the kill, so the file continues without repeats."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if step and row.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def _initial_state(config, factory, checkpoints, console):
+    """(step, next microbatch, state): resumed, fine-tuned from init_from, or fresh."""
+    resumed = checkpoints.restore_latest_readable(factory.abstract)
+    if resumed:
+        step, state, meta = resumed
+        console.print(f"resumed from {checkpoints.path(step)}")
+        return step, meta["data"]["next_microbatch"], state
+    state = factory.create(jax.random.fold_in(jax.random.key(config.seed), 0))
+    if config.checkpoint.init_from:
+        params, source_step = checkpoint_lib.restore_params(config.checkpoint.init_from,
+                                                            factory.abstract["params"])
+        state["params"] = params
+        console.print(f"initialised params from {config.checkpoint.init_from} (step {source_step})")
+    return 0, 0, state
 
 
 def train(config, workdir: str | pathlib.Path) -> dict:
@@ -63,91 +135,129 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
+    checkpoints = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
+                                              keep_every=config.checkpoint.keep_every,
+                                              probe=is_main)
 
     mesh = sharding_lib.make_mesh(derived.mesh_shape)
     rules = sharding_lib.axis_rules(config.mesh.rules)
     model = model_lib.Transformer(config_lib.model_config(config, derived))
-    tx = optim.make_optimizer(t)
-    factory = step_lib.StateFactory(model, tx, mesh, rules, (derived.micro_batch_size, d.seq_len))
-
+    factory = step_lib.StateFactory(model, optim.make_optimizer(t), mesh, rules,
+                                    (derived.micro_batch_size, d.seq_len))
     data = pipeline.build(config, workdir)
-    checkpoints = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
-    start = checkpoints.latest_step() or 0
-    if start:
-        state, _ = checkpoints.restore(start, factory.abstract)
-        print(f"resumed from {checkpoints.path(start)}", flush=True)
-    else:
-        state = factory.create(jax.random.fold_in(jax.random.key(config.seed), 0))
+    console = _Console(t.steps, 0, enabled=is_main)
+    start, next_microbatch, state = _initial_state(config, factory, checkpoints, console)
+    if is_main:
+        _keep_metrics_up_to(workdir / metrics_lib.Writer.FILENAME, start)
+    writer = metrics_lib.Writer(workdir, enabled=is_main)
+    console.bar.update(start)
 
     train_step = step_lib.make_train_step(factory)
     eval_step = step_lib.make_eval_step(factory)
-    accum = t.grad_accum_steps
     train_batches = pipeline.iterate(
         pipeline.train_dataset(data.train_rows, derived.micro_batch_size, config.seed),
-        start * accum, d.num_threads, d.prefetch)
+        next_microbatch, d.num_threads, d.prefetch)
     eval_batches = pipeline.eval_dataset(data.val_rows, derived.micro_batch_size, d.eval_batches)
     batch_sharding = factory.batch_sharding
 
     peak, peak_source = metrics_lib.peak_flops_total(jax.devices())
     flops_per_token = metrics_lib.flops_per_token(config.model, derived.head_dim, d.seq_len)
-    tokens_per_step = t.global_batch_size * d.seq_len
+    tokens_per_microbatch = derived.micro_batch_size * d.seq_len
     schedule = optim.schedule(t)
-    writer = metrics_lib.Writer(workdir, enabled=is_main)
-    console = _Console(t.steps, start, enabled=is_main)
     console.print(f"jaxlm {jaxlm.__version__}: {derived.n_params / 1e6:.1f}M params, "
                   f"{jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
                   f"{derived.mesh_shape}; {t.global_batch_size} x {d.seq_len} tokens per step; "
                   f"peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
 
+    def save(step):
+        console.print(f"step {step}/{t.steps} | saving checkpoint {checkpoints.path(step)}")
+        checkpoints.save(step, state, {
+            "step": step, "config": config.to_dict(), "jaxlm_version": jaxlm.__version__,
+            "tokenizer": data.tokenizer_path,
+            "data": {"seed": config.seed, "next_microbatch": next_microbatch},
+            "rng": {"seed": config.seed}})
+
     last = {}
     if start == 0:  # where validation loss starts, so a run shows what it learned
         writer.write(0, {"val_loss": evaluate(eval_step, state["params"], eval_batches, batch_sharding)})
-    # Throughput is timed from the end of the first step of this process (which compiles).
-    timer_start, timed_steps, losses = None, 0, []
-    with factory.context():
-        for step in range(start + 1, t.steps + 1):
-            for _ in range(accum):
-                batch = sharding_lib.global_batch(next(train_batches), batch_sharding)
-                state, step_metrics = train_step(state, batch)
-                losses.append(step_metrics["loss"])
-            if timer_start is None:
-                jax.block_until_ready(state)
-                timer_start = time.perf_counter()
-            else:
-                timed_steps += 1
+    # Throughput is timed from the end of this process's first step (which compiles).
+    timer_start, timed_tokens, losses, skipped_in_a_row, skipped_total = None, 0, [], 0, 0
+    sigterm = _SigtermFlag()
+    try:
+        with factory.context():
+            for step in range(start + 1, t.steps + 1):
+                # One optimizer update: grad_accum_steps finite microbatches. A non-finite
+                # one changes nothing; with nonfinite="skip" another microbatch replaces it.
+                applied = calls = 0
+                while applied < t.grad_accum_steps:
+                    results = []
+                    for _ in range(t.grad_accum_steps - applied):
+                        batch = sharding_lib.global_batch(next(train_batches), batch_sharding)
+                        state, metrics = train_step(state, batch)
+                        next_microbatch, calls = next_microbatch + 1, calls + 1
+                        results.append(metrics)
+                    for result in jax.device_get(results):
+                        losses.append(result["loss"])
+                        if result["finite"]:
+                            applied, skipped_in_a_row = applied + 1, 0
+                            grad_norm = float(result["grad_norm"])
+                            continue
+                        skipped_in_a_row, skipped_total = skipped_in_a_row + 1, skipped_total + 1
+                        what = (f"non-finite loss {result['loss']} / grad_norm "
+                                f"{result['grad_norm']} at step {step}")
+                        if t.nonfinite == "raise":
+                            raise NonFiniteError(f"{what}; the update was not applied and nothing "
+                                                 "was saved (train.nonfinite='raise')")
+                        console.print(f"step {step}/{t.steps} | {what}: update skipped")
+                        if skipped_in_a_row >= t.max_skips_in_a_row:
+                            raise NonFiniteError(f"{what}: {skipped_in_a_row} non-finite microbatches "
+                                                 f"in a row (train.max_skips_in_a_row="
+                                                 f"{t.max_skips_in_a_row}); stopping")
+                if timer_start is None:
+                    jax.block_until_ready(state)
+                    timer_start = time.perf_counter()
+                else:
+                    timed_tokens += tokens_per_microbatch * calls
 
-            if step % t.log_every == 0 or step == t.steps:
-                last = {"loss": float(np.mean(jax.device_get(losses))),
-                        "lr": float(schedule(step - 1)),
-                        "grad_norm": float(step_metrics["grad_norm"])}
-                line = (f"step {step}/{t.steps} | loss {last['loss']:.4f} | lr {last['lr']:.2e} | "
-                        f"grad_norm {last['grad_norm']:.3f}")
-                if timed_steps:
-                    last["tokens_per_second"] = (timed_steps * tokens_per_step
-                                                 / (time.perf_counter() - timer_start))
-                    last["mfu"] = metrics_lib.mfu(flops_per_token, last["tokens_per_second"], peak)
-                    line += f" | tokens/s {last['tokens_per_second']:,.0f} | MFU {100 * last['mfu']:.1f}%"
-                writer.write(step, last)
-                console.print(line)
-                timer_start, timed_steps, losses = time.perf_counter(), 0, []
+                if step % t.log_every == 0 or step == t.steps:
+                    finite_losses = [x for x in losses if np.isfinite(x)]
+                    last = {"loss": float(np.mean(finite_losses)) if finite_losses else float("nan"),
+                            "lr": float(schedule(step - 1)),
+                            "grad_norm": grad_norm}
+                    line = (f"step {step}/{t.steps} | loss {last['loss']:.4f} | lr {last['lr']:.2e}"
+                            f" | grad_norm {last['grad_norm']:.3f}")
+                    if skipped_total:
+                        last["skipped_microbatches"] = skipped_total
+                        line += f" | skipped {skipped_total}"
+                    if timed_tokens:
+                        last["tokens_per_second"] = timed_tokens / (time.perf_counter() - timer_start)
+                        last["mfu"] = metrics_lib.mfu(flops_per_token, last["tokens_per_second"], peak)
+                        line += (f" | tokens/s {last['tokens_per_second']:,.0f}"
+                                 f" | MFU {100 * last['mfu']:.1f}%")
+                    writer.write(step, last)
+                    console.print(line)
+                    timer_start, timed_tokens, losses = time.perf_counter(), 0, []
 
-            if step % t.eval_every == 0 or step == t.steps:
-                eval_start = time.perf_counter()
-                val_loss = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
-                last["val_loss"] = val_loss
-                writer.write(step, {"val_loss": val_loss})
-                console.print(f"step {step}/{t.steps} | validation loss {val_loss:.4f}")
-                timer_start += time.perf_counter() - eval_start  # not training time
+                if step % t.eval_every == 0 or step == t.steps:
+                    eval_start = time.perf_counter()
+                    val_loss = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
+                    last["val_loss"] = val_loss
+                    writer.write(step, {"val_loss": val_loss})
+                    console.print(f"step {step}/{t.steps} | validation loss {val_loss:.4f}")
+                    timer_start += time.perf_counter() - eval_start  # not training time
 
-            if step % config.checkpoint.every == 0 or step == t.steps:
-                checkpoints.save(step, state, {"config": config.to_dict(), "step": step,
-                                               "jaxlm_version": jaxlm.__version__,
-                                               "tokenizer": data.tokenizer_path})
-            console.bar.update(1)
+                preempted = sigterm.agreed()
+                if step % config.checkpoint.every == 0 or step == t.steps or preempted:
+                    save(step)
+                console.bar.update(1)
+                if preempted and step < t.steps:
+                    raise Preempted(step)
+    finally:
+        sigterm.restore()
+        console.close()
+        writer.close()
+        checkpoints.close()  # waits for the last async save to be complete on disk
 
-    console.close()
-    checkpoints.close()
-    writer.close()
     final = checkpoints.latest_step()
     console.print(f"done: metrics {writer.path}, TensorBoard {workdir / 'tensorboard'}, "
                   f"checkpoint {checkpoints.path(final) if final else 'none'}")
@@ -166,6 +276,11 @@ def main(argv):
         train(config, workdir)
     except config_lib.ConfigError as e:
         sys.exit(f"config error: {e}")
+    except (checkpoint_lib.CheckpointError, NonFiniteError) as e:
+        sys.exit(f"error: {e}")
+    except Preempted as e:
+        print(f"{e}; start the same command again to resume", flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":
