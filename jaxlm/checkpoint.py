@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+import time
 import uuid
 
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
@@ -71,18 +74,25 @@ class Checkpointer:
         return restored["state"], restored["meta"]
 
     def restore_latest_readable(self, abstract_state):
-        """(step, state, meta) of the newest checkpoint that reads back, or None if none exist."""
+        """(step, state, meta) of the newest checkpoint that reads back, or None if none exist.
+
+        An unreadable one is renamed `<step>.unreadable-<time>` (kept for inspection, and
+        out of the way of the step's next save) and the one before it is tried.
+        """
         for step in reversed(self.all_steps()):
             try:
                 return (step, *self.restore(step, abstract_state))
-            except Exception as e:  # corrupt or truncated files: report, fall back
-                logging.warning("checkpoint %s cannot be read (%s: %s); trying the one before it",
-                                self.path(step), type(e).__name__, e)
-                print(f"checkpoint {self.path(step)} cannot be read ({type(e).__name__}); "
-                      "falling back to the one before it", flush=True)
-        if self.all_steps():
-            raise CheckpointError(f"no checkpoint in {self.directory} can be read "
-                                  f"(steps {self.all_steps()}); see the warnings above")
+            except Exception as e:  # corrupt or truncated files: report, set aside, fall back
+                aside = self.directory / f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+                logging.warning("checkpoint %s cannot be read (%s: %s); moved to %s",
+                                self.path(step), type(e).__name__, e, aside)
+                print(f"checkpoint {self.path(step)} cannot be read ({type(e).__name__}); kept "
+                      f"as {aside.name}; falling back to the one before it", flush=True)
+                if jax.process_index() == 0:
+                    self.path(step).rename(aside)
+                if jax.process_count() > 1:
+                    multihost_utils.sync_global_devices(f"jaxlm set aside checkpoint {step}")
+                self.manager.reload()
         return None
 
     def path(self, step: int) -> pathlib.Path:

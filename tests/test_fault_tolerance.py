@@ -1,0 +1,284 @@
+"""Kill jaxlm at any moment and lose nothing: exact resume, preemption, bad checkpoints, NaNs."""
+
+import json
+import os
+import pathlib
+import random
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import train as train_lib
+from support import factory_for, small_config
+
+
+def tiny_config(tokenizer_path, steps, every=2):
+    c = tiny.get_config()
+    c.data.tokenizer, c.data.seq_len = tokenizer_path, 64
+    c.train.steps, c.train.warmup_steps, c.train.log_every = steps, 1, 1
+    c.checkpoint.every = every
+    return c
+
+
+def cli(tokenizer_path, workdir, steps, every=2):
+    return [sys.executable, "-m", "jaxlm.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+            f"--config.train.steps={steps}", "--config.train.warmup_steps=1",
+            "--config.train.log_every=1", "--config.data.seq_len=64",
+            f"--config.checkpoint.every={every}", f"--config.data.tokenizer={tokenizer_path}"]
+
+
+def final_params(workdir, steps, config):
+    checkpoints = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", keep=3, probe=False)
+    assert checkpoints.latest_step() == steps
+    state, meta = checkpoints.restore(steps, factory_for(config).abstract)
+    checkpoints.close()
+    return jax.device_get(state["params"]), meta
+
+
+def metric_rows(workdir):
+    return [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+
+
+def run_until(command, cwd, pattern=None, delay=0.0, timeout=300):
+    """Start `command`; SIGKILL it `delay` s after a stdout line containing `pattern` appears.
+
+    Returns the exit code and the output; with no pattern, runs to the end.
+    """
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    output, deadline, kill_at = [], time.monotonic() + timeout, None
+    while process.poll() is None and time.monotonic() < deadline:
+        if kill_at is not None and time.monotonic() >= kill_at:
+            process.send_signal(signal.SIGKILL)
+            break
+        if selector.select(timeout=0.01):
+            line = process.stdout.readline()
+            output.append(line)
+            if pattern and kill_at is None and pattern in line:
+                kill_at = time.monotonic() + delay
+    rest, _ = process.communicate(timeout=60)
+    return process.returncode, "".join(output) + rest
+
+
+def test_killed_at_random_moments_resumes_exactly(tmp_path, repo, tokenizer_path):
+    steps = 10
+    train_lib.train(tiny_config(tokenizer_path, steps), tmp_path / "unbroken")
+
+    rng = random.Random(1234)
+    workdir = tmp_path / "killed"
+    kills = [("saving checkpoint", 0.1),  # in the middle of an async save
+             ("step ", rng.uniform(0.5, 3.0)),  # some time into training
+             ("saving checkpoint", rng.uniform(0.0, 0.2))]  # around a save
+    killed_mid_save = 0
+    for pattern, delay in kills:
+        code, output = run_until(cli(tokenizer_path, workdir, steps), repo, pattern, delay)
+        assert code == -signal.SIGKILL, output[-2000:]
+        killed_mid_save += any((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+    assert killed_mid_save >= 1  # at least one kill really landed inside a save
+    code, output = run_until(cli(tokenizer_path, workdir, steps), repo)
+    assert code == 0, output[-3000:]
+    assert "resumed from" in output
+
+    config = tiny_config(tokenizer_path, steps)
+    expected, _ = final_params(tmp_path / "unbroken", steps, config)
+    actual, meta = final_params(workdir, steps, config)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
+        np.testing.assert_array_equal(a, b)
+    assert meta["data"]["next_microbatch"] == steps
+    rows = metric_rows(workdir)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, steps]
+    unbroken = {r["step"]: r["loss"] for r in metric_rows(tmp_path / "unbroken") if "loss" in r}
+    assert all(r["loss"] == unbroken[r["step"]] for r in rows if "loss" in r)
+
+
+def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path, repo, tokenizer_path):
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(cli(tokenizer_path, workdir, 200, every=1000), cwd=repo,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith("step 3/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == train_lib.PREEMPTED_EXIT_CODE, output[-2000:]
+    checkpoints = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(checkpoints) == 1 and 3 <= checkpoints[0] < 200
+    saved = checkpoints[0]
+    assert f"checkpoint saved at step {saved}" in output
+    assert [r["step"] for r in metric_rows(workdir) if "loss" in r][-1] == saved
+
+    code, output = run_until(cli(tokenizer_path, workdir, saved + 2, every=1000), repo)
+    assert code == 0, output[-2000:]
+    assert f"resumed from {workdir / 'checkpoints' / str(saved)}" in output
+    assert [r["step"] for r in metric_rows(workdir) if "loss" in r] == list(range(1, saved + 3))
+
+
+def _corrupt(step_dir: pathlib.Path):
+    for path in (step_dir / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 8:
+            with open(path, "r+b") as f:
+                f.truncate(path.stat().st_size // 2)
+
+
+def test_corrupt_or_incomplete_newest_checkpoint_falls_back(tmp_path, tokenizer_path, capsys):
+    config = tiny_config(tokenizer_path, 4)
+    train_lib.train(config, tmp_path / "unbroken")
+    expected, _ = final_params(tmp_path / "unbroken", 4, config)
+
+    workdir = tmp_path / "run"
+    train_lib.train(tiny_config(tokenizer_path, 4), workdir)
+    _corrupt(workdir / "checkpoints" / "4")
+    (workdir / "checkpoints" / "6.orbax-checkpoint-tmp-1234").mkdir()  # as a kill mid-save leaves
+    capsys.readouterr()
+    train_lib.train(tiny_config(tokenizer_path, 4), workdir)
+    out = capsys.readouterr().out
+    assert "checkpoint" in out and "/4 cannot be read" in out and "resumed from" in out
+    assert out.index("resumed from") > out.index("/4 cannot be read")
+    assert f"resumed from {workdir / 'checkpoints' / '2'}" in out
+    # The unreadable checkpoint was kept aside for inspection, not deleted.
+    kept = [p.name for p in (workdir / "checkpoints").iterdir()]
+    assert any(name.startswith("4.unreadable") for name in kept), kept
+    actual, _ = final_params(workdir, 4, config)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("target", ["data2_fsdp2_tensor2", "one_device"])
+def test_checkpoint_restores_onto_another_mesh(tmp_path, target):
+    source = factory_for(small_config(fsdp=8))
+    state = source.create(jax.random.key(3))
+    checkpoints = checkpoint_lib.Checkpointer(tmp_path, keep=1)
+    checkpoints.save(7, state, {"step": 7})
+    checkpoints.close()
+
+    if target == "one_device":
+        factory = factory_for(small_config(), jax.devices()[:1])
+    else:
+        factory = factory_for(small_config(data=2, fsdp=2, tensor=2))
+    checkpoints = checkpoint_lib.Checkpointer(tmp_path, keep=1)
+    step, restored, meta = checkpoints.restore_latest_readable(factory.abstract)
+    checkpoints.close()
+    assert step == 7 and meta["step"] == 7
+    q = restored["params"]["layers"]["attn"]["q"]
+    assert q.sharding == factory.shardings["params"]["layers"]["attn"]["q"]
+    for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(restored))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_two_processes_save_and_resume(tmp_path, repo, tokenizer_path):
+    """2 processes (gloo) write a checkpoint together, resume from it, and it reads back here."""
+    workdir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    for steps in (2, 3):
+        command = ["bash", "launch/local.sh", "2", *cli(tokenizer_path, workdir, steps)[3:]]
+        result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600,
+                                env={**env, "JAX_PLATFORMS": "cpu"})
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {workdir / 'checkpoints' / '2'}" in result.stdout
+    assert [r["step"] for r in metric_rows(workdir) if "loss" in r] == [1, 2, 3]
+    config = tiny_config(tokenizer_path, 3)
+    params, meta = final_params(workdir, 3, config)  # 8 devices in one process here
+    assert meta["data"]["next_microbatch"] == 3
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def _poison(monkeypatch, microbatches):
+    """Make the given microbatches carry an out-of-range token: NaN embeddings, NaN loss."""
+    iterate = train_lib.pipeline.iterate
+
+    def poisoned(dataset, start, *args):
+        for index, batch in enumerate(iterate(dataset, start, *args), start):
+            if index in microbatches:
+                batch = {**batch, "inputs": batch["inputs"].copy()}
+                batch["inputs"][0, 0] = 10**6  # beyond the vocabulary
+            yield batch
+
+    monkeypatch.setattr(train_lib.pipeline, "iterate", poisoned)
+
+
+def test_nonfinite_raise_stops_and_saves_nothing_bad(tmp_path, tokenizer_path, monkeypatch):
+    _poison(monkeypatch, {2})  # the third microbatch: step 3
+    with pytest.raises(train_lib.NonFiniteError, match=r"non-finite loss nan.* at step 3"):
+        train_lib.train(tiny_config(tokenizer_path, 6), tmp_path)
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert checkpoints == ["2"]
+    params, _ = final_params(tmp_path, 2, tiny_config(tokenizer_path, 6))
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_nonfinite_skip_goes_on_then_stops_after_too_many(tmp_path, tokenizer_path, monkeypatch):
+    _poison(monkeypatch, {2, 7, 8, 9})
+    config = tiny_config(tokenizer_path, 6, every=6)
+    config.train.nonfinite, config.train.max_skips_in_a_row = "skip", 3
+    train_lib.train(config, tmp_path / "skip")
+    rows = [r for r in metric_rows(tmp_path / "skip") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["skipped_microbatches"] == 1 and np.isfinite(rows[2]["loss"])
+    params, meta = final_params(tmp_path / "skip", 6, config)
+    assert meta["data"]["next_microbatch"] == 7  # the skipped microbatch was replaced
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+    config.train.steps = 12  # resumes at 7: microbatches 7, 8, 9 are all poisoned
+    with pytest.raises(train_lib.NonFiniteError, match="3 non-finite microbatches in a row"):
+        train_lib.train(config, tmp_path / "skip")
+
+
+def test_init_from_takes_params_but_not_optimizer_or_step(tmp_path, tokenizer_path):
+    source = tiny_config(tokenizer_path, 2)
+    train_lib.train(source, tmp_path / "source")
+    source_params, _ = final_params(tmp_path / "source", 2, source)
+
+    config = tiny_config(tokenizer_path, 1)  # step 1 of warmup has learning rate 0
+    config.checkpoint.init_from = str(tmp_path / "source" / "checkpoints")
+    train_lib.train(config, tmp_path / "finetune")
+    checkpoints = checkpoint_lib.Checkpointer(tmp_path / "finetune" / "checkpoints", keep=3)
+    state, meta = checkpoints.restore(1, factory_for(config).abstract)
+    checkpoints.close()
+    for a, b in zip(jax.tree.leaves(source_params), jax.tree.leaves(jax.device_get(state["params"]))):
+        np.testing.assert_array_equal(a, b)
+    counts = [int(x) for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) == 0]
+    assert counts and all(c == 1 for c in counts), counts  # a fresh optimizer, one update old
+    assert meta["step"] == 1
+
+
+def test_unwritable_workdir_fails_at_start(tmp_path, tokenizer_path):
+    (tmp_path / "checkpoints").write_text("a file where the checkpoint directory should be")
+    with pytest.raises(checkpoint_lib.CheckpointError, match="cannot write checkpoints to"):
+        train_lib.train(tiny_config(tokenizer_path, 2), tmp_path)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_disk_full_at_save_keeps_last_good_checkpoint(small_disk, tokenizer_path):
+    workdir = small_disk / "run"
+    config = tiny_config(tokenizer_path, 2, every=2)
+    train_lib.train(config, workdir)
+    good, _ = final_params(workdir, 2, config)
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # leave room for the probe and logs, not for a checkpoint
+        f.write(b"\0" * max(0, free - 256 * 1024))
+    with pytest.raises(checkpoint_lib.CheckpointError, match="Earlier complete checkpoints|failed"):
+        train_lib.train(tiny_config(tokenizer_path, 4, every=2), workdir)
+    filler.unlink()
+    again, _ = final_params(workdir, 2, config)
+    for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
