@@ -27,10 +27,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
-from jaxlm import model as model_lib
-from jaxlm import optim
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 
@@ -85,13 +82,8 @@ def main(argv):
     del argv
     config = _CONFIG.value
     devices = jax.devices()
-    derived = config_lib.validate(config, len(devices))
+    factory, derived = step_lib.build(config, devices)
     t, m, seq_len = config.train, config.model, config.data.seq_len
-    model = model_lib.Transformer(config_lib.model_config(config, derived))
-    factory = step_lib.StateFactory(model, optim.make_optimizer(t),
-                                    sharding_lib.make_mesh(derived.mesh_shape),
-                                    sharding_lib.axis_rules(config.mesh.rules),
-                                    (derived.micro_batch_size, seq_len))
     state = factory.create(jax.random.key(config.seed))
     batch = sharding_lib.global_batch(
         synthetic_batch(derived.micro_batch_size, seq_len, m.vocab_size), factory.batch_sharding)

@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlm import config as config_lib
+from jaxlm import model as model_lib
+from jaxlm import optim
 from jaxlm import sharding as sharding_lib
 
 
@@ -62,6 +65,18 @@ class StateFactory:
     @property
     def batch_sharding(self):
         return sharding_lib.batch_sharding(self.mesh, self.rules)
+
+
+def build(config, devices=None) -> tuple[StateFactory, config_lib.Derived]:
+    """Validate `config` for `devices` (default: all) and wire model, optimizer and mesh."""
+    devices = list(devices if devices is not None else jax.devices())
+    derived = config_lib.validate(config, len(devices))
+    model = model_lib.Transformer(config_lib.model_config(config, derived))
+    factory = StateFactory(model, optim.make_optimizer(config.train),
+                           sharding_lib.make_mesh(derived.mesh_shape, devices),
+                           sharding_lib.axis_rules(config.mesh.rules),
+                           (derived.micro_batch_size, config.data.seq_len))
+    return factory, derived
 
 
 def abstract_batch(factory: StateFactory, batch_size: int, seq_len: int) -> dict:

@@ -26,7 +26,6 @@ import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
-from jaxlm import model as model_lib
 from jaxlm import optim
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
@@ -65,6 +64,30 @@ class _Console:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class _NonFinitePolicy:
+    """train.nonfinite: stop at a non-finite microbatch ("raise"), or count and go on ("skip")
+    until train.max_skips_in_a_row in a row. The step never applies such an update."""
+
+    def __init__(self, t, console):
+        self.t, self.console = t, console
+        self.in_a_row = self.skipped_total = 0
+
+    def applied(self, result: dict, step: int) -> bool:
+        if result["finite"]:
+            self.in_a_row = 0
+            return True
+        self.in_a_row, self.skipped_total = self.in_a_row + 1, self.skipped_total + 1
+        what = f"non-finite loss {result['loss']} / grad_norm {result['grad_norm']} at step {step}"
+        if self.t.nonfinite == "raise":
+            raise NonFiniteError(f"{what}; the update was not applied and nothing was saved "
+                                 "(train.nonfinite='raise')")
+        self.console.print(f"step {step}/{self.t.steps} | {what}: update skipped")
+        if self.in_a_row >= self.t.max_skips_in_a_row:
+            raise NonFiniteError(f"{what}: {self.in_a_row} non-finite microbatches in a row "
+                                 f"(train.max_skips_in_a_row={self.t.max_skips_in_a_row}); stopping")
+        return False
 
 
 class _SigtermFlag:
@@ -130,7 +153,7 @@ def _initial_state(config, factory, checkpoints, console):
 def train(config, workdir: str | pathlib.Path) -> dict:
     """Run (or resume) training as `config` says; return the last logged metrics."""
     workdir = pathlib.Path(workdir)
-    derived = config_lib.validate(config, jax.device_count())
+    factory, derived = step_lib.build(config)  # validates the config first
     t, d = config.train, config.data
     is_main = jax.process_index() == 0
     if is_main:
@@ -138,12 +161,6 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     checkpoints = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                               keep_every=config.checkpoint.keep_every,
                                               probe=is_main)
-
-    mesh = sharding_lib.make_mesh(derived.mesh_shape)
-    rules = sharding_lib.axis_rules(config.mesh.rules)
-    model = model_lib.Transformer(config_lib.model_config(config, derived))
-    factory = step_lib.StateFactory(model, optim.make_optimizer(t), mesh, rules,
-                                    (derived.micro_batch_size, d.seq_len))
     data = pipeline.build(config, workdir)
     console = _Console(t.steps, 0, enabled=is_main)
     start, next_microbatch, state = _initial_state(config, factory, checkpoints, console)
@@ -181,7 +198,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     if start == 0:  # where validation loss starts, so a run shows what it learned
         writer.write(0, {"val_loss": evaluate(eval_step, state["params"], eval_batches, batch_sharding)})
     # Throughput is timed from the end of this process's first step (which compiles).
-    timer_start, timed_tokens, losses, skipped_in_a_row, skipped_total = None, 0, [], 0, 0
+    timer_start, timed_tokens, losses = None, 0, []
+    nonfinite = _NonFinitePolicy(t, console)
     sigterm = _SigtermFlag()
     try:
         with factory.context():
@@ -198,21 +216,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                         results.append(metrics)
                     for result in jax.device_get(results):
                         losses.append(result["loss"])
-                        if result["finite"]:
-                            applied, skipped_in_a_row = applied + 1, 0
-                            grad_norm = float(result["grad_norm"])
-                            continue
-                        skipped_in_a_row, skipped_total = skipped_in_a_row + 1, skipped_total + 1
-                        what = (f"non-finite loss {result['loss']} / grad_norm "
-                                f"{result['grad_norm']} at step {step}")
-                        if t.nonfinite == "raise":
-                            raise NonFiniteError(f"{what}; the update was not applied and nothing "
-                                                 "was saved (train.nonfinite='raise')")
-                        console.print(f"step {step}/{t.steps} | {what}: update skipped")
-                        if skipped_in_a_row >= t.max_skips_in_a_row:
-                            raise NonFiniteError(f"{what}: {skipped_in_a_row} non-finite microbatches "
-                                                 f"in a row (train.max_skips_in_a_row="
-                                                 f"{t.max_skips_in_a_row}); stopping")
+                        if nonfinite.applied(result, step):
+                            applied, grad_norm = applied + 1, float(result["grad_norm"])
                 if timer_start is None:
                     jax.block_until_ready(state)
                     timer_start = time.perf_counter()
@@ -226,9 +231,9 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                             "grad_norm": grad_norm}
                     line = (f"step {step}/{t.steps} | loss {last['loss']:.4f} | lr {last['lr']:.2e}"
                             f" | grad_norm {last['grad_norm']:.3f}")
-                    if skipped_total:
-                        last["skipped_microbatches"] = skipped_total
-                        line += f" | skipped {skipped_total}"
+                    if nonfinite.skipped_total:
+                        last["skipped_microbatches"] = nonfinite.skipped_total
+                        line += f" | skipped {nonfinite.skipped_total}"
                     if timed_tokens:
                         last["tokens_per_second"] = timed_tokens / (time.perf_counter() - timer_start)
                         last["mfu"] = metrics_lib.mfu(flops_per_token, last["tokens_per_second"], peak)

@@ -1,13 +1,8 @@
 """Small configs, states and batches shared by the tests."""
 
-import jax
 import numpy as np
 
 from configs import tiny
-from jaxlm import config as config_lib
-from jaxlm import model as model_lib
-from jaxlm import optim
-from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 from jaxlm.data.pipeline import PackedRows
 
@@ -26,13 +21,7 @@ def small_config(**mesh):
 
 
 def factory_for(config, devices=None):
-    devices = devices if devices is not None else jax.devices()
-    derived = config_lib.validate(config, len(devices))
-    mesh = sharding_lib.make_mesh(derived.mesh_shape, devices)
-    model = model_lib.Transformer(config_lib.model_config(config, derived))
-    return step_lib.StateFactory(model, optim.make_optimizer(config.train), mesh,
-                                 sharding_lib.axis_rules(config.mesh.rules),
-                                 (derived.micro_batch_size, config.data.seq_len))
+    return step_lib.build(config, devices)[0]
 
 
 def packed_batch(config, n_rows, seed=0, doc_lengths=(5, 40)):
