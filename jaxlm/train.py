@@ -59,8 +59,9 @@ class _Console:
                         dynamic_ncols=True)
 
     def print(self, line: str) -> None:
-        if self.enabled:
+        if self.enabled:  # flushed, so piped logs (SLURM, tee) show each line when it happens
             tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
 
     def close(self) -> None:
         self.bar.close()

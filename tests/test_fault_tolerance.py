@@ -53,7 +53,7 @@ def run_until(command, cwd, pattern=None, delay=0.0, timeout=300):
     Returns the exit code and the output; with no pattern, runs to the end.
     """
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     selector = selectors.DefaultSelector()
     selector.register(process.stdout, selectors.EVENT_READ)
     output, deadline, kill_at = [], time.monotonic() + timeout, None
@@ -74,11 +74,13 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path, repo, tokenizer_path
     steps = 10
     train_lib.train(tiny_config(tokenizer_path, steps), tmp_path / "unbroken")
 
+    # Each pattern is a line the run reaches with steps still to go, so every kill lands
+    # while it trains; the delays after it are random.
     rng = random.Random(1234)
     workdir = tmp_path / "killed"
-    kills = [("saving checkpoint", 0.1),  # in the middle of an async save
-             ("step ", rng.uniform(0.5, 3.0)),  # some time into training
-             ("saving checkpoint", rng.uniform(0.0, 0.2))]  # around a save
+    kills = [("saving checkpoint", 0.1),  # in the middle of the first async save
+             ("step 5/", rng.uniform(0.0, 0.3)),  # between steps
+             ("checkpoints/8", rng.uniform(0.0, 0.2))]  # around the save of step 8
     killed_mid_save = 0
     for pattern, delay in kills:
         code, output = run_until(cli(tokenizer_path, workdir, steps), repo, pattern, delay)
@@ -105,7 +107,8 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path, repo, tokenizer_path
 def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path, repo, tokenizer_path):
     workdir = tmp_path / "run"
     process = subprocess.Popen(cli(tokenizer_path, workdir, 200, every=1000), cwd=repo,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in process.stdout:
         if line.startswith("step 3/"):
             process.send_signal(signal.SIGTERM)
