@@ -134,6 +134,33 @@ class Block(nn.Module):
         return x, None
 
 
+@jax.custom_vjp
+def logits_dot(x, head):
+    """x [b, l, d] @ head [d, v] -> float32 logits, with the backward in x's dtype.
+
+    The forward accumulates and returns float32. Plain autodiff would then carry the float32
+    cotangent into both backward matmuls, running them as float32 GEMMs (measured on an H100:
+    30 ms of a 504 ms step of configs/1b.py); casting the cotangent to the compute dtype
+    first runs them as bf16 GEMMs, as the rest of the model's backward already does.
+    """
+    return jnp.einsum("bld,dv->blv", x, head, preferred_element_type=jnp.float32)
+
+
+def _logits_dot_fwd(x, head):
+    return logits_dot(x, head), (x, head)
+
+
+def _logits_dot_bwd(residuals, grad):
+    x, head = residuals
+    grad = grad.astype(x.dtype)
+    grad_x = jnp.einsum("blv,dv->bld", grad, head)
+    grad_head = jnp.einsum("bld,blv->dv", x, grad, preferred_element_type=jnp.float32)
+    return grad_x, grad_head.astype(head.dtype)
+
+
+logits_dot.defvjp(_logits_dot_fwd, _logits_dot_bwd)
+
+
 class Transformer(nn.Module):
     """tokens [batch, length] -> float32 logits [batch, length, vocab].
 
@@ -167,6 +194,5 @@ class Transformer(nn.Module):
         else:
             head = self.param("head", _init(c.init_std, ("embed", "vocab")),
                               (c.d_model, c.vocab_size), c.param_dtype)
-        logits = jnp.einsum("bld,dv->blv", x, head.astype(c.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = logits_dot(x, head.astype(c.dtype))
         return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
