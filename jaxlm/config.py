@@ -49,10 +49,14 @@ def default_config() -> ml_collections.ConfigDict:
     m.attention = "auto"  # one of ATTENTION_IMPLS
 
     c.data = d = ml_collections.ConfigDict()
-    d.source = "builtin"  # the running Python's standard library, see jaxlm.data.corpus
+    # "builtin" (the running Python's standard library, see jaxlm.data.corpus),
+    # "arrayrecord:DIR" (made by python -m jaxlm.data.prepare) or "tfds:NAME"
+    d.source = "builtin"
     d.seq_len = 4096
-    d.tokenizer = ""  # path to a sentencepiece .model; "" trains one into the workdir
-    d.val_fraction = 0.05  # built-in corpus: share of documents held out
+    # sentencepiece .model; "" = the prepared dataset's own, or (builtin, tfds) train one
+    d.tokenizer = ""
+    d.text_key = "text"  # tfds: the feature holding the text
+    d.val_fraction = 0.05  # builtin, tfds without a validation split: documents held out
     d.eval_batches = 4
     d.num_threads = 2  # grain read threads
     d.prefetch = 4  # batches grain prepares ahead
@@ -172,6 +176,10 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
     for field in ("dtype", "param_dtype"):
         _require(m[field] in DTYPES, f"model.{field}", m[field], f"one of {DTYPES}")
 
+    kind, _, where = d.source.partition(":")
+    _require(d.source == "builtin" or (kind in ("arrayrecord", "tfds") and where), "data.source",
+             d.source, "'builtin', 'arrayrecord:DIR' (from python -m jaxlm.data.prepare) or "
+             "'tfds:NAME'")
     _require(d.seq_len >= 2, "data.seq_len", d.seq_len, "at least 2 tokens")
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "between 0 and 1")
     _require(d.eval_batches >= 1, "data.eval_batches", d.eval_batches, "at least 1")

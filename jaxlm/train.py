@@ -136,19 +136,19 @@ def _keep_metrics_up_to(path: pathlib.Path, step: int) -> None:
 
 
 def _initial_state(config, factory, checkpoints, console):
-    """(step, next microbatch, state): resumed, fine-tuned from init_from, or fresh."""
+    """(step, data iterator state or None, state): resumed, fine-tuned from init_from, or fresh."""
     resumed = checkpoints.restore_latest_readable(factory.abstract)
     if resumed:
         step, state, meta = resumed
         console.print(f"resumed from {checkpoints.path(step)}")
-        return step, meta["data"]["next_microbatch"], state
+        return step, meta["data"], state
     state = factory.create(jax.random.fold_in(jax.random.key(config.seed), 0))
     if config.checkpoint.init_from:
         params, source_step = checkpoint_lib.restore_params(config.checkpoint.init_from,
                                                             factory.abstract["params"])
         state["params"] = params
         console.print(f"initialised params from {config.checkpoint.init_from} (step {source_step})")
-    return 0, 0, state
+    return 0, None, state
 
 
 def train(config, workdir: str | pathlib.Path) -> dict:
@@ -164,7 +164,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                                               probe=is_main)
     data = pipeline.build(config, workdir)
     console = _Console(t.steps, 0, enabled=is_main)
-    start, next_microbatch, state = _initial_state(config, factory, checkpoints, console)
+    start, data_state, state = _initial_state(config, factory, checkpoints, console)
     if is_main:
         _keep_metrics_up_to(workdir / metrics_lib.Writer.FILENAME, start)
     writer = metrics_lib.Writer(workdir, enabled=is_main)
@@ -172,9 +172,17 @@ def train(config, workdir: str | pathlib.Path) -> dict:
 
     train_step = step_lib.make_train_step(factory)
     eval_step = step_lib.make_eval_step(factory)
-    train_batches = pipeline.iterate(
+    train_batches = pipeline.Batches(
         pipeline.train_dataset(data.train_rows, derived.micro_batch_size, config.seed),
-        next_microbatch, d.num_threads, d.prefetch)
+        d.num_threads, d.prefetch)
+    if data_state:
+        train_batches.set_state(data_state["iterator"])
+        if data_state["fingerprint"] != data.fingerprint:
+            console.print(f"warning: the data ({d.source}, seq_len, seed) differs from the "
+                          "checkpoint's; continuing at the saved batch index of the new data")
+    console.print(f"data: {d.source}, {data.train_rows.n_tokens:,} train tokens in "
+                  f"{len(data.train_rows):,} rows of {d.seq_len} "
+                  f"({100 * data.train_rows.padding_fraction:.2f}% padding)")
     eval_batches = pipeline.eval_dataset(data.val_rows, derived.micro_batch_size, d.eval_batches)
     batch_sharding = factory.batch_sharding
 
@@ -192,7 +200,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         checkpoints.save(step, state, {
             "step": step, "config": config.to_dict(), "jaxlm_version": jaxlm.__version__,
             "tokenizer": data.tokenizer_path,
-            "data": {"seed": config.seed, "next_microbatch": next_microbatch},
+            "data": {"iterator": train_batches.get_state(), "fingerprint": data.fingerprint},
             "rng": {"seed": config.seed}})
 
     last = {}
@@ -213,7 +221,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                     for _ in range(t.grad_accum_steps - applied):
                         batch = sharding_lib.global_batch(next(train_batches), batch_sharding)
                         state, metrics = train_step(state, batch)
-                        next_microbatch, calls = next_microbatch + 1, calls + 1
+                        calls += 1
                         results.append(metrics)
                     for result in jax.device_get(results):
                         losses.append(result["loss"])

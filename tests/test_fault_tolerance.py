@@ -96,7 +96,7 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path, repo, tokenizer_path
     actual, meta = final_params(workdir, steps, config)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
         np.testing.assert_array_equal(a, b)
-    assert meta["data"]["next_microbatch"] == steps
+    assert meta["data"]["iterator"] == {"next_index": steps}
     rows = metric_rows(workdir)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
     assert [r["step"] for r in rows if "val_loss" in r] == [0, steps]
@@ -192,22 +192,23 @@ def test_two_processes_save_and_resume(tmp_path, repo, tokenizer_path):
     assert [r["step"] for r in metric_rows(workdir) if "loss" in r] == [1, 2, 3]
     config = tiny_config(tokenizer_path, 3)
     params, meta = final_params(workdir, 3, config)  # 8 devices in one process here
-    assert meta["data"]["next_microbatch"] == 3
+    assert meta["data"]["iterator"] == {"next_index": 3}
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
 def _poison(monkeypatch, microbatches):
     """Make the given microbatches carry an out-of-range token: NaN embeddings, NaN loss."""
-    iterate = train_lib.pipeline.iterate
 
-    def poisoned(dataset, start, *args):
-        for index, batch in enumerate(iterate(dataset, start, *args), start):
+    class Poisoned(train_lib.pipeline.Batches):
+        def __next__(self):
+            index = self.get_state()["next_index"]
+            batch = super().__next__()
             if index in microbatches:
                 batch = {**batch, "inputs": batch["inputs"].copy()}
                 batch["inputs"][0, 0] = 10**6  # beyond the vocabulary
-            yield batch
+            return batch
 
-    monkeypatch.setattr(train_lib.pipeline, "iterate", poisoned)
+    monkeypatch.setattr(train_lib.pipeline, "Batches", Poisoned)
 
 
 def test_nonfinite_raise_stops_and_saves_nothing_bad(tmp_path, tokenizer_path, monkeypatch):
@@ -229,7 +230,7 @@ def test_nonfinite_skip_goes_on_then_stops_after_too_many(tmp_path, tokenizer_pa
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[-1]["skipped_microbatches"] == 1 and np.isfinite(rows[2]["loss"])
     params, meta = final_params(tmp_path / "skip", 6, config)
-    assert meta["data"]["next_microbatch"] == 7  # the skipped microbatch was replaced
+    assert meta["data"]["iterator"] == {"next_index": 7}  # the skipped microbatch was replaced
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
     config.train.steps = 12  # resumes at 7: microbatches 7, 8, 9 are all poisoned

@@ -2,17 +2,24 @@
 
 Documents (each `bos ... eos`) are laid end to end in a seeded order and cut into rows of
 `seq_len + 1` tokens (consecutive rows overlap by one token, so no next-token pair is
-lost; the last row is padded). Packing is done once, as a random-access array, so every
-batch is a pure function of (seed, step): resuming needs only the step, and any number of
-processes can each read their share of the same global batch. grain shuffles rows
-(afresh each epoch), batches them and prefetches on threads.
+lost, and a document longer than a row simply continues in the next row; only the last
+row is padded). Only document lengths are needed to find which documents a row spans,
+so rows are random access over any source (memory, ArrayRecord) and every batch is a
+pure function of (seed, batch index). grain shuffles rows (afresh each epoch), batches
+them, gives each process its slice of every global batch and prefetches on threads; its
+iterator state (the next batch index) is what a checkpoint saves.
+
+Sources (config.data.source): `builtin` (the stdlib corpus, tokenizer trained into the
+workdir), `arrayrecord:DIR` (made by `python -m jaxlm.data.prepare`), `tfds:NAME`
+(prepared once into the workdir from `tfds.data_source`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import pathlib
-from typing import Iterator
 
 import grain
 import jax
@@ -20,15 +27,20 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxlm.config import ConfigError
-from jaxlm.data import corpus, tokenizer as tokenizer_lib
+from jaxlm.data import corpus, prepare, prepared, tfds_source
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.data.documents import Documents, InMemoryDocuments, TOKEN_DTYPE
 
 FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+ARRAYRECORD = "arrayrecord:"
 
 
 def tokenize(sp, documents: list[str]) -> list[np.ndarray]:
     """Each document as `bos + pieces + eos` int32 ids."""
-    bos, eos = sp.bos_id(), sp.eos_id()
-    return [np.asarray([bos, *ids, eos], np.int32) for ids in sp.encode(documents, num_threads=2)]
+    prefix = [sp.bos_id()] if sp.bos_id() >= 0 else []
+    suffix = [sp.eos_id()] if sp.eos_id() >= 0 else []
+    return [np.asarray(prefix + ids + suffix, TOKEN_DTYPE)
+            for ids in sp.encode(documents, num_threads=2)]
 
 
 class PackedRows:
@@ -39,24 +51,48 @@ class PackedRows:
     row) and loss_mask (True where the target continues the input's document).
     """
 
-    def __init__(self, documents: list[np.ndarray], seq_len: int, seed: int):
-        order = np.random.default_rng(seed).permutation(len(documents))
-        lengths = np.array([len(documents[i]) for i in order])
-        self.tokens = np.concatenate([documents[i] for i in order]).astype(np.int32)
-        self.doc_ids = np.repeat(np.arange(1, len(order) + 1, dtype=np.int32), lengths)
+    def __init__(self, documents: Documents | list[np.ndarray], seq_len: int, seed: int):
+        if isinstance(documents, list):
+            documents = InMemoryDocuments(documents)
+        self.documents = documents
+        self.order = np.random.default_rng(seed).permutation(len(documents))
+        self.ends = np.cumsum(documents.lengths[self.order])  # end of each document, in order
         self.seq_len = seq_len
 
+    @property
+    def n_tokens(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
     def __len__(self) -> int:
-        return max(1, -(-(len(self.tokens) - 1) // self.seq_len))
+        return max(1, -(-(self.n_tokens - 1) // self.seq_len))
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of input positions that are padding (only the last row has any)."""
+        return 1 - max(0, self.n_tokens - 1) / (len(self) * self.seq_len)
+
+    def _span(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [start, stop) of the concatenation and their 1-based document numbers."""
+        first = int(np.searchsorted(self.ends, start, side="right"))
+        last = int(np.searchsorted(self.ends, stop - 1, side="right"))
+        tokens, doc_ids = [], []
+        for k in range(first, last + 1):
+            doc_start = int(self.ends[k - 1]) if k else 0
+            doc = self.documents[int(self.order[k])]
+            piece = doc[max(start, doc_start) - doc_start:min(stop, int(self.ends[k])) - doc_start]
+            tokens.append(piece)
+            doc_ids.append(np.full(len(piece), k + 1, np.int32))
+        return np.concatenate(tokens), np.concatenate(doc_ids)
 
     def __getitem__(self, i: int) -> dict:
         length = self.seq_len
         start = int(i) * length
-        tokens = np.zeros(length + 1, np.int32)
+        stop = min(start + length + 1, self.n_tokens)
+        tokens = np.zeros(length + 1, TOKEN_DTYPE)
         doc_ids = np.zeros(length + 1, np.int32)
-        chunk = self.tokens[start:start + length + 1]
-        tokens[:len(chunk)] = chunk
-        doc_ids[:len(chunk)] = self.doc_ids[start:start + length + 1]
+        if stop > start:
+            chunk, chunk_docs = self._span(start, stop)
+            tokens[:len(chunk)], doc_ids[:len(chunk)] = chunk, chunk_docs
 
         doc = doc_ids[:-1]
         starts = np.concatenate([[True], doc[1:] != doc[:-1]])
@@ -71,10 +107,6 @@ class PackedRows:
             "loss_mask": (doc_ids[1:] == doc) & (doc != 0),
         }
 
-    @property
-    def n_tokens(self) -> int:
-        return len(self.tokens)
-
 
 def _process_share(global_batch_size: int) -> tuple[int, int, int]:
     count, index = jax.process_count(), jax.process_index()
@@ -86,7 +118,11 @@ def _process_share(global_batch_size: int) -> tuple[int, int, int]:
 
 
 def train_dataset(rows: PackedRows, global_batch_size: int, seed: int) -> grain.MapDataset:
-    """This process's batches: element k is its share of global batch k."""
+    """This process's batches: element k is its share of global batch k.
+
+    Global batch k is rows k*B .. (k+1)*B-1 of the shuffled stream whatever the number of
+    processes: process p of P takes the p-th of P equal consecutive parts.
+    """
     local, index, count = _process_share(global_batch_size)
     batches = grain.MapDataset.source(rows).shuffle(seed=seed).repeat().batch(local)
     return batches[index::count]
@@ -99,10 +135,37 @@ def eval_dataset(rows: PackedRows, global_batch_size: int, n_batches: int) -> gr
     return batches[index::count][:n_batches]
 
 
-def iterate(dataset: grain.MapDataset, start: int, num_threads: int, prefetch: int) -> Iterator:
-    """Iterate from element `start`, prefetching on threads."""
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-    return iter(dataset[start:].to_iter_dataset(options))
+class Batches:
+    """A checkpointable iterator over a dataset, prefetching on threads.
+
+    `get_state()` is grain's iterator state (the index of the next batch): the same on
+    every process and for any process count, so a checkpoint stores it once and a
+    resume, even on another number of hosts, continues with the very next batch.
+    """
+
+    def __init__(self, dataset: grain.MapDataset, num_threads: int, prefetch: int):
+        options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+        self._iterator = iter(dataset.to_iter_dataset(options))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._iterator)
+
+    def get_state(self) -> dict:
+        return self._iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._iterator.set_state(state)
+
+
+def iterate(dataset: grain.MapDataset, start: int, num_threads: int, prefetch: int) -> Batches:
+    """Batches from element `start` on."""
+    batches = Batches(dataset, num_threads, prefetch)
+    if start:
+        batches.set_state({"next_index": int(start)})
+    return batches
 
 
 @dataclasses.dataclass
@@ -111,6 +174,7 @@ class Data:
     tokenizer_path: str
     train_rows: PackedRows
     val_rows: PackedRows
+    fingerprint: str  # identifies the data stream, to notice a change across a resume
 
 
 def load_or_train_tokenizer(config, workdir: pathlib.Path, train_docs: list[str]):
@@ -125,20 +189,82 @@ def load_or_train_tokenizer(config, workdir: pathlib.Path, train_docs: list[str]
     return tokenizer_lib.load(path), str(path)
 
 
-def build(config, workdir: str | pathlib.Path) -> Data:
-    """The tokenizer and packed train/validation rows for config.data."""
+def _builtin(config, workdir: pathlib.Path):
     d = config.data
-    if d.source != "builtin":
-        raise ConfigError(f"config.data.source={d.source!r} is not supported yet; use 'builtin'")
     train_docs = corpus.builtin_documents("train", d.val_fraction)
     val_docs = corpus.builtin_documents("validation", d.val_fraction)
-    sp, sp_path = load_or_train_tokenizer(config, pathlib.Path(workdir), train_docs)
+    sp, sp_path = load_or_train_tokenizer(config, workdir, train_docs)
+    return (sp, sp_path, InMemoryDocuments(tokenize(sp, train_docs)),
+            InMemoryDocuments(tokenize(sp, val_docs)), f"builtin:{d.val_fraction}")
+
+
+def _prepared(config, root: pathlib.Path):
+    """A prepared directory's documents; its own tokenizer unless the config names the same."""
+    dataset = prepared.PreparedDataset(root)
+    sp_path = dataset.tokenizer_path
+    if config.data.tokenizer and (prepared.file_sha256(config.data.tokenizer)
+                                  != prepared.file_sha256(sp_path)):
+        raise ConfigError(f"config.data.tokenizer={config.data.tokenizer!r} is not the tokenizer "
+                          f"{root} was prepared with ({sp_path}); leave data.tokenizer empty to "
+                          "use the dataset's own, or prepare the data again with yours")
+    if not dataset.metadata["splits"]["validation"]["documents"]:
+        raise ConfigError(f"config.data.source: {root} has no validation documents; prepare it "
+                          "with --val_fraction above 0 (e.g. 0.01)")
+    return (tokenizer_lib.load(sp_path), str(sp_path), dataset.documents("train"),
+            dataset.documents("validation"), f"prepared:{dataset.fingerprint()}")
+
+
+def _prepare_tfds(config, name: str, workdir: pathlib.Path) -> pathlib.Path:
+    """Tokenize the TFDS dataset once into the workdir (process 0; the rest wait)."""
+    root = workdir / "data" / ("tfds-" + name.replace("/", "_").replace(":", "_"))
+    if jax.process_index() == 0 and not (root / prepared.METADATA).is_file():
+        tokenizer = ([f"--tokenizer={config.data.tokenizer}"] if config.data.tokenizer
+                     else ["--train_tokenizer", f"--vocab_size={config.model.vocab_size}"])
+        args = prepare.parse_args([f"--input=tfds:{name}", f"--output={root}", *tokenizer,
+                                   f"--text_key={config.data.text_key}",
+                                   f"--val_fraction={config.data.val_fraction}",
+                                   f"--workers={os.cpu_count() or 1}"])
+        try:
+            prepare.run(args)
+        except ValueError as e:
+            raise ConfigError(f"config.data.source=tfds:{name}: {e}") from e
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxlm tfds prepared")
+    return root
+
+
+def _source(config, workdir: pathlib.Path):
+    """(tokenizer, its path, train documents, validation documents, source id)."""
+    d = config.data
+    if d.source == "builtin":
+        return _builtin(config, workdir)
+    if d.source.startswith(ARRAYRECORD):
+        return _prepared(config, pathlib.Path(d.source.removeprefix(ARRAYRECORD)).expanduser())
+    if d.source.startswith(tfds_source.PREFIX):
+        root = _prepare_tfds(config, d.source.removeprefix(tfds_source.PREFIX), workdir)
+        return _prepared(config, root)
+    raise ConfigError(f"config.data.source={d.source!r}: use 'builtin', "
+                      f"'{ARRAYRECORD}DIR' (from python -m jaxlm.data.prepare) or "
+                      f"'{tfds_source.PREFIX}NAME'")
+
+
+def build(config, workdir: str | pathlib.Path) -> Data:
+    """The tokenizer and packed train/validation rows for config.data."""
+    d, workdir = config.data, pathlib.Path(workdir)
+    try:
+        sp, sp_path, train_docs, val_docs, source_id = _source(config, workdir)
+    except ConfigError:
+        raise
+    except (FileNotFoundError, ValueError) as e:  # a missing or unreadable file named by the config
+        raise ConfigError(str(e)) from e
     if sp.vocab_size() > config.model.vocab_size:
         raise ConfigError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
                           f"tokenizer's vocabulary ({sp.vocab_size()} pieces, {sp_path}); set "
                           f"model.vocab_size to at least {sp.vocab_size()}")
+    stream = f"{source_id}|seq_len={d.seq_len}|seed={config.seed}"
     return Data(
         tokenizer=sp, tokenizer_path=sp_path,
-        train_rows=PackedRows(tokenize(sp, train_docs), d.seq_len, seed=config.seed),
-        val_rows=PackedRows(tokenize(sp, val_docs), d.seq_len, seed=config.seed),
+        train_rows=PackedRows(train_docs, d.seq_len, seed=config.seed),
+        val_rows=PackedRows(val_docs, d.seq_len, seed=config.seed),
+        fingerprint=hashlib.sha256(stream.encode()).hexdigest()[:16],
     )

@@ -20,12 +20,14 @@ TRAINER_OPTIONS = dict(
 )
 
 
-def load(path: str | pathlib.Path) -> spm.SentencePieceProcessor:
+def load(path: str | pathlib.Path, field: str = "config.data.tokenizer") -> spm.SentencePieceProcessor:
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config.data.tokenizer={str(path)!r}: no such sentencepiece "
-                                "model file; give a .model path or leave it empty to train one")
-    return spm.SentencePieceProcessor(model_file=str(path))
+        raise FileNotFoundError(f"{field}={str(path)!r}: no such sentencepiece model file")
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{field}={str(path)!r} is not a sentencepiece model: {e}") from e
 
 
 def train(documents: Iterable[str], vocab_size: int, output: str | pathlib.Path,

@@ -1,0 +1,84 @@
+"""A prepared dataset on disk: what `jaxlm.data.prepare` writes and training reads.
+
+    <dir>/tokenizer.model             the sentencepiece model the tokens came from
+    <dir>/<split>/<piece>.array_record  one record per document: bos + ids + eos, int32
+    <dir>/<split>/<piece>.lengths.npy   tokens per record, so packing needs no scan
+    <dir>/pieces/<piece>.json         written last for a finished input piece (resume)
+    <dir>/metadata.json               written last of all: splits, counts, tokenizer
+
+A piece is one input file (or one range of a TFDS split); its train and validation
+shards are written together, so a finished piece is never redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from jaxlm.config import ConfigError
+from jaxlm.data.documents import ArrayRecordDocuments
+
+FORMAT = "jaxlm-prepared-v1"
+METADATA = "metadata.json"
+TOKENIZER = "tokenizer.model"
+SPLITS = ("train", "validation")
+
+
+def shard_path(root: pathlib.Path, split: str, piece: int) -> pathlib.Path:
+    return root / split / f"{piece:05d}.array_record"
+
+
+def lengths_path(root: pathlib.Path, split: str, piece: int) -> pathlib.Path:
+    return root / split / f"{piece:05d}.lengths.npy"
+
+
+def piece_marker(root: pathlib.Path, piece: int) -> pathlib.Path:
+    return root / "pieces" / f"{piece:05d}.json"
+
+
+def file_sha256(path: str | pathlib.Path) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def write_json_atomic(path: pathlib.Path, value) -> None:
+    """Write then rename, so a reader (or a resume) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class PreparedDataset:
+    """Read side: metadata, tokenizer path and the documents of each split."""
+
+    def __init__(self, root: str | pathlib.Path, field: str = "config.data.source"):
+        self.root = pathlib.Path(root)
+        meta_path = self.root / METADATA
+        if not meta_path.is_file():
+            hint = ("an unfinished prepare (run the same prepare command again to finish it)"
+                    if (self.root / "pieces").is_dir() else "not a prepared dataset")
+            raise ConfigError(f"{field}: {self.root} has no {METADATA}: {hint}. Prepare one with "
+                              f"`python -m jaxlm.data.prepare --input=... --output={self.root} "
+                              "--tokenizer=... (or --train_tokenizer --vocab_size=N)`")
+        self.metadata = json.loads(meta_path.read_text())
+        if self.metadata.get("format") != FORMAT:
+            raise ConfigError(f"{field}: {meta_path} has format {self.metadata.get('format')!r}, "
+                              f"this jaxlm reads {FORMAT!r}; prepare the data again")
+
+    @property
+    def tokenizer_path(self) -> pathlib.Path:
+        return self.root / TOKENIZER
+
+    def documents(self, split: str) -> ArrayRecordDocuments:
+        pieces = self.metadata["splits"][split]["pieces"]
+        paths = [shard_path(self.root, split, p) for p in pieces]
+        lengths = [np.load(lengths_path(self.root, split, p)) for p in pieces]
+        return ArrayRecordDocuments(paths, np.concatenate(lengths) if lengths else np.zeros(0))
+
+    def fingerprint(self) -> str:
+        """Changes when the prepared data does (for the resume check)."""
+        return hashlib.sha256((self.root / METADATA).read_bytes()).hexdigest()[:16]

@@ -1,0 +1,166 @@
+"""Text documents out of the files a user has: .txt, .jsonl, each optionally .gz or .zst.
+
+Every document comes with where it came from (`file:line`), and every document that
+cannot be used is counted under a reason with its first few locations, so `prepare` can
+say exactly what it skipped instead of failing later with a shape error or a hang.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import gzip
+import io
+import json
+import os
+from typing import IO, Iterator
+
+SKIP_REASONS = {
+    "empty_file": "empty file",
+    "empty_document": "document with no text",
+    "invalid_utf8": "not valid UTF-8",
+    "invalid_json": "not a JSON object",
+    "missing_key": "JSON line without the text key (or not a string)",
+    "too_long": "longer than --max_document_chars",
+}
+EXAMPLES_KEPT = 5
+TXT_MODES = ("file", "blank_line")
+
+
+@dataclasses.dataclass
+class Skipped:
+    """Counts per reason, and the first few `file:line` of each."""
+
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    examples: dict = dataclasses.field(default_factory=dict)
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < EXAMPLES_KEPT:
+            self.examples[reason].append(where)
+
+    def merge(self, other: dict) -> None:
+        for reason, count in other["counts"].items():
+            self.counts[reason] += count
+            kept = self.examples.setdefault(reason, [])
+            kept.extend(other["examples"].get(reason, [])[:EXAMPLES_KEPT - len(kept)])
+
+    def to_json(self) -> dict:
+        return {"counts": dict(self.counts), "examples": self.examples}
+
+    def report(self) -> list[str]:
+        return [f"skipped {count:,} x {SKIP_REASONS[reason]} (e.g. {', '.join(self.examples[reason])})"
+                for reason, count in sorted(self.counts.items())]
+
+
+def expand(patterns: list[str]) -> list[str]:
+    """Sorted files matching the glob patterns; a pattern matching nothing is an error."""
+    files = []
+    for pattern in patterns:
+        matched = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                         if os.path.isfile(p))
+        if not matched:
+            raise FileNotFoundError(f"--input={pattern!r} matches no file")
+        files.extend(matched)
+    return sorted(set(files))
+
+
+def _open_binary(path: str) -> IO[bytes]:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError as e:
+            raise ImportError(f"{path}: reading .zst needs the zstandard package: "
+                              "pip install zstandard") from e
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"),
+                                                                            closefd=True))
+    return open(path, "rb")
+
+
+def format_of(path: str) -> str:
+    name = path.removesuffix(".gz").removesuffix(".zst")
+    if name.endswith((".jsonl", ".json")):
+        return "jsonl"
+    if name.endswith(".txt"):
+        return "txt"
+    raise ValueError(f"{path}: unknown input format; use .txt or .jsonl (optionally .gz or .zst)")
+
+
+def _decode(raw: bytes, path: str, line: int, skipped: Skipped) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        newlines = raw[:e.start].count(b"\n")
+        skipped.add("invalid_utf8", f"{path}:{line + newlines}")
+        return None
+
+
+def read(path: str, text_key: str = "text", txt_mode: str = "file",
+         max_chars: int = 10_000_000, skipped: Skipped | None = None) -> Iterator[tuple[str, str]]:
+    """(text, 'file:line') for each usable document of `path`; the rest go to `skipped`."""
+    skipped = skipped if skipped is not None else Skipped()
+    if txt_mode not in TXT_MODES:
+        raise ValueError(f"--txt_mode={txt_mode!r}; use one of {TXT_MODES}")
+    kind, any_bytes = format_of(path), False
+
+    def usable(text: str | None, where: str) -> bool:
+        if text is None:
+            return False
+        if not text.strip():
+            skipped.add("empty_document", where)
+            return False
+        if len(text) > max_chars:
+            skipped.add("too_long", where)
+            return False
+        return True
+
+    with _open_binary(path) as f:
+        if kind == "jsonl":
+            for number, raw in enumerate(f, 1):
+                any_bytes = True
+                if not raw.strip():
+                    continue
+                where = f"{path}:{number}"
+                line = _decode(raw, path, number, skipped)
+                if line is None:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    skipped.add("invalid_json", where)
+                    continue
+                text = record.get(text_key) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    skipped.add("invalid_json" if not isinstance(record, dict) else "missing_key",
+                                where)
+                    continue
+                if usable(text, where):
+                    yield text, where
+        elif txt_mode == "file":
+            raw = f.read()
+            any_bytes = bool(raw)
+            text = _decode(raw, path, 1, skipped) if raw else None
+            if text is not None and usable(text, f"{path}:1"):
+                yield text, f"{path}:1"
+        else:  # blank_line: paragraphs separated by one or more blank lines
+            lines, first, valid = [], 0, True
+            for number, raw in enumerate(f, 1):
+                any_bytes = True
+                if not raw.strip():
+                    if lines and valid and usable("".join(lines), f"{path}:{first}"):
+                        yield "".join(lines).rstrip("\n"), f"{path}:{first}"
+                    lines, valid = [], True
+                    continue
+                if not lines:
+                    first = number
+                line = _decode(raw, path, number, skipped)
+                valid = valid and line is not None
+                lines.append(line or "")
+            if lines and valid and usable("".join(lines), f"{path}:{first}"):
+                yield "".join(lines).rstrip("\n"), f"{path}:{first}"
+    if not any_bytes:
+        skipped.add("empty_file", path)
