@@ -19,14 +19,14 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import platform
-import re
 import statistics
 import tempfile
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from benchmarks import results_table
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/125m.py", "Config whose data "
                                           "shape (seq_len, batch) and model are measured.")
@@ -35,18 +35,6 @@ _WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "prepare worker 
 _MODEL_STEPS = flags.DEFINE_integer("model_steps", 3, "Timed train steps of the model.")
 _MODEL_BATCH = flags.DEFINE_integer("model_batch", 1, "Sequences per timed train step.")
 _RESULTS = flags.DEFINE_string("results", "benchmarks/results", "Where rows are appended.")
-
-
-def machine_name() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return re.sub(r"[^a-z0-9]+", "-", f"{model} {os.cpu_count()}c".lower()).strip("-")
 
 
 def write_corpus(directory: pathlib.Path, files: int = 8) -> int:
@@ -129,25 +117,18 @@ def measure_model(config) -> dict:
 
 
 def record(row: dict) -> pathlib.Path:
-    directory = pathlib.Path(_RESULTS.value)
-    directory.mkdir(parents=True, exist_ok=True)
-    base = directory / f"data-{row['machine']}"
-    with open(base.with_suffix(".jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-    table = base.with_suffix(".md")
-    if not table.exists():
-        table.write_text(
-            f"# Data throughput on {row['machine']}\n\n`python -m benchmarks.data_throughput`; "
-            "see its docstring for what each column measures.\n\n"
-            "| date | config | prepare tok/s (workers) | pipeline tok/s (batch x seq, threads) "
-            "| model tok/s (ceiling) | pipeline / model |\n|---|---|---|---|---|---|\n")
-    with open(table, "a") as f:
-        f.write(f"| {row['date']} | {row['config']} | {row['prepare_tokens_per_s']:,.0f} "
-                f"({row['prepare_workers']}) | {row['pipeline_tokens_per_s']:,.0f} "
-                f"({row['pipeline_batch']} x {row['seq_len']}, {row['num_threads']}) | "
-                f"{row['model_tokens_per_s']:,.0f} ({row['model_ceiling_tokens_per_s']:,.0f}) | "
-                f"{row['ratio']:,.0f}x |\n")
-    return table
+    return results_table.append(
+        pathlib.Path(_RESULTS.value) / f"data-{row['machine']}", row,
+        f"# Data throughput on {row['machine']}\n\n`python -m benchmarks.data_throughput`; "
+        "see its docstring for what each column measures.",
+        ["date", "config", "prepare tok/s (workers)", "pipeline tok/s (batch x seq, threads)",
+         "model tok/s (ceiling)", "pipeline / model"],
+        [[row["date"], row["config"],
+          f"{row['prepare_tokens_per_s']:,.0f} ({row['prepare_workers']})",
+          f"{row['pipeline_tokens_per_s']:,.0f} ({row['pipeline_batch']} x {row['seq_len']}, "
+          f"{row['num_threads']})",
+          f"{row['model_tokens_per_s']:,.0f} ({row['model_ceiling_tokens_per_s']:,.0f})",
+          f"{row['ratio']:,.0f}x"]])
 
 
 def main(argv):
@@ -155,7 +136,7 @@ def main(argv):
     config = _CONFIG.value
     with tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp)
-        row = {"machine": machine_name(), "date": time.strftime("%Y-%m-%d"),
+        row = {"machine": results_table.cpu()[2], "date": time.strftime("%Y-%m-%d"),
                "config": flags.FLAGS["config"].config_filename}
         row.update(measure_prepare(work, min(config.model.vocab_size, 8000)))
         print(f"prepare: {row['prepare_tokens']:,} tokens in {row['prepare_seconds']:.1f} s = "

@@ -4,7 +4,8 @@
         --config.train.global_batch_size=16
 
 Runs real jitted train steps (optimizer included) on synthetic tokens, one document per
-row, timing each step after `block_until_ready`. MFU = model FLOPs per token (DESIGN.md:
+row, or with `--data` on the config's data source (packed rows through the grain pipeline,
+so host input time counts), timing each step after `block_until_ready`. MFU = model FLOPs per token (DESIGN.md:
 6 * block matmul params + 6 * d_model * vocab + causal attention) * tokens/s / peak FLOP/s
 of all devices; the full-square attention count is printed beside it. A row is appended to
 benchmarks/results/<device kind>.md, and the same as JSON to <device kind>.jsonl.
@@ -12,13 +13,11 @@ benchmarks/results/<device kind>.md, and the same as JSON to <device kind>.jsonl
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import platform
 import re
 import resource
-import statistics
 import time
 
 import jax
@@ -27,6 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from benchmarks import results_table
 from jaxlm import metrics as metrics_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
@@ -36,12 +36,32 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Measured optimizer steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Unmeasured steps after compilation.")
 _RESULTS = flags.DEFINE_string("results", "benchmarks/results", "Where rows are appended.")
 _NOTE = flags.DEFINE_string("note", "", "Free text recorded with the row.")
+_DATA = flags.DEFINE_bool("data", False, "Feed config.data's source instead of synthetic tokens.")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/jaxlm-mfu",
+                               "With --data: where the tokenizer and prepared data are cached.")
 
 
 def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
     tokens = np.random.default_rng(seed).integers(0, vocab, (batch_size, seq_len + 1), np.int32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
             "loss_mask": np.ones((batch_size, seq_len), bool)}
+
+
+def batch_source(config, derived, factory):
+    """A function giving the next global batch: the same synthetic one, or the data pipeline's."""
+    seq_len, vocab = config.data.seq_len, config.model.vocab_size
+    if not _DATA.value:
+        batch = sharding_lib.global_batch(
+            synthetic_batch(derived.micro_batch_size, seq_len, vocab), factory.batch_sharding)
+        return lambda: batch, "synthetic tokens, one document per row"
+    from jaxlm.data import pipeline  # grain and sentencepiece only when asked for
+    data = pipeline.build(config, _WORKDIR.value)
+    batches = pipeline.Batches(
+        pipeline.train_dataset(data.train_rows, derived.micro_batch_size, config.seed),
+        config.data.num_threads, config.data.prefetch)
+    padding = 100 * data.train_rows.padding_fraction
+    return (lambda: sharding_lib.global_batch(next(batches), factory.batch_sharding),
+            f"{config.data.source}, packed rows ({padding:.1f}% padding)")
 
 
 def peak_memory_bytes() -> tuple[int, str]:
@@ -53,18 +73,11 @@ def peak_memory_bytes() -> tuple[int, str]:
 
 def record(results_dir: str, row: dict) -> pathlib.Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", row["device_kind"]).strip("-").lower()
-    directory = pathlib.Path(results_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f"{slug}.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    table = directory / f"{slug}.md"
+    if slug == "cpu":  # name the machine: CPU rows from different hosts don't compare
+        slug = f"cpu-{results_table.cpu()[2]}"
     columns = ["date", "config", "params", "devices", "mesh", "batch x seq", "dtype", "remat",
                "attention", "compile s", "step ms (median/min/max)", "tokens/s/device",
                "TFLOP/s/device", "MFU causal", "MFU full-square", "peak mem GiB", "jax", "note"]
-    if not table.exists():
-        table.write_text(f"# {row['device_kind']}\n\nRows appended by `python -m benchmarks.mfu`; "
-                         "MFU uses DESIGN.md's FLOPs formula.\n\n| " + " | ".join(columns)
-                         + " |\n|" + "---|" * len(columns) + "\n")
     cells = [row["date"], row["config"], f"{row['params'] / 1e9:.3f}B",
              f"{row['device_count']}x {row['device_kind']}", row["mesh"],
              f"{row['global_batch_size']} x {row['seq_len']}", row["dtype"], row["remat"],
@@ -73,9 +86,10 @@ def record(results_dir: str, row: dict) -> pathlib.Path:
              f"{row['tokens_per_second_per_device']:,.0f}", f"{row['tflops_per_device']:.1f}",
              f"{100 * row['mfu_causal']:.1f}%", f"{100 * row['mfu_full_square']:.1f}%",
              f"{row['peak_memory_bytes'] / 2**30:.1f}", row["jax_version"], row["note"]]
-    with open(table, "a") as f:
-        f.write("| " + " | ".join(str(c) for c in cells) + " |\n")
-    return table
+    return results_table.append(
+        pathlib.Path(results_dir) / slug, row,
+        f"# {row['device_kind']}\n\nRows appended by `python -m benchmarks.mfu`; "
+        "MFU uses DESIGN.md's FLOPs formula.", columns, [cells])
 
 
 def main(argv):
@@ -85,8 +99,8 @@ def main(argv):
     factory, derived = step_lib.build(config, devices)
     t, m, seq_len = config.train, config.model, config.data.seq_len
     state = factory.create(jax.random.key(config.seed))
-    batch = sharding_lib.global_batch(
-        synthetic_batch(derived.micro_batch_size, seq_len, m.vocab_size), factory.batch_sharding)
+    next_batch, data_description = batch_source(config, derived, factory)
+    batch = next_batch()
 
     with factory.context():
         start = time.perf_counter()
@@ -95,7 +109,7 @@ def main(argv):
 
     def optimizer_step(state):
         for _ in range(t.grad_accum_steps):
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, next_batch())
         return jax.block_until_ready((state, metrics))
 
     for _ in range(_WARMUP.value):
@@ -111,8 +125,8 @@ def main(argv):
     peak, peak_source = metrics_lib.peak_flops_total(devices)
     causal = metrics_lib.flops_per_token(m, derived.head_dim, seq_len, causal=True)
     full = metrics_lib.flops_per_token(m, derived.head_dim, seq_len, causal=False)
-    tokens_per_step = t.global_batch_size * seq_len
-    tokens_per_second = tokens_per_step / statistics.median(times)
+    summary = metrics_lib.throughput(times, t.global_batch_size * seq_len, causal, full, peak,
+                                     len(devices))
     memory, memory_source = peak_memory_bytes()
     attention = m.attention
     if attention == "auto":
@@ -125,28 +139,23 @@ def main(argv):
         "params": derived.n_params, "flops_per_token_causal": causal,
         "flops_per_token_full_square": full, "global_batch_size": t.global_batch_size,
         "grad_accum_steps": t.grad_accum_steps, "seq_len": seq_len, "dtype": m.dtype,
-        "remat": m.remat, "attention": attention, "compile_seconds": compile_seconds,
-        "step_ms_median": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times),
-        "step_ms_max": 1e3 * max(times), "steps": len(times),
-        "tokens_per_second": tokens_per_second,
-        "tokens_per_second_per_device": tokens_per_second / len(devices),
-        "tflops_per_device": causal * tokens_per_second / len(devices) / 1e12,
-        "mfu_causal": metrics_lib.mfu(causal, tokens_per_second, peak),
-        "mfu_full_square": metrics_lib.mfu(full, tokens_per_second, peak),
-        "peak_flops_total": peak, "peak_source": peak_source,
+        "remat": m.remat, "attention": attention, "data": data_description,
+        "compile_seconds": compile_seconds, **summary, "peak_flops_total": peak, "peak_source": peak_source,
         "peak_memory_bytes": memory, "memory_source": memory_source,
-        "jax_version": jax.__version__, "note": _NOTE.value,
+        "jax_version": jax.__version__,
+        "note": f"data: {data_description}. {_NOTE.value}" if _DATA.value else _NOTE.value,
     }
     print(f"devices      {len(devices)} x {row['device_kind']} ({row['host']}), mesh {row['mesh']}")
     print(f"model        {derived.n_params / 1e9:.3f}B params, {m.dtype}, remat {m.remat}, "
           f"attention {attention}")
-    print(f"batch        {t.global_batch_size} x {seq_len} tokens ({t.grad_accum_steps} microbatches)")
+    print(f"batch        {t.global_batch_size} x {seq_len} tokens ({t.grad_accum_steps} microbatches)"
+          f", {data_description}")
     print(f"FLOPs/token  {causal / 1e9:.3f} GFLOP causal, {full / 1e9:.3f} GFLOP full-square "
           "(6*N_matmul + 6*d_model*vocab + 6*n_layers*seq*d_attn [x2 full-square])")
     print(f"compile      {compile_seconds:.1f} s")
     print(f"step time    median {row['step_ms_median']:.1f} ms, min {row['step_ms_min']:.1f}, "
           f"max {row['step_ms_max']:.1f} over {len(times)} steps (after {_WARMUP.value} warmup)")
-    print(f"throughput   {tokens_per_second:,.0f} tokens/s, {row['tokens_per_second_per_device']:,.0f}"
+    print(f"throughput   {row['tokens_per_second']:,.0f} tokens/s, {row['tokens_per_second_per_device']:,.0f}"
           f" per device, {row['tflops_per_device']:.1f} model TFLOP/s per device")
     print(f"MFU          {100 * row['mfu_causal']:.1f}% causal, {100 * row['mfu_full_square']:.1f}% "
           f"full-square; peak {peak / 1e12:.1f} TFLOP/s ({peak_source})")

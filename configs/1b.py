@@ -16,7 +16,7 @@ def get_config():
     m.n_kv_heads = 4
     m.d_ff = 5632
     m.dtype = "bfloat16"
-    m.remat = "save_dots_no_batch"
+    m.remat = "save_dots_and_attention"
 
     config.data.seq_len = 2048
 

@@ -47,6 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.remat = "full"  # one of REMAT_POLICIES
     m.attention = "auto"  # one of ATTENTION_IMPLS
+    # Layers per iteration of the layer scan: 1 compiles fastest; n_layers unrolls the whole
+    # stack (no loop and no stacked per-layer residual buffers; same parameters either way).
+    m.scan_unroll = 1
 
     c.data = d = ml_collections.ConfigDict()
     # "builtin" (the running Python's standard library, see jaxlm.data.corpus),
@@ -172,6 +175,8 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
         head_dim = m.d_model // m.n_heads
     _require(head_dim % 2 == 0, "model.head_dim", head_dim, "rotary embeddings need an even head_dim")
     _require(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {REMAT_POLICIES}")
+    _require(1 <= int(m.scan_unroll) <= m.n_layers, "model.scan_unroll", m.scan_unroll,
+             f"between 1 and model.n_layers={m.n_layers}")
     _require(m.attention in ATTENTION_IMPLS, "model.attention", m.attention, f"one of {ATTENTION_IMPLS}")
     for field in ("dtype", "param_dtype"):
         _require(m[field] in DTYPES, f"model.{field}", m[field], f"one of {DTYPES}")
@@ -233,4 +238,4 @@ def model_config(config: ml_collections.ConfigDict, derived: Derived) -> model_l
         n_kv_heads=m.n_kv_heads, head_dim=derived.head_dim, d_ff=m.d_ff,
         rope_theta=m.rope_theta, norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings,
         init_std=m.init_std, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-        remat=m.remat, attention=m.attention)
+        remat=m.remat, attention=m.attention, scan_unroll=int(m.scan_unroll))

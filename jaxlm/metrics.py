@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import statistics
 import time
 
 import jax
@@ -67,6 +68,22 @@ def peak_flops_total(devices) -> tuple[float, str]:
 
 def mfu(flops_per_tok: float, tokens_per_second: float, peak_total: float) -> float:
     return flops_per_tok * tokens_per_second / peak_total
+
+
+def throughput(step_seconds: list[float], tokens_per_step: int, flops_causal: float,
+               flops_full_square: float, peak_total: float, n_devices: int) -> dict:
+    """What a benchmark reports from its measured step times: the median step sets the rate."""
+    median = statistics.median(step_seconds)
+    tokens_per_second = tokens_per_step / median
+    return {
+        "step_ms_median": 1e3 * median, "step_ms_min": 1e3 * min(step_seconds),
+        "step_ms_max": 1e3 * max(step_seconds), "steps": len(step_seconds),
+        "tokens_per_second": tokens_per_second,
+        "tokens_per_second_per_device": tokens_per_second / n_devices,
+        "tflops_per_device": flops_causal * tokens_per_second / n_devices / 1e12,
+        "mfu_causal": mfu(flops_causal, tokens_per_second, peak_total),
+        "mfu_full_square": mfu(flops_full_square, tokens_per_second, peak_total),
+    }
 
 
 class Writer:

@@ -29,6 +29,7 @@ BAD = [
     (dict(mesh__data=-1, mesh__fsdp=-1), 8, ["at most one mesh axis may be -1"]),
     (dict(mesh__data=3), 8, ["config.mesh.fsdp=-1", "3", "does not divide the 8 devices"]),
     (dict(model__remat="sometimes"), 8, ["config.model.remat='sometimes'", "save_dots"]),
+    (dict(model__scan_unroll=0), 8, ["config.model.scan_unroll=0", "between 1 and"]),
     (dict(model__dtype="float8"), 8, ["config.model.dtype='float8'", "bfloat16"]),
     (dict(model__d_model=250, model__head_dim=0), 8, ["config.model.n_heads=4", "d_model=250"]),
 ]

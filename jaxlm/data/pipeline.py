@@ -160,14 +160,6 @@ class Batches:
         self._iterator.set_state(state)
 
 
-def iterate(dataset: grain.MapDataset, start: int, num_threads: int, prefetch: int) -> Batches:
-    """Batches from element `start` on."""
-    batches = Batches(dataset, num_threads, prefetch)
-    if start:
-        batches.set_state({"next_index": int(start)})
-    return batches
-
-
 @dataclasses.dataclass
 class Data:
     tokenizer: object
