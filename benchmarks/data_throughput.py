@@ -68,8 +68,7 @@ def measure_pipeline(config, data_dir: pathlib.Path) -> dict:
     d, batch = config.data, config.train.global_batch_size // config.train.grad_accum_steps
     rows = pipeline.PackedRows(prepared.PreparedDataset(data_dir).documents("train"),
                                d.seq_len, config.seed)
-    batches = pipeline.Batches(pipeline.train_dataset(rows, batch, config.seed),
-                               d.num_threads, d.prefetch)
+    batches = pipeline.train_batches(rows, batch, config)
     next(batches)  # threads started, first rows read
     start = time.perf_counter()
     for _ in range(_BATCHES.value):

@@ -56,9 +56,7 @@ def batch_source(config, derived, factory):
         return lambda: batch, "synthetic tokens, one document per row"
     from jaxlm.data import pipeline  # grain and sentencepiece only when asked for
     data = pipeline.build(config, _WORKDIR.value)
-    batches = pipeline.Batches(
-        pipeline.train_dataset(data.train_rows, derived.micro_batch_size, config.seed),
-        config.data.num_threads, config.data.prefetch)
+    batches = pipeline.train_batches(data.train_rows, derived.micro_batch_size, config)
     padding = 100 * data.train_rows.padding_fraction
     return (lambda: sharding_lib.global_batch(next(batches), factory.batch_sharding),
             f"{config.data.source}, packed rows ({padding:.1f}% padding)")

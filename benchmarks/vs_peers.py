@@ -31,6 +31,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import zipfile
@@ -152,9 +153,6 @@ def worker_peak() -> dict:
     return {"peak_flops": metrics_lib.measure_cpu_peak()}
 
 
-WORKERS = {"jaxlm": worker_jaxlm, "torch": worker_torch, "peak": worker_peak}
-
-
 MAXTEXT_KEYS = {"vocab": "vocab_size", "d_model": "base_emb_dim",
                 "n_layers": "base_num_decoder_layers", "n_heads": "base_num_query_heads",
                 "head_dim": "head_dim", "d_ff": "base_mlp_dim", "seq": "max_target_length",
@@ -198,7 +196,7 @@ def run_worker(args) -> None:
     elif args.worker == "torch":
         result = worker_torch(shape, args.steps, args.warmup, compiled=args.compiled)
     else:
-        result = WORKERS[args.worker](shape, args.steps, args.warmup)
+        result = worker_jaxlm(shape, args.steps, args.warmup)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -269,8 +267,8 @@ def install_maxtext(python: str, directory: pathlib.Path, log: pathlib.Path) -> 
 
 
 def side_python(side: str, cache: pathlib.Path) -> str:
-    if side == "jaxlm":
-        return str(REPO / ".venv" / "bin" / "python")
+    if side == "jaxlm":  # the interpreter running this script, wherever jaxlm is installed
+        return sys.executable
     if side == "torch":
         return ensure_venv(cache / "torch-venv", PY311, install_torch)
     return ensure_venv(cache / "maxtext-venv", PY312, install_maxtext)

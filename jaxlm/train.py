@@ -172,9 +172,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
 
     train_step = step_lib.make_train_step(factory)
     eval_step = step_lib.make_eval_step(factory)
-    train_batches = pipeline.Batches(
-        pipeline.train_dataset(data.train_rows, derived.micro_batch_size, config.seed),
-        d.num_threads, d.prefetch)
+    train_batches = pipeline.train_batches(data.train_rows, derived.micro_batch_size, config)
     if data_state:
         train_batches.set_state(data_state["iterator"])
         if data_state["fingerprint"] != data.fingerprint:

@@ -160,6 +160,13 @@ class Batches:
         self._iterator.set_state(state)
 
 
+def train_batches(rows: PackedRows, micro_batch_size: int, config) -> Batches:
+    """This process's training batches as config asks (seed, threads, prefetch): what the
+    train loop reads, and so what the benchmarks time."""
+    return Batches(train_dataset(rows, micro_batch_size, config.seed), config.data.num_threads,
+                   config.data.prefetch)
+
+
 @dataclasses.dataclass
 class Data:
     tokenizer: object
