@@ -155,4 +155,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxlm import config as config_lib
+
+    app.run(main, flags_parser=config_lib.parse_flags)

@@ -8,6 +8,7 @@ naming the field, the value and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 
 import jax.numpy as jnp
@@ -24,6 +25,37 @@ NONFINITE_POLICIES = ("raise", "skip")
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and the fix."""
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (pass as `app.run(main, flags_parser=parse_flags)`), with an
+    override of a field that does not exist, `--config.train.stepz=3`, reported in one line
+    instead of ml_collections' traceback."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError):
+        for arg in argv[1:]:
+            if arg.startswith("--config."):
+                unknown = _unknown_field(arg[len("--config."):].split("=")[0])
+                if unknown:
+                    raise SystemExit(f"config error: {arg.split('=')[0]}: {unknown}") from None
+        raise
+
+
+def _unknown_field(path: str) -> str:
+    """Why `path` (e.g. "train.stepz") names no field of the schema, or "" if it does."""
+    node = default_config()
+    for depth, key in enumerate(path.split(".")):
+        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+            where = ".".join(path.split(".")[:depth]) or "config"
+            known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f'did you mean "{close[0]}"?' if close else f"its fields: {', '.join(known)}"
+            return f'{where} has no field "{key}"; {hint}'
+        node = node[key]
+    return ""
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -87,11 +87,18 @@ def throughput(step_seconds: list[float], tokens_per_step: int, flops_causal: fl
 
 
 class Writer:
-    """Scalars to `metrics.jsonl` and TensorBoard event files in the workdir (process 0)."""
+    """Scalars to `metrics.jsonl` and TensorBoard event files in the workdir (process 0).
+
+    `first_step` (the first step this run will log) marks the new event file so that
+    TensorBoard hides what earlier files logged from that step on: the steps a killed run
+    logged after its last checkpoint are not shown twice (`metrics.jsonl` is trimmed by
+    the train loop instead).
+    """
 
     FILENAME = "metrics.jsonl"
 
-    def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
+    def __init__(self, workdir: str | pathlib.Path, enabled: bool = True,
+                 first_step: int | None = None):
         self.enabled = enabled
         self.path = pathlib.Path(workdir) / self.FILENAME
         self._tb = None
@@ -99,7 +106,8 @@ class Writer:
             from tensorboardX import SummaryWriter  # heavy import, only where used
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.path, "a", buffering=1)
-            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
+                                     purge_step=first_step)
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:

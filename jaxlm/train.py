@@ -167,7 +167,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     start, data_state, state = _initial_state(config, factory, checkpoints, console)
     if is_main:
         _keep_metrics_up_to(workdir / metrics_lib.Writer.FILENAME, start)
-    writer = metrics_lib.Writer(workdir, enabled=is_main)
+    # The first step this run logs: 0 afresh (its val_loss), else the one after the checkpoint.
+    writer = metrics_lib.Writer(workdir, enabled=is_main, first_step=start + 1 if start else 0)
     console.bar.update(start)
 
     train_step = step_lib.make_train_step(factory)
@@ -296,4 +297,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

@@ -74,3 +74,20 @@ def test_good_config_derives_values():
                + m.n_layers * (m.d_model * 64 * (2 * 4 + 2 * 2) + 3 * m.d_model * m.d_ff
                                + 2 * m.d_model))
     assert derived.n_params == by_hand
+
+
+@pytest.mark.parametrize("override, words", [
+    ("--config.train.stepz=3", ['--config.train.stepz', 'train has no field "stepz"',
+                                'did you mean "steps"']),
+    ("--config.trian.steps=3", ['config has no field "trian"', 'did you mean "train"']),
+])
+def test_unknown_command_line_override_is_one_line_not_a_traceback(override, words, repo):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "jaxlm.train", "--config=configs/tiny.py",
+                             override], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for word in words:
+        assert word in result.stderr, result.stderr[-2000:]
