@@ -1,4 +1,5 @@
-"""Gradient accumulation, learning on the built-in corpus, the CLI, and 7B at scale (AOT)."""
+"""Gradient accumulation, learning on the built-in corpus, the CLI, 7B at scale (AOT), and
+what TensorBoard shows after a resume."""
 
 import json
 import os
@@ -128,7 +129,6 @@ def test_7b_compiles_for_64_devices_within_memory(repo):
     assert "fsdp" in report["q_spec"]
     per_device_gib = (report["argument"] + report["temp"]) / 2**30
     assert 0.3 < per_device_gib < 95, per_device_gib
-
 
 
 def _tensorboard_view(directory):
