@@ -5,10 +5,11 @@
 
 Runs real jitted train steps (optimizer included) on synthetic tokens, one document per
 row, or with `--data` on the config's data source (packed rows through the grain pipeline,
-so host input time counts), timing each step after `block_until_ready`. MFU = model FLOPs per token (DESIGN.md:
-6 * block matmul params + 6 * d_model * vocab + causal attention) * tokens/s / peak FLOP/s
-of all devices; the full-square attention count is printed beside it. A row is appended to
-benchmarks/results/<device kind>.md, and the same as JSON to <device kind>.jsonl.
+so host input time counts), timing each step after `block_until_ready`. MFU = model FLOPs
+per token (DESIGN.md: 6 * block matmul params + 6 * d_model * vocab + causal attention)
+* tokens/s / peak FLOP/s of all devices; the full-square attention count is printed beside
+it. A row is appended to benchmarks/results/<device kind>.md, and the same as JSON to
+<device kind>.jsonl.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def main(argv):
         "flops_per_token_full_square": full, "global_batch_size": t.global_batch_size,
         "grad_accum_steps": t.grad_accum_steps, "seq_len": seq_len, "dtype": m.dtype,
         "remat": m.remat, "attention": attention, "data": data_description,
-        "compile_seconds": compile_seconds, **summary, "peak_flops_total": peak, "peak_source": peak_source,
+        "compile_seconds": compile_seconds, **summary, "peak_flops_total": peak,
+        "peak_source": peak_source,
         "peak_memory_bytes": memory, "memory_source": memory_source,
         "jax_version": jax.__version__,
         "note": f"data: {data_description}. {_NOTE.value}" if _DATA.value else _NOTE.value,

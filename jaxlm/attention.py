@@ -45,7 +45,8 @@ def xla_attention(q, k, v, segment_ids, blocks: int | None = None):
     Queries are cut into `blocks` static blocks, each attending only to the keys up to its
     own end, so most of the masked upper triangle is never computed: with 4 blocks, scores,
     softmax and both matmuls cover 62.5% of the square (measured on a 2-core EPYC, medium
-    vs_peers shape: 7-14% off the whole train step, see benchmarks/results/NOTES.md).
+    vs_peers shape, alternating processes: 8-15% off the whole train step, see
+    benchmarks/results/NOTES.md).
     """
     batch, length, n_heads, head_dim = q.shape
     n_kv = k.shape[2]

@@ -117,9 +117,9 @@ def evaluate(eval_step, params, eval_data, batch_sharding) -> float:
     return loss_sum / max(count, 1.0)
 
 
-def _keep_metrics_up_to(path: pathlib.Path, step: int) -> None:
-    """Drop the rows a killed run wrote after checkpoint `step` (all of them when starting
-    afresh at 0), and any line torn by the kill, so the file continues without repeats."""
+def _keep_metrics_before(path: pathlib.Path, first_step: int) -> None:
+    """Drop the rows at or after `first_step`, which this run logs again (a killed run's rows
+    past its checkpoint; all of them when starting afresh), and any line torn by the kill."""
     if not path.exists():
         return
     kept = []
@@ -128,7 +128,7 @@ def _keep_metrics_up_to(path: pathlib.Path, step: int) -> None:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if step and row.get("step", 0) <= step:
+        if row.get("step", 0) < first_step:
             kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
@@ -165,10 +165,12 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     data = pipeline.build(config, workdir)
     console = _Console(t.steps, 0, enabled=is_main)
     start, data_state, state = _initial_state(config, factory, checkpoints, console)
-    if is_main:
-        _keep_metrics_up_to(workdir / metrics_lib.Writer.FILENAME, start)
     # The first step this run logs: 0 afresh (its val_loss), else the one after the checkpoint.
-    writer = metrics_lib.Writer(workdir, enabled=is_main, first_step=start + 1 if start else 0)
+    # Both logs forget what an earlier run logged from there on.
+    first_logged = start + 1 if start else 0
+    if is_main:
+        _keep_metrics_before(workdir / metrics_lib.Writer.FILENAME, first_logged)
+    writer = metrics_lib.Writer(workdir, enabled=is_main, first_step=first_logged)
     console.bar.update(start)
 
     train_step = step_lib.make_train_step(factory)

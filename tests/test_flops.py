@@ -59,8 +59,9 @@ def test_full_square_count_agrees_with_xla(n_heads, n_kv_heads):
     """XLA's flops for one compiled forward+backward of a small model without remat.
 
     At 128 positions the XLA attention is a single query block: it computes the whole square
-    and masks it, so the full-square count is the one to compare. One layer: XLA's cost analysis counts a while loop's body once, so a
-    scanned stack of n layers would be under-counted n-fold.
+    and masks it, so the full-square count is the one to compare. One layer: XLA's cost
+    analysis counts a while loop's body once, so a scanned stack of n layers would be
+    under-counted n-fold.
     """
     config = config_lib.default_config()
     m = config.model
