@@ -83,7 +83,8 @@ def measure_pipeline(config, data_dir: pathlib.Path) -> dict:
 def measure_model(config) -> dict:
     """Real train steps of the config's model, timed after block_until_ready."""
     import jax
-    import numpy as np
+
+    from benchmarks import synthetic
     from jaxlm import metrics as metrics_lib
     from jaxlm import sharding as sharding_lib
     from jaxlm import step as step_lib
@@ -93,10 +94,9 @@ def measure_model(config) -> dict:
     factory, derived = step_lib.build(config)
     train_step = step_lib.make_train_step(factory)
     state = factory.create(jax.random.key(0))
-    shape = (_MODEL_BATCH.value, config.data.seq_len)
-    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, shape, np.int32)
-    batch = sharding_lib.global_batch({"inputs": tokens, "targets": tokens,
-                                       "loss_mask": np.ones(shape, bool)}, factory.batch_sharding)
+    batch = sharding_lib.global_batch(
+        synthetic.token_batch(_MODEL_BATCH.value, config.data.seq_len, config.model.vocab_size),
+        factory.batch_sharding)
     times = []
     with factory.context():
         for i in range(_MODEL_STEPS.value + 1):  # the first compiles

@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from benchmarks import results_table
+from benchmarks import results_table, synthetic
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import sharding as sharding_lib
@@ -39,14 +39,10 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Unmeasured steps after compilation.
 _RESULTS = flags.DEFINE_string("results", "benchmarks/results", "Where rows are appended.")
 _NOTE = flags.DEFINE_string("note", "", "Free text recorded with the row.")
 _DATA = flags.DEFINE_bool("data", False, "Feed config.data's source instead of synthetic tokens.")
+PEAK_REPEATS = 20  # CPU: single 2048^3 matmuls range 100-160 GFLOP/s on the 2-core VM
+
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/jaxlm-mfu",
                                "With --data: where the tokenizer and prepared data are cached.")
-
-
-def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
-    tokens = np.random.default_rng(seed).integers(0, vocab, (batch_size, seq_len + 1), np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "loss_mask": np.ones((batch_size, seq_len), bool)}
 
 
 def batch_source(config, derived, factory):
@@ -54,7 +50,7 @@ def batch_source(config, derived, factory):
     seq_len, vocab = config.data.seq_len, config.model.vocab_size
     if not _DATA.value:
         batch = sharding_lib.global_batch(
-            synthetic_batch(derived.micro_batch_size, seq_len, vocab), factory.batch_sharding)
+            synthetic.token_batch(derived.micro_batch_size, seq_len, vocab), factory.batch_sharding)
         return lambda: batch, "synthetic tokens, one document per row"
     from jaxlm.data import pipeline  # grain and sentencepiece only when asked for
     data = pipeline.build(config, _WORKDIR.value)
@@ -98,13 +94,16 @@ def main(argv):
     devices = jax.devices()
     factory, derived = step_lib.build(config, devices)
     t, m, seq_len = config.train, config.model, config.data.seq_len
+    # On CPU the peak is measured: before the steps and again after them, keeping the
+    # better reading, so a slow moment of the host cannot flatter the MFU.
+    peak_before, _ = metrics_lib.peak_flops_total(devices, PEAK_REPEATS)
     state = factory.create(jax.random.key(config.seed))
     next_batch, data_description = batch_source(config, derived, factory)
     batch = next_batch()
 
     with factory.context():
         start = time.perf_counter()
-        train_step = step_lib.make_train_step(factory).lower(state, batch).compile()
+        train_step = step_lib.make_train_step(factory, t.loss_chunks).lower(state, batch).compile()
         compile_seconds = time.perf_counter() - start
 
     def optimizer_step(state):
@@ -122,7 +121,11 @@ def main(argv):
     if not np.isfinite(float(metrics["loss"])):
         raise SystemExit(f"loss is {float(metrics['loss'])}: the measured steps are not valid")
 
-    peak, peak_source = metrics_lib.peak_flops_total(devices)
+    peak_after, peak_source = metrics_lib.peak_flops_total(devices, PEAK_REPEATS)
+    peak = max(peak_before, peak_after)
+    if peak_before != peak_after:
+        peak_source += (f", the better of {peak_before / 1e9:.1f} before and "
+                        f"{peak_after / 1e9:.1f} GFLOP/s after the steps")
     causal = metrics_lib.flops_per_token(m, derived.head_dim, seq_len, causal=True)
     full = metrics_lib.flops_per_token(m, derived.head_dim, seq_len, causal=False)
     summary = metrics_lib.throughput(times, t.global_batch_size * seq_len, causal, full, peak,
@@ -141,12 +144,17 @@ def main(argv):
         "grad_accum_steps": t.grad_accum_steps, "seq_len": seq_len, "dtype": m.dtype,
         "remat": m.remat, "attention": attention, "data": data_description,
         "compile_seconds": compile_seconds, **summary, "peak_flops_total": peak,
+        "peak_flops_before_after": [peak_before, peak_after],
         "peak_source": peak_source,
         "peak_memory_bytes": memory, "memory_source": memory_source,
         "jax_version": jax.__version__,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "note": f"data: {data_description}. {_NOTE.value}" if _DATA.value else _NOTE.value,
     }
-    print(f"devices      {len(devices)} x {row['device_kind']} ({row['host']}), mesh {row['mesh']}")
+    if row["glibc_tunables"]:  # changes CPU step times by ~10% (README, Benchmarks)
+        row["note"] = f"GLIBC_TUNABLES={row['glibc_tunables']}; {row['note']}".rstrip("; ")
+    print(f"devices      {len(devices)} x {row['device_kind']} ({row['host']}), mesh {row['mesh']}"
+          f", GLIBC_TUNABLES={row['glibc_tunables']!r}")
     print(f"model        {derived.n_params / 1e9:.3f}B params, {m.dtype}, remat {m.remat}, "
           f"attention {attention}")
     print(f"batch        {t.global_batch_size} x {seq_len} tokens ({t.grad_accum_steps} microbatches)"
@@ -159,7 +167,7 @@ def main(argv):
     print(f"throughput   {row['tokens_per_second']:,.0f} tokens/s, {row['tokens_per_second_per_device']:,.0f}"
           f" per device, {row['tflops_per_device']:.1f} model TFLOP/s per device")
     print(f"MFU          {100 * row['mfu_causal']:.1f}% causal, {100 * row['mfu_full_square']:.1f}% "
-          f"full-square; peak {peak / 1e12:.1f} TFLOP/s ({peak_source})")
+          f"full-square; peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
     print(f"memory       {memory / 2**30:.2f} GiB ({memory_source})")
     print(f"recorded     {record(_RESULTS.value, row)}")
 

@@ -3,6 +3,7 @@
     python -m benchmarks.vs_peers [--shapes=small,medium] [--rounds=3] [--steps=N --warmup=M]
         [--only=jaxlm,maxtext,torch] [--cache_dir=~/.cache/jaxlm-peers] [--lock=/tmp/cpu.lock]
         [--results=benchmarks/results] [--maxtext_remat=full] [--torch_mode=compile|eager]
+        [--glibc_tunables=glibc.malloc.hugetlb=1]
 
 Same model shape, batch, sequence length and dtype (float32) on every side: jaxlm, MaxText
 (PyPI `maxtext`, its own Python 3.12 venv) and PyTorch + transformers (`LlamaForCausalLM`,
@@ -13,6 +14,12 @@ own per-step log); each side runs with its best settings found on a 2-core EPYC 
 below). The peers' venvs are built in --cache_dir on first use; a side that cannot be set up
 is reported in one line and left out. Results are appended to
 benchmarks/results/vs_peers-<machine>.md and .jsonl (--results=/tmp/x for trial runs).
+
+Every side (and the peak measurement) runs under the same GLIBC_TUNABLES, by default
+transparent huge pages for malloc's large blocks: all three stacks allocate their step
+buffers afresh every step, and on this VM first-touch page faults and TLB misses of 4 KiB
+pages cost each of them about a tenth of a step (NOTES.md). `--glibc_tunables=` runs them
+without.
 
 The file runs in three interpreters (jaxlm's, the torch venv's, the orchestrator's), so only
 the standard library is imported at module level.
@@ -60,6 +67,7 @@ SETTINGS = {
 }
 MAXTEXT_REMAT = "full"
 TORCH_MODE = "compile"
+GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PY312 = "/root/.pyenv/versions/3.12.1/bin/python3"
@@ -78,8 +86,8 @@ def _median_step(times: list[float], tokens: int) -> dict:
 def worker_jaxlm(shape: dict, steps: int, warmup: int) -> dict:
     """jaxlm's real train step (optimizer, clipping, non-finite guard) on synthetic tokens."""
     import jax
-    import numpy as np
 
+    from benchmarks import synthetic
     from jaxlm import config as config_lib
     from jaxlm import sharding as sharding_lib
     from jaxlm import step as step_lib
@@ -96,11 +104,8 @@ def worker_jaxlm(shape: dict, steps: int, warmup: int) -> dict:
     devices = jax.devices()[:1]
     factory, _ = step_lib.build(config, devices)
     state = factory.create(jax.random.key(0))
-    tokens = np.random.default_rng(0).integers(0, shape["vocab"], (shape["batch"], shape["seq"] + 1),
-                                               np.int32)
     batch = sharding_lib.global_batch(
-        {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-         "loss_mask": np.ones((shape["batch"], shape["seq"]), bool)}, factory.batch_sharding)
+        synthetic.token_batch(shape["batch"], shape["seq"], shape["vocab"]), factory.batch_sharding)
     with factory.context():
         train_step = step_lib.make_train_step(factory)
         times = []
@@ -150,7 +155,7 @@ def worker_torch(shape: dict, steps: int, warmup: int, compiled: bool = False) -
 def worker_peak() -> dict:
     """The matmul peak of this host, for the floor estimate."""
     from jaxlm import metrics as metrics_lib
-    return {"peak_flops": metrics_lib.measure_cpu_peak()}
+    return {"peak_flops": metrics_lib.measure_cpu_peak(repeats=20)}
 
 
 MAXTEXT_KEYS = {"vocab": "vocab_size", "d_model": "base_emb_dim",
@@ -315,12 +320,13 @@ def _tps(result: dict | None) -> str:
 def record(directory: pathlib.Path, slug: str, row: dict) -> pathlib.Path:
     """Append the run to <slug>.jsonl (everything) and <slug>.md (one table row per side)."""
     cells = []
+    tunables = f"; GLIBC_TUNABLES={row['glibc_tunables']}" if row.get("glibc_tunables") else ""
     for side, info in row["sides"].items():
         ratio = row["median_ratio"].get(side)
         cells.append([row["date"], row["shape"], f"{row['steps']} ({row['warmup']})", side,
                       ", ".join(_tps(r) for r in info["rounds"]) or info.get("error", ""),
                       _tps(info["median"] and {"tokens_per_s": info["median"]}),
-                      f"{ratio:.2f}x" if ratio else "-", info["settings"]])
+                      f"{ratio:.2f}x" if ratio else "-", info["settings"] + tunables])
     return results_table.append(
         directory / f"vs_peers-{slug}", row,
         f"# jaxlm vs MaxText vs PyTorch on {slug}\n\n`python -m benchmarks.vs_peers`; tokens/s = "
@@ -337,6 +343,11 @@ def compare(args) -> None:
     mode = "torch.compile(model)" if args.torch_mode == "compile" else "eager"
     settings = {s: SETTINGS[s].format(remat=args.maxtext_remat, mode=mode) for s in sides}
     print(f"machine: {model}, {cores} cores ({slug})", flush=True)
+    # Inherited by every side's process; glibc reads it only at process start.
+    os.environ.pop("GLIBC_TUNABLES", None)
+    if args.glibc_tunables:
+        os.environ["GLIBC_TUNABLES"] = args.glibc_tunables
+    print(f"GLIBC_TUNABLES={args.glibc_tunables!r} for every side", flush=True)
     pythons, errors = {}, {}
     for side in sides:
         try:
@@ -382,7 +393,8 @@ def compare(args) -> None:
               + "".join(f"  jaxlm/{s} {v:.2f}x" for s, v in median_ratio.items()), flush=True)
         row = {"date": time.strftime("%Y-%m-%d"), "machine": slug, "cpu": model, "cores": cores,
                "peak_flops": peak, "shape": shape, **SHAPES[shape], "steps": steps,
-               "warmup": warmup, "median_ratio": median_ratio,
+               "warmup": warmup, "glibc_tunables": args.glibc_tunables,
+               "median_ratio": median_ratio,
                "sides": {s: {"settings": settings[s], "rounds": rounds.get(s, []),
                              "median": medians.get(s),
                              **({"error": errors[s]} if s in errors else {})}
@@ -402,6 +414,8 @@ if __name__ == "__main__":
     p.add_argument("--lock", help="flock this file while each side runs (e.g. /tmp/cpu.lock)")
     p.add_argument("--maxtext_remat", default=MAXTEXT_REMAT)
     p.add_argument("--torch_mode", default=TORCH_MODE, choices=("eager", "compile"))
+    p.add_argument("--glibc_tunables", default=GLIBC_TUNABLES,
+                   help="GLIBC_TUNABLES for every side ('' for glibc's defaults)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)

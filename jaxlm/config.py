@@ -108,6 +108,9 @@ def default_config() -> ml_collections.ConfigDict:
     t.b2 = 0.95
     t.eps = 1e-8
     t.clip_norm = 1.0
+    # 1: the whole batch's float32 logits at once; n: the LM head and loss over n strided
+    # slices of each row in a loop (jaxlm.loss), 1/n of the logits' memory, same FLOPs.
+    t.loss_chunks = 1
     t.log_every = 10
     t.eval_every = 200
     t.nonfinite = "raise"  # a non-finite loss or gradient: "raise" (stop) or "skip" the update
@@ -222,6 +225,8 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
     _require(d.eval_batches >= 1, "data.eval_batches", d.eval_batches, "at least 1")
     _require(t.steps >= 1, "train.steps", t.steps, "at least 1")
     _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "at least 1")
+    _require(t.loss_chunks >= 1 and d.seq_len % t.loss_chunks == 0, "train.loss_chunks",
+             t.loss_chunks, f"a positive divisor of data.seq_len={d.seq_len}")
     _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "zero or more")
     _require(t.log_every >= 1, "train.log_every", t.log_every, "at least 1")
     _require(t.eval_every >= 1, "train.eval_every", t.eval_every, "at least 1")
@@ -248,6 +253,10 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
              "along d_model)")
     _require(d.seq_len % shape["sequence"] == 0, "data.seq_len", d.seq_len,
              f"must be divisible by mesh.sequence={shape['sequence']}")
+    _require((d.seq_len // t.loss_chunks) % shape["sequence"] == 0, "train.loss_chunks",
+             t.loss_chunks, f"each loss slice (data.seq_len / train.loss_chunks = "
+             f"{d.seq_len // t.loss_chunks} positions) must be divisible by "
+             f"mesh.sequence={shape['sequence']}")
 
     dp = shape["data"] * shape["fsdp"]
     _require(t.global_batch_size % t.grad_accum_steps == 0, "train.global_batch_size",

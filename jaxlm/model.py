@@ -185,7 +185,9 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, head_inputs: bool = False):
+        """Logits, or with `head_inputs` the final hidden states [b, l, d] and the LM head
+        [d, vocab] in the compute dtype, for a loss that applies the head itself (jaxlm.loss)."""
         c = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -208,5 +210,7 @@ class Transformer(nn.Module):
         else:
             head = self.param("head", _init(c.init_std, ("embed", "vocab")),
                               (c.d_model, c.vocab_size), c.param_dtype)
+        if head_inputs:
+            return x, head.astype(c.dtype)
         logits = logits_dot(x, head.astype(c.dtype))
         return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))

@@ -15,22 +15,33 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm import config as config_lib
+from jaxlm import loss as loss_lib
 from jaxlm import model as model_lib
 from jaxlm import optim
 from jaxlm import sharding as sharding_lib
 
 
-def loss_sum_and_count(logits, batch):
-    """Float32 cross-entropy summed over the tokens whose target is real, and their count."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(losses * mask), jnp.sum(mask)
-
-
-def forward(model, params, batch):
-    """Logits; a batch without positions / segment_ids holds one document per row."""
+def forward(model, params, batch, head_inputs: bool = False):
+    """Logits (or the LM head's inputs); a batch without positions / segment_ids holds one
+    document per row."""
     return model.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                       batch.get("segment_ids"))
+                       batch.get("segment_ids"), head_inputs=head_inputs)
+
+
+def loss_sum_and_count(model, params, batch, loss_chunks: int = 1):
+    """Float32 cross-entropy summed over the tokens whose target is real, and their count.
+
+    loss_chunks 1 materialises all logits; more runs the head and loss a slice at a time
+    (jaxlm.loss), for less memory at the same FLOPs.
+    """
+    mask = batch["loss_mask"].astype(jnp.float32)
+    if loss_chunks == 1:
+        logits = forward(model, params, batch)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return jnp.sum(losses * mask), jnp.sum(mask)
+    hidden, head = forward(model, params, batch, head_inputs=True)
+    total = loss_lib.cross_entropy_sum(hidden, head, batch["targets"], mask, loss_chunks)
+    return total, jnp.sum(mask)
 
 
 class StateFactory:
@@ -95,13 +106,13 @@ def _applied_gradient_norm(grads, opt_state):
     return optax.tree.norm(grads)
 
 
-def make_train_step(factory: StateFactory):
+def make_train_step(factory: StateFactory, loss_chunks: int = 1):
     """jit(state, batch) -> (state, metrics); the state is donated."""
     model, tx = factory.model, factory.tx
 
     def train_step(state, batch):
         def loss_fn(params):
-            total, count = loss_sum_and_count(forward(model, params, batch), batch)
+            total, count = loss_sum_and_count(model, params, batch, loss_chunks)
             return total / jnp.maximum(count, 1.0), count
 
         (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -120,11 +131,11 @@ def make_train_step(factory: StateFactory):
                    out_shardings=(factory.shardings, None), donate_argnums=0)
 
 
-def make_eval_step(factory: StateFactory):
+def make_eval_step(factory: StateFactory, loss_chunks: int = 1):
     """jit(params, batch) -> (loss sum, target count)."""
     model = factory.model
 
     def eval_step(params, batch):
-        return loss_sum_and_count(forward(model, params, batch), batch)
+        return loss_sum_and_count(model, params, batch, loss_chunks)
 
     return jax.jit(eval_step, in_shardings=(factory.shardings["params"], factory.batch_sharding))

@@ -30,6 +30,9 @@ BAD = [
     (dict(mesh__data=3), 8, ["config.mesh.fsdp=-1", "3", "does not divide the 8 devices"]),
     (dict(model__remat="sometimes"), 8, ["config.model.remat='sometimes'", "save_dots"]),
     (dict(model__scan_unroll=0), 8, ["config.model.scan_unroll=0", "between 1 and"]),
+    (dict(train__loss_chunks=3), 8, ["config.train.loss_chunks=3", "divisor of data.seq_len"]),
+    (dict(train__loss_chunks=128, mesh__sequence=4, mesh__fsdp=2), 8,
+     ["config.train.loss_chunks=128", "mesh.sequence=4"]),
     (dict(model__dtype="float8"), 8, ["config.model.dtype='float8'", "bfloat16"]),
     (dict(model__d_model=250, model__head_dim=0), 8, ["config.model.n_heads=4", "d_model=250"]),
 ]

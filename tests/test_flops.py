@@ -73,8 +73,7 @@ def test_full_square_count_agrees_with_xla(n_heads, n_kv_heads):
     factory, derived = step_lib.build(config, jax.devices()[:1])
 
     def loss(params, batch):
-        total, count = step_lib.loss_sum_and_count(step_lib.forward(factory.model, params, batch),
-                                                    batch)
+        total, count = step_lib.loss_sum_and_count(factory.model, params, batch)
         return total / count
 
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
@@ -117,9 +116,11 @@ def test_peak_flops_from_the_spec_table():
 def test_cpu_peak_is_one_measurement_for_the_host(monkeypatch):
     """Simulated CPU devices share the cores: the peak is not multiplied by their count."""
     assert len(jax.devices()) == 8
-    monkeypatch.setattr(metrics, "measure_cpu_peak", lambda: 1.5e11)
-    peak, source = metrics.peak_flops_total(jax.devices())
-    assert peak == 1.5e11 and source.startswith("measured")
+    asked = []
+    monkeypatch.setattr(metrics, "measure_cpu_peak",
+                        lambda repeats: asked.append(repeats) or 1.5e11)
+    peak, source = metrics.peak_flops_total(jax.devices(), cpu_repeats=20)
+    assert peak == 1.5e11 and source.startswith("measured: best of 20") and asked == [20]
 
 
 def test_measured_cpu_peak_is_a_real_matmul_rate():

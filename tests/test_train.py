@@ -83,7 +83,8 @@ def test_cli_trains_and_writes_metrics_and_checkpoint(tmp_path, repo, tokenizer_
     workdir = tmp_path / "run"
     command = [sys.executable, "-m", "jaxlm.train", "--config=configs/tiny.py",
                f"--workdir={workdir}", "--config.train.steps=3", "--config.train.log_every=1",
-               "--config.data.seq_len=64", f"--config.data.tokenizer={tokenizer_path}"]
+               "--config.data.seq_len=64", f"--config.data.tokenizer={tokenizer_path}",
+               "--config.train.loss_chunks=4"]  # train and eval steps through jaxlm.loss
     result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert result.returncode == 0, result.stderr[-3000:]
