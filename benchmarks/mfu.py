@@ -39,8 +39,6 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Unmeasured steps after compilation.
 _RESULTS = flags.DEFINE_string("results", "benchmarks/results", "Where rows are appended.")
 _NOTE = flags.DEFINE_string("note", "", "Free text recorded with the row.")
 _DATA = flags.DEFINE_bool("data", False, "Feed config.data's source instead of synthetic tokens.")
-PEAK_REPEATS = 20  # CPU: single 2048^3 matmuls range 100-160 GFLOP/s on the 2-core VM
-
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/jaxlm-mfu",
                                "With --data: where the tokenizer and prepared data are cached.")
 
@@ -96,7 +94,10 @@ def main(argv):
     t, m, seq_len = config.train, config.model, config.data.seq_len
     # On CPU the peak is measured: before the steps and again after them, keeping the
     # better reading, so a slow moment of the host cannot flatter the MFU.
-    peak_before, _ = metrics_lib.peak_flops_total(devices, PEAK_REPEATS)
+    def measure_peak():
+        return metrics_lib.peak_flops_total(devices, metrics_lib.BENCHMARK_CPU_PEAK_REPEATS)
+
+    peak_before, _ = measure_peak()
     state = factory.create(jax.random.key(config.seed))
     next_batch, data_description = batch_source(config, derived, factory)
     batch = next_batch()
@@ -121,7 +122,7 @@ def main(argv):
     if not np.isfinite(float(metrics["loss"])):
         raise SystemExit(f"loss is {float(metrics['loss'])}: the measured steps are not valid")
 
-    peak_after, peak_source = metrics_lib.peak_flops_total(devices, PEAK_REPEATS)
+    peak_after, peak_source = measure_peak()
     peak = max(peak_before, peak_after)
     if peak_before != peak_after:
         peak_source += (f", the better of {peak_before / 1e9:.1f} before and "

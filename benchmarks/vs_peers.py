@@ -155,7 +155,8 @@ def worker_torch(shape: dict, steps: int, warmup: int, compiled: bool = False) -
 def worker_peak() -> dict:
     """The matmul peak of this host, for the floor estimate."""
     from jaxlm import metrics as metrics_lib
-    return {"peak_flops": metrics_lib.measure_cpu_peak(repeats=20)}
+    return {"peak_flops": metrics_lib.measure_cpu_peak(
+        repeats=metrics_lib.BENCHMARK_CPU_PEAK_REPEATS)}
 
 
 MAXTEXT_KEYS = {"vocab": "vocab_size", "d_model": "base_emb_dim",
