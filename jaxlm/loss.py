@@ -36,16 +36,20 @@ def _slice_loss(x, head, targets, weights, with_grads: bool):
     """Weighted cross-entropy sum of one slice [b, t, d]; with its gradients if asked."""
     logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
-    log_norm = jax.nn.logsumexp(logits, axis=-1)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    exp = jnp.exp(logits - top)
+    total = jnp.sum(exp, axis=-1)
+    log_norm = top[..., 0] + jnp.log(total)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     loss = jnp.sum((log_norm - target_logit) * weights)
     if not with_grads:
         return loss, None, None
-    probs = jnp.exp(logits - log_norm[..., None])
+    probs = exp / total[..., None]
     one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
-    # Both matmuls in the compute dtype, as jaxlm.model.logits_dot's backward runs them.
+    # Both matmuls take inputs in the compute dtype, as jaxlm.model.logits_dot's backward
+    # runs them, and give float32: the backward scales and rounds them once.
     grad_logits = ((probs - one_hot) * weights[..., None]).astype(x.dtype)
-    grad_x = jnp.einsum("btv,dv->btd", grad_logits, head)
+    grad_x = jnp.einsum("btv,dv->btd", grad_logits, head, preferred_element_type=jnp.float32)
     grad_head = jnp.einsum("btd,btv->dv", x, grad_logits, preferred_element_type=jnp.float32)
     return loss, grad_x, grad_head
 
@@ -81,13 +85,16 @@ def cross_entropy_sum(x, head, targets, weights, chunks: int):
 
 
 def _forward(x, head, targets, weights, chunks):
+    """The gradients stay float32 until the backward scales them by the cotangent, so a bfloat16
+    model's gradients are rounded once, as whole logits' are (costs b*l*d + d*vocab floats)."""
     loss, grad_x, grad_head = _scan(x, head, targets, weights, chunks, with_grads=True)
-    return loss, (grad_x, grad_head.astype(head.dtype))
+    dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), head.dtype))  # residuals must be arrays
+    return loss, (grad_x, grad_head, dtypes)
 
 
 def _backward(chunks, residuals, g):
-    grad_x, grad_head = residuals
-    return (g * grad_x).astype(grad_x.dtype), (g * grad_head).astype(grad_head.dtype), None, None
+    grad_x, grad_head, (x_like, head_like) = residuals
+    return (g * grad_x).astype(x_like.dtype), (g * grad_head).astype(head_like.dtype), None, None
 
 
 cross_entropy_sum.defvjp(_forward, _backward)

@@ -65,6 +65,23 @@ def test_bfloat16_inputs_give_close_float32_loss_and_bfloat16_gradients():
     assert abs(float(loss) - reference) < 1e-3 * abs(reference)
 
 
+def test_bfloat16_gradients_are_rounded_once_after_the_cotangent():
+    """Equal logits make the softmax gradient (1/4 - one_hot) exact in bfloat16, so the head's
+    gradient is an exact float32 sum; scaled by the cotangent it must be rounded only once."""
+    rng = np.random.default_rng(4)
+    b, l, d, v = 2, 12, 8, 4
+    x = rng.standard_normal((b, l, d)).astype(jnp.bfloat16)
+    head = np.repeat(rng.standard_normal((d, 1)), v, axis=1).astype(jnp.bfloat16)
+    targets = rng.integers(0, v, (b, l))
+    scale = np.float32(1 / 3)
+    grad_head = jax.grad(lambda h: scale * cross_entropy_sum(
+        jnp.asarray(x), h, jnp.asarray(targets), jnp.ones((b, l)), 3))(jnp.asarray(head))
+    softmax_grad = np.full((b, l, v), 0.25)
+    np.put_along_axis(softmax_grad, targets[..., None], -0.75, axis=-1)
+    exact = np.einsum("bld,blv->dv", x.astype(np.float64), softmax_grad).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(grad_head), (scale * exact).astype(jnp.bfloat16))
+
+
 def test_slices_must_divide_the_sequence():
     x, head, targets, weights = _problem()
     with pytest.raises(ValueError, match="loss_chunks"):

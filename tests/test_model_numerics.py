@@ -165,6 +165,22 @@ def test_blocked_attention_matches_reference_values_and_derivatives(blocks):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_rotary_table_matches_reference_for_any_positions():
+    """Packed rows (positions restart) and, with max_position, positions past the row length."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 6, 3, 8)).astype(np.float32)
+    positions = np.array([[0, 1, 2, 0, 1, 2], [5, 6, 7, 8, 9, 10]])
+    got = np.asarray(model_lib.apply_rotary(jnp.asarray(x), jnp.asarray(positions), 500.0,
+                                            max_position=16))
+    for row in range(2):
+        want = ref_rope(x[row].astype(np.float64), positions[row], 500.0)
+        np.testing.assert_allclose(got[row], want, rtol=1e-5, atol=1e-5)
+    packed = np.asarray(model_lib.apply_rotary(jnp.asarray(x[:1]), jnp.asarray(positions[:1]),
+                                               500.0))
+    np.testing.assert_allclose(packed[0], ref_rope(x[0].astype(np.float64), positions[0], 500.0),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_attention_blocks_must_divide_the_sequence():
     q = jnp.zeros((1, 12, 2, 4))
     with pytest.raises(ValueError, match="does not split into 5 query blocks"):
