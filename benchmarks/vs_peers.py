@@ -2,7 +2,7 @@
 
     python -m benchmarks.vs_peers [--shapes=small,medium] [--rounds=3] [--steps=N --warmup=M]
         [--only=jaxlm,maxtext,torch] [--cache_dir=~/.cache/jaxlm-peers] [--lock=/tmp/cpu.lock]
-        [--results=benchmarks/results] [--maxtext_remat=full] [--torch_mode=compile|eager]
+        [--results=benchmarks/results] [--maxtext_remat=none] [--torch_mode=compile|eager]
         [--glibc_tunables=glibc.malloc.hugetlb=1]
 
 Same model shape, batch, sequence length and dtype (float32) on every side: jaxlm, MaxText
@@ -56,16 +56,17 @@ SIDES = ("jaxlm", "maxtext", "torch")
 DEFAULT_STEPS = {"small": (8, 2), "medium": (4, 1)}
 
 # What each side runs with; recorded with every result. {remat} and {mode} are the --maxtext_remat
-# and --torch_mode in force. Their defaults were the faster choice on the small shape, 2-core
-# EPYC, alternating runs: MaxText remat full 674-800 tokens/s vs minimal 686-760 (3 runs each);
-# torch.compile of the model 1201-1393 (median 1277) vs eager 834-1311 (median 1099, 6 runs each).
+# and --torch_mode in force. Their defaults were the faster choice, 2-core EPYC, alternating
+# runs: MaxText remat none vs full 790, 798 vs 787, 788 tokens/s (small), 196, 216 vs 183, 205
+# (medium); full vs minimal 674-800 vs 686-760 (small); torch.compile of the model 1201-1393
+# (median 1277) vs eager 834-1311 (median 1099, 6 runs each, small).
 SETTINGS = {
     "jaxlm": "1 CPU device, remat none, attention xla, layers unrolled, fp32, jit + donated state",
     "maxtext": "1 CPU device, remat_policy={remat}, scan_layers, attention=dot_product, "
                "no dropout, fp32",
     "torch": "{mode}, sdpa attention, AdamW (foreach), fp32, torch.get_num_threads() threads",
 }
-MAXTEXT_REMAT = "full"
+MAXTEXT_REMAT = "none"
 TORCH_MODE = "compile"
 GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
 
