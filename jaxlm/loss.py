@@ -86,7 +86,7 @@ def cross_entropy_sum(x, head, targets, weights, chunks: int):
 
 def _forward(x, head, targets, weights, chunks):
     """The gradients stay float32 until the backward scales them by the cotangent, so a bfloat16
-    model's gradients are rounded once, as whole logits' are (costs b*l*d + d*vocab floats)."""
+    model's gradients are rounded once, as whole logits' are (b*l*d + d*vocab float32 residuals)."""
     loss, grad_x, grad_head = _scan(x, head, targets, weights, chunks, with_grads=True)
     dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), head.dtype))  # residuals must be arrays
     return loss, (grad_x, grad_head, dtypes)
