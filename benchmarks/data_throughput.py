@@ -92,7 +92,7 @@ def measure_model(config) -> dict:
         config.model.dtype = "float32"  # CPUs have no fast bf16 matmul; f32 is faster here
     config.train.global_batch_size, config.train.grad_accum_steps = _MODEL_BATCH.value, 1
     factory, derived = step_lib.build(config)
-    train_step = step_lib.make_train_step(factory, config.train.loss_chunks)
+    train_step = step_lib.make_train_step(factory)
     state = factory.create(jax.random.key(0))
     batch = sharding_lib.global_batch(
         synthetic.token_batch(_MODEL_BATCH.value, config.data.seq_len, config.model.vocab_size),

@@ -104,7 +104,7 @@ def main(argv):
 
     with factory.context():
         start = time.perf_counter()
-        train_step = step_lib.make_train_step(factory, t.loss_chunks).lower(state, batch).compile()
+        train_step = step_lib.make_train_step(factory).lower(state, batch).compile()
         compile_seconds = time.perf_counter() - start
 
     def optimizer_step(state):

@@ -45,11 +45,12 @@ def loss_sum_and_count(model, params, batch, loss_chunks: int = 1):
 
 
 class StateFactory:
-    """Builds the abstract state, its shardings, and the real state on the mesh."""
+    """Builds the abstract state, its shardings, and the real state on the mesh; carries what
+    the train and eval steps take from the config (loss_chunks)."""
 
-    def __init__(self, model, tx, mesh, rules, batch_shape):
+    def __init__(self, model, tx, mesh, rules, batch_shape, loss_chunks: int = 1):
         self.model, self.tx, self.mesh, self.rules = model, tx, mesh, rules
-        self.batch_shape = batch_shape
+        self.batch_shape, self.loss_chunks = batch_shape, loss_chunks
         with self.context():
             self.boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
         self.shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(self.boxed), mesh, rules)
@@ -86,7 +87,8 @@ def build(config, devices=None) -> tuple[StateFactory, config_lib.Derived]:
     factory = StateFactory(model, optim.make_optimizer(config.train),
                            sharding_lib.make_mesh(derived.mesh_shape, devices),
                            sharding_lib.axis_rules(config.mesh.rules),
-                           (derived.micro_batch_size, config.data.seq_len))
+                           (derived.micro_batch_size, config.data.seq_len),
+                           config.train.loss_chunks)
     return factory, derived
 
 
@@ -106,9 +108,9 @@ def _applied_gradient_norm(grads, opt_state):
     return optax.tree.norm(grads)
 
 
-def make_train_step(factory: StateFactory, loss_chunks: int = 1):
+def make_train_step(factory: StateFactory):
     """jit(state, batch) -> (state, metrics); the state is donated."""
-    model, tx = factory.model, factory.tx
+    model, tx, loss_chunks = factory.model, factory.tx, factory.loss_chunks
 
     def train_step(state, batch):
         def loss_fn(params):
@@ -131,9 +133,9 @@ def make_train_step(factory: StateFactory, loss_chunks: int = 1):
                    out_shardings=(factory.shardings, None), donate_argnums=0)
 
 
-def make_eval_step(factory: StateFactory, loss_chunks: int = 1):
+def make_eval_step(factory: StateFactory):
     """jit(params, batch) -> (loss sum, target count)."""
-    model = factory.model
+    model, loss_chunks = factory.model, factory.loss_chunks
 
     def eval_step(params, batch):
         return loss_sum_and_count(model, params, batch, loss_chunks)

@@ -173,8 +173,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     writer = metrics_lib.Writer(workdir, enabled=is_main, first_step=first_logged)
     console.bar.update(start)
 
-    train_step = step_lib.make_train_step(factory, t.loss_chunks)
-    eval_step = step_lib.make_eval_step(factory, t.loss_chunks)
+    train_step = step_lib.make_train_step(factory)
+    eval_step = step_lib.make_eval_step(factory)
     train_batches = pipeline.train_batches(data.train_rows, derived.micro_batch_size, config)
     if data_state:
         train_batches.set_state(data_state["iterator"])

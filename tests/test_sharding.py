@@ -17,9 +17,9 @@ MESHES = {
 }
 
 
-def _loss_and_grads(factory, params, batch, loss_chunks=1):
+def _loss_and_grads(factory, params, batch):
     def loss_fn(p, b):
-        total, count = step_lib.loss_sum_and_count(factory.model, p, b, loss_chunks)
+        total, count = step_lib.loss_sum_and_count(factory.model, p, b, factory.loss_chunks)
         return total / count
 
     params_sharding = factory.shardings["params"]
@@ -69,10 +69,11 @@ def test_loss_in_slices_gives_the_same_loss_and_gradients(mesh, reference):
     meshes too: vocab split over tensor, rows over sequence."""
     params, batch, ref_loss, ref_grads = reference
     config = small_config(**mesh)
+    config.train.loss_chunks = 4
     factory = factory_for(config, jax.devices()[:int(np.prod(list(mesh.values())))])
+    assert factory.loss_chunks == 4  # what make_train_step / make_eval_step will use
     params_here = jax.device_put(params, factory.shardings["params"])
-    _assert_matches_reference(*_loss_and_grads(factory, params_here, batch, loss_chunks=4),
-                              ref_loss, ref_grads)
+    _assert_matches_reference(*_loss_and_grads(factory, params_here, batch), ref_loss, ref_grads)
 
 
 def test_train_step_agrees_across_meshes(reference):
