@@ -22,7 +22,6 @@ import resource
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -132,10 +131,9 @@ def main(argv):
     summary = metrics_lib.throughput(times, t.global_batch_size * seq_len, causal, full, peak,
                                      len(devices))
     memory, memory_source = peak_memory_bytes()
-    attention = m.attention
-    if attention == "auto":
-        attention = ("auto: cudnn" if devices[0].platform == "gpu"
-                     and jnp.dtype(m.dtype) in (jnp.bfloat16, jnp.float16) else "auto: xla")
+    attention = factory.model.cfg.attention  # what "auto" became on these devices
+    if m.attention == "auto":
+        attention = f"auto: {attention}"
     row = {
         "date": time.strftime("%Y-%m-%d"), "config": flags.FLAGS["config"].config_filename,
         "device_kind": devices[0].device_kind, "device_count": len(devices),

@@ -3,12 +3,21 @@
 Shapes: q [batch, length, heads, head_dim]; k, v [batch, length, kv_heads, head_dim];
 segment_ids [batch, length] (0 = padding) or None for one document per row. A query
 attends to keys at or before its position inside the same segment.
+
+Implementations: `xla` (plain ops, any platform), `cudnn` (GPU), `splash` (the Pallas TPU
+kernel; on other platforms it runs in Pallas' interpret mode, slowly but exactly).
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
+
+IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
 
 
 def _block_mask(q_start: int, q_len: int, k_len: int, segment_ids) -> jax.Array:
@@ -77,13 +86,100 @@ def cudnn_attention(q, k, v, segment_ids):
                                         implementation="cudnn")
 
 
-def attention(q, k, v, segment_ids, impl: str = "xla"):
-    """Dispatch to an implementation: `xla`, `cudnn`, or `auto` (cuDNN where it applies)."""
-    if impl == "auto":
-        on_gpu = jax.devices()[0].platform == "gpu"
-        impl = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+def splash_block_sizes(length: int, block_q: int, block_kv: int) -> splash.BlockSizes:
+    """The kernel's tiles, forward and backward, clipped to the row length."""
+    bq, bkv = min(block_q, length), min(block_kv, length)
+    if length % bq or length % bkv or bkv % 128:
+        raise ValueError(f"splash attention needs blocks that divide the row length {length} "
+                         f"and key blocks a multiple of 128; got block_q={bq}, block_kv={bkv} "
+                         "(set model.splash_block_q / model.splash_block_kv)")
+    return splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
+                             block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
+                             block_q_dq=bq, block_kv_dq=bkv)
+
+
+def _splash_kernel(heads: int, length: int, blocks: splash.BlockSizes, head_shards: int,
+                   interpret: bool):
+    """The causal splash kernel for [heads, length, head_dim] inputs. Built at each trace
+    (its block tables become arrays of that trace; jax caches the host-side mask work)."""
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
+    return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=head_shards,
+                                  q_seq_shards=1,
+                                  interpret=interpret)
+
+
+def _mesh_axes(spec_entry) -> tuple:
+    if spec_entry is None:
+        return ()
+    return spec_entry if isinstance(spec_entry, tuple) else (spec_entry,)
+
+
+def splash_attention(q, k, v, segment_ids, block_q: int = 512, block_kv: int = 512,
+                     interpret: bool | None = None):
+    """Causal GQA attention with the Pallas splash kernel (jax.experimental.pallas.ops.tpu).
+
+    k and v keep their kv heads (the kernel maps query head h to kv head h // group, as
+    `xla_attention` groups them); the softmax scale is applied to q. Traced under a mesh
+    (`jax.set_mesh`), the kernel runs in one `jax.shard_map`: rows split as the logical
+    axis "batch" says, heads as "act_heads", each device running the kernel on its share.
+    `interpret` (default: not on a TPU backend) runs the kernel in Pallas' interpreter.
+    """
+    batch, length, n_heads, head_dim = q.shape
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    blocks = splash_block_sizes(length, block_q, block_kv)
+    q = jnp.swapaxes(q * jnp.asarray(head_dim ** -0.5, q.dtype), 1, 2)  # [b, h, l, d]
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    if segment_ids is None:
+        segment_ids = jnp.ones((batch, length), jnp.int32)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = nn.logical_to_mesh_axes(("batch", "act_heads", "length", None))
+    rows, heads = (spec[0], spec[1]) if not mesh.empty else (None, None)
+    if not mesh.empty and any(mesh.shape[a] > 1 for a in _mesh_axes(spec[2])):
+        raise ValueError("splash attention does not split the sequence across devices yet: "
+                         f"the logical axis 'length' maps to mesh axes {spec[2]}; use "
+                         "mesh.sequence=1 or model.attention='xla'")
+    head_shards = int(np.prod([mesh.shape[a] for a in _mesh_axes(heads)])) if heads else 1
+    kernel = _splash_kernel(n_heads, length, blocks, head_shards, bool(interpret))
+
+    def per_shard(kernel, q, k, v, segment_ids):
+        ids = splash.SegmentIds(q=segment_ids, kv=segment_ids)
+        return jax.vmap(kernel)(q, k, v, ids)
+
+    if mesh.empty:
+        out = per_shard(kernel, q, k, v, segment_ids)
+    else:
+        kernel_spec = kernel.manual_sharding_spec(
+            jax.sharding.NamedSharding(mesh, P(heads, None)))
+        out = jax.shard_map(
+            per_shard, mesh=mesh, check_vma=False,
+            in_specs=(kernel_spec, P(rows, heads), P(rows, heads), P(rows, heads), P(rows)),
+            out_specs=P(rows, heads))(kernel, q, k, v, segment_ids)
+    return jnp.swapaxes(out, 1, 2)
+
+
+def resolve(impl: str, platform: str, dtype) -> str:
+    """`auto` made concrete for a platform: splash on TPU, cuDNN on GPU in 16-bit, else xla."""
+    if impl != "auto":
+        return impl
+    if platform == "tpu":
+        return "splash"
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
+
+
+def attention(q, k, v, segment_ids, impl: str = "xla", *, splash_block_q: int = 512,
+              splash_block_kv: int = 512, splash_interpret: bool | None = None):
+    """Dispatch to an implementation: `xla`, `cudnn`, `splash`, or `auto` (see `resolve`,
+    judged by the default backend)."""
+    impl = resolve(impl, jax.default_backend(), q.dtype)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, segment_ids)
     if impl == "xla":
         return xla_attention(q, k, v, segment_ids)
-    raise ValueError(f"unknown attention implementation {impl!r}; use 'xla', 'cudnn' or 'auto'")
+    if impl == "splash":
+        return splash_attention(q, k, v, segment_ids, splash_block_q, splash_block_kv,
+                                splash_interpret)
+    raise ValueError(f"unknown attention implementation {impl!r}; use one of {IMPLEMENTATIONS}")

@@ -14,10 +14,11 @@ import math
 import jax.numpy as jnp
 import ml_collections
 
+from jaxlm import attention as attention_lib
 from jaxlm import model as model_lib
 
 REMAT_POLICIES = ("none", *model_lib.REMAT_POLICIES)
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = attention_lib.IMPLEMENTATIONS
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -78,7 +79,11 @@ def default_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype
     m.param_dtype = "float32"
     m.remat = "full"  # one of REMAT_POLICIES
-    m.attention = "auto"  # one of ATTENTION_IMPLS
+    # one of ATTENTION_IMPLS; "auto": splash on TPU, cuDNN on GPU in 16-bit, else xla
+    m.attention = "auto"
+    # Splash attention's tiles (query rows x keys), clipped to data.seq_len; multiples of 128.
+    m.splash_block_q = 512
+    m.splash_block_kv = 512
     # Layers per iteration of the layer scan: 1 compiles fastest; n_layers unrolls the whole
     # stack (no loop and no stacked per-layer residual buffers; same parameters either way).
     m.scan_unroll = 1
@@ -258,6 +263,9 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
              f"{d.seq_len // t.loss_chunks} positions) must be divisible by "
              f"mesh.sequence={shape['sequence']}")
 
+    if m.attention == "splash":
+        check_splash(config, shape)
+
     dp = shape["data"] * shape["fsdp"]
     _require(t.global_batch_size % t.grad_accum_steps == 0, "train.global_batch_size",
              t.global_batch_size, f"must be divisible by train.grad_accum_steps={t.grad_accum_steps}")
@@ -271,6 +279,20 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
                    n_params=count_params(m, head_dim))
 
 
+def check_splash(config: ml_collections.ConfigDict, mesh_shape: dict) -> None:
+    """What the splash kernel needs of a config (also for "auto" once it resolves to splash)."""
+    m, seq_len = config.model, config.data.seq_len
+    for field in ("splash_block_q", "splash_block_kv"):
+        block = min(int(m[field]), seq_len)
+        multiple = 128 if field == "splash_block_kv" else 8
+        _require(block >= 1 and seq_len % block == 0 and block % multiple == 0,
+                 f"model.{field}", m[field], f"a multiple of {multiple} that divides "
+                 f"data.seq_len={seq_len} once clipped to it (splash attention's tiles)")
+    _require(mesh_shape["sequence"] == 1, "mesh.sequence", mesh_shape["sequence"],
+             "1 with model.attention='splash' (it does not split the sequence yet); or use "
+             "model.attention='xla'")
+
+
 def model_config(config: ml_collections.ConfigDict, derived: Derived) -> model_lib.ModelConfig:
     """The model's own frozen config, from a validated ConfigDict."""
     m = config.model
@@ -279,4 +301,5 @@ def model_config(config: ml_collections.ConfigDict, derived: Derived) -> model_l
         n_kv_heads=m.n_kv_heads, head_dim=derived.head_dim, d_ff=m.d_ff,
         rope_theta=m.rope_theta, norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings,
         init_std=m.init_std, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-        remat=m.remat, attention=m.attention, scan_unroll=int(m.scan_unroll))
+        remat=m.remat, attention=m.attention, scan_unroll=int(m.scan_unroll),
+        splash_block_q=int(m.splash_block_q), splash_block_kv=int(m.splash_block_kv))

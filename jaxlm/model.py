@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.attention import attention
+from jaxlm import attention as attention_lib
 
 
 def _fused_attention(prim, *args, **params) -> bool:
@@ -27,12 +27,29 @@ def _fused_attention(prim, *args, **params) -> bool:
     return "dot_product_attention" in prim.name
 
 
+def _splash_forward(prim, *args, **params) -> bool:
+    """The splash kernel's forward (a Pallas call): its output and log-sum-exp.
+
+    Inside the kernel's custom VJP a `checkpoint_name` is invisible to the remat policy, so,
+    as for cuDNN, the kernel is recognised by its primitive and kernel name.
+    """
+    if prim.name != "pallas_call":
+        return False
+    name = params.get("name") or getattr(params.get("name_and_src_info"), "name", "")
+    return str(name).startswith("splash") and "_fwd" in str(name)
+
+
+_policies = jax.checkpoint_policies
+# The attention kernel's forward, whichever kernel it is: cuDNN's or splash's.
+_save_attention = _policies.save_from_both_policies(_fused_attention, _splash_forward)
+
 REMAT_POLICIES = {
     "full": None,  # save nothing inside a block, recompute it all in the backward pass
-    "save_dots": jax.checkpoint_policies.checkpoint_dots,
-    "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "save_dots_and_attention": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, _fused_attention),
+    "save_attention": _save_attention,  # only the attention kernel's forward (splash, cuDNN)
+    "save_dots": _policies.checkpoint_dots,
+    "save_dots_no_batch": _policies.checkpoint_dots_with_no_batch_dims,
+    "save_dots_and_attention": _policies.save_from_both_policies(
+        _policies.checkpoint_dots_with_no_batch_dims, _save_attention),
 }
 
 
@@ -53,6 +70,9 @@ class ModelConfig:
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"  # "none" or a key of REMAT_POLICIES
     attention: str = "xla"  # see jaxlm.attention.attention
+    splash_block_q: int = 512  # splash kernel tiles (clipped to the row length)
+    splash_block_kv: int = 512
+    splash_interpret: bool | None = None  # None: interpret unless the default backend is TPU
     scan_unroll: int = 1  # layers per scan iteration (n_layers: no loop at all)
 
 
@@ -120,7 +140,9 @@ class Attention(nn.Module):
                                        ("batch", "length", "act_kv_heads", None))
         q = apply_rotary(q, positions, c.rope_theta)
         k = apply_rotary(k, positions, c.rope_theta)
-        out = attention(q, k, v, segment_ids, c.attention)
+        out = attention_lib.attention(
+            q, k, v, segment_ids, c.attention, splash_block_q=c.splash_block_q,
+            splash_block_kv=c.splash_block_kv, splash_interpret=c.splash_interpret)
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("blhk,hkd->bld", out, wo)
 

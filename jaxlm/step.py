@@ -8,12 +8,14 @@ it inherits them). Nothing is ever materialised whole on one device or on the ho
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlm import attention as attention_lib
 from jaxlm import config as config_lib
 from jaxlm import loss as loss_lib
 from jaxlm import model as model_lib
@@ -51,8 +53,11 @@ class StateFactory:
     def __init__(self, model, tx, mesh, rules, batch_shape, loss_chunks: int = 1):
         self.model, self.tx, self.mesh, self.rules = model, tx, mesh, rules
         self.batch_shape, self.loss_chunks = batch_shape, loss_chunks
+        # The key is made inside the trace: a concrete one would live on the host's default
+        # device, which a mesh of devices from another platform (a TPU topology described on
+        # a CPU host, jaxlm.aot) cannot take.
         with self.context():
-            self.boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+            self.boxed = jax.eval_shape(lambda: self._init_boxed(jax.random.key(0)))
         self.shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(self.boxed), mesh, rules)
         self.abstract = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -83,7 +88,16 @@ def build(config, devices=None) -> tuple[StateFactory, config_lib.Derived]:
     """Validate `config` for `devices` (default: all) and wire model, optimizer and mesh."""
     devices = list(devices if devices is not None else jax.devices())
     derived = config_lib.validate(config, len(devices))
-    model = model_lib.Transformer(config_lib.model_config(config, derived))
+    model_cfg = config_lib.model_config(config, derived)
+    # The devices decide "auto" and whether splash is interpreted: they may be a TPU slice
+    # described on a CPU host (jaxlm.aot), where the default backend would mislead.
+    platform = devices[0].platform
+    impl = attention_lib.resolve(model_cfg.attention, platform, model_cfg.dtype)
+    if impl == "splash":
+        config_lib.check_splash(config, derived.mesh_shape)
+    model_cfg = dataclasses.replace(model_cfg, attention=impl,
+                                    splash_interpret=platform != "tpu")
+    model = model_lib.Transformer(model_cfg)
     factory = StateFactory(model, optim.make_optimizer(config.train),
                            sharding_lib.make_mesh(derived.mesh_shape, devices),
                            sharding_lib.axis_rules(config.mesh.rules),
