@@ -17,11 +17,24 @@ PEAK_FLOPS = (
     ("TPU v5p", 459e12),
     ("TPU v5 lite", 197e12),
     ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),  # v5p chips report device_kind "TPU v5"
     ("TPU v4", 275e12),
     ("H200", 989e12),
     ("H100", 989e12),
     ("A100", 312e12),
 )
+
+
+# Per-chip TPU memory and bandwidths, from Google's published spec (cloud.google.com/tpu/docs,
+# each generation's "system architecture" page): HBM capacity, HBM bandwidth, and the chip's
+# inter-chip interconnect (ICI) bandwidth, in bytes and bytes/s. Peaks stay in PEAK_FLOPS.
+# jaxlm.aot sizes a slice with them: HBM for "does it fit", bandwidths for its roofline.
+TPU_CHIP_SPECS = {
+    "v4": {"hbm_bytes": 32 * 2**30, "hbm_bytes_per_s": 1228e9, "ici_bytes_per_s": 300e9},
+    "v5e": {"hbm_bytes": 16 * 2**30, "hbm_bytes_per_s": 819e9, "ici_bytes_per_s": 200e9},
+    "v5p": {"hbm_bytes": 95 * 2**30, "hbm_bytes_per_s": 2765e9, "ici_bytes_per_s": 600e9},
+    "v6e": {"hbm_bytes": 32 * 2**30, "hbm_bytes_per_s": 1640e9, "ici_bytes_per_s": 448e9},
+}
 
 
 def flops_per_token(m, head_dim: int, seq_len: int, causal: bool = True) -> float:

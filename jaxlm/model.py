@@ -229,7 +229,7 @@ class Transformer(nn.Module):
 
         block = Block
         if c.remat != "none":
-            block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[c.remat])
+            block = nn.remat(Block, prevent_cse=c.scan_unroll > 1, policy=REMAT_POLICIES[c.remat])
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"}, unroll=c.scan_unroll)
