@@ -834,18 +834,22 @@ def format_plan(cands: list[Candidate], config_path: str) -> str:
 
 # -------------------------------------------------------------------------------- CLI
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py",
-                                          "A config file under configs/.")
-_TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "A slice: " + "; ".join(TOPOLOGY_FORMS))
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (multi-slice).")
-_JSON = flags.DEFINE_bool("json", False, "One JSON object per compiled program, one a line.")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Memory per device in GiB instead of the chip's.")
-_PLAN = flags.DEFINE_bool("plan", False, "Search remat x accumulation x loss chunks x mesh.")
-_PLAN_BUDGET = flags.DEFINE_float("plan_budget_s", 840, "Stop compiling candidates after this.")
-_PLAN_MAX = flags.DEFINE_integer("plan_max_compiles", 3, "Compile at most this many candidates.")
-_CACHE = flags.DEFINE_string("cache", str(pathlib.Path.home() / ".cache/jaxlm/aot.json"),
-                             "JSON file of compile results by program fingerprint (jax and "
-                             "libtpu versions included); '' for none.")
+def define_flags() -> None:
+    """The CLI's flags, defined only when run as a program: a library import (tests, the
+    benchmarks) must not claim --config, which jaxlm.train defines too."""
+    config_flags.DEFINE_config_file("config", "configs/tiny.py", "A config file under configs/.")
+    flags.DEFINE_string("topology", "v5p-8", "A slice: " + "; ".join(TOPOLOGY_FORMS))
+    flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (multi-slice).")
+    flags.DEFINE_bool("json", False, "One JSON object per compiled program, one a line.")
+    flags.DEFINE_float("hbm_gib", None, "Memory per device in GiB instead of the chip's.")
+    flags.DEFINE_bool("plan", False, "Search remat x accumulation x loss chunks x mesh.")
+    flags.DEFINE_float("plan_budget_s", 840, "Stop compiling candidates after this.")
+    flags.DEFINE_integer("plan_max_compiles", 3, "Compile at most this many candidates.")
+    flags.DEFINE_string("cache", str(pathlib.Path.home() / ".cache/jaxlm/aot.json"),
+                        "JSON file of compile results by program fingerprint (jax and libtpu "
+                        "versions included); '' for none.")
+
+
 _REEXEC = "JAXLM_AOT_REEXEC"
 
 
@@ -873,30 +877,32 @@ def _fail(message: str) -> int:
 def main(argv) -> int:
     if len(argv) > 1:
         return _fail(f"unexpected arguments {argv[1:]}")
-    config = _CONFIG.value
-    hbm = _HBM_GIB.value * 2**30 if _HBM_GIB.value else None
+    f = flags.FLAGS
+    config = f.config
+    hbm = f.hbm_gib * 2**30 if f.hbm_gib else None
     try:
-        topo = parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
+        topo = parse_topology(f.topology, f.num_slices)
         check_config(config, topo)
         if topo.platform == "cpu":
             _ensure_cpu_devices(topo)
-        cache = load_cache(_CACHE.value)
-        if _PLAN.value:
+        cache = load_cache(f.cache)
+        if f.plan:
             start = time.perf_counter()
-            cands = plan(config, topo.name, topo.num_slices, _PLAN_BUDGET.value, _PLAN_MAX.value,
+            cands = plan(config, topo.name, topo.num_slices, f.plan_budget_s, f.plan_max_compiles,
                          hbm, cache, log=lambda s: print(s, file=sys.stderr, flush=True))
-            save_cache(_CACHE.value, cache)
-            print(format_plan(cands, config_flags.get_config_filename(flags.FLAGS["config"])))
+            save_cache(f.cache, cache)
+            print(format_plan(cands, config_flags.get_config_filename(f["config"])))
             print(f"plan took {time.perf_counter() - start:.0f} s")
             return 0 if any(c.fits for c in cands) else NO_FIT_EXIT
         reports = compile_for(config, topo, hbm_bytes=hbm, cache=cache)
-        save_cache(_CACHE.value, cache)
+        save_cache(f.cache, cache)
     except (TopologyError, config_lib.ConfigError) as e:
         return _fail(str(e))
     for r in reports:
-        print(r.line() if _JSON.value else format_report(r), flush=True)
+        print(r.line() if f.json else format_report(r), flush=True)
     return 0 if all(r.fits for r in reports) else NO_FIT_EXIT
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=config_lib.parse_flags)

@@ -203,6 +203,7 @@ def _worker(*args, env=None, timeout=240):
     return result.stdout
 
 
+@pytest.mark.slow  # other processes
 def test_batches_are_reproducible_and_resume_bitwise_in_a_new_process(data_dir, tmp_path):
     first, second = _batches(data_dir, 4), _batches(data_dir, 4)
     expected = [next(first) for _ in range(8)]
@@ -216,6 +217,7 @@ def test_batches_are_reproducible_and_resume_bitwise_in_a_new_process(data_dir, 
         assert _equal(batch, {k: resumed[f"{k}_{i}"] for k in batch})
 
 
+@pytest.mark.slow  # other processes
 def test_two_processes_assemble_the_single_process_global_batch(data_dir, tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))

@@ -70,6 +70,7 @@ def run_until(command, cwd, pattern=None, delay=0.0, timeout=300):
     return process.returncode, "".join(output) + rest
 
 
+@pytest.mark.slow  # other processes
 def test_killed_at_random_moments_resumes_exactly(tmp_path, repo, tokenizer_path):
     steps = 10
     train_lib.train(tiny_config(tokenizer_path, steps), tmp_path / "unbroken")
@@ -104,6 +105,7 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path, repo, tokenizer_path
     assert all(r["loss"] == unbroken[r["step"]] for r in rows if "loss" in r)
 
 
+@pytest.mark.slow  # other processes
 def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path, repo, tokenizer_path):
     workdir = tmp_path / "run"
     process = subprocess.Popen(cli(tokenizer_path, workdir, 200, every=1000), cwd=repo,
@@ -179,6 +181,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, target):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # other processes
 def test_two_processes_save_and_resume(tmp_path, repo, tokenizer_path):
     """2 processes (gloo) write a checkpoint together, resume from it, and it reads back here."""
     workdir = tmp_path / "run"

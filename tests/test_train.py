@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from configs import tiny
 from jaxlm import sharding as sharding_lib
@@ -79,6 +80,7 @@ def test_tiny_config_learns(tmp_path, tokenizer_path):
     assert val[-1] < 6.3 and val[-1] < val[0] - 2.0
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_trains_and_writes_metrics_and_checkpoint(tmp_path, repo, tokenizer_path):
     workdir = tmp_path / "run"
     command = [sys.executable, "-m", "jaxlm.train", "--config=configs/tiny.py",
@@ -117,6 +119,7 @@ print(json.dumps(dict(
 """
 
 
+@pytest.mark.slow  # a subprocess
 def test_7b_compiles_for_64_devices_within_memory(repo):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=64",
            "JAX_PLATFORMS": "cpu"}
