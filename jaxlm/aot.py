@@ -256,19 +256,27 @@ def _fingerprint(lowered, topology: Topology) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# For the small programs that estimate cost only: libtpu's windowed einsums turn fsdp
+# all-gather/reduce-scatter + matmul pairs into loops over the shards, loops the cost model
+# counts once (seen with benchmarks.aot_vs_maxtext: 15-16 matmuls of a 7B layer).
+NO_WINDOWED_EINSUMS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                       "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
 def compile_program(config, devices, topology: Topology, program: str,
-                    cache: dict | None = None) -> Compiled:
+                    cache: dict | None = None, compiler_options: dict | None = None) -> Compiled:
     """Lower and compile one step for `devices`; `cache` maps fingerprints to results."""
     factory, derived = step_lib.build(config, devices)
     with factory.context():
         fn, args = _program(factory, derived, config, program)
         lowered = fn.lower(*args)
-        key = _fingerprint(lowered, topology)
+        key = _fingerprint(lowered, topology) + (
+            json.dumps(compiler_options, sort_keys=True) if compiler_options else "")
         if cache is not None and key in cache:
             return Compiled(**cache[key])
         start = time.perf_counter()
         try:
-            compiled = lowered.compile()
+            compiled = lowered.compile(compiler_options=compiler_options)
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
@@ -328,7 +336,8 @@ class Cost:
 def layer_corrected_cost(config, devices, topology, program, cache=None) -> Cost:
     """Cost of the whole `program` per device per microbatch, from two unrolled programs
     of 1 and 2 layers, extrapolated linearly in the layer count (see the module doc)."""
-    c1, c2 = (compile_program(_unrolled(config, n), devices, topology, program, cache)
+    options = NO_WINDOWED_EINSUMS if topology.platform == "tpu" else None
+    c1, c2 = (compile_program(_unrolled(config, n), devices, topology, program, cache, options)
               for n in (1, 2))
     extra = config.model.n_layers - 1
 
@@ -338,7 +347,8 @@ def layer_corrected_cost(config, devices, topology, program, cache=None) -> Cost
     return Cost(at_l("flops"), at_l("bytes_accessed"), at_l("optimal_seconds"),
                 at_l("collective_bytes"),
                 f"compiler count extrapolated from 1- and 2-layer unrolled compiles to "
-                f"{config.model.n_layers} layers (XLA counts a loop body once)")
+                f"{config.model.n_layers} layers (XLA counts a loop body once"
+                + ("; windowed einsums off in those" if options else "") + ")")
 
 
 # -------------------------------------------------------------------------- estimates
@@ -474,7 +484,13 @@ def check_config(config, topology: Topology) -> config_lib.Derived:
     n = topology.chips
     if topology.platform == "tpu" and topology.generation == "v4":
         n *= 2  # compile-only v4 devices are TensorCores
-    return config_lib.validate(config, n)
+    derived = config_lib.validate(config, n)
+    data, slices = derived.mesh_shape["data"], topology.num_slices
+    if data % slices:  # jaxlm.sharding.make_mesh puts the data axis across the slices
+        raise config_lib.ConfigError(
+            f"config.mesh.data={data} is invalid for --num_slices={slices}: the data axis is "
+            f"the one that crosses slices; set --config.mesh.data to a multiple of {slices}")
+    return derived
 
 
 def _raw_cost(compiled: Compiled) -> Cost:
@@ -483,21 +499,6 @@ def _raw_cost(compiled: Compiled) -> Cost:
             "loop) counted once")
     return Cost(compiled.flops, compiled.bytes_accessed, compiled.optimal_seconds,
                 compiled.collective_bytes, note)
-
-
-def _compile_or_explain(config, devices, topology, program, cache) -> Compiled:
-    """compile_program, with jax.make_mesh's refusal of multi-slice devices (jaxlm.sharding
-    builds every mesh with it) turned into a TopologyError saying what is missing."""
-    try:
-        return compile_program(config, devices, topology, program, cache)
-    except (ValueError, AssertionError) as e:  # mesh_utils asserts on some multi-slice shapes
-        if topology.num_slices == 1 or isinstance(e, config_lib.ConfigError):
-            raise
-        raise TopologyError(
-            f"--num_slices={topology.num_slices}: jaxlm.sharding.make_mesh builds meshes with "
-            "jax.make_mesh, which does not support multi-slice topologies (it needs "
-            "jax.experimental.mesh_utils.create_hybrid_device_mesh, with the data axis over "
-            "DCN); compile one slice (--num_slices=1) until jaxlm.sharding supports it") from e
 
 
 def compile_for(config, topology: str | Topology, num_slices: int = 1,
@@ -514,7 +515,7 @@ def compile_for(config, topology: str | Topology, num_slices: int = 1,
     spec = device_spec(topo, len(devices), hbm_bytes)
     reports = []
     for program in programs:
-        compiled = _compile_or_explain(config, devices, topo, program, cache)
+        compiled = compile_program(config, devices, topo, program, cache)
         cost = (layer_corrected_cost(config, devices, topo, program, cache)
                 if loop_correction and not compiled.out_of_memory else _raw_cost(compiled))
         reports.append(_program_report(config, derived, topo, spec, devices, program,

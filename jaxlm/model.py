@@ -229,7 +229,10 @@ class Transformer(nn.Module):
 
         block = Block
         if c.remat != "none":
-            block = nn.remat(Block, prevent_cse=c.scan_unroll > 1, policy=REMAT_POLICIES[c.remat])
+            # With no loop between forward and backward (unrolled layers; a 1-layer scan, which
+            # XLA removes) XLA would merge the recomputation with the forward and undo remat.
+            unrolled = c.scan_unroll > 1 or c.n_layers == 1
+            block = nn.remat(Block, prevent_cse=unrolled, policy=REMAT_POLICIES[c.remat])
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"}, unroll=c.scan_unroll)

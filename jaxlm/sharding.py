@@ -11,6 +11,7 @@ import os
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
@@ -46,11 +47,25 @@ def axis_rules(overrides=()) -> tuple:
 
 
 def make_mesh(shape: dict, devices=None) -> jax.sharding.Mesh:
-    """A mesh over MESH_AXES with the sizes in `shape` (already resolved, no -1)."""
+    """A mesh over MESH_AXES with the sizes in `shape` (already resolved, no -1).
+
+    Devices of several TPU slices (multi-slice, joined over the slower data-center network)
+    get a hybrid mesh: the `data` axis spans the slices, every other axis stays inside one.
+    """
     sizes = tuple(shape[a] for a in MESH_AXES)
     devices = list(devices if devices is not None else jax.devices())
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+    if shape["data"] % slices:
+        raise ValueError(f"config.mesh.data={shape['data']} is invalid: the devices span "
+                         f"{slices} slices and the data axis is the one that crosses them; "
+                         f"make mesh.data a multiple of {slices}")
+    per_slice = tuple(s // slices if a == "data" else s for a, s in zip(MESH_AXES, sizes))
+    across = tuple(slices if a == "data" else 1 for a in MESH_AXES)
+    grid = mesh_utils.create_hybrid_device_mesh(per_slice, across, devices)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def logical_sharding(mesh, rules, names) -> NamedSharding:

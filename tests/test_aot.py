@@ -63,6 +63,20 @@ def test_num_slices_multiplies_chips():
     assert aot.parse_topology("v5e-256", num_slices=2).chips == 512
 
 
+def test_multi_slice_compiles_with_data_across_slices(repo):
+    """Two v5e-4 slices: data over DCN (jaxlm.sharding's hybrid mesh); mesh.data=1 cannot
+    cross slices and is a config error before compiling."""
+    _needs_libtpu()
+    config = small_config(dtype="bfloat16")
+    config.mesh.update(data=2, fsdp=-1)
+    report, = aot.compile_for(config, "v5e-4", num_slices=2, programs=("eval_step",),
+                              loop_correction=False)
+    assert report.fits and report.num_slices == 2 and report.devices == 8
+    config.mesh.data = 1
+    with pytest.raises(config_lib.ConfigError, match="mesh.data"):
+        aot.compile_for(config, "v5e-4", num_slices=2)
+
+
 @pytest.mark.parametrize("name", ["v7-8", "v5p-3", "tpu", "v5e:2x2x2"])
 def test_unknown_topology_lists_the_known_forms(name):
     with pytest.raises(aot.TopologyError) as e:
