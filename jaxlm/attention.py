@@ -104,8 +104,7 @@ def _splash_kernel(heads: int, length: int, blocks: splash.BlockSizes, head_shar
     (its block tables become arrays of that trace; jax caches the host-side mask work)."""
     mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
     return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=head_shards,
-                                  q_seq_shards=1,
-                                  interpret=interpret)
+                                  q_seq_shards=1, interpret=interpret)
 
 
 def _mesh_axes(spec_entry) -> tuple:

@@ -81,7 +81,8 @@ def default_config() -> ml_collections.ConfigDict:
     m.remat = "full"  # one of REMAT_POLICIES
     # one of ATTENTION_IMPLS; "auto": splash on TPU, cuDNN on GPU in 16-bit, else xla
     m.attention = "auto"
-    # Splash attention's tiles (query rows x keys), clipped to data.seq_len; multiples of 128.
+    # Splash attention's tiles (query rows x keys), clipped to data.seq_len; keys a multiple of
+    # 128, query rows of 8.
     m.splash_block_q = 512
     m.splash_block_kv = 512
     # Layers per iteration of the layer scan: 1 compiles fastest; n_layers unrolls the whole
@@ -291,6 +292,22 @@ def check_splash(config: ml_collections.ConfigDict, mesh_shape: dict) -> None:
     _require(mesh_shape["sequence"] == 1, "mesh.sequence", mesh_shape["sequence"],
              "1 with model.attention='splash' (it does not split the sequence yet); or use "
              "model.attention='xla'")
+
+
+def attention_impl(config: ml_collections.ConfigDict, mesh_shape: dict, platform: str) -> str:
+    """The attention kernel a config runs with on `platform`: "auto" is splash on TPU where
+    splash applies to the config (else xla), cuDNN on GPU in 16-bit, else xla. An explicit
+    "splash" that cannot work is a ConfigError naming the field."""
+    impl = attention_lib.resolve(config.model.attention, platform, config.model.dtype)
+    if impl != "splash":
+        return impl
+    try:
+        check_splash(config, mesh_shape)
+    except ConfigError:
+        if config.model.attention != "auto":
+            raise
+        return "xla"
+    return impl
 
 
 def model_config(config: ml_collections.ConfigDict, derived: Derived) -> model_lib.ModelConfig:

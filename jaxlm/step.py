@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm import attention as attention_lib
 from jaxlm import config as config_lib
 from jaxlm import loss as loss_lib
 from jaxlm import model as model_lib
@@ -92,11 +91,9 @@ def build(config, devices=None) -> tuple[StateFactory, config_lib.Derived]:
     # The devices decide "auto" and whether splash is interpreted: they may be a TPU slice
     # described on a CPU host (jaxlm.aot), where the default backend would mislead.
     platform = devices[0].platform
-    impl = attention_lib.resolve(model_cfg.attention, platform, model_cfg.dtype)
-    if impl == "splash":
-        config_lib.check_splash(config, derived.mesh_shape)
-    model_cfg = dataclasses.replace(model_cfg, attention=impl,
-                                    splash_interpret=platform != "tpu")
+    model_cfg = dataclasses.replace(
+        model_cfg, attention=config_lib.attention_impl(config, derived.mesh_shape, platform),
+        splash_interpret=platform != "tpu")
     model = model_lib.Transformer(model_cfg)
     factory = StateFactory(model, optim.make_optimizer(config.train),
                            sharding_lib.make_mesh(derived.mesh_shape, devices),
