@@ -41,7 +41,6 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import attention as attention_lib
 from jaxlm import config as config_lib
 from jaxlm import metrics
 from jaxlm import step as step_lib
@@ -357,7 +356,8 @@ def layer_corrected_cost(config, devices, topology, program, cache=None) -> Cost
 def attention_impl(config, devices) -> str:
     """The attention the step compiles to: "auto" decided by the devices (splash on a TPU
     slice, even from a CPU host), as jaxlm.step.build decides it."""
-    return attention_lib.resolve(config.model.attention, devices[0].platform, config.model.dtype)
+    shape = config_lib.resolve_mesh_shape(config.mesh, len(devices))
+    return config_lib.attention_impl(config, shape, devices[0].platform)
 
 
 def _saves_attention(remat: str) -> bool:
