@@ -43,3 +43,16 @@ def one_document_batch(config, n_rows, seed=0):
     batch = {k: np.stack([rows[i][k] for i in range(n_rows)]) for k in rows[0]}
     assert batch["loss_mask"].all()
     return batch
+
+
+def assert_directional_derivatives(objective, inputs, grads, rng, tries: int, tol: float,
+                                   step: float = 1e-5):
+    """`grads` (of `objective` at `inputs`) agree with central differences of the float64
+    `objective` along `tries` random directions of all inputs together."""
+    for _ in range(tries):
+        direction = [rng.standard_normal(a.shape) for a in inputs]
+        plus = objective(*(a + step * d for a, d in zip(inputs, direction)))
+        minus = objective(*(a - step * d for a, d in zip(inputs, direction)))
+        expected = (plus - minus) / (2 * step)
+        got = sum(np.sum(np.asarray(g, np.float64) * d) for g, d in zip(grads, direction))
+        np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from jaxlm import attention as attention_lib
 from jaxlm import model as model_lib
 from jaxlm.model import ModelConfig, Transformer
+from support import assert_directional_derivatives
 
 CFG = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
            rope_theta=10000.0, norm_eps=1e-5, init_std=0.2)
@@ -155,14 +156,7 @@ def test_blocked_attention_matches_reference_values_and_derivatives(blocks):
         return sum(np.sum(ref_attention(q[b], k[b], v[b], segments[b]) * weights[b])
                    for b in range(2))
 
-    step = 1e-5
-    for _ in range(3):
-        direction = [rng.standard_normal(a.shape) for a in (q, k, v)]
-        plus = ref_objective(*(a + step * d for a, d in zip((q, k, v), direction)))
-        minus = ref_objective(*(a - step * d for a, d in zip((q, k, v), direction)))
-        expected = (plus - minus) / (2 * step)
-        got = sum(np.sum(np.asarray(g, np.float64) * d) for g, d in zip(grads, direction))
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert_directional_derivatives(ref_objective, (q, k, v), grads, rng, tries=3, tol=1e-4)
 
 
 def test_rotary_table_matches_reference_for_any_positions():

@@ -13,7 +13,7 @@ from jaxlm import attention as attention_lib
 from jaxlm import config as config_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm.model import ModelConfig, Transformer
-from support import small_config
+from support import assert_directional_derivatives, small_config
 
 LENGTH, HEAD_DIM, BLOCK = 256, 64, 128
 PACKED_LENGTHS = (100, 90, 66)  # documents that cross the 128-token block boundaries
@@ -79,14 +79,8 @@ def test_values_and_derivatives_match_float64_reference(rows, group, dtype):
         return sum(np.sum(ref_attention(q[b], k[b], v[b], segments[b]) * weights[b])
                    for b in range(q.shape[0]))
 
-    rng, step = np.random.default_rng(2), 1e-5
-    for _ in range(2):
-        direction = [rng.standard_normal(a.shape) for a in (q, k, v)]
-        plus = ref_objective(*(a + step * d for a, d in zip((q, k, v), direction)))
-        minus = ref_objective(*(a - step * d for a, d in zip((q, k, v), direction)))
-        expected = (plus - minus) / (2 * step)
-        got = sum(np.sum(np.asarray(g, np.float64) * d) for g, d in zip(grads, direction))
-        np.testing.assert_allclose(got, expected, rtol=10 * tol, atol=10 * tol)
+    assert_directional_derivatives(ref_objective, (q, k, v), grads, np.random.default_rng(2),
+                                   tries=2, tol=10 * tol)
 
 
 @pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2),
