@@ -136,9 +136,9 @@ def splash_attention(q, k, v, segment_ids, block_q: int = 512, block_kv: int = 5
     spec = nn.logical_to_mesh_axes(("batch", "act_heads", "length", None))
     rows, heads = (spec[0], spec[1]) if not mesh.empty else (None, None)
     if not mesh.empty and any(mesh.shape[a] > 1 for a in _mesh_axes(spec[2])):
-        raise ValueError("splash attention does not split the sequence across devices yet: "
-                         f"the logical axis 'length' maps to mesh axes {spec[2]}; use "
-                         "mesh.sequence=1 or model.attention='xla'")
+        raise ValueError("splash_attention takes whole rows: the logical axis 'length' maps "
+                         f"to mesh axes {spec[2]}; a split sequence goes through "
+                         "jaxlm.context_parallel.attention")
     head_shards = int(np.prod([mesh.shape[a] for a in _mesh_axes(heads)])) if heads else 1
     kernel = _splash_kernel(n_heads, length, blocks, head_shards, bool(interpret))
 

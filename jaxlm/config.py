@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxlm import attention as attention_lib
+from jaxlm import context_parallel
 from jaxlm import model as model_lib
 
 REMAT_POLICIES = ("none", *model_lib.REMAT_POLICIES)
@@ -85,6 +86,10 @@ def default_config() -> ml_collections.ConfigDict:
     # 128, query rows of 8.
     m.splash_block_q = 512
     m.splash_block_kv = 512
+    # Attention over a sequence split across devices (mesh.sequence > 1): "all_gather" (each
+    # device gathers all keys and values) or "ring" (they travel round the devices and no device
+    # holds them all); see jaxlm.context_parallel.
+    m.context_parallel = "all_gather"
     # Layers per iteration of the layer scan: 1 compiles fastest; n_layers unrolls the whole
     # stack (no loop and no stacked per-layer residual buffers; same parameters either way).
     m.scan_unroll = 1
@@ -219,6 +224,8 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
     _require(1 <= int(m.scan_unroll) <= m.n_layers, "model.scan_unroll", m.scan_unroll,
              f"between 1 and model.n_layers={m.n_layers}")
     _require(m.attention in ATTENTION_IMPLS, "model.attention", m.attention, f"one of {ATTENTION_IMPLS}")
+    _require(m.context_parallel in context_parallel.STRATEGIES, "model.context_parallel",
+             m.context_parallel, f"one of {context_parallel.STRATEGIES}")
     for field in ("dtype", "param_dtype"):
         _require(m[field] in DTYPES, f"model.{field}", m[field], f"one of {DTYPES}")
 
@@ -257,8 +264,9 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
     _require(m.d_model % shape["fsdp"] == 0, "model.d_model", m.d_model,
              f"must be divisible by mesh.fsdp={shape['fsdp']} (weights are split over fsdp "
              "along d_model)")
-    _require(d.seq_len % shape["sequence"] == 0, "data.seq_len", d.seq_len,
-             f"must be divisible by mesh.sequence={shape['sequence']}")
+    _require(d.seq_len % (2 * shape["sequence"]) == 0 or shape["sequence"] == 1, "data.seq_len",
+             d.seq_len, f"must be divisible by 2 * mesh.sequence={2 * shape['sequence']} (a row is "
+             "cut into two chunks per sequence shard, jaxlm.context_parallel)")
     _require((d.seq_len // t.loss_chunks) % shape["sequence"] == 0, "train.loss_chunks",
              t.loss_chunks, f"each loss slice (data.seq_len / train.loss_chunks = "
              f"{d.seq_len // t.loss_chunks} positions) must be divisible by "
@@ -281,17 +289,22 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
 
 
 def check_splash(config: ml_collections.ConfigDict, mesh_shape: dict) -> None:
-    """What the splash kernel needs of a config (also for "auto" once it resolves to splash)."""
-    m, seq_len = config.model, config.data.seq_len
+    """What the splash kernel needs of a config (also for "auto" once it resolves to splash).
+
+    With a split sequence the kernel runs per shard against gathered keys
+    (context_parallel="all_gather"): query tiles then divide one shard's queries."""
+    m, seq_len, shards = config.model, config.data.seq_len, mesh_shape["sequence"]
+    _require(shards == 1 or m.context_parallel == "all_gather", "model.context_parallel",
+             m.context_parallel, "'all_gather' for splash attention over a split sequence "
+             "(the ring strategy runs its blocks in XLA ops); or use model.attention='xla'")
     for field in ("splash_block_q", "splash_block_kv"):
-        block = min(int(m[field]), seq_len)
+        length = seq_len // shards
+        block = min(int(m[field]), length)
         multiple = 128 if field == "splash_block_kv" else 8
-        _require(block >= 1 and seq_len % block == 0 and block % multiple == 0,
+        _require(block >= 1 and length % block == 0 and block % multiple == 0,
                  f"model.{field}", m[field], f"a multiple of {multiple} that divides "
-                 f"data.seq_len={seq_len} once clipped to it (splash attention's tiles)")
-    _require(mesh_shape["sequence"] == 1, "mesh.sequence", mesh_shape["sequence"],
-             "1 with model.attention='splash' (it does not split the sequence yet); or use "
-             "model.attention='xla'")
+                 f"{length} (data.seq_len / mesh.sequence) once clipped to it (splash "
+                 "attention's tiles)")
 
 
 def attention_impl(config: ml_collections.ConfigDict, mesh_shape: dict, platform: str) -> str:
@@ -319,4 +332,5 @@ def model_config(config: ml_collections.ConfigDict, derived: Derived) -> model_l
         rope_theta=m.rope_theta, norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings,
         init_std=m.init_std, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
         remat=m.remat, attention=m.attention, scan_unroll=int(m.scan_unroll),
+        context_parallel=m.context_parallel,
         splash_block_q=int(m.splash_block_q), splash_block_kv=int(m.splash_block_kv))

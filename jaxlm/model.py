@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import attention as attention_lib
+from jaxlm import context_parallel
 
 
 def _fused_attention(prim, *args, **params) -> bool:
@@ -73,6 +74,7 @@ class ModelConfig:
     splash_block_q: int = 512  # splash kernel tiles (clipped to the row length)
     splash_block_kv: int = 512
     splash_interpret: bool | None = None  # None: interpret unless the default backend is TPU
+    context_parallel: str = "all_gather"  # attention over a split sequence: see context_parallel
     scan_unroll: int = 1  # layers per scan iteration (n_layers: no loop at all)
 
 
@@ -140,9 +142,20 @@ class Attention(nn.Module):
                                        ("batch", "length", "act_kv_heads", None))
         q = apply_rotary(q, positions, c.rope_theta)
         k = apply_rotary(k, positions, c.rope_theta)
-        out = attention_lib.attention(
-            q, k, v, segment_ids, c.attention, splash_block_q=c.splash_block_q,
-            splash_block_kv=c.splash_block_kv, splash_interpret=c.splash_interpret)
+        if context_parallel.sequence_shards() > 1:
+            splash = attention_lib.resolve(c.attention, jax.default_backend(), c.dtype) == "splash"
+            out = context_parallel.attention(
+                q, k, v, segment_ids, c.context_parallel,
+                block_impl="splash" if splash else "xla",
+                splash_blocks=attention_lib.splash_block_sizes(
+                    q.shape[1] // context_parallel.sequence_shards(), c.splash_block_q,
+                    c.splash_block_kv) if splash else None,
+                splash_interpret=(c.splash_interpret if c.splash_interpret is not None
+                                  else jax.default_backend() != "tpu"))
+        else:
+            out = attention_lib.attention(
+                q, k, v, segment_ids, c.attention, splash_block_q=c.splash_block_q,
+                splash_block_kv=c.splash_block_kv, splash_interpret=c.splash_interpret)
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("blhk,hkd->bld", out, wo)
 
@@ -222,6 +235,13 @@ class Transformer(nn.Module):
         c = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        # A sequence split over devices is reordered so causal attention costs every shard
+        # the same (jaxlm.context_parallel); the order is restored before the head.
+        shards = context_parallel.sequence_shards()
+        if shards > 1:
+            tokens, positions = (context_parallel.balance(a, shards) for a in (tokens, positions))
+            if segment_ids is not None:
+                segment_ids = context_parallel.balance(segment_ids, shards)
         embedding = self.param("embedding", _init(c.init_std, ("vocab", "embed")),
                                (c.vocab_size, c.d_model), c.param_dtype)
         x = jnp.take(embedding, tokens, axis=0).astype(c.dtype)
@@ -238,6 +258,9 @@ class Transformer(nn.Module):
                          metadata_params={nn.PARTITION_NAME: "layers"}, unroll=c.scan_unroll)
         x, _ = layers(c, name="layers")(x, positions, segment_ids)
         x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x)
+        if shards > 1:
+            x = nn.with_logical_constraint(context_parallel.restore(x, shards),
+                                           ("batch", "length", "act_embed"))
 
         if c.tie_embeddings:
             head = embedding.T

@@ -56,3 +56,17 @@ def assert_directional_derivatives(objective, inputs, grads, rng, tries: int, to
         expected = (plus - minus) / (2 * step)
         got = sum(np.sum(np.asarray(g, np.float64) * d) for g, d in zip(grads, direction))
         np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+
+
+def ref_attention(q, k, v, segments):
+    """float64 NumPy: q [L, H, d], k/v [L, KV, d]; query head h reads kv head h // (H / KV);
+    a query sees keys at or before it in the same segment."""
+    length, heads, d = q.shape
+    group = heads // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
+    allowed = np.tril(np.ones((length, length), bool)) & (segments[:, None] == segments[None, :])
+    scores = np.where(allowed, scores, -np.inf)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return np.einsum("hqk,khd->qhd", weights, v)

@@ -13,24 +13,10 @@ from jaxlm import attention as attention_lib
 from jaxlm import config as config_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm.model import ModelConfig, Transformer
-from support import assert_directional_derivatives, small_config
+from support import assert_directional_derivatives, ref_attention, small_config
 
 LENGTH, HEAD_DIM, BLOCK = 256, 64, 128
 PACKED_LENGTHS = (100, 90, 66)  # documents that cross the 128-token block boundaries
-
-
-def ref_attention(q, k, v, segments):
-    """float64 NumPy: q [L, H, d], k/v [L, KV, d]; query head h reads kv head h // (H / KV);
-    a query sees keys at or before it in the same segment."""
-    length, heads, d = q.shape
-    group = heads // k.shape[1]
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
-    allowed = np.tril(np.ones((length, length), bool)) & (segments[:, None] == segments[None, :])
-    scores = np.where(allowed, scores, -np.inf)
-    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    weights /= weights.sum(axis=-1, keepdims=True)
-    return np.einsum("hqk,khd->qhd", weights, v)
 
 
 def _inputs(n_heads, n_kv, rows, seed=0, batch=2):
@@ -160,7 +146,10 @@ def test_remat_policy_keeps_the_forward_inside_shard_map():
 
 
 @pytest.mark.parametrize("changes, field", [
-    (dict(mesh={"sequence": 2, "fsdp": -1}), "mesh.sequence"),
+    (dict(mesh={"sequence": 2, "fsdp": -1}, model={"context_parallel": "ring"}),
+     "model.context_parallel"),
+    (dict(mesh={"sequence": 4, "fsdp": -1}, model={"splash_block_q": 48}),
+     "model.splash_block_q"),  # divides the row (256), not a shard's 64 queries
     (dict(model={"splash_block_kv": 96}), "model.splash_block_kv"),
     (dict(model={"splash_block_q": 20}), "model.splash_block_q"),
 ])
@@ -171,7 +160,7 @@ def test_splash_settings_that_cannot_work_name_the_field(changes, field):
     for section, values in changes.items():
         config[section].update(values)
     with pytest.raises(config_lib.ConfigError, match=re.escape(field)):
-        config_lib.validate(config, 8 if section == "mesh" else 1)
+        config_lib.validate(config, 8 if "mesh" in changes else 1)
 
 
 def test_auto_picks_splash_on_tpu_where_it_applies():
@@ -183,9 +172,12 @@ def test_auto_picks_splash_on_tpu_where_it_applies():
     config.data.seq_len, config.model.attention = 256, "auto"
     one_device = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}
     assert config_lib.attention_impl(config, one_device, "tpu") == "splash"
-    # A split sequence is beyond splash for now: "auto" falls back, an explicit ask fails.
+    # A split sequence: splash per shard under all_gather; the ring runs XLA blocks, so
+    # "auto" falls back and an explicit ask fails.
     split = {**one_device, "sequence": 2}
+    assert config_lib.attention_impl(config, split, "tpu") == "splash"
+    config.model.context_parallel = "ring"
     assert config_lib.attention_impl(config, split, "tpu") == "xla"
     config.model.attention = "splash"
-    with pytest.raises(config_lib.ConfigError, match="mesh.sequence"):
+    with pytest.raises(config_lib.ConfigError, match="model.context_parallel"):
         config_lib.attention_impl(config, split, "tpu")

@@ -1,0 +1,348 @@
+"""Context parallelism: causal attention over a sequence split across devices (`mesh.sequence`).
+
+A row of length l is cut into 2n chunks of c = l / 2n tokens for n sequence shards. Causal
+attention gives late chunks more keys than early ones, so contiguous shards would leave shard 0
+idle while the last computes most of the triangle. `balance` reorders every row so that shard i
+holds chunks i and 2n-1-i: each shard then sees the same number of (query, key) pairs. The
+Transformer balances its inputs once on entry and restores the order once on exit; in between,
+only attention needs to know, through `original_index`.
+
+Attention runs in one `jax.shard_map` over rows ("batch"), heads ("act_heads") and the
+sequence ("length"), with one of two strategies (`model.context_parallel`):
+
+- `all_gather`: each shard keeps its queries and gathers every key and value (their gradients
+  come back as a reduce-scatter). Simple, one collective per layer, and the per-shard block
+  runs in the best kernel there is (splash on TPU, with a mask in balanced order).
+- `ring`: keys and values travel round the shards with `lax.ppermute` while each shard keeps a
+  running softmax (max, sum, output); no shard ever holds more than two shards' K/V, and the
+  backward pass (a custom VJP) rotates them again with their gradients. Memory grows with l/n
+  rather than l; each step's transfer can overlap the block's compute. Blocks run in XLA ops.
+
+Packed rows: segment ids travel with the keys, so a document may span shards.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
+
+STRATEGIES = ("all_gather", "ring")
+
+
+# ---------------------------------------------------------------- the balanced order
+
+
+def balance(x, shards: int, axis: int = 1):
+    """Reorder `axis` (length l, divisible by 2 * shards) so that shard i of an even split
+    holds chunks i and 2*shards-1-i of the original order."""
+    x = jnp.moveaxis(x, axis, 0)
+    chunks = x.reshape(2 * shards, -1, *x.shape[1:])
+    pairs = jnp.stack([chunks[:shards], chunks[shards:][::-1]], axis=1)  # [n, 2, c, ...]
+    return jnp.moveaxis(pairs.reshape(x.shape), 0, axis)
+
+
+def restore(x, shards: int, axis: int = 1):
+    """The inverse of `balance`."""
+    x = jnp.moveaxis(x, axis, 0)
+    pairs = x.reshape(shards, 2, -1, *x.shape[1:])
+    chunks = jnp.concatenate([pairs[:, 0], pairs[:, 1][::-1]], axis=0)
+    return jnp.moveaxis(chunks.reshape(x.shape), 0, axis)
+
+
+def original_index(length: int, shards: int) -> np.ndarray:
+    """Position in the original row of each position of the balanced row (host constant)."""
+    chunks = np.arange(length).reshape(2 * shards, -1)
+    return np.stack([chunks[:shards], chunks[shards:][::-1]], axis=1).reshape(-1)
+
+
+# ---------------------------------------------------------------- the mesh
+
+
+def _axes(entry) -> tuple:
+    if entry is None:
+        return ()
+    return entry if isinstance(entry, tuple) else (entry,)
+
+
+def sequence_shards() -> int:
+    """How many ways the traced mesh (jax.set_mesh) splits the logical axis "length"."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    spec = nn.logical_to_mesh_axes(("length",))
+    return int(np.prod([mesh.shape[a] for a in _axes(spec[0])]))
+
+
+# ---------------------------------------------------------------- per-shard blocks (XLA)
+
+
+def _scores(q, k):
+    """q [b, t, kv, g, d], k [b, s, kv, d] -> float32 scaled scores [b, kv, g, t, s]."""
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    return scores * (q.shape[-1] ** -0.5)
+
+
+def _mask(q_index, k_index, q_seg, k_seg):
+    """[b or 1, 1, 1, t, s]: causal in the original order, within one segment."""
+    mask = (k_index[None, :] <= q_index[:, None])[None, None, None]
+    if q_seg is None:
+        return mask
+    return mask & (q_seg[:, None, None, :, None] == k_seg[:, None, None, None, :])
+
+
+def _group(q, n_kv):
+    b, t, h, d = q.shape
+    return q.reshape(b, t, n_kv, h // n_kv, d)
+
+
+def _gathered_block(q, k, v, q_index, k_index, q_seg, k_seg):
+    """Exact softmax attention of local grouped queries over all (gathered) keys."""
+    scores = jnp.where(_mask(q_index, k_index, q_seg, k_seg), _scores(q, k),
+                       jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
+# ---------------------------------------------------------------- all_gather
+
+
+def _all_gather_xla(q, k, v, seg, axes, shards):
+    """Per shard: q [b, 2c, h, d]; k, v [b, 2c, kv, d]; seg [b, 2c] or None."""
+    length = q.shape[1] * shards
+    index = jnp.asarray(original_index(length, shards))
+    q_index = index.reshape(shards, -1)[jax.lax.axis_index(axes)]
+    gather = functools.partial(jax.lax.all_gather, axis_name=axes, axis=1, tiled=True)
+    k_seg = None if seg is None else gather(seg)
+    out = _gathered_block(_group(q, k.shape[2]), gather(k), gather(v), q_index, index, seg, k_seg)
+    return out.reshape(q.shape)
+
+
+class _BalancedCausalMask(splash.Mask):
+    """Splash's mask for a whole row in the balanced order: causal in the original order."""
+
+    def __init__(self, length: int, shards: int):
+        self._length, self._index = length, original_index(length, shards)
+
+    @property
+    def shape(self):
+        return (self._length, self._length)
+
+    def __getitem__(self, idx):
+        rows, cols = idx
+        return self._index[rows][:, None] >= self._index[cols][None, :]
+
+
+def _splash_kernel(length, shards, heads, head_shards, blocks, interpret):
+    mask = splash.MultiHeadMask([_BalancedCausalMask(length, shards)] * heads)
+    return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=head_shards,
+                                  q_seq_shards=shards, interpret=interpret)
+
+
+def _all_gather_splash(kernel, q, k, v, seg, axes):
+    """Per shard, in splash's layout: q [b, h, 2c, d]; k, v [b, kv, 2c, d]; seg [b, 2c]."""
+    gather = functools.partial(jax.lax.all_gather, axis_name=axes, tiled=True)
+    k, v, k_seg = gather(k, axis=2), gather(v, axis=2), gather(seg, axis=1)
+    ids = splash.SegmentIds(q=seg, kv=k_seg)
+    return jax.vmap(kernel)(q, k, v, ids)
+
+
+# ---------------------------------------------------------------- ring
+
+
+def _ring_steps(shards):
+    """ppermute pairs passing each shard's block to the next shard."""
+    return [(i, (i + 1) % shards) for i in range(shards)]
+
+
+def _ring_blocks(q_index, k_index):
+    """For the held key block: which (query rows, key columns) can have allowed pairs.
+
+    In the balanced order each shard holds chunks (i, 2n-1-i) of queries and, at ring step s,
+    keys of shard j = i - s (mod n). Besides the diagonal step (j == i, the whole block with the
+    causal mask), exactly half the block matters: if j < i, every query against the first key
+    chunk; if j > i, the second query chunk against every key. Returned as two static
+    (row slice, column slice) choices and a flag picking one of them.
+    """
+    c = q_index.shape[0] // 2
+    later = q_index[0] > k_index[0]  # j < i: the first key chunk is before both query chunks
+    return later, (slice(None), slice(0, c)), (slice(c, None), slice(None))
+
+
+def _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols):
+    """Online-softmax update of the running (max, sum, out) rows `rows` by keys `cols`."""
+    m, l, o = state
+    sel_q_seg = None if q_seg is None else q_seg[:, rows]
+    sel_k_seg = None if k_seg is None else k_seg[:, cols]
+    s = jnp.where(_mask(q_index[rows], k_index[cols], sel_q_seg, sel_k_seg),
+                  _scores(q[:, rows], k[:, cols]), -jnp.inf)
+    m_old, l_old, o_old = m[..., rows], l[..., rows], o[:, rows]
+    m_new = jnp.maximum(m_old, jnp.max(s, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.exp(m_old - m_safe)
+    l_new = alpha * l_old + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v[:, cols],
+                    preferred_element_type=jnp.float32)
+    o_new = jnp.moveaxis(alpha, -1, 1)[..., None] * o_old + pv
+    return (m.at[..., rows].set(m_new), l.at[..., rows].set(l_new), o.at[:, rows].set(o_new))
+
+
+def _ring_forward(q, k, v, q_seg, axes, shards):
+    """q [b, 2c, kv, g, d] grouped; returns out (q's dtype) and the log-sum-exp [b, kv, g, 2c]."""
+    length = q.shape[1] * shards
+    index = jnp.asarray(original_index(length, shards)).reshape(shards, -1)
+    me = jax.lax.axis_index(axes)
+    q_index = index[me]
+    b, t, kv, g, d = q.shape
+    state = (jnp.full((b, kv, g, t), -jnp.inf), jnp.zeros((b, kv, g, t)),
+             jnp.zeros((b, t, kv, g, d), jnp.float32))
+    k_seg = q_seg
+    for step in range(shards):
+        k_index = index[(me - step) % shards]
+        if step == 0:
+            state = _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg,
+                                    slice(None), slice(None))
+        else:
+            later, first, second = _ring_blocks(q_index, k_index)
+            state = jax.lax.cond(
+                later,
+                lambda st, a=first: _partial_update(st, q, k, v, q_index, k_index, q_seg, k_seg, *a),
+                lambda st, a=second: _partial_update(st, q, k, v, q_index, k_index, q_seg, k_seg, *a),
+                state)
+        if step < shards - 1:
+            k, v = (jax.lax.ppermute(a, axes, _ring_steps(shards)) for a in (k, v))
+            if k_seg is not None:
+                k_seg = jax.lax.ppermute(k_seg, axes, _ring_steps(shards))
+    m, l, o = state
+    out = o / jnp.moveaxis(l, -1, 1)[..., None]
+    return out.astype(q.dtype), m + jnp.log(l)
+
+
+def _partial_grads(q, k, v, do, delta, lse, q_index, k_index, q_seg, k_seg, rows, cols):
+    """Gradient pieces of the block (rows, cols): dq rows, dk and dv columns (float32)."""
+    sel_q_seg = None if q_seg is None else q_seg[:, rows]
+    sel_k_seg = None if k_seg is None else k_seg[:, cols]
+    scale = q.shape[-1] ** -0.5
+    qr, kc, vc, dor = q[:, rows], k[:, cols], v[:, cols], do[:, rows]
+    mask = _mask(q_index[rows], k_index[cols], sel_q_seg, sel_k_seg)
+    p = jnp.where(mask, jnp.exp(_scores(qr, kc) - lse[..., rows][..., None]), 0.0)
+    dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(do.dtype), dor,
+                    preferred_element_type=jnp.float32)
+    dp = jnp.einsum("btkgd,bskd->bkgts", dor, vc, preferred_element_type=jnp.float32)
+    ds = (p * (dp - delta[..., rows][..., None]) * scale).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bskd->btkgd", ds, kc, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bkgts,btkgd->bskd", ds, qr, preferred_element_type=jnp.float32)
+    return dq, dk, dv
+
+
+def _ring_backward(q, k, v, q_seg, out, lse, do, axes, shards):
+    length = q.shape[1] * shards
+    index = jnp.asarray(original_index(length, shards)).reshape(shards, -1)
+    me = jax.lax.axis_index(axes)
+    q_index = index[me]
+    delta = jnp.einsum("btkgd,btkgd->bkgt", do.astype(jnp.float32), out.astype(jnp.float32))
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    k_seg = q_seg
+
+    def accumulate(grads, rows, cols):
+        dq, dk, dv = grads
+        pq, pk, pv = _partial_grads(q, k, v, do, delta, lse, q_index, k_index, q_seg, k_seg,
+                                    rows, cols)
+        return dq.at[:, rows].add(pq), dk.at[:, cols].add(pk), dv.at[:, cols].add(pv)
+
+    for step in range(shards):
+        k_index = index[(me - step) % shards]
+        if step == 0:
+            dq, dk, dv = accumulate((dq, dk, dv), slice(None), slice(None))
+        else:
+            later, first, second = _ring_blocks(q_index, k_index)
+            dq, dk, dv = jax.lax.cond(later, lambda g, a=first: accumulate(g, *a),
+                                      lambda g, a=second: accumulate(g, *a), (dq, dk, dv))
+        # The key block's gradients travel with it; after the last step one more hop
+        # brings them home.
+        dk, dv = (jax.lax.ppermute(a, axes, _ring_steps(shards)) for a in (dk, dv))
+        if step < shards - 1:
+            k, v = (jax.lax.ppermute(a, axes, _ring_steps(shards)) for a in (k, v))
+            if k_seg is not None:
+                k_seg = jax.lax.ppermute(k_seg, axes, _ring_steps(shards))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ring(q, k, v, q_seg, axes, shards):
+    return _ring_forward(q, k, v, q_seg, axes, shards)[0]
+
+
+def _ring_fwd(q, k, v, q_seg, axes, shards):
+    out, lse = _ring_forward(q, k, v, q_seg, axes, shards)
+    return out, (q, k, v, q_seg, out, lse)
+
+
+def _ring_bwd(axes, shards, residuals, do):
+    q, k, v, q_seg, out, lse = residuals
+    dq, dk, dv = _ring_backward(q, k, v, q_seg, out, lse, do, axes, shards)
+    return dq, dk, dv, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def _ring_xla(q, k, v, seg, axes, shards):
+    return _ring(_group(q, k.shape[2]), k, v, seg, axes, shards).reshape(q.shape)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def attention(q, k, v, segment_ids, strategy: str = "all_gather", block_impl: str = "xla",
+              splash_blocks=None, splash_interpret: bool = True):
+    """Causal GQA attention of rows in the balanced order, split over the traced mesh.
+
+    q [b, l, h, d], k, v [b, l, kv, d], segment_ids [b, l] or None, all in the balanced order
+    (`balance`) and sharded as ("batch", "length", heads). `block_impl` "splash" runs the
+    all_gather strategy's block in the splash kernel (`splash_blocks`: its BlockSizes).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown context-parallel strategy {strategy!r}; use one of {STRATEGIES}")
+    mesh = jax.sharding.get_abstract_mesh()
+    rows, length_axes, heads = nn.logical_to_mesh_axes(("batch", "length", "act_heads"))
+    axes = _axes(length_axes)
+    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    if q.shape[1] % (2 * shards):
+        raise ValueError(f"context parallelism over {shards} shards needs a row length "
+                         f"divisible by {2 * shards}; got {q.shape[1]}")
+    axes = axes[0] if len(axes) == 1 else axes
+    seq_spec = P(rows, length_axes, heads)
+    if strategy == "all_gather" and block_impl == "splash":
+        head_shards = int(np.prod([mesh.shape[a] for a in _axes(heads)]))
+        kernel = _splash_kernel(q.shape[1], shards, q.shape[2], head_shards, splash_blocks,
+                                splash_interpret)
+        kernel_spec = kernel.manual_sharding_spec(
+            jax.sharding.NamedSharding(mesh, P(heads, length_axes)))
+        if segment_ids is None:
+            segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+        scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+        q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q * scale, k, v))  # [b, h, l, d]
+        spec = P(rows, heads, length_axes)
+        out = jax.shard_map(
+            functools.partial(_all_gather_splash, axes=axes), mesh=mesh, check_vma=False,
+            in_specs=(kernel_spec, spec, spec, spec, P(rows, length_axes)), out_specs=spec,
+        )(kernel, q, k, v, segment_ids)
+        return jnp.swapaxes(out, 1, 2)
+    block = _all_gather_xla if strategy == "all_gather" else _ring_xla
+    seg_spec = () if segment_ids is None else (P(rows, length_axes),)
+
+    def per_shard(q, k, v, *seg):
+        return block(q, k, v, seg[0] if seg else None, axes, shards)
+
+    args = (q, k, v) + (() if segment_ids is None else (segment_ids,))
+    return jax.shard_map(per_shard, mesh=mesh, check_vma=False,
+                         in_specs=(seq_spec, seq_spec, seq_spec) + seg_spec,
+                         out_specs=seq_spec)(*args)
