@@ -604,7 +604,7 @@ def analytic_memory_bytes(config, derived, impl: str = "xla") -> float:
     and gradients in float32 (16 bytes a parameter) over the shards, accumulated gradients,
     activations the remat policy keeps, one layer's working set, and the logits."""
     m, t, shape = config.model, config.train, derived.mesh_shape
-    shards = shape["fsdp"] * shape["tensor"]
+    shards = shape["fsdp"] * shape["tensor"] * shape["sequence"]  # jaxlm.sharding's weight rules
     state = derived.n_params * (16 + (4 if t.grad_accum_steps > 1 else 0)) / shards
     rows = derived.per_device_batch_size / shape["sequence"]
     saved, working = _activation_bytes_per_layer(m, derived.head_dim, rows, config.data.seq_len,

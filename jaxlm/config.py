@@ -261,9 +261,9 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
     _require(m.d_ff % tensor == 0, "model.d_ff", m.d_ff, f"must be divisible by mesh.tensor={tensor}")
     _require(m.vocab_size % tensor == 0, "model.vocab_size", m.vocab_size,
              f"must be divisible by mesh.tensor={tensor}")
-    _require(m.d_model % shape["fsdp"] == 0, "model.d_model", m.d_model,
-             f"must be divisible by mesh.fsdp={shape['fsdp']} (weights are split over fsdp "
-             "along d_model)")
+    _require(m.d_model % (shape["fsdp"] * shape["sequence"]) == 0, "model.d_model", m.d_model,
+             f"must be divisible by mesh.fsdp * mesh.sequence = "
+             f"{shape['fsdp'] * shape['sequence']} (weights are split over both along d_model)")
     _require(d.seq_len % (2 * shape["sequence"]) == 0 or shape["sequence"] == 1, "data.seq_len",
              d.seq_len, f"must be divisible by 2 * mesh.sequence={2 * shape['sequence']} (a row is "
              "cut into two chunks per sequence shard, jaxlm.context_parallel)")

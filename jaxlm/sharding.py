@@ -25,8 +25,9 @@ DEFAULT_RULES = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    # weights
-    ("embed", "fsdp"),
+    # weights: sharded over every device of a replica that does not split them by heads,
+    # the sequence shards too (they hold different tokens, not different weights)
+    ("embed", ("fsdp", "sequence")),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
