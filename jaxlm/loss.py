@@ -83,6 +83,9 @@ def _slice_loss(x, head, targets, weights, with_grads: bool, vocab: tuple = ()):
 
 
 def _scan(x, head, targets, weights, chunks: int, with_grads: bool, vocab: tuple = ()):
+    if chunks == 1:  # no loop: jaxlm.aot counts the FLOPs of loop-free programs
+        return _slice_loss(x, head, targets, weights, with_grads, vocab)
+
     def body(carry, xs):
         loss, grad_head = carry
         x_slice, target_slice, weight_slice = xs
