@@ -20,7 +20,6 @@ the shard that holds it. Whole logits never exist on any device, with any `chunk
 from __future__ import annotations
 
 import functools
-
 import math
 
 import flax.linen as nn
