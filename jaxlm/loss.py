@@ -45,6 +45,17 @@ def _psum(a, axes: tuple):
     return lax.psum(a, axes) if axes else a
 
 
+def _target_logit(logits, targets, vocab: tuple):
+    """logits[..., target]; over a split vocabulary (targets already shard-local) the shard
+    that holds the target gives it, the others 0."""
+    if not vocab:
+        return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    shard = logits.shape[-1]
+    held = (targets >= 0) & (targets < shard)
+    picked = jnp.take_along_axis(logits, jnp.clip(targets, 0, shard - 1)[..., None], axis=-1)
+    return lax.psum(jnp.where(held, picked[..., 0], 0.0), vocab)
+
+
 def _slice_loss(x, head, targets, weights, with_grads: bool, vocab: tuple = ()):
     """Weighted cross-entropy sum of one slice [b, t, d]; with its gradients if asked.
 
@@ -64,11 +75,7 @@ def _slice_loss(x, head, targets, weights, with_grads: bool, vocab: tuple = ()):
     exp = jnp.exp(logits - top)
     total = _psum(jnp.sum(exp, axis=-1), vocab)
     log_norm = top[..., 0] + jnp.log(total)
-    held = (targets >= 0) & (targets < shard)  # always, unless the vocabulary is split
-    target_logit = jnp.take_along_axis(logits, jnp.clip(targets, 0, shard - 1)[..., None],
-                                       axis=-1)[..., 0]
-    target_logit = _psum(jnp.where(held, target_logit, 0.0), vocab)
-    loss = jnp.sum((log_norm - target_logit) * weights)
+    loss = jnp.sum((log_norm - _target_logit(logits, targets, vocab)) * weights)
     if not with_grads:
         return loss, None, None
     probs = exp / total[..., None]
