@@ -9,15 +9,24 @@ loop, so only one slice's logits exist at a time. A slice takes every chunks-th 
 The loss is a sum, so its cotangent only scales the gradients: they are computed in the
 forward pass, while the slice's logits are at hand, and nothing of size vocab is kept for
 the backward pass.
+
+Vocab-parallel: traced under a mesh (`jax.set_mesh`) whose axes for the logical "act_vocab"
+have more than one device (mesh.tensor > 1), the loss runs in one `jax.shard_map`: each
+device applies its vocab shard of the head to its rows, the softmax's max and sum of
+exponentials are combined over the shards (`pmax`, `psum`), and the target logit comes from
+the shard that holds it. Whole logits never exist on any device, with any `chunks`.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
 
 
 def _slices(a, chunks: int):
@@ -32,20 +41,45 @@ def _unslice(a):
     return jnp.moveaxis(a, 0, 2).reshape(b, per * chunks, *a.shape[3:])
 
 
-def _slice_loss(x, head, targets, weights, with_grads: bool):
-    """Weighted cross-entropy sum of one slice [b, t, d]; with its gradients if asked."""
+def _psum(a, axes: tuple):
+    return lax.psum(a, axes) if axes else a
+
+
+def _target_logit(logits, targets, vocab: tuple):
+    """logits[..., target]; over a split vocabulary (targets already shard-local) the shard
+    that holds the target gives it, the others 0."""
+    if not vocab:
+        return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    shard = logits.shape[-1]
+    held = (targets >= 0) & (targets < shard)
+    picked = jnp.take_along_axis(logits, jnp.clip(targets, 0, shard - 1)[..., None], axis=-1)
+    return lax.psum(jnp.where(held, picked[..., 0], 0.0), vocab)
+
+
+def _slice_loss(x, head, targets, weights, with_grads: bool, vocab: tuple = ()):
+    """Weighted cross-entropy sum of one slice [b, t, d]; with its gradients if asked.
+
+    With `vocab` (mesh axes, inside shard_map) `head` is this device's shard of the
+    vocabulary: the softmax's max and normaliser are combined over the shards, and grad_x is
+    this shard's share of the sum (the caller adds the shares up once, after all slices).
+    """
     logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
-    logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+    shard = head.shape[-1]
+    if vocab:
+        targets = targets - lax.axis_index(vocab) * shard  # index into this shard
+    else:
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
     top = jnp.max(logits, axis=-1, keepdims=True)
+    if vocab:
+        top = lax.pmax(top, vocab)
     exp = jnp.exp(logits - top)
-    total = jnp.sum(exp, axis=-1)
+    total = _psum(jnp.sum(exp, axis=-1), vocab)
     log_norm = top[..., 0] + jnp.log(total)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    loss = jnp.sum((log_norm - target_logit) * weights)
+    loss = jnp.sum((log_norm - _target_logit(logits, targets, vocab)) * weights)
     if not with_grads:
         return loss, None, None
     probs = exp / total[..., None]
-    one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+    one_hot = jax.nn.one_hot(targets, shard, dtype=jnp.float32)  # all zero where not held
     # Both matmuls take inputs in the compute dtype, as jaxlm.model.logits_dot's backward
     # runs them, and give float32: the backward scales and rounds them once.
     grad_logits = ((probs - one_hot) * weights[..., None]).astype(x.dtype)
@@ -54,16 +88,15 @@ def _slice_loss(x, head, targets, weights, with_grads: bool):
     return loss, grad_x, grad_head
 
 
-def _scan(x, head, targets, weights, chunks: int, with_grads: bool):
-    if x.shape[1] % chunks:
-        raise ValueError(f"sequence length {x.shape[1]} does not split into {chunks} loss chunks; "
-                         "set train.loss_chunks to a divisor of data.seq_len")
+def _scan(x, head, targets, weights, chunks: int, with_grads: bool, vocab: tuple = ()):
+    if chunks == 1:  # no loop: jaxlm.aot counts the FLOPs of loop-free programs
+        return _slice_loss(x, head, targets, weights, with_grads, vocab)
 
     def body(carry, xs):
         loss, grad_head = carry
         x_slice, target_slice, weight_slice = xs
         slice_loss, grad_x, slice_grad_head = _slice_loss(x_slice, head, target_slice,
-                                                          weight_slice, with_grads)
+                                                          weight_slice, with_grads, vocab)
         if with_grads:
             grad_head = grad_head + slice_grad_head
         return (loss + slice_loss, grad_head), grad_x
@@ -74,20 +107,89 @@ def _scan(x, head, targets, weights, chunks: int, with_grads: bool):
     return loss, (_unslice(grad_x) if with_grads else None), grad_head
 
 
+def _mesh_axes(spec_entry) -> tuple:
+    if spec_entry is None:
+        return ()
+    return tuple(spec_entry) if isinstance(spec_entry, (tuple, list)) else (spec_entry,)
+
+
+def vocab_axes() -> tuple:
+    """The mesh axes (of more than one device) that split the logits' vocabulary under the
+    current mesh and logical rules; () when it is not split and the loss runs unsharded."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    axes = _mesh_axes(nn.logical_to_mesh_axes(("act_vocab",))[0])
+    return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def _vocab_parallel(x, head, targets, weights, chunks: int, with_grads: bool, vocab: tuple):
+    """`_scan` in a shard_map: rows split as "batch" / "length" say, the head's vocabulary
+    over `vocab` (its embed dim gathered, as FSDP gathers weights before use).
+
+    Not differentiated (the custom VJP is outside), so the collectives are written out and
+    check_vma is off. grad_x is summed over the vocab shards; grad_head over the rows, and
+    where the embed dim is split over row axes (fsdp) reduce-scattered to that split.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    batch, length = nn.logical_to_mesh_axes(("batch", "length"))
+    rows = tuple(a for a in _mesh_axes(batch) + _mesh_axes(length) if mesh.shape[a] > 1)
+    embed = nn.logical_to_mesh_axes(("embed",))[0]  # alone: one call gives each axis out once
+    scatter = tuple(a for a in _mesh_axes(embed) if a in rows)
+    if head.shape[0] % math.prod(mesh.shape[a] for a in scatter):
+        scatter = ()
+    summed = tuple(a for a in rows if a not in scatter)
+
+    def per_shard(x, head, targets, weights):
+        loss, grad_x, grad_head = _scan(x, head, targets, weights, chunks, with_grads, vocab)
+        loss = _psum(loss, rows)
+        if not with_grads:
+            return loss
+        grad_head = _psum(grad_head, summed)
+        if scatter:
+            grad_head = lax.psum_scatter(grad_head, scatter, scatter_dimension=0, tiled=True)
+        return loss, _psum(grad_x, vocab), grad_head
+
+    row_spec = P(batch, length)
+    out_specs = (P(), row_spec, P(scatter or None, vocab)) if with_grads else P()
+    out = jax.shard_map(per_shard, mesh=mesh, check_vma=False,
+                        in_specs=(row_spec, P(None, vocab), row_spec, row_spec),
+                        out_specs=out_specs)(x, head, targets, weights)
+    return out if with_grads else (out, None, None)
+
+
+def _loss_and_grads(x, head, targets, weights, chunks: int, with_grads: bool):
+    vocab = vocab_axes()
+    split = 1  # devices along the sequence, when the shard_map sees only its part of a row
+    if vocab:
+        mesh = jax.sharding.get_abstract_mesh()
+        split = math.prod(mesh.shape[a]
+                          for a in _mesh_axes(nn.logical_to_mesh_axes(("length",))[0]))
+    if x.shape[1] % (split * chunks):
+        raise ValueError(f"sequence length {x.shape[1]} ({x.shape[1] // split} positions on each "
+                         f"of {split} devices along it) does not split into {chunks} loss chunks; "
+                         "set train.loss_chunks to a divisor of data.seq_len / mesh.sequence")
+    if vocab:
+        return _vocab_parallel(x, head, targets, weights, chunks, with_grads, vocab)
+    return _scan(x, head, targets, weights, chunks, with_grads)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def cross_entropy_sum(x, head, targets, weights, chunks: int):
     """sum(weights * -log softmax(x @ head)[targets]) in float32, `chunks` slices at a time.
 
     x [b, l, d] final hidden states; head [d, vocab]; targets [b, l] int; weights [b, l]
-    float (0 drops a position). l must be divisible by chunks.
+    float (0 drops a position). l (each device's part of it) must be divisible by chunks.
+    Vocab-parallel when `vocab_axes()` is not empty (see the module docstring).
     """
-    return _scan(x, head, targets, weights, chunks, with_grads=False)[0]
+    return _loss_and_grads(x, head, targets, weights, chunks, with_grads=False)[0]
 
 
 def _forward(x, head, targets, weights, chunks):
     """The gradients stay float32 until the backward scales them by the cotangent, so a bfloat16
-    model's gradients are rounded once, as whole logits' are (b*l*d + d*vocab float32 residuals)."""
-    loss, grad_x, grad_head = _scan(x, head, targets, weights, chunks, with_grads=True)
+    model's gradients are rounded once, as whole logits' are (b*l*d + d*vocab float32 residuals,
+    each split as x and the head are)."""
+    loss, grad_x, grad_head = _loss_and_grads(x, head, targets, weights, chunks, with_grads=True)
     dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), head.dtype))  # residuals must be arrays
     return loss, (grad_x, grad_head, dtypes)
 

@@ -33,10 +33,12 @@ def loss_sum_and_count(model, params, batch, loss_chunks: int = 1):
     """Float32 cross-entropy summed over the tokens whose target is real, and their count.
 
     loss_chunks 1 materialises all logits; more runs the head and loss a slice at a time
-    (jaxlm.loss), for less memory at the same FLOPs.
+    (jaxlm.loss), for less memory at the same FLOPs. With the vocabulary split over the mesh
+    (mesh.tensor > 1: "act_vocab" maps to axes of more than one device) jaxlm.loss always
+    runs them, vocab-parallel, with any loss_chunks: no device ever holds whole logits.
     """
     mask = batch["loss_mask"].astype(jnp.float32)
-    if loss_chunks == 1:
+    if loss_chunks == 1 and not loss_lib.vocab_axes():
         logits = forward(model, params, batch)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         return jnp.sum(losses * mask), jnp.sum(mask)
