@@ -94,6 +94,11 @@ def default_config() -> ml_collections.ConfigDict:
     # "arrayrecord:DIR" (made by python -m jaxlm.data.prepare) or "tfds:NAME"
     d.source = "builtin"
     d.seq_len = 4096
+    # Short-to-long rows, ((start_step, seq_len), ...), e.g. ((0, 512), (2000, 2048), (5000, 4096)):
+    # after start_step updates, rows of seq_len tokens. The last length is data.seq_len and each
+    # divides it: a step cuts the same tokens (global_batch_size rows of data.seq_len) into more,
+    # shorter rows, so tokens per step and the learning-rate schedule do not change. () = off.
+    d.seq_len_schedule = ()
     # sentencepiece .model; "" = the prepared dataset's own, or (builtin, tfds) train one
     d.tokenizer = ""
     d.text_key = "text"  # tfds: the feature holding the text
@@ -264,6 +269,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
              f"{d.seq_len // t.loss_chunks} positions) must be divisible by "
              f"mesh.sequence={shape['sequence']}")
 
+    _check_seq_len_schedule(config, shape)
     if m.attention == "splash":
         check_splash(config, shape)
 
@@ -280,15 +286,61 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
                    n_params=count_params(m, head_dim))
 
 
+def seq_len_stages(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
+    """((start_step, seq_len), ...) of a validated config; one stage without a schedule."""
+    schedule = config.data.seq_len_schedule
+    return tuple((int(a), int(b)) for a, b in schedule) or ((0, int(config.data.seq_len)),)
+
+
+def stage_at(stages: tuple[tuple[int, int], ...], step: int) -> int:
+    """Index of the stage that the update numbered `step` (1-based, as the loop counts) is in:
+    the last one whose start_step updates are done before it."""
+    return max(k for k, (start, _) in enumerate(stages) if start <= step - 1)
+
+
+def _check_seq_len_schedule(config: ml_collections.ConfigDict, mesh_shape: dict) -> None:
+    schedule, seq_len, chunks = config.data.seq_len_schedule, config.data.seq_len, config.train.loss_chunks
+    if not schedule:
+        return
+
+    def require(ok, valid):
+        _require(ok, "data.seq_len_schedule", schedule, valid)
+
+    require(all(isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, int) for x in p)
+                for p in schedule), "a tuple of (start_step, seq_len) integer pairs, e.g. "
+            f"((0, {max(2, seq_len // 4)}), (1000, {seq_len}))")
+    starts, lengths = [p[0] for p in schedule], [p[1] for p in schedule]
+    require(starts[0] == 0, "the first stage must start at step 0")
+    require(all(a < b for a, b in zip(starts, starts[1:])), "start steps must strictly increase")
+    require(all(a < b for a, b in zip(lengths, lengths[1:])), "lengths must strictly increase")
+    require(lengths[-1] == seq_len, f"the last length must be data.seq_len={seq_len} (the length "
+            "train.global_batch_size counts rows of)")
+    sequence = mesh_shape["sequence"]
+    for length in lengths:
+        require(length >= 2 and seq_len % length == 0, f"length {length} must divide "
+                f"data.seq_len={seq_len} (each row of data.seq_len is cut into equal rows)")
+        require(length % sequence == 0, f"length {length} must be divisible by "
+                f"mesh.sequence={sequence}")
+        require(length % chunks == 0 and (length // chunks) % sequence == 0,
+                f"length {length} must be divisible by train.loss_chunks={chunks}, in slices "
+                f"divisible by mesh.sequence={sequence}")
+
+
 def check_splash(config: ml_collections.ConfigDict, mesh_shape: dict) -> None:
     """What the splash kernel needs of a config (also for "auto" once it resolves to splash)."""
-    m, seq_len = config.model, config.data.seq_len
-    for field in ("splash_block_q", "splash_block_kv"):
-        block = min(int(m[field]), seq_len)
-        multiple = 128 if field == "splash_block_kv" else 8
-        _require(block >= 1 and seq_len % block == 0 and block % multiple == 0,
-                 f"model.{field}", m[field], f"a multiple of {multiple} that divides "
-                 f"data.seq_len={seq_len} once clipped to it (splash attention's tiles)")
+    m, final = config.model, config.data.seq_len
+    for seq_len in sorted({length for _, length in seq_len_stages(config)}, reverse=True):
+        for field in ("splash_block_q", "splash_block_kv"):
+            block = min(int(m[field]), seq_len)
+            multiple = 128 if field == "splash_block_kv" else 8
+            ok = block >= 1 and seq_len % block == 0 and block % multiple == 0
+            if seq_len == final:
+                _require(ok, f"model.{field}", m[field], f"a multiple of {multiple} that divides "
+                         f"data.seq_len={seq_len} once clipped to it (splash attention's tiles)")
+            _require(ok, "data.seq_len_schedule", config.data.seq_len_schedule,
+                     f"length {seq_len} does not fit splash attention's tiles: model.{field}="
+                     f"{m[field]} clipped to it must be a multiple of {multiple} that divides it; "
+                     "use longer lengths, or model.attention='xla'")
     _require(mesh_shape["sequence"] == 1, "mesh.sequence", mesh_shape["sequence"],
              "1 with model.attention='splash' (it does not split the sequence yet); or use "
              "model.attention='xla'")
