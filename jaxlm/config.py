@@ -299,7 +299,8 @@ def stage_at(stages: tuple[tuple[int, int], ...], step: int) -> int:
 
 
 def _check_seq_len_schedule(config: ml_collections.ConfigDict, mesh_shape: dict) -> None:
-    schedule, seq_len, chunks = config.data.seq_len_schedule, config.data.seq_len, config.train.loss_chunks
+    schedule, seq_len = config.data.seq_len_schedule, config.data.seq_len
+    chunks = config.train.loss_chunks
     if not schedule:
         return
 
@@ -337,10 +338,11 @@ def check_splash(config: ml_collections.ConfigDict, mesh_shape: dict) -> None:
             if seq_len == final:
                 _require(ok, f"model.{field}", m[field], f"a multiple of {multiple} that divides "
                          f"data.seq_len={seq_len} once clipped to it (splash attention's tiles)")
-            _require(ok, "data.seq_len_schedule", config.data.seq_len_schedule,
-                     f"length {seq_len} does not fit splash attention's tiles: model.{field}="
-                     f"{m[field]} clipped to it must be a multiple of {multiple} that divides it; "
-                     "use longer lengths, or model.attention='xla'")
+            else:
+                _require(ok, "data.seq_len_schedule", config.data.seq_len_schedule,
+                         f"length {seq_len} does not fit splash attention's tiles: model.{field}="
+                         f"{m[field]} clipped to it must be a multiple of {multiple} that divides "
+                         "it; use longer lengths, or model.attention='xla'")
     _require(mesh_shape["sequence"] == 1, "mesh.sequence", mesh_shape["sequence"],
              "1 with model.attention='splash' (it does not split the sequence yet); or use "
              "model.attention='xla'")

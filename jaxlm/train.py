@@ -160,7 +160,8 @@ def _announce_stage(stages, stage, step, t, console, writer) -> None:
     rows = t.global_batch_size * stages[-1][1] // seq_len
     begins = step == stages[stage][0] + 1
     console.print(f"step {step}/{t.steps} | seq_len stage {stage + 1}/{len(stages)} "
-                  f"{'starts' if begins else 'continues'}: {rows} rows of {seq_len} tokens per step")
+                  f"{'starts' if begins else 'continues'}: {rows} rows of {seq_len} tokens "
+                  "per step")
     if begins:
         writer.write(step, {"seq_len": seq_len, "rows_per_step": rows})
 

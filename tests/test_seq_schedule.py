@@ -69,7 +69,8 @@ def test_cut_rows_are_the_rows_packed_at_the_shorter_length():
     docs = [rng.integers(3, 500, size=rng.integers(2, 90)) for _ in range(60)]
     long_rows, short_rows = pipeline.PackedRows(docs, 64, seed=5), pipeline.PackedRows(docs, 16, 5)
     batch = {k: np.stack([long_rows[i][k] for i in range(len(long_rows))]) for k in long_rows[0]}
-    assert (batch["segment_ids"] == 0).any() and (batch["segment_ids"] > 2).any()  # padding, packing
+    # Some padding, and rows that pack several documents.
+    assert (batch["segment_ids"] == 0).any() and (batch["segment_ids"] > 2).any()
     cut = pipeline.cut_rows(batch, 16)
     assert cut["inputs"].shape == (4 * len(long_rows), 16)
     for k in batch:
@@ -79,14 +80,16 @@ def test_cut_rows_are_the_rows_packed_at_the_shorter_length():
 
 
 def small_tiny(tokenizer_path, schedule, steps):
-    """configs/tiny.py shrunk to compile fast; rows of 64 at the end, 16 per step in 2 microbatches."""
+    """configs/tiny.py shrunk to compile fast; 16 rows of 64 a step at the end, 2 microbatches."""
     config = tiny.get_config()
     m = config.model
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 64, 1, 4, 2, 128
-    config.data.tokenizer, config.data.seq_len, config.data.seq_len_schedule = tokenizer_path, 64, schedule
+    config.data.tokenizer, config.data.seq_len = tokenizer_path, 64
+    config.data.seq_len_schedule = schedule
     config.data.eval_batches = 1
     t = config.train
-    t.steps, t.global_batch_size, t.grad_accum_steps, t.warmup_steps, t.log_every = steps, 16, 2, 1, 1
+    t.steps, t.global_batch_size, t.grad_accum_steps = steps, 16, 2
+    t.warmup_steps, t.log_every = 1, 1
     config.checkpoint.every = 100
     return config
 
