@@ -318,8 +318,9 @@ def _check_seq_len_schedule(config: ml_collections.ConfigDict, mesh_shape: dict)
             "train.global_batch_size counts rows of)")
     sequence = mesh_shape["sequence"]
     for length in lengths:
-        require(length >= 2 and seq_len % length == 0, f"length {length} must divide "
-                f"data.seq_len={seq_len} (each row of data.seq_len is cut into equal rows)")
+        require(length >= 2 and seq_len % length == 0, f"length {length} must be at least 2 "
+                f"and divide data.seq_len={seq_len} (each row of data.seq_len is cut into "
+                "equal rows)")
         require(length % sequence == 0, f"length {length} must be divisible by "
                 f"mesh.sequence={sequence}")
         require(length % chunks == 0 and (length // chunks) % sequence == 0,
