@@ -99,6 +99,11 @@ def default_config() -> ml_collections.ConfigDict:
     # "arrayrecord:DIR" (made by python -m jaxlm.data.prepare) or "tfds:NAME"
     d.source = "builtin"
     d.seq_len = 4096
+    # Short-to-long rows, ((start_step, seq_len), ...), e.g. ((0, 512), (2000, 2048), (5000, 4096)):
+    # after start_step updates, rows of seq_len tokens. The last length is data.seq_len and each
+    # divides it: a step cuts the same tokens (global_batch_size rows of data.seq_len) into more,
+    # shorter rows, so tokens per step and the learning-rate schedule do not change. () = off.
+    d.seq_len_schedule = ()
     # sentencepiece .model; "" = the prepared dataset's own, or (builtin, tfds) train one
     d.tokenizer = ""
     d.text_key = "text"  # tfds: the feature holding the text
@@ -272,6 +277,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
              f"{d.seq_len // t.loss_chunks} positions) must be divisible by "
              f"mesh.sequence={shape['sequence']}")
 
+    _check_seq_len_schedule(config, shape)
     if m.attention == "splash":
         check_splash(config, shape)
 
@@ -288,23 +294,75 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
                    n_params=count_params(m, head_dim))
 
 
+def seq_len_stages(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
+    """((start_step, seq_len), ...) of a validated config; one stage without a schedule."""
+    schedule = config.data.seq_len_schedule
+    return tuple((int(a), int(b)) for a, b in schedule) or ((0, int(config.data.seq_len)),)
+
+
+def stage_at(stages: tuple[tuple[int, int], ...], step: int) -> int:
+    """Index of the stage that the update numbered `step` (1-based, as the loop counts) is in:
+    the last one whose start_step updates are done before it."""
+    return max(k for k, (start, _) in enumerate(stages) if start <= step - 1)
+
+
+def _check_seq_len_schedule(config: ml_collections.ConfigDict, mesh_shape: dict) -> None:
+    schedule, seq_len = config.data.seq_len_schedule, config.data.seq_len
+    chunks = config.train.loss_chunks
+    if not schedule:
+        return
+
+    def require(ok, valid):
+        _require(ok, "data.seq_len_schedule", schedule, valid)
+
+    require(all(isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, int) for x in p)
+                for p in schedule), "a tuple of (start_step, seq_len) integer pairs, e.g. "
+            f"((0, {max(2, seq_len // 4)}), (1000, {seq_len}))")
+    starts, lengths = [p[0] for p in schedule], [p[1] for p in schedule]
+    require(starts[0] == 0, "the first stage must start at step 0")
+    require(all(a < b for a, b in zip(starts, starts[1:])), "start steps must strictly increase")
+    require(all(a < b for a, b in zip(lengths, lengths[1:])), "lengths must strictly increase")
+    require(lengths[-1] == seq_len, f"the last length must be data.seq_len={seq_len} (the length "
+            "train.global_batch_size counts rows of)")
+    sequence = mesh_shape["sequence"]
+    for length in lengths:
+        require(length >= 2 and seq_len % length == 0, f"length {length} must be at least 2 "
+                f"and divide data.seq_len={seq_len} (each row of data.seq_len is cut into "
+                "equal rows)")
+        split = 2 * sequence if sequence > 1 else 1  # two chunks per shard (context_parallel)
+        require(length % split == 0, f"length {length} must be divisible by {split} "
+                f"(2 * mesh.sequence={sequence})")
+        require(length % chunks == 0 and (length // chunks) % sequence == 0,
+                f"length {length} must be divisible by train.loss_chunks={chunks}, in slices "
+                f"divisible by mesh.sequence={sequence}")
+
+
 def check_splash(config: ml_collections.ConfigDict, mesh_shape: dict) -> None:
-    """What the splash kernel needs of a config (also for "auto" once it resolves to splash).
+    """What the splash kernel needs of a config (also for "auto" once it resolves to splash),
+    at every length of the schedule.
 
     With a split sequence the kernel runs per shard against gathered keys
     (context_parallel="all_gather"): query tiles then divide one shard's queries."""
-    m, seq_len, shards = config.model, config.data.seq_len, mesh_shape["sequence"]
+    m, final, shards = config.model, config.data.seq_len, mesh_shape["sequence"]
     _require(shards == 1 or m.context_parallel == "all_gather", "model.context_parallel",
              m.context_parallel, "'all_gather' for splash attention over a split sequence "
              "(the ring strategy runs its blocks in XLA ops); or use model.attention='xla'")
-    for field in ("splash_block_q", "splash_block_kv"):
-        length = seq_len // shards
-        block = min(int(m[field]), length)
-        multiple = 128 if field == "splash_block_kv" else 8
-        _require(block >= 1 and length % block == 0 and block % multiple == 0,
-                 f"model.{field}", m[field], f"a multiple of {multiple} that divides "
-                 f"{length} (data.seq_len / mesh.sequence) once clipped to it (splash "
-                 "attention's tiles)")
+    for seq_len in sorted({length for _, length in seq_len_stages(config)}, reverse=True):
+        length = seq_len // shards  # one shard's queries
+        for field in ("splash_block_q", "splash_block_kv"):
+            block = min(int(m[field]), length)
+            multiple = 128 if field == "splash_block_kv" else 8
+            ok = block >= 1 and length % block == 0 and block % multiple == 0
+            if seq_len == final:
+                _require(ok, f"model.{field}", m[field], f"a multiple of {multiple} that divides "
+                         f"{length} (data.seq_len / mesh.sequence) once clipped to it (splash "
+                         "attention's tiles)")
+            else:
+                _require(ok, "data.seq_len_schedule", config.data.seq_len_schedule,
+                         f"length {seq_len} does not fit splash attention's tiles: model.{field}="
+                         f"{m[field]} clipped to {length} (the length / mesh.sequence) must be a "
+                         f"multiple of {multiple} that divides it; use longer lengths, or "
+                         "model.attention='xla'")
 
 
 def attention_impl(config: ml_collections.ConfigDict, mesh_shape: dict, platform: str) -> str:

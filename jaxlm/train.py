@@ -151,6 +151,21 @@ def _initial_state(config, factory, checkpoints, console):
     return 0, None, state
 
 
+def _announce_stage(stages, stage, step, t, console, writer) -> None:
+    """Console line where a run starts or resumes in a stage of data.seq_len_schedule, and a
+    metrics row {"seq_len", "rows_per_step"} at the step where the stage starts."""
+    if len(stages) == 1:
+        return
+    seq_len = stages[stage][1]
+    rows = t.global_batch_size * stages[-1][1] // seq_len
+    begins = step == stages[stage][0] + 1
+    console.print(f"step {step}/{t.steps} | seq_len stage {stage + 1}/{len(stages)} "
+                  f"{'starts' if begins else 'continues'}: {rows} rows of {seq_len} tokens "
+                  "per step")
+    if begins:
+        writer.write(step, {"seq_len": seq_len, "rows_per_step": rows})
+
+
 def train(config, workdir: str | pathlib.Path) -> dict:
     """Run (or resume) training as `config` says; return the last logged metrics."""
     workdir = pathlib.Path(workdir)
@@ -188,8 +203,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     batch_sharding = factory.batch_sharding
 
     peak, peak_source = metrics_lib.peak_flops_total(jax.devices())
-    flops_per_token = metrics_lib.flops_per_token(config.model, derived.head_dim, d.seq_len)
-    tokens_per_microbatch = derived.micro_batch_size * d.seq_len
+    stages = config_lib.seq_len_stages(config)
+    tokens_per_microbatch = derived.micro_batch_size * d.seq_len  # the same in every stage
     schedule = optim.schedule(t)
     console.print(f"jaxlm {jaxlm.__version__}: {derived.n_params / 1e6:.1f}M params, "
                   f"{jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
@@ -207,20 +222,33 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     last = {}
     if start == 0:  # where validation loss starts, so a run shows what it learned
         writer.write(0, {"val_loss": evaluate(eval_step, state["params"], eval_batches, batch_sharding)})
-    # Throughput is timed from the end of this process's first step (which compiles).
-    timer_start, timed_tokens, losses = None, 0, []
+    # Throughput is timed from the end of this process's first step (which compiles); the
+    # first step of each later stage compiles too, and its time is left out.
+    timer_start, timed_tokens, timed_flops, losses = None, 0, 0.0, []
+    stage = None
     nonfinite = _NonFinitePolicy(t, console)
     sigterm = _SigtermFlag()
     try:
         with factory.context():
             for step in range(start + 1, t.steps + 1):
+                compiles = timer_start is None
+                if stage != config_lib.stage_at(stages, step):
+                    if stage is not None:  # this step compiles for the new length: not timed
+                        jax.block_until_ready(state)
+                        compiles, untimed_from = True, time.perf_counter()
+                    stage = config_lib.stage_at(stages, step)
+                    seq_len = stages[stage][1]
+                    flops_per_token = metrics_lib.flops_per_token(config.model, derived.head_dim,
+                                                                  seq_len)
+                    _announce_stage(stages, stage, step, t, console, writer)
                 # One optimizer update: grad_accum_steps finite microbatches. A non-finite
                 # one changes nothing; with nonfinite="skip" another microbatch replaces it.
                 applied = calls = 0
                 while applied < t.grad_accum_steps:
                     results = []
                     for _ in range(t.grad_accum_steps - applied):
-                        batch = sharding_lib.global_batch(next(train_batches), batch_sharding)
+                        rows = pipeline.cut_rows(next(train_batches), seq_len)
+                        batch = sharding_lib.global_batch(rows, batch_sharding)
                         state, metrics = train_step(state, batch)
                         calls += 1
                         results.append(metrics)
@@ -228,11 +256,15 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                         losses.append(result["loss"])
                         if nonfinite.applied(result, step):
                             applied, grad_norm = applied + 1, float(result["grad_norm"])
-                if timer_start is None:
+                if compiles:
                     jax.block_until_ready(state)
-                    timer_start = time.perf_counter()
+                    if timer_start is None:
+                        timer_start = time.perf_counter()
+                    else:
+                        timer_start += time.perf_counter() - untimed_from
                 else:
                     timed_tokens += tokens_per_microbatch * calls
+                    timed_flops += flops_per_token * tokens_per_microbatch * calls
 
                 if step % t.log_every == 0 or step == t.steps:
                     finite_losses = [x for x in losses if np.isfinite(x)]
@@ -246,12 +278,13 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                         line += f" | skipped {nonfinite.skipped_total}"
                     if timed_tokens:
                         last["tokens_per_second"] = timed_tokens / (time.perf_counter() - timer_start)
-                        last["mfu"] = metrics_lib.mfu(flops_per_token, last["tokens_per_second"], peak)
+                        last["mfu"] = metrics_lib.mfu(timed_flops / timed_tokens,
+                                                      last["tokens_per_second"], peak)
                         line += (f" | tokens/s {last['tokens_per_second']:,.0f}"
                                  f" | MFU {100 * last['mfu']:.1f}%")
                     writer.write(step, last)
                     console.print(line)
-                    timer_start, timed_tokens, losses = time.perf_counter(), 0, []
+                    timer_start, timed_tokens, timed_flops, losses = time.perf_counter(), 0, 0.0, []
 
                 if step % t.eval_every == 0 or step == t.steps:
                     eval_start = time.perf_counter()

@@ -105,6 +105,48 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path, repo, tokenizer_path
     assert all(r["loss"] == unbroken[r["step"]] for r in rows if "loss" in r)
 
 
+SCHEDULE = ((0, 16), (4, 32), (6, 64))  # steps 1-4 rows of 16, 5-6 of 32, 7-8 of 64
+
+
+@pytest.mark.slow  # other processes
+def test_killed_in_and_across_seq_len_stages_resumes_exactly(tmp_path, repo, tokenizer_path):
+    steps = 8
+    config = tiny_config(tokenizer_path, steps, every=3)  # checkpoints 3, 6 and 8
+    config.data.seq_len_schedule = SCHEDULE
+    train_lib.train(config, tmp_path / "unbroken")
+
+    workdir = tmp_path / "killed"
+    command = [*cli(tokenizer_path, workdir, steps, every=3),
+               f"--config.data.seq_len_schedule={SCHEDULE}"]
+    # Killed in stage 2 (the newest checkpoint, 3, is in stage 1), then in stage 3 (checkpoint
+    # 6 ends stage 2): the first resume starts inside stage 1 and crosses into stage 2 again,
+    # the second starts right at stage 3. Compiling a new stage gives the saves time to finish.
+    outputs = []
+    for pattern in ("step 5/8 | loss", "step 7/8 | loss", None):
+        code, output = run_until(command, repo, pattern)
+        assert code == (-signal.SIGKILL if pattern else 0), output[-3000:]
+        outputs.append(output)
+    checkpoints = workdir / "checkpoints"
+    assert f"resumed from {checkpoints / '3'}" in outputs[1]
+    assert "step 4/8 | seq_len stage 1/3 continues: 32 rows of 16" in outputs[1]
+    assert "step 5/8 | seq_len stage 2/3 starts: 16 rows of 32" in outputs[1]
+    assert f"resumed from {checkpoints / '6'}" in outputs[2]
+    assert "step 7/8 | seq_len stage 3/3 starts: 8 rows of 64" in outputs[2]
+
+    expected, _ = final_params(tmp_path / "unbroken", steps, config)
+    actual, meta = final_params(workdir, steps, config)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
+        np.testing.assert_array_equal(a, b)
+    assert meta["data"]["iterator"] == {"next_index": steps}
+    rows = metric_rows(workdir)
+    unbroken = metric_rows(tmp_path / "unbroken")
+    losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    assert losses == {r["step"]: r["loss"] for r in unbroken if "loss" in r}
+    assert sorted(losses) == list(range(1, steps + 1))
+    stage_rows = [(r["step"], r["seq_len"]) for r in rows if "seq_len" in r]
+    assert stage_rows == [(1, 16), (5, 32), (7, 64)]
+
+
 @pytest.mark.slow  # other processes
 def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path, repo, tokenizer_path):
     workdir = tmp_path / "run"

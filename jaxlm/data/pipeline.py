@@ -9,6 +9,13 @@ pure function of (seed, batch index). grain shuffles rows (afresh each epoch), b
 them, gives each process its slice of every global batch and prefetches on threads; its
 iterator state (the next batch index) is what a checkpoint saves.
 
+A short-to-long schedule (config.data.seq_len_schedule) changes only how a batch is cut:
+batch k is always the same rows of data.seq_len, and `cut_rows` splits each into
+seq_len / s consecutive rows of s tokens, which are exactly the rows PackedRows would cut
+at length s (row i's piece j is row i * seq_len / s + j there). So tokens per step are
+constant, no token is skipped or repeated when a stage starts, and a batch is a pure
+function of (seed, batch index, the stage of its step): resuming anywhere is exact.
+
 Sources (config.data.source): `builtin` (the stdlib corpus, tokenizer trained into the
 workdir), `arrayrecord:DIR` (made by `python -m jaxlm.data.prepare`), `tfds:NAME`
 (prepared once into the workdir from `tfds.data_source`).
@@ -95,10 +102,7 @@ class PackedRows:
             tokens[:len(chunk)], doc_ids[:len(chunk)] = chunk, chunk_docs
 
         doc = doc_ids[:-1]
-        starts = np.concatenate([[True], doc[1:] != doc[:-1]])
-        segment_ids = (np.cumsum(starts) * (doc != 0)).astype(np.int32)
-        index = np.arange(length)
-        positions = (index - np.maximum.accumulate(np.where(starts, index, 0))).astype(np.int32)
+        segment_ids, positions = _layout(doc)
         return {
             "inputs": tokens[:-1],
             "targets": tokens[1:],
@@ -106,6 +110,30 @@ class PackedRows:
             "segment_ids": segment_ids,
             "loss_mask": (doc_ids[1:] == doc) & (doc != 0),
         }
+
+
+def _layout(doc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """segment_ids and positions of rows (last axis) whose tokens come from documents `doc`
+    (any ids, equal within a document, 0 for padding); a row starts a segment."""
+    starts = np.ones(doc.shape, bool)
+    starts[..., 1:] = doc[..., 1:] != doc[..., :-1]
+    segment_ids = (np.cumsum(starts, axis=-1) * (doc != 0)).astype(np.int32)
+    index = np.broadcast_to(np.arange(doc.shape[-1]), doc.shape)
+    positions = index - np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
+    return segment_ids, positions.astype(np.int32)
+
+
+def cut_rows(batch: dict, seq_len: int) -> dict:
+    """A batch of rows cut into rows of `seq_len` tokens (which divides the row length): the
+    rows PackedRows cuts at `seq_len` from the same tokens, in the same order."""
+    rows, length = batch["inputs"].shape
+    if seq_len == length:
+        return batch
+    pieces = {k: np.asarray(v).reshape(rows * (length // seq_len), seq_len)
+              for k, v in batch.items()}
+    # Segment ids already tell documents apart within a row; renumber them per piece.
+    pieces["segment_ids"], pieces["positions"] = _layout(pieces["segment_ids"])
+    return pieces
 
 
 def _process_share(global_batch_size: int) -> tuple[int, int, int]:
