@@ -25,7 +25,6 @@ import jax
 from absl import app, flags
 
 from benchmarks import results_table
-from benchmarks.tpu_aot import _gib, _version
 from jaxlm import aot
 
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-16", "The slice (see jaxlm.aot).")
@@ -66,8 +65,8 @@ def to_markdown(rows: list[dict], header: str) -> str:
     for r in rows:
         lines.append(
             f"| {r['sequence']} | {r['strategy']} | {r['attention']} | {r['seq_len']:,} | "
-            f"{r['rows']} | {_gib(r['argument_bytes'])} | {_gib(r['temp_bytes'])} | "
-            f"{_gib(r['total_bytes'])} | {_gib(r['hbm_bytes'])} | "
+            f"{r['rows']} | {results_table.gib(r['argument_bytes'])} | {results_table.gib(r['temp_bytes'])} | "
+            f"{results_table.gib(r['total_bytes'])} | {results_table.gib(r['hbm_bytes'])} | "
             f"{'yes' if r['fits'] else 'NO'} | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -81,7 +80,7 @@ def main(argv):
             row = run_row(topology, shards, strategy, _TOKENS.value)
             rows.append(row)
             print(f"sequence={shards} {row['strategy']}: row {row['seq_len']}, total "
-                  f"{_gib(row['total_bytes'])} GiB (temporaries {_gib(row['temp_bytes'])}), "
+                  f"{results_table.gib(row['total_bytes'])} GiB (temporaries {results_table.gib(row['temp_bytes'])}), "
                   f"{row['wall_s']:.0f} s to compile", flush=True)
     cpu = results_table.cpu()
     header = (
@@ -93,7 +92,7 @@ def main(argv):
         f"holding {_TOKENS.value:,} tokens per step whatever mesh.sequence is: the row grows "
         "with the sequence axis, the rows per step shrink. Train step per chip as the "
         f"compiler reports it (arguments + temporaries + unaliased outputs); compiled on "
-        f"{cpu[0]} ({cpu[1]}), jax {jax.__version__}, libtpu {_version('libtpu')}; no TPU ran.")
+        f"{cpu[0]} ({cpu[1]}), jax {jax.__version__}, libtpu {results_table.package_version('libtpu')}; no TPU ran.")
     out = pathlib.Path(_RESULTS.value)
     out.mkdir(parents=True, exist_ok=True)
     (out / "long-context.md").write_text(to_markdown(rows, header))

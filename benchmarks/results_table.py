@@ -6,6 +6,7 @@ Standard library only: benchmarks.vs_peers imports it from the peers' interprete
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -40,3 +41,14 @@ def cpu() -> tuple[str, int, str]:
                      model)
     cores = os.cpu_count()
     return model, cores, re.sub(r"[^a-z0-9]+", "-", f"{model} {cores}c".lower()).strip("-")
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def package_version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"

@@ -13,7 +13,6 @@ benchmarks/results/tpu-aot.md (and .jsonl), with the host, jax and libtpu versio
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import json
 import pathlib
 import time
@@ -38,28 +37,6 @@ _ONLY = flags.DEFINE_string("only", "", "Run only rows whose 'config slice atten
 _RESULTS = flags.DEFINE_string("results", "benchmarks/results", "Where the table goes.")
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def run_row(config_name: str, slice_name: str, attention: str) -> dict:
-    config = importlib.import_module(f"configs.{config_name}").get_config()
-    config.model.attention = attention
-    start = time.perf_counter()
-    report = aot.compile_for(config, slice_name, programs=("train_step",))[0]
-    return {"config": f"configs/{config_name}.py", "slice": slice_name, "attention": attention,
-            "remat": config.model.remat,
-            "batch x seq": f"{config.train.global_batch_size} x {config.data.seq_len}",
-            "wall_s": time.perf_counter() - start, **json.loads(report.line())}
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f}"
-
-
 def to_markdown(rows: list[dict], header: str) -> str:
     lines = [header, "",
              "| config | slice | attention | remat | batch x seq | arguments GiB | temporaries GiB "
@@ -68,8 +45,8 @@ def to_markdown(rows: list[dict], header: str) -> str:
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['slice']} ({r['topology_name']}) | {r['attention']} | "
-            f"{r['remat']} | {r['batch x seq']} | {_gib(r['argument_bytes'])} | "
-            f"{_gib(r['temp_bytes'])} | {_gib(r['total_bytes'])} | {_gib(r['hbm_bytes'])} | "
+            f"{r['remat']} | {r['batch x seq']} | {results_table.gib(r['argument_bytes'])} | "
+            f"{results_table.gib(r['temp_bytes'])} | {results_table.gib(r['total_bytes'])} | {results_table.gib(r['hbm_bytes'])} | "
             f"{'yes' if r['fits'] else 'NO'} | {r['estimated_step_seconds']:.2f} | "
             f"{100 * r['mfu']:.0f}% | {r['estimate_source']} |")
     return "\n".join(lines) + "\n"
@@ -83,14 +60,14 @@ def main(argv):
             continue
         result = run_row(*row)
         rows.append(result)
-        print(f"{row}: total {_gib(result['total_bytes'])} of {_gib(result['hbm_bytes'])} GiB, "
-              f"temporaries {_gib(result['temp_bytes'])} GiB, estimated step "
+        print(f"{row}: total {results_table.gib(result['total_bytes'])} of {results_table.gib(result['hbm_bytes'])} GiB, "
+              f"temporaries {results_table.gib(result['temp_bytes'])} GiB, estimated step "
               f"{result['estimated_step_seconds']:.2f} s ({result['wall_s']:.0f} s to compile)",
               flush=True)
     cpu = results_table.cpu()
     header = (f"# TPU memory per chip from the TPU compiler ({time.strftime('%Y-%m-%d')})\n\n"
               f"Compiled on {cpu[0]} ({cpu[1]}), no TPU present: jax {jax.__version__}, "
-              f"libtpu {_version('libtpu')}. `python -m benchmarks.tpu_aot`; per chip, train "
+              f"libtpu {results_table.package_version('libtpu')}. `python -m benchmarks.tpu_aot`; per chip, train "
               "step, arguments + temporaries + outputs not aliased to donated arguments. Step "
               "times are the compiler's cost model (estimates, not measurements; jaxlm.aot "
               "says how loops and Pallas kernels are counted).")

@@ -174,22 +174,54 @@ def _ring_blocks(q_index, k_index):
     return later, (slice(None), slice(0, c)), (slice(c, None), slice(None))
 
 
+QUERY_TILE = 512  # ring blocks run this many queries at a time: scores are tile x keys
+
+
+def _query_tile(rows: int) -> int:
+    """The largest divisor of `rows` up to QUERY_TILE."""
+    return max(t for t in range(1, min(rows, QUERY_TILE) + 1) if rows % t == 0)
+
+
+def _to_tiles(a, tile, axis):
+    """Split `axis` (rows) into [rows / tile, tile] and bring the tile count to the front."""
+    if a is None:
+        return None
+    axis %= a.ndim
+    return jnp.moveaxis(a.reshape(*a.shape[:axis], -1, tile, *a.shape[axis + 1:]), axis, 0)
+
+
+def _from_tiles(a, axis):
+    """The inverse of _to_tiles (`axis` as in the untiled array)."""
+    axis %= a.ndim - 1
+    a = jnp.moveaxis(a, 0, axis)
+    return a.reshape(*a.shape[:axis], -1, *a.shape[axis + 2:])
+
+
 def _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols):
-    """Online-softmax update of the running (max, sum, out) rows `rows` by keys `cols`."""
+    """Online-softmax update of the running (max, sum, out) rows `rows` by keys `cols`, a
+    tile of queries at a time (each row's update is independent of the others)."""
     m, l, o = state
-    sel_q_seg = None if q_seg is None else q_seg[:, rows]
-    sel_k_seg = None if k_seg is None else k_seg[:, cols]
-    s = jnp.where(_mask(q_index[rows], k_index[cols], sel_q_seg, sel_k_seg),
-                  _scores(q[:, rows], k[:, cols]), -jnp.inf)
-    m_old, l_old, o_old = m[..., rows], l[..., rows], o[:, rows]
-    m_new = jnp.maximum(m_old, jnp.max(s, axis=-1))
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    p = jnp.exp(s - m_safe[..., None])
-    alpha = jnp.exp(m_old - m_safe)
-    l_new = alpha * l_old + jnp.sum(p, axis=-1)
-    pv = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v[:, cols],
-                    preferred_element_type=jnp.float32)
-    o_new = jnp.moveaxis(alpha, -1, 1)[..., None] * o_old + pv
+    kc, vc, kic = k[:, cols], v[:, cols], k_index[cols]
+    ksc = None if k_seg is None else k_seg[:, cols]
+
+    def update(qt, qit, qst, m_old, l_old, o_old):
+        s = jnp.where(_mask(qit, kic, qst, ksc), _scores(qt, kc), -jnp.inf)
+        m_new = jnp.maximum(m_old, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        alpha = jnp.exp(m_old - m_safe)
+        l_new = alpha * l_old + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("bkgts,bskd->btkgd", p.astype(vc.dtype), vc,
+                        preferred_element_type=jnp.float32)
+        return m_new, l_new, jnp.moveaxis(alpha, -1, 1)[..., None] * o_old + pv
+
+    row_args = (q[:, rows], q_index[rows], None if q_seg is None else q_seg[:, rows],
+                m[..., rows], l[..., rows], o[:, rows])
+    axes = (1, 0, 1, -1, -1, 1)
+    tile = _query_tile(row_args[1].shape[0])
+    tiles = tuple(_to_tiles(a, tile, ax) for a, ax in zip(row_args, axes))
+    new = jax.lax.map(lambda xs: update(*xs), tiles)
+    m_new, l_new, o_new = (_from_tiles(a, ax) for a, ax in zip(new, (-1, -1, 1)))
     return (m.at[..., rows].set(m_new), l.at[..., rows].set(l_new), o.at[:, rows].set(o_new))
 
 
@@ -225,20 +257,30 @@ def _ring_forward(q, k, v, q_seg, axes, shards):
 
 
 def _partial_grads(q, k, v, do, delta, lse, q_index, k_index, q_seg, k_seg, rows, cols):
-    """Gradient pieces of the block (rows, cols): dq rows, dk and dv columns (float32)."""
-    sel_q_seg = None if q_seg is None else q_seg[:, rows]
-    sel_k_seg = None if k_seg is None else k_seg[:, cols]
+    """Gradient pieces of the block (rows, cols): dq of the rows, dk and dv of the columns
+    (float32), a tile of queries at a time."""
     scale = q.shape[-1] ** -0.5
-    qr, kc, vc, dor = q[:, rows], k[:, cols], v[:, cols], do[:, rows]
-    mask = _mask(q_index[rows], k_index[cols], sel_q_seg, sel_k_seg)
-    p = jnp.where(mask, jnp.exp(_scores(qr, kc) - lse[..., rows][..., None]), 0.0)
-    dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(do.dtype), dor,
-                    preferred_element_type=jnp.float32)
-    dp = jnp.einsum("btkgd,bskd->bkgts", dor, vc, preferred_element_type=jnp.float32)
-    ds = (p * (dp - delta[..., rows][..., None]) * scale).astype(q.dtype)
-    dq = jnp.einsum("bkgts,bskd->btkgd", ds, kc, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bkgts,btkgd->bskd", ds, qr, preferred_element_type=jnp.float32)
-    return dq, dk, dv
+    kc, vc, kic = k[:, cols], v[:, cols], k_index[cols]
+    ksc = None if k_seg is None else k_seg[:, cols]
+
+    def tile_grads(carry, xs):
+        qt, qit, qst, dot, delta_t, lse_t = xs
+        p = jnp.where(_mask(qit, kic, qst, ksc), jnp.exp(_scores(qt, kc) - lse_t[..., None]), 0.0)
+        dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(dot.dtype), dot,
+                        preferred_element_type=jnp.float32)
+        dp = jnp.einsum("btkgd,bskd->bkgts", dot, vc, preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta_t[..., None]) * scale).astype(qt.dtype)
+        dq = jnp.einsum("bkgts,bskd->btkgd", ds, kc, preferred_element_type=jnp.float32)
+        dk = jnp.einsum("bkgts,btkgd->bskd", ds, qt, preferred_element_type=jnp.float32)
+        return (carry[0] + dk, carry[1] + dv), dq
+
+    row_args = (q[:, rows], q_index[rows], None if q_seg is None else q_seg[:, rows],
+                do[:, rows], delta[..., rows], lse[..., rows])
+    tile = _query_tile(row_args[1].shape[0])
+    tiles = tuple(_to_tiles(a, tile, ax) for a, ax in zip(row_args, (1, 0, 1, 1, -1, -1)))
+    zeros = jnp.zeros(kc.shape, jnp.float32), jnp.zeros(vc.shape, jnp.float32)
+    (dk, dv), dq = jax.lax.scan(tile_grads, zeros, tiles)
+    return _from_tiles(dq, 1), dk, dv
 
 
 def _ring_backward(q, k, v, q_seg, out, lse, do, axes, shards):

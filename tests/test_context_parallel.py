@@ -103,6 +103,14 @@ def test_attention_matches_float64_reference(strategy, mesh, group, rows):
                                    tries=2, tol=1e-4)
 
 
+@pytest.mark.parametrize("tile", [4, 12])
+def test_ring_in_query_tiles_matches_float64_reference(monkeypatch, tile):
+    """The ring's blocks run a tile of queries at a time (here 4, or 8 where 12 does not
+    divide a shard's 32 or 16 rows): the tiled blocks give the same values and gradients."""
+    monkeypatch.setattr(cp, "QUERY_TILE", tile)
+    test_attention_matches_float64_reference("ring", dict(sequence=2), 2, "packed")
+
+
 def test_bfloat16_strategies_stay_within_rounding_of_float32():
     """In bfloat16 the strategies round at different points (the ring rescales float32
     partial sums); each stays within bfloat16 rounding of the float32 computation."""
