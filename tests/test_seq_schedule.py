@@ -152,3 +152,19 @@ def test_training_runs_each_stage_at_its_length(tmp_path, tokenizer_path, monkey
     assert [r["lr"] for r in rows if "lr" in r] == pytest.approx(
         [float(schedule(s - 1)) for s in range(1, 7)])
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+@pytest.mark.slow
+def test_schedule_over_a_split_sequence_trains_as_on_one_device(tmp_path, tokenizer_path):
+    """The real loop with the sequence split over 2 devices (ring) and a schedule: the same
+    per-step losses as on one device (fsdp only), stage after stage."""
+    losses = {}
+    for name, mesh in (("one", {"fsdp": -1}), ("ring", {"fsdp": 4, "sequence": 2})):
+        config = small_tiny(tokenizer_path, ((0, 32), (2, 64)), steps=3)
+        config.mesh.update(mesh)
+        config.model.context_parallel = "ring"
+        train_lib.train(config, tmp_path / name)
+        rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        losses[name] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses["one"]) == 3
+    np.testing.assert_allclose(losses["ring"], losses["one"], rtol=1e-5)
