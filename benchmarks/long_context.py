@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import pathlib
 import time
 
 import jax
@@ -26,6 +25,8 @@ from absl import app, flags
 
 from benchmarks import results_table
 from jaxlm import aot
+
+_gib = results_table.gib
 
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-16", "The slice (see jaxlm.aot).")
 _TOKENS = flags.DEFINE_integer("tokens_per_chip", 8192, "Tokens each chip holds per step.")
@@ -65,8 +66,8 @@ def to_markdown(rows: list[dict], header: str) -> str:
     for r in rows:
         lines.append(
             f"| {r['sequence']} | {r['strategy']} | {r['attention']} | {r['seq_len']:,} | "
-            f"{r['rows']} | {results_table.gib(r['argument_bytes'])} | {results_table.gib(r['temp_bytes'])} | "
-            f"{results_table.gib(r['total_bytes'])} | {results_table.gib(r['hbm_bytes'])} | "
+            f"{r['rows']} | {_gib(r['argument_bytes'])} | {_gib(r['temp_bytes'])} | "
+            f"{_gib(r['total_bytes'])} | {_gib(r['hbm_bytes'])} | "
             f"{'yes' if r['fits'] else 'NO'} | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -80,7 +81,7 @@ def main(argv):
             row = run_row(topology, shards, strategy, _TOKENS.value)
             rows.append(row)
             print(f"sequence={shards} {row['strategy']}: row {row['seq_len']}, total "
-                  f"{results_table.gib(row['total_bytes'])} GiB (temporaries {results_table.gib(row['temp_bytes'])}), "
+                  f"{_gib(row['total_bytes'])} GiB (temporaries {_gib(row['temp_bytes'])}), "
                   f"{row['wall_s']:.0f} s to compile", flush=True)
     cpu = results_table.cpu()
     header = (
@@ -92,13 +93,9 @@ def main(argv):
         f"holding {_TOKENS.value:,} tokens per step whatever mesh.sequence is: the row grows "
         "with the sequence axis, the rows per step shrink. Train step per chip as the "
         f"compiler reports it (arguments + temporaries + unaliased outputs); compiled on "
-        f"{cpu[0]} ({cpu[1]}), jax {jax.__version__}, libtpu {results_table.package_version('libtpu')}; no TPU ran.")
-    out = pathlib.Path(_RESULTS.value)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "long-context.md").write_text(to_markdown(rows, header))
-    with open(out / "long-context.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+        f"{cpu[0]} ({cpu[1]}), jax {jax.__version__}, libtpu "
+        f"{results_table.package_version('libtpu')}; no TPU ran.")
+    results_table.write(_RESULTS.value, "long-context", to_markdown(rows, header), rows)
     print(to_markdown(rows, header))
 
 

@@ -52,3 +52,13 @@ def package_version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def write(results_dir: str, stem: str, markdown: str, rows: list[dict]) -> None:
+    """The table as `stem`.md (replaced) and every row appended to `stem`.jsonl."""
+    out = pathlib.Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(markdown)
+    with open(out / f"{stem}.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")

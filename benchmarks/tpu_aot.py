@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import pathlib
 import time
 
 import jax
@@ -22,6 +21,8 @@ from absl import app, flags
 
 from benchmarks import results_table
 from jaxlm import aot
+
+_gib = results_table.gib
 
 # (config module, slice, attention): the slices each config's docstring promises.
 ROWS = (
@@ -37,6 +38,17 @@ _ONLY = flags.DEFINE_string("only", "", "Run only rows whose 'config slice atten
 _RESULTS = flags.DEFINE_string("results", "benchmarks/results", "Where the table goes.")
 
 
+def run_row(config_name: str, slice_name: str, attention: str) -> dict:
+    config = importlib.import_module(f"configs.{config_name}").get_config()
+    config.model.attention = attention
+    start = time.perf_counter()
+    report = aot.compile_for(config, slice_name, programs=("train_step",))[0]
+    return {"config": f"configs/{config_name}.py", "slice": slice_name, "attention": attention,
+            "remat": config.model.remat,
+            "batch x seq": f"{config.train.global_batch_size} x {config.data.seq_len}",
+            "wall_s": time.perf_counter() - start, **json.loads(report.line())}
+
+
 def to_markdown(rows: list[dict], header: str) -> str:
     lines = [header, "",
              "| config | slice | attention | remat | batch x seq | arguments GiB | temporaries GiB "
@@ -45,8 +57,8 @@ def to_markdown(rows: list[dict], header: str) -> str:
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['slice']} ({r['topology_name']}) | {r['attention']} | "
-            f"{r['remat']} | {r['batch x seq']} | {results_table.gib(r['argument_bytes'])} | "
-            f"{results_table.gib(r['temp_bytes'])} | {results_table.gib(r['total_bytes'])} | {results_table.gib(r['hbm_bytes'])} | "
+            f"{r['remat']} | {r['batch x seq']} | {_gib(r['argument_bytes'])} | "
+            f"{_gib(r['temp_bytes'])} | {_gib(r['total_bytes'])} | {_gib(r['hbm_bytes'])} | "
             f"{'yes' if r['fits'] else 'NO'} | {r['estimated_step_seconds']:.2f} | "
             f"{100 * r['mfu']:.0f}% | {r['estimate_source']} |")
     return "\n".join(lines) + "\n"
@@ -60,23 +72,19 @@ def main(argv):
             continue
         result = run_row(*row)
         rows.append(result)
-        print(f"{row}: total {results_table.gib(result['total_bytes'])} of {results_table.gib(result['hbm_bytes'])} GiB, "
-              f"temporaries {results_table.gib(result['temp_bytes'])} GiB, estimated step "
+        print(f"{row}: total {_gib(result['total_bytes'])} of {_gib(result['hbm_bytes'])} GiB, "
+              f"temporaries {_gib(result['temp_bytes'])} GiB, estimated step "
               f"{result['estimated_step_seconds']:.2f} s ({result['wall_s']:.0f} s to compile)",
               flush=True)
     cpu = results_table.cpu()
     header = (f"# TPU memory per chip from the TPU compiler ({time.strftime('%Y-%m-%d')})\n\n"
               f"Compiled on {cpu[0]} ({cpu[1]}), no TPU present: jax {jax.__version__}, "
-              f"libtpu {results_table.package_version('libtpu')}. `python -m benchmarks.tpu_aot`; per chip, train "
+              f"libtpu {results_table.package_version('libtpu')}. `python -m benchmarks.tpu_aot`; "
+              "per chip, train "
               "step, arguments + temporaries + outputs not aliased to donated arguments. Step "
               "times are the compiler's cost model (estimates, not measurements; jaxlm.aot "
               "says how loops and Pallas kernels are counted).")
-    out = pathlib.Path(_RESULTS.value)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tpu-aot.md").write_text(to_markdown(rows, header))
-    with open(out / "tpu-aot.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    results_table.write(_RESULTS.value, "tpu-aot", to_markdown(rows, header), rows)
     print(to_markdown(rows, header))
 
 

@@ -9,7 +9,9 @@ each device, in the load-balanced order; attention gathers keys and values per l
 500,000 for the longer context (as LLaMA-3 does), so start from a model trained at 4096 with
 checkpoint.init_from, or train from scratch.
 
-Sized for a TPU v5p-64 (32 chips: fsdp 8 x sequence 4, 4 row quarters per chip).
+Sized for a TPU v5p-64 (32 chips: fsdp 8 x sequence 4, 4 row quarters per chip). Compiled
+for it with the TPU compiler (jaxlm.aot on a CPU host; jax 0.10.2, libtpu 0.0.42), train step
+per chip: 2.36 GiB arguments + 24.42 GiB temporaries = 26.8 of 95 GiB (splash per shard).
 """
 
 import importlib

@@ -237,16 +237,15 @@ def _ring_forward(q, k, v, q_seg, axes, shards):
     k_seg = q_seg
     for step in range(shards):
         k_index = index[(me - step) % shards]
+        def update(state, rows, cols, k=k, v=v, k_index=k_index, k_seg=k_seg):
+            return _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols)
+
         if step == 0:
-            state = _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg,
-                                    slice(None), slice(None))
+            state = update(state, slice(None), slice(None))
         else:
             later, first, second = _ring_blocks(q_index, k_index)
-            state = jax.lax.cond(
-                later,
-                lambda st, a=first: _partial_update(st, q, k, v, q_index, k_index, q_seg, k_seg, *a),
-                lambda st, a=second: _partial_update(st, q, k, v, q_index, k_index, q_seg, k_seg, *a),
-                state)
+            state = jax.lax.cond(later, lambda st: update(st, *first),
+                                 lambda st: update(st, *second), state)
         if step < shards - 1:
             k, v = (jax.lax.ppermute(a, axes, _ring_steps(shards)) for a in (k, v))
             if k_seg is not None:

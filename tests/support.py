@@ -70,3 +70,20 @@ def ref_attention(q, k, v, segments):
     weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
     weights /= weights.sum(axis=-1, keepdims=True)
     return np.einsum("hqk,khd->qhd", weights, v)
+
+
+def assert_attention_matches_reference(out, grads, q, k, v, segments, weights, tol: float,
+                                       grad_tol: float):
+    """Batched attention `out` and the gradients of sum(out * weights) w.r.t. q, k, v equal
+    ref_attention row by row, the gradients as directional derivatives (float64 inputs)."""
+    for b in range(q.shape[0]):
+        np.testing.assert_allclose(np.asarray(out[b], np.float64),
+                                   ref_attention(q[b], k[b], v[b], segments[b]),
+                                   atol=tol, rtol=tol)
+
+    def ref_objective(q, k, v):
+        return sum(np.sum(ref_attention(q[b], k[b], v[b], segments[b]) * weights[b])
+                   for b in range(q.shape[0]))
+
+    assert_directional_derivatives(ref_objective, (q, k, v), grads, np.random.default_rng(2),
+                                   tries=2, tol=grad_tol)

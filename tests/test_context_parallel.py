@@ -14,8 +14,8 @@ from jaxlm import config as config_lib
 from jaxlm import context_parallel as cp
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
-from support import (assert_directional_derivatives, factory_for, one_document_batch,
-                     packed_batch, ref_attention, small_config)
+from support import (assert_attention_matches_reference, assert_directional_derivatives,
+                     factory_for, one_document_batch, packed_batch, ref_attention, small_config)
 
 LENGTH, HEAD_DIM = 64, 16
 
@@ -91,16 +91,7 @@ def test_attention_matches_float64_reference(strategy, mesh, group, rows):
     args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
     (_, out), grads = _sharded(jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True),
                                mesh)(*args)
-    for b in range(2):
-        np.testing.assert_allclose(out[b], ref_attention(q[b], k[b], v[b], segments[b]),
-                                   atol=1e-5, rtol=1e-5)
-
-    def ref_objective(q, k, v):
-        return sum(np.sum(ref_attention(q[b], k[b], v[b], segments[b]) * weights[b])
-                   for b in range(2))
-
-    assert_directional_derivatives(ref_objective, (q, k, v), grads, np.random.default_rng(2),
-                                   tries=2, tol=1e-4)
+    assert_attention_matches_reference(out, grads, q, k, v, segments, weights, 1e-5, 1e-4)
 
 
 @pytest.mark.parametrize("tile", [4, 12])

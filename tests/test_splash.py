@@ -13,7 +13,7 @@ from jaxlm import attention as attention_lib
 from jaxlm import config as config_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm.model import ModelConfig, Transformer
-from support import assert_directional_derivatives, ref_attention, small_config
+from support import assert_attention_matches_reference, small_config
 
 LENGTH, HEAD_DIM, BLOCK = 256, 64, 128
 PACKED_LENGTHS = (100, 90, 66)  # documents that cross the 128-token block boundaries
@@ -56,17 +56,7 @@ def test_values_and_derivatives_match_float64_reference(rows, group, dtype):
     # The reference sees the inputs the kernel saw (rounded to dtype), in float64.
     q, k, v = (np.asarray(a, np.float64) for a in cast)
     tol = 1e-5 if dtype == "float32" else 2e-2
-    for b in range(q.shape[0]):
-        np.testing.assert_allclose(np.asarray(out[b], np.float64),
-                                   ref_attention(q[b], k[b], v[b], segments[b]),
-                                   atol=tol, rtol=tol)
-
-    def ref_objective(q, k, v):
-        return sum(np.sum(ref_attention(q[b], k[b], v[b], segments[b]) * weights[b])
-                   for b in range(q.shape[0]))
-
-    assert_directional_derivatives(ref_objective, (q, k, v), grads, np.random.default_rng(2),
-                                   tries=2, tol=10 * tol)
+    assert_attention_matches_reference(out, grads, q, k, v, segments, weights, tol, 10 * tol)
 
 
 @pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2),
