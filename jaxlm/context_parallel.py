@@ -197,6 +197,16 @@ def _from_tiles(a, axis):
     return a.reshape(*a.shape[:axis], -1, *a.shape[axis + 2:])
 
 
+def _put(full, part, where: slice, axis: int):
+    """`full` with `part` in the static slice `where` of `axis`, by concatenation (a
+    dynamic-update-slice inside lax.cond's branches trips libtpu's copy insertion)."""
+    axis %= full.ndim
+    start, stop, _ = where.indices(full.shape[axis])
+    pieces = [jax.lax.slice_in_dim(full, 0, start, axis=axis), part,
+              jax.lax.slice_in_dim(full, stop, full.shape[axis], axis=axis)]
+    return jnp.concatenate([p for p in pieces if p.shape[axis]], axis=axis)
+
+
 def _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols):
     """Online-softmax update of the running (max, sum, out) rows `rows` by keys `cols`, a
     tile of queries at a time (each row's update is independent of the others)."""
@@ -219,10 +229,13 @@ def _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols):
                 m[..., rows], l[..., rows], o[:, rows])
     axes = (1, 0, 1, -1, -1, 1)
     tile = _query_tile(row_args[1].shape[0])
-    tiles = tuple(_to_tiles(a, tile, ax) for a, ax in zip(row_args, axes))
-    new = jax.lax.map(lambda xs: update(*xs), tiles)
-    m_new, l_new, o_new = (_from_tiles(a, ax) for a, ax in zip(new, (-1, -1, 1)))
-    return (m.at[..., rows].set(m_new), l.at[..., rows].set(l_new), o.at[:, rows].set(o_new))
+    if tile == row_args[1].shape[0]:  # one tile: no loop
+        m_new, l_new, o_new = update(*row_args)
+    else:
+        tiles = tuple(_to_tiles(a, tile, ax) for a, ax in zip(row_args, axes))
+        new = jax.lax.map(lambda xs: update(*xs), tiles)
+        m_new, l_new, o_new = (_from_tiles(a, ax) for a, ax in zip(new, (-1, -1, 1)))
+    return _put(m, m_new, rows, -1), _put(l, l_new, rows, -1), _put(o, o_new, rows, 1)
 
 
 def _ring_forward(q, k, v, q_seg, axes, shards):
@@ -275,9 +288,12 @@ def _partial_grads(q, k, v, do, delta, lse, q_index, k_index, q_seg, k_seg, rows
 
     row_args = (q[:, rows], q_index[rows], None if q_seg is None else q_seg[:, rows],
                 do[:, rows], delta[..., rows], lse[..., rows])
-    tile = _query_tile(row_args[1].shape[0])
-    tiles = tuple(_to_tiles(a, tile, ax) for a, ax in zip(row_args, (1, 0, 1, 1, -1, -1)))
     zeros = jnp.zeros(kc.shape, jnp.float32), jnp.zeros(vc.shape, jnp.float32)
+    tile = _query_tile(row_args[1].shape[0])
+    if tile == row_args[1].shape[0]:  # one tile: no loop
+        (dk, dv), dq = tile_grads(zeros, row_args)
+        return dq, dk, dv
+    tiles = tuple(_to_tiles(a, tile, ax) for a, ax in zip(row_args, (1, 0, 1, 1, -1, -1)))
     (dk, dv), dq = jax.lax.scan(tile_grads, zeros, tiles)
     return _from_tiles(dq, 1), dk, dv
 
@@ -296,7 +312,8 @@ def _ring_backward(q, k, v, q_seg, out, lse, do, axes, shards):
         dq, dk, dv = grads
         pq, pk, pv = _partial_grads(q, k, v, do, delta, lse, q_index, k_index, q_seg, k_seg,
                                     rows, cols)
-        return dq.at[:, rows].add(pq), dk.at[:, cols].add(pk), dv.at[:, cols].add(pv)
+        return (_put(dq, dq[:, rows] + pq, rows, 1), _put(dk, dk[:, cols] + pk, cols, 1),
+                _put(dv, dv[:, cols] + pv, cols, 1))
 
     for step in range(shards):
         k_index = index[(me - step) % shards]
