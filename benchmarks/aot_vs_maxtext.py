@@ -2,6 +2,7 @@
 
     python -m benchmarks.aot_vs_maxtext [--topology=v5p-64] [--attention=xla,splash]
         [--per_chip_batch=8] [--seq=4096] [--layers=32] [--no_extrapolate]
+        [--maxtext_variants="xla:float32_logits=true"]
         [--cache_dir=~/.cache/jaxlm-peers] [--results=benchmarks/results] [--lock=/tmp/cpu.lock]
 
 No TPU is needed: `jax.experimental.topologies.get_topology_desc` describes the slice's chips
@@ -24,6 +25,14 @@ remat full, layers scanned, bf16 compute with float32 weights and AdamW state, a
 over every chip, packed-row batches (segment ids). Attention `xla` is jaxlm's XLA einsum
 against MaxText's `dot_product`; `splash` is jaxlm's Pallas splash kernel against MaxText's
 `flash` (also splash on TPU); both with 512 x 512 tiles.
+
+MaxText's defaults compute dot_product's QK^T scores and softmax in bfloat16
+(`float32_qk_product: false`, `float32_logits: false` in its base.yml), jaxlm's `xla` in
+float32. --maxtext_variants adds MaxText rows with more overrides of its base.yml, default
+`xla:float32_logits=true` (its softmax in float32, as jaxlm's): each entry is
+attention:key=value[+key=value...], compiled like the default row; its ratio cells are the
+same-attention jaxlm row over it. The default MaxText rows stay the ones jaxlm's rows are
+compared with.
 
 XLA's cost model counts a while loop's body once, so a scanned 32-layer step reads as about
 one layer (the 'raw' column). With extrapolation on (default), each side is also compiled with
@@ -139,7 +148,7 @@ def maxtext_argv(args, out_dir: str) -> list[str]:
             f"base_output_directory={out_dir}"]
     if args.layers != args.full_layers:
         argv += ["override_model_config=true", f"base_num_decoder_layers={args.layers}"]
-    return argv
+    return argv + [o for o in (args.maxtext_overrides or "").split("+") if o]
 
 
 def worker_maxtext(args) -> dict:
@@ -272,18 +281,20 @@ def shared_python(cache: pathlib.Path) -> str:
 # ---------------------------------------------------------------- orchestrator
 
 def compile_once(python: str, side: str, attention: str, layers: int, scanned: bool,
-                 args) -> dict:
-    """One compile in a fresh process of the shared venv; its RESULT line, or an error."""
+                 args, overrides: str = "") -> dict:
+    """One compile in a fresh process of the shared venv; its RESULT line, or an error.
+    `overrides`: more of MaxText's key=value settings, joined by '+'."""
     cmd = [python, "-m", "benchmarks.aot_vs_maxtext", f"--worker={side}",
            f"--attention={attention}", f"--worker_layers={layers}",
            f"--scanned={int(scanned)}", f"--topology={args.topology}",
            f"--per_chip_batch={args.per_chip_batch}", f"--seq={args.seq}",
-           f"--layers={args.layers}"]
+           f"--layers={args.layers}", f"--maxtext_overrides={overrides}"]
     env = {**os.environ, **WORKER_ENV,
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     if not scanned:
         env["LIBTPU_INIT_ARGS"] = f"{env.get('LIBTPU_INIT_ARGS', '')} {ESTIMATE_LIBTPU_ARGS}"
-    what = f"{side} {attention} {layers} layer{'s' * (layers > 1)} " \
+    what = f"{side} {attention}{' ' + overrides if overrides else ''} " \
+           f"{layers} layer{'s' * (layers > 1)} " \
            f"{'scanned' if scanned else 'unrolled'}"
     print(f"  compiling {what} ...", end="", flush=True)
     start = time.perf_counter()
@@ -318,10 +329,10 @@ def attention_floor_s(args, peak: float | None, d_attn: int | None) -> float | N
 
 
 def summarise(side: str, attention: str, runs: dict, args, peak: float | None,
-              d_attn: int | None) -> dict:
+              d_attn: int | None, variant: str = "") -> dict:
     """One table row from a side's full compile and (optional) 1- and 2-layer compiles."""
     full, one, two = runs.get("full", {}), runs.get("one", {}), runs.get("two", {})
-    row = {"side": side, "attention": attention, "error": full.get("error")}
+    row = {"side": side, "attention": attention, "variant": variant, "error": full.get("error")}
     if "temp_bytes" in full:
         live = full["argument_bytes"] + full["output_bytes"] - full["alias_bytes"]
         row.update(arguments_gib=full["argument_bytes"] / GiB, temp_gib=full["temp_bytes"] / GiB,
@@ -349,19 +360,25 @@ def _f(value, fmt: str) -> str:
 
 def table_rows(rows: list[dict]) -> list[list[str]]:
     """Cells per row; jaxlm's rows carry jaxlm / MaxText ratios for the same attention."""
-    peers = {r["attention"]: r for r in rows if r["side"] == "maxtext"}
+    peers = {r["attention"]: r for r in rows if r["side"] == "maxtext" and not r.get("variant")}
+    ours = {r["attention"]: r for r in rows if r["side"] == "jaxlm"}
     cells = []
     for r in rows:
         mem_ratio = time_ratio = None
-        peer = peers.get(r["attention"])
         best = "corrected_plus_floor_s"
-        if r["side"] == "jaxlm" and peer:
-            if r.get("total_gib") and peer.get("total_gib"):
-                mem_ratio = r["total_gib"] / peer["total_gib"]
-            if r.get(best) and peer.get(best):
-                time_ratio = r[best] / peer[best]
-        cells.append([r["side"], r["attention"] if r["side"] == "jaxlm" else
-                      f"{MAXTEXT_ATTENTION[r['attention']]}",
+        if r["side"] == "jaxlm":
+            mine, peer = r, peers.get(r["attention"])
+        else:  # a MaxText variant row: the same-attention jaxlm row over it
+            mine, peer = (ours.get(r["attention"]), r) if r.get("variant") else (None, None)
+        if mine and peer:
+            if mine.get("total_gib") and peer.get("total_gib"):
+                mem_ratio = mine["total_gib"] / peer["total_gib"]
+            if mine.get(best) and peer.get(best):
+                time_ratio = mine[best] / peer[best]
+        label = MAXTEXT_ATTENTION[r["attention"]]
+        if r.get("variant"):
+            label += " " + r["variant"].replace("+", " ")
+        cells.append([r["side"], r["attention"] if r["side"] == "jaxlm" else label,
                       _f(r.get("arguments_gib"), ".2f"), _f(r.get("temp_gib"), ".2f"),
                       _f(r.get("total_gib"), ".2f"), _f(r.get("raw_s"), ".3f"),
                       _f(r.get("corrected_s"), ".3f"), _f(r.get(best), ".3f"),
@@ -410,7 +427,8 @@ def record(directory: pathlib.Path, run: dict, cells: list[list[str]]) -> pathli
         "weights and AdamW state, fsdp over all chips, packed rows (segment ids)",
         f"- MaxText: `maxtext.trainers.pre_train.train_compile` with "
         f"`{' '.join(run.get('maxtext_argv') or [])}` (attention=dot_product for xla rows, "
-        "flash for splash rows)",
+        "flash for splash rows; a row that names more settings adds them to these, and its "
+        "ratio cells are the same-attention jaxlm row over it)",
         f"- jaxlm ({run.get('jaxlm_checkout', '?')}): `{JAXLM_CONFIG.replace('.', '/')}.py` "
         f"train step (jaxlm.step) with `{run.get('jaxlm_overrides')}`",
         "- memory: `compiled.memory_analysis()` of the scanned program, per chip; total = "
@@ -457,13 +475,19 @@ def compare(args) -> None:
     if args.extrapolate:
         shapes += [("one", 1, False), ("two", 2, False)]
     compiles = {}
+    variants = [v.split(":", 1) for v in (args.maxtext_variants or "").split(",") if v]
     for attention in args.attention.split(","):
-        for side in ("maxtext", "jaxlm"):
-            compiles[f"{side}/{attention}"] = {
-                name: compile_once(python, side, attention, layers, scanned, args)
+        for side, overrides in [("maxtext", ""),
+                                *(("maxtext", o) for a, o in variants if a == attention),
+                                ("jaxlm", "")]:
+            compiles[f"{side}/{attention}" + (f"/{overrides}" if overrides else "")] = {
+                name: compile_once(python, side, attention, layers, scanned, args, overrides)
                 for name, layers, scanned in shapes}
-    rows = [summarise(*key.split("/"), runs, args, *_chip(compiles))
-            for key, runs in compiles.items()]
+    rows = []
+    for key, runs in compiles.items():
+        side, attention, *variant = key.split("/", 2)
+        rows.append(summarise(side, attention, runs, args, *_chip(compiles),
+                              variant=variant[0] if variant else ""))
     cells = table_rows(rows)
     print(f"\n{args.topology}, {args.per_chip_batch} sequences of {args.seq} per chip, "
           f"remat full, {args.layers} layers scanned; per chip:", flush=True)
@@ -471,7 +495,8 @@ def compare(args) -> None:
     jaxlm_full = next((r["full"] for k, r in compiles.items()
                        if k.startswith("jaxlm/") and "chips" in r["full"]), {})
     maxtext_full = next((r["full"] for k, r in compiles.items()
-                         if k.startswith("maxtext/") and "argv" in r["full"]), {})
+                         if k.startswith("maxtext/") and k.count("/") == 1
+                         and "argv" in r["full"]), {})
     any_result = next((r for runs in compiles.values() for r in runs.values()
                        if "versions" in r), {})
     wall = time.perf_counter() - start
@@ -505,6 +530,10 @@ def main() -> None:
                    help="sequences per chip (8 x 32 chips = configs/7b.py's 256)")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--layers", type=int, default=32, help="the model's layers (llama2-7b: 32)")
+    p.add_argument("--maxtext_variants", default="xla:float32_logits=true",
+                   help="extra MaxText rows: attention:key=value[+key=value...], comma-separated "
+                        "('' for none)")
+    p.add_argument("--maxtext_overrides", default="", help=argparse.SUPPRESS)
     p.add_argument("--no_extrapolate", dest="extrapolate", action="store_false",
                    help="skip the 1- and 2-layer compiles (raw estimates only)")
     p.add_argument("--cache_dir", default="~/.cache/jaxlm-peers", help="MaxText's venv")

@@ -40,6 +40,13 @@ def _attend(q, k, v, mask):
     return jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
 
 
+# On TPU causal XLA attention runs in 8 query blocks (36/64 of the square) instead of 4 (10/16):
+# the 7B layer's attention forward, remat forward and backward for 8 x 4096 tokens per v5p
+# chip, compiled by libtpu: 121.8 GB moved with 8 blocks, 128.7 with 4, 126.1 with 16; est.
+# 51.8, 54.8, 53.6 ms (benchmarks/results/NOTES.md). On CPU 4 was measured best.
+TPU_MAX_QUERY_BLOCKS = 8
+
+
 def query_blocks(length: int, min_block: int = 128, max_blocks: int = 4) -> int:
     """How many query blocks causal attention is cut into (1 for short rows)."""
     blocks = min(max_blocks, length // min_block)
@@ -170,14 +177,18 @@ def resolve(impl: str, platform: str, dtype) -> str:
 
 
 def attention(q, k, v, segment_ids, impl: str = "xla", *, splash_block_q: int = 512,
-              splash_block_kv: int = 512, splash_interpret: bool | None = None):
+              splash_block_kv: int = 512, splash_interpret: bool | None = None,
+              max_query_blocks: int | None = None):
     """Dispatch to an implementation: `xla`, `cudnn`, `splash`, or `auto` (see `resolve`,
-    judged by the default backend)."""
+    judged by the default backend). `max_query_blocks` caps `xla`'s causal query blocks
+    (default: `query_blocks`' own)."""
     impl = resolve(impl, jax.default_backend(), q.dtype)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, segment_ids)
     if impl == "xla":
-        return xla_attention(q, k, v, segment_ids)
+        blocks = None if max_query_blocks is None else query_blocks(
+            q.shape[1], max_blocks=max_query_blocks)
+        return xla_attention(q, k, v, segment_ids, blocks)
     if impl == "splash":
         return splash_attention(q, k, v, segment_ids, splash_block_q, splash_block_kv,
                                 splash_interpret)

@@ -76,6 +76,18 @@ class ModelConfig:
     splash_interpret: bool | None = None  # None: interpret unless the default backend is TPU
     context_parallel: str = "all_gather"  # attention over a split sequence: see context_parallel
     scan_unroll: int = 1  # layers per scan iteration (n_layers: no loop at all)
+    # The platform compiled for ("cpu", "gpu", "tpu"); None: the default backend. jaxlm.step
+    # sets it from its devices, which may be a TPU slice described on a CPU host (jaxlm.aot).
+    # It picks platform-tuned forms of the same arithmetic (see `on_tpu`).
+    platform: str | None = None
+
+
+def on_tpu(cfg: ModelConfig) -> bool:
+    """Is the model compiled for TPU? There the rotary sin/cos are computed inline rather than
+    gathered from a table, causal XLA attention runs in 8 query blocks rather than 4, and the
+    loss picks the target logit with a select rather than a gather: the same values, fewer
+    bytes moved on TPU, slower on a CPU (measurements in the functions' docstrings)."""
+    return (cfg.platform or jax.default_backend()) == "tpu"
 
 
 def _init(std: float, names: tuple):
@@ -96,21 +108,30 @@ class RMSNorm(nn.Module):
         return (x * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def apply_rotary(x, positions, theta: float, max_position: int | None = None):
+def apply_rotary(x, positions, theta: float, max_position: int | None = None,
+                 table: bool = True):
     """Rotate pairs (i, i + head_dim/2) of x [b, l, h, d] by position-dependent angles.
 
-    sin and cos are computed once per position into a [max_position, d/2] table and gathered
-    by `positions`, which must lie in [0, max_position) (default: the row length, which holds
-    for training rows, whose positions restart at 0 for every packed document; a position
-    outside it gives NaN, which the train step's non-finite guard catches). Computed
-    inline, XLA fuses and repeats them for every head and every use of each element: 20 of
-    the 23 ms a [8, 512, 8, 64] rotation forward and backward took on a 2-core CPU.
+    With `table`, sin and cos are computed once per position into a [max_position, d/2] table
+    and gathered by `positions`, which must lie in [0, max_position) (default: the row length,
+    which holds for training rows, whose positions restart at 0 for every packed document; a
+    position outside it gives NaN, which the train step's non-finite guard catches). Computed
+    inline, XLA's CPU backend fuses and repeats them for every head and every use of each
+    element: 20 of the 23 ms a [8, 512, 8, 64] rotation forward and backward took on a 2-core
+    CPU. On TPU the gather costs more than the inline sin/cos (`table=False`): the LLaMA-2-7B
+    q and k rotations of 8 x 4096 tokens per v5p chip, forward, remat forward and backward,
+    compiled by libtpu: 14.0 GB moved with the table, 13.3 GB inline, est. 5.97 vs 5.65 ms
+    (benchmarks/results/NOTES.md). Both compute the same float32 angles position * inv_freq.
     """
     half = x.shape[-1] // 2
     inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = jnp.arange(max_position or x.shape[1], dtype=jnp.float32)[:, None] * inv_freq
-    sin = jnp.take(jnp.sin(angle), positions, axis=0)[:, :, None, :]  # [b, l, 1, d/2]
-    cos = jnp.take(jnp.cos(angle), positions, axis=0)[:, :, None, :]
+    if table:
+        angle = jnp.arange(max_position or x.shape[1], dtype=jnp.float32)[:, None] * inv_freq
+        sin = jnp.take(jnp.sin(angle), positions, axis=0)[:, :, None, :]  # [b, l, 1, d/2]
+        cos = jnp.take(jnp.cos(angle), positions, axis=0)[:, :, None, :]
+    else:
+        angle = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [b, l, 1, d/2]
+        sin, cos = jnp.sin(angle), jnp.cos(angle)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -140,10 +161,12 @@ class Attention(nn.Module):
                                        ("batch", "length", "act_kv_heads", None))
         v = nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x, wv),
                                        ("batch", "length", "act_kv_heads", None))
-        q = apply_rotary(q, positions, c.rope_theta)
-        k = apply_rotary(k, positions, c.rope_theta)
+        tpu = on_tpu(c)
+        q = apply_rotary(q, positions, c.rope_theta, table=not tpu)
+        k = apply_rotary(k, positions, c.rope_theta, table=not tpu)
         if context_parallel.sequence_shards() > 1:
-            splash = attention_lib.resolve(c.attention, jax.default_backend(), c.dtype) == "splash"
+            platform = c.platform or jax.default_backend()
+            splash = attention_lib.resolve(c.attention, platform, c.dtype) == "splash"
             out = context_parallel.attention(
                 q, k, v, segment_ids, c.context_parallel,
                 block_impl="splash" if splash else "xla",
@@ -151,11 +174,12 @@ class Attention(nn.Module):
                     q.shape[1] // context_parallel.sequence_shards(), c.splash_block_q,
                     c.splash_block_kv) if splash else None,
                 splash_interpret=(c.splash_interpret if c.splash_interpret is not None
-                                  else jax.default_backend() != "tpu"))
+                                  else platform != "tpu"))
         else:
             out = attention_lib.attention(
                 q, k, v, segment_ids, c.attention, splash_block_q=c.splash_block_q,
-                splash_block_kv=c.splash_block_kv, splash_interpret=c.splash_interpret)
+                splash_block_kv=c.splash_block_kv, splash_interpret=c.splash_interpret,
+                max_query_blocks=attention_lib.TPU_MAX_QUERY_BLOCKS if tpu else None)
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("blhk,hkd->bld", out, wo)
 

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.loss import cross_entropy_sum
+import optax
+
+from jaxlm.loss import cross_entropy_sum, token_cross_entropy
 
 
 def _numpy_loss(x, head, targets, weights):
@@ -87,3 +89,20 @@ def test_slices_must_divide_the_sequence():
     with pytest.raises(ValueError, match="loss_chunks"):
         cross_entropy_sum(jnp.asarray(x), jnp.asarray(head), jnp.asarray(targets),
                           jnp.asarray(weights), 5)
+
+
+def test_token_cross_entropy_matches_optax_and_numpy():
+    """The select form jaxlm.step uses on TPU: optax's values and gradients, the NumPy loss."""
+    x, head, targets, weights = _problem(seed=2)
+    logits = jnp.asarray(np.einsum("bld,dv->blv", x, head), jnp.float32)
+    targets_j = jnp.asarray(targets)
+
+    def total(fn):
+        return lambda lg: jnp.sum(fn(lg, targets_j) * jnp.asarray(weights, jnp.float32))
+
+    got, got_grad = jax.value_and_grad(total(token_cross_entropy))(logits)
+    want, want_grad = jax.value_and_grad(
+        total(optax.softmax_cross_entropy_with_integer_labels))(logits)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(float(got), _numpy_loss(x, head, targets, weights), rtol=1e-5)

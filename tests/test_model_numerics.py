@@ -175,6 +175,33 @@ def test_rotary_table_matches_reference_for_any_positions():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_inline_rotary_matches_the_table():
+    """apply_rotary(table=False), the form compiled for TPU, computes the same angles."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 6, 3, 8)).astype(np.float32)
+    positions = np.array([[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5]])
+    table = model_lib.apply_rotary(jnp.asarray(x), jnp.asarray(positions), 500.0)
+    inline = model_lib.apply_rotary(jnp.asarray(x), jnp.asarray(positions), 500.0, table=False)
+    np.testing.assert_allclose(np.asarray(inline), np.asarray(table), rtol=1e-6, atol=1e-6)
+    for row in range(2):
+        want = ref_rope(x[row].astype(np.float64), positions[row], 500.0)
+        np.testing.assert_allclose(np.asarray(inline)[row], want, rtol=1e-5, atol=1e-5)
+
+
+def test_tpu_query_blocks_match_the_reference():
+    """The 8 causal query blocks XLA attention uses on TPU give the same attention."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 16, 2, 4)).astype(np.float32) for _ in range(3))
+    segments = np.array([[1] * 5 + [2] * 11])
+    assert attention_lib.query_blocks(4096, max_blocks=attention_lib.TPU_MAX_QUERY_BLOCKS) == 8
+    want = ref_attention(q[0], k[0], v[0], segments[0])
+    args = [jnp.asarray(a) for a in (q, k, v, segments)]
+    got = attention_lib.xla_attention(*args, blocks=attention_lib.TPU_MAX_QUERY_BLOCKS)
+    np.testing.assert_allclose(np.asarray(got)[0], want, rtol=1e-5, atol=1e-5)
+    got = attention_lib.attention(*args, "xla", max_query_blocks=8)  # 16 tokens: 1 block
+    np.testing.assert_allclose(np.asarray(got)[0], want, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_blocks_must_divide_the_sequence():
     q = jnp.zeros((1, 12, 2, 4))
     with pytest.raises(ValueError, match="does not split into 5 query blocks"):
