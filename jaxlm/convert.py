@@ -29,7 +29,6 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import jaxlm
-from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import hf_config
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -113,25 +112,22 @@ def _source_dtype(files: dict[str, pathlib.Path]) -> str:
 
 
 def _read_into(files: dict, names_and_targets: list, transposed: dict) -> None:
-    """Read each (name, target view) pair, opening each file once for the group; a file's
-    mapping is closed before the next group, so its pages do not stay resident."""
-    by_file: dict[pathlib.Path, list] = {}
-    for name, target in names_and_targets:
+    """Read each (name, (target view, Hugging Face shape)) into its target. A file is opened
+    per tensor: safetensors maps the file, and the pages a read touches stay resident until
+    the file is closed, which would otherwise add up to a whole shard."""
+    for name, (target, hf_shape) in names_and_targets:
         if name not in files:
             raise ConvertError(f"the checkpoint has no tensor {name!r}, which config.json implies")
-        by_file.setdefault(files[name], []).append((name, target))
-    for path, group in by_file.items():
-        with safe_open(path, framework="np") as f:
-            for name, (target, hf_shape) in group:
-                array = f.get_tensor(name)
-                if tuple(array.shape) != tuple(hf_shape):
-                    raise ConvertError(f"tensor {name!r} has shape {tuple(array.shape)}; "
-                                       f"config.json implies {tuple(hf_shape)}")
-                if transposed[name]:
-                    target.reshape(hf_shape[::-1])[...] = array.T
-                else:
-                    target[...] = array
-                del array
+        with safe_open(files[name], framework="np") as f:
+            array = f.get_tensor(name)
+        if tuple(array.shape) != tuple(hf_shape):
+            raise ConvertError(f"tensor {name!r} has shape {tuple(array.shape)}; "
+                               f"config.json implies {tuple(hf_shape)}")
+        if transposed[name]:
+            target.reshape(hf_shape[::-1])[...] = array.T
+        else:
+            target[...] = array
+        del array
 
 
 def read_hf_params(hf_dir: pathlib.Path, m: dict, dtype: str) -> dict:
@@ -191,6 +187,24 @@ def _config_file(m: dict, dtype: str, tokenizer: str, init_from: str, source: st
             "    return config\n")
 
 
+def save_params(directory: pathlib.Path, params: dict, meta: dict) -> None:
+    """Step 0 of a checkpoint directory laid out as jaxlm.checkpoint's ({"state": {"params"},
+    "meta"}), which init_from reads. orbax by default deep-copies NumPy arrays before writing
+    and compresses (both buffer a second copy of the model, measured); neither is done here,
+    so saving adds next to nothing to the one copy already held."""
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(create=True,
+                                                        enable_async_checkpointing=False),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(
+            use_compression=False, type_handler_registry=registry),
+            "meta": ocp.JsonCheckpointHandler()})
+    manager.save(0, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"params": params}),
+                                            meta=ocp.args.JsonSave(meta)))
+    manager.close()
+
+
 def import_hf(hf_dir, run_dir, param_dtype: str | None = None) -> pathlib.Path:
     """Convert a Hugging Face Llama checkpoint into RUN_DIR; return RUN_DIR/config.py."""
     hf_dir, run_dir = pathlib.Path(hf_dir), pathlib.Path(run_dir).absolute()
@@ -210,11 +224,9 @@ def import_hf(hf_dir, run_dir, param_dtype: str | None = None) -> pathlib.Path:
     config.model.param_dtype = dtype
     config.data.tokenizer = tokenizer
     params = read_hf_params(hf_dir, m, dtype)
-    checkpoints = checkpoint_lib.Checkpointer(run_dir / "checkpoints", keep=1)
-    checkpoints.save(0, {"params": params}, {
+    save_params(run_dir / "checkpoints", params, {
         "step": 0, "config": config.to_dict(), "jaxlm_version": jaxlm.__version__,
         "tokenizer": tokenizer, "converted_from": str(hf_dir.absolute())})
-    checkpoints.close()
     del params
     config_path = run_dir / "config.py"
     config_path.write_text(_config_file(m, dtype, tokenizer, str(run_dir / "checkpoints"),
