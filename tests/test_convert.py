@@ -31,7 +31,8 @@ def hf_model(seed=0, vocab=97, kv=2, tied=False, rope_scaling=None, head_dim=Non
     config = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=kv, head_dim=head_dim or 8,
-        rms_norm_eps=1e-5, rope_theta=500.0, rope_scaling=rope_scaling,
+        # a copy: transformers writes rope_theta into the dict it is given
+        rms_norm_eps=1e-5, rope_theta=500.0, rope_scaling=dict(rope_scaling or {}) or None,
         tie_word_embeddings=tied, max_position_embeddings=512, **changes)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -129,7 +130,8 @@ def test_llama3_frequencies_match_transformers():
 
     config = transformers.LlamaConfig(head_dim=64, hidden_size=256, num_attention_heads=4,
                                       rope_theta=500000.0, rope_scaling={
-                                          **LLAMA3, "original_max_position_embeddings": 8192})
+                                          **LLAMA3, "original_max_position_embeddings": 8192,
+                                          "rope_theta": 500000.0})
     init = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["llama3"]
     want, _ = init(config, "cpu")
     got = rope_frequencies(32, 500000.0, (8.0, 1.0, 4.0, 8192))
