@@ -218,6 +218,9 @@ def import_hf(hf_dir, run_dir, param_dtype: str | None = None) -> pathlib.Path:
     tokenizer = _copy_tokenizer(hf_dir, run_dir)
     if tokenizer:
         tokenizer_lib.load(tokenizer, "the tokenizer")  # fails now, not at training
+    else:
+        print(f"warning: {hf_dir} has no tokenizer.model or tokenizer.json; set "
+              "config.data.tokenizer in RUN_DIR/config.py before training", file=sys.stderr)
 
     config = config_lib.default_config()
     config.model.update(m)

@@ -117,7 +117,7 @@ def test_bfloat16_checkpoint_keeps_its_bits(tmp_path):
     params, meta, _ = convert.read_run(tmp_path / "run")
     assert meta["config"]["model"]["param_dtype"] == "bfloat16"
     assert params["embedding"].dtype == jnp.bfloat16
-    convert.export_hf(tmp_path / "run", tmp_path / "out")
+    convert.export_hf(tmp_path / "run" / "checkpoints" / "0", tmp_path / "out")  # one step
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert reloaded.dtype == torch.bfloat16
     for name, tensor in model.state_dict().items():
