@@ -47,10 +47,14 @@ def tensor_layout(m: dict) -> list[tuple[tuple, str, tuple, tuple, bool]]:
                            m["d_ff"], m["vocab_size"])
     layer = "model.layers.{}."
     rows = [
-        (("layers", "attn", "q"), layer + "self_attn.q_proj.weight", (d, h, hd), (h * hd, d), True),
-        (("layers", "attn", "k"), layer + "self_attn.k_proj.weight", (d, kv, hd), (kv * hd, d), True),
-        (("layers", "attn", "v"), layer + "self_attn.v_proj.weight", (d, kv, hd), (kv * hd, d), True),
-        (("layers", "attn", "o"), layer + "self_attn.o_proj.weight", (h, hd, d), (d, h * hd), True),
+        (("layers", "attn", "q"), layer + "self_attn.q_proj.weight", (d, h, hd), (h * hd, d),
+         True),
+        (("layers", "attn", "k"), layer + "self_attn.k_proj.weight", (d, kv, hd), (kv * hd, d),
+         True),
+        (("layers", "attn", "v"), layer + "self_attn.v_proj.weight", (d, kv, hd), (kv * hd, d),
+         True),
+        (("layers", "attn", "o"), layer + "self_attn.o_proj.weight", (h, hd, d), (d, h * hd),
+         True),
         (("layers", "mlp", "gate"), layer + "mlp.gate_proj.weight", (d, ff), (ff, d), True),
         (("layers", "mlp", "up"), layer + "mlp.up_proj.weight", (d, ff), (ff, d), True),
         (("layers", "mlp", "down"), layer + "mlp.down_proj.weight", (ff, d), (d, ff), True),
