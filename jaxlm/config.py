@@ -74,6 +74,13 @@ def default_config() -> ml_collections.ConfigDict:
     m.head_dim = 0  # 0: d_model // n_heads
     m.d_ff = 11008
     m.rope_theta = 10000.0
+    # "" (plain rotary embeddings) or "llama3" (Llama 3.1's long-context rope scaling: the
+    # four fields below, as in Hugging Face's rope_scaling of rope_type "llama3")
+    m.rope_scaling = ""
+    m.rope_scaling_factor = 8.0
+    m.rope_low_freq_factor = 1.0
+    m.rope_high_freq_factor = 4.0
+    m.rope_original_max_position = 8192
     m.norm_eps = 1e-5
     m.tie_embeddings = False
     m.init_std = 0.02
@@ -225,6 +232,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
                  f"must divide model.d_model={m.d_model}, or set model.head_dim explicitly")
         head_dim = m.d_model // m.n_heads
     _require(head_dim % 2 == 0, "model.head_dim", head_dim, "rotary embeddings need an even head_dim")
+    _check_rope_scaling(m)
     _require(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {REMAT_POLICIES}")
     _require(1 <= int(m.scan_unroll) <= m.n_layers, "model.scan_unroll", m.scan_unroll,
              f"between 1 and model.n_layers={m.n_layers}")
@@ -292,6 +300,28 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
     return Derived(head_dim=head_dim, mesh_shape=shape, data_parallel=dp,
                    micro_batch_size=micro, per_device_batch_size=micro // dp,
                    n_params=count_params(m, head_dim))
+
+
+def _check_rope_scaling(m) -> None:
+    _require(m.rope_scaling in ("", "llama3"), "model.rope_scaling", m.rope_scaling,
+             "'' (none) or 'llama3'")
+    if not m.rope_scaling:
+        return
+    _require(m.rope_scaling_factor >= 1, "model.rope_scaling_factor", m.rope_scaling_factor,
+             "at least 1 (how much longer than the original context)")
+    _require(0 < m.rope_low_freq_factor < m.rope_high_freq_factor, "model.rope_low_freq_factor",
+             m.rope_low_freq_factor, f"positive and below model.rope_high_freq_factor="
+             f"{m.rope_high_freq_factor}")
+    _require(int(m.rope_original_max_position) >= 1, "model.rope_original_max_position",
+             m.rope_original_max_position, "a positive context length")
+
+
+def rope_scaling(m) -> tuple | None:
+    """ModelConfig.rope_scaling from a validated config.model."""
+    if not m.rope_scaling:
+        return None
+    return (float(m.rope_scaling_factor), float(m.rope_low_freq_factor),
+            float(m.rope_high_freq_factor), int(m.rope_original_max_position))
 
 
 def seq_len_stages(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
@@ -387,7 +417,8 @@ def model_config(config: ml_collections.ConfigDict, derived: Derived) -> model_l
     return model_lib.ModelConfig(
         vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
         n_kv_heads=m.n_kv_heads, head_dim=derived.head_dim, d_ff=m.d_ff,
-        rope_theta=m.rope_theta, norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings,
+        rope_theta=m.rope_theta, rope_scaling=rope_scaling(m), norm_eps=m.norm_eps,
+        tie_embeddings=m.tie_embeddings,
         init_std=m.init_std, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
         remat=m.remat, attention=m.attention, scan_unroll=int(m.scan_unroll),
         context_parallel=m.context_parallel,

@@ -64,6 +64,8 @@ class ModelConfig:
     head_dim: int
     d_ff: int
     rope_theta: float = 10000.0
+    # Llama-3 rope scaling (factor, low_freq_factor, high_freq_factor, original context); None: off
+    rope_scaling: tuple | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -108,8 +110,24 @@ class RMSNorm(nn.Module):
         return (x * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+def rope_frequencies(half: int, theta: float, scaling: tuple | None = None):
+    """theta^(-i/half), i < half; with Llama-3 scaling (factor, low_freq_factor,
+    high_freq_factor, original_context), wavelengths longer than original_context /
+    low_freq_factor are stretched by factor, shorter than original_context /
+    high_freq_factor kept, and those between interpolated, as Llama 3.1 was trained."""
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if not scaling:
+        return inv_freq
+    factor, low, high, context = scaling
+    wavelength = 2 * jnp.pi / inv_freq
+    smooth = (context / wavelength - low) / (high - low)
+    between = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return jnp.where(wavelength < context / high, inv_freq,
+                     jnp.where(wavelength > context / low, inv_freq / factor, between))
+
+
 def apply_rotary(x, positions, theta: float, max_position: int | None = None,
-                 table: bool = True):
+                 table: bool = True, scaling: tuple | None = None):
     """Rotate pairs (i, i + head_dim/2) of x [b, l, h, d] by position-dependent angles.
 
     With `table`, sin and cos are computed once per position into a [max_position, d/2] table
@@ -124,7 +142,7 @@ def apply_rotary(x, positions, theta: float, max_position: int | None = None,
     (benchmarks/results/NOTES.md). Both compute the same float32 angles position * inv_freq.
     """
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    inv_freq = rope_frequencies(half, theta, scaling)
     if table:
         angle = jnp.arange(max_position or x.shape[1], dtype=jnp.float32)[:, None] * inv_freq
         sin = jnp.take(jnp.sin(angle), positions, axis=0)[:, :, None, :]  # [b, l, 1, d/2]
@@ -162,8 +180,8 @@ class Attention(nn.Module):
         v = nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x, wv),
                                        ("batch", "length", "act_kv_heads", None))
         tpu = on_tpu(c)
-        q = apply_rotary(q, positions, c.rope_theta, table=not tpu)
-        k = apply_rotary(k, positions, c.rope_theta, table=not tpu)
+        q = apply_rotary(q, positions, c.rope_theta, table=not tpu, scaling=c.rope_scaling)
+        k = apply_rotary(k, positions, c.rope_theta, table=not tpu, scaling=c.rope_scaling)
         if context_parallel.sequence_shards() > 1:
             platform = c.platform or jax.default_backend()
             splash = attention_lib.resolve(c.attention, platform, c.dtype) == "splash"

@@ -24,13 +24,28 @@ def ref_rmsnorm(x, scale, eps):
     return x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + eps) * scale
 
 
-def ref_rope(x, positions, theta):
+def ref_llama3_frequency(freq, scaling):
+    """Llama 3.1's rope scaling of one frequency (Meta's apply_scaling): wavelengths above
+    context / low_freq_factor slow down by factor, those below context / high_freq_factor
+    stay, and between them the frequency blends the two linearly in context / wavelength."""
+    factor, low, high, context = scaling
+    wavelength = 2 * np.pi / freq
+    if wavelength < context / high:
+        return freq
+    if wavelength > context / low:
+        return freq / factor
+    smooth = (context / wavelength - low) / (high - low)
+    return (1 - smooth) * freq / factor + smooth * freq
+
+
+def ref_rope(x, positions, theta, scaling=None):
     """x [length, heads, d]: rotate each pair (i, i + d/2) by angle pos * theta^(-2i/d)."""
     out = x.copy()
     half = x.shape[-1] // 2
     for t, pos in enumerate(positions):
         for i in range(half):
-            angle = pos * theta ** (-2.0 * i / x.shape[-1])
+            freq = theta ** (-2.0 * i / x.shape[-1])
+            angle = pos * (ref_llama3_frequency(freq, scaling) if scaling else freq)
             z = (x[t, :, i] + 1j * x[t, :, i + half]) * np.exp(1j * angle)
             out[t, :, i], out[t, :, i + half] = z.real, z.imag
     return out
@@ -63,8 +78,8 @@ def ref_forward(params, tokens, positions, segments, cfg, tied):
         q = np.einsum("ld,dhk->lhk", h, w["attn"]["q"])
         k = np.einsum("ld,dhk->lhk", h, w["attn"]["k"])
         v = np.einsum("ld,dhk->lhk", h, w["attn"]["v"])
-        q = ref_rope(q, positions, cfg["rope_theta"])
-        k = ref_rope(k, positions, cfg["rope_theta"])
+        q = ref_rope(q, positions, cfg["rope_theta"], cfg.get("rope_scaling"))
+        k = ref_rope(k, positions, cfg["rope_theta"], cfg.get("rope_scaling"))
         x = x + np.einsum("lhk,hkd->ld", ref_attention(q, k, v, segments), w["attn"]["o"])
         h = ref_rmsnorm(x, w["mlp_norm"]["scale"], cfg["norm_eps"])
         gate = h @ w["mlp"]["gate"]
@@ -97,9 +112,13 @@ def _packed_row(rng, lengths=(5, 6, 3), total=16):
     return tokens, np.pad(positions, (0, pad)), np.pad(segments, (0, pad))
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_forward_matches_numpy_reference(tied):
-    model = _model(tied)
+# Llama-3 scaling with head_dim 8: wavelengths 6.3 (kept), 63 (blended), 628 and 6283 (scaled)
+LLAMA3_SCALING = (4.0, 1.0, 4.0, 64)
+
+
+@pytest.mark.parametrize("tied,scaling", [(False, None), (True, None), (False, LLAMA3_SCALING)])
+def test_forward_matches_numpy_reference(tied, scaling):
+    model = _model(tied, rope_scaling=scaling)
     params = _params(model)
     assert ("head" in params) != tied
     rng = np.random.default_rng(0)
@@ -109,7 +128,8 @@ def test_forward_matches_numpy_reference(tied):
                                   jnp.asarray(segments))
     assert logits.dtype == jnp.float32 and logits.shape == (2, 16, CFG["vocab_size"])
     for b in range(2):
-        expected = ref_forward(params, tokens[b], positions[b], segments[b], CFG, tied)
+        expected = ref_forward(params, tokens[b], positions[b], segments[b],
+                               {**CFG, "rope_scaling": scaling}, tied)
         real = segments[b] != 0  # padding rows attend only to padding; not compared
         np.testing.assert_allclose(np.asarray(logits[b])[real], expected[real], atol=1e-5, rtol=1e-5)
 
@@ -173,6 +193,12 @@ def test_rotary_table_matches_reference_for_any_positions():
                                                500.0))
     np.testing.assert_allclose(packed[0], ref_rope(x[0].astype(np.float64), positions[0], 500.0),
                                rtol=1e-5, atol=1e-5)
+    scaled = np.asarray(model_lib.apply_rotary(jnp.asarray(x), jnp.asarray(positions), 500.0,
+                                               max_position=16, scaling=LLAMA3_SCALING))
+    for row in range(2):
+        want = ref_rope(x[row].astype(np.float64), positions[row], 500.0, LLAMA3_SCALING)
+        np.testing.assert_allclose(scaled[row], want, rtol=1e-5, atol=1e-5)
+    assert np.abs(scaled - got).max() > 1e-2  # the scaling changed the rotation
 
 
 def test_inline_rotary_matches_the_table():

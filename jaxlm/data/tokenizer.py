@@ -1,8 +1,14 @@
-"""Sentencepiece tokenizers: load a `.model` file, or train one on documents."""
+"""Tokenizers: load a sentencepiece `.model` (Llama 2's, or one jaxlm trained) or a Hugging
+Face `tokenizer.json` (Llama 3's); train a sentencepiece one on documents.
+
+jaxlm calls a tokenizer through sentencepiece's methods (encode, bos_id, eos_id, pad_id,
+vocab_size, decode), so a `tokenizer.json` is wrapped to answer the same calls.
+"""
 
 from __future__ import annotations
 
 import io
+import json
 import pathlib
 from typing import Iterable
 
@@ -20,10 +26,66 @@ TRAINER_OPTIONS = dict(
 )
 
 
-def load(path: str | pathlib.Path, field: str = "config.data.tokenizer") -> spm.SentencePieceProcessor:
+class JsonTokenizer:
+    """A Hugging Face `tokenizer.json`, answering the sentencepiece calls jaxlm makes.
+
+    Its bos and eos tokens are those the `tokenizer_config.json` beside it names (how Hugging
+    Face stores them); without one, -1 (none), as sentencepiece says for a missing id.
+    """
+
+    def __init__(self, path: pathlib.Path):
+        import tokenizers
+
+        self.path = path
+        self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        config = path.parent / "tokenizer_config.json"
+        special = json.loads(config.read_text()) if config.is_file() else {}
+        self._ids = {name: self._token_id(special.get(f"{name}_token"))
+                     for name in ("bos", "eos", "pad", "unk")}
+
+    def _token_id(self, token) -> int:
+        if isinstance(token, dict):  # {"content": "<|begin_of_text|>", ...}
+            token = token.get("content")
+        found = self._tokenizer.token_to_id(token) if token else None
+        return -1 if found is None else found
+
+    def bos_id(self) -> int:
+        return self._ids["bos"]
+
+    def eos_id(self) -> int:
+        return self._ids["eos"]
+
+    def pad_id(self) -> int:
+        return self._ids["pad"]
+
+    def unk_id(self) -> int:
+        return self._ids["unk"]
+
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, texts, num_threads: int | None = None):
+        """Ids of one text, or a list of id lists; no special tokens (callers add bos/eos)."""
+        if isinstance(texts, str):
+            return self._tokenizer.encode(texts, add_special_tokens=False).ids
+        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode(list(ids))
+
+
+def load(path: str | pathlib.Path, field: str = "config.data.tokenizer"):
+    """A sentencepiece processor for a `.model` file; a JsonTokenizer for a `.json` one."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{field}={str(path)!r}: no such sentencepiece model file")
+        raise FileNotFoundError(f"{field}={str(path)!r}: no such tokenizer file (a sentencepiece "
+                                ".model or a Hugging Face tokenizer.json)")
+    if path.suffix == ".json":
+        try:
+            return JsonTokenizer(path)
+        except Exception as e:  # tokenizers raises its own Exception type on a bad file
+            raise ValueError(f"{field}={str(path)!r} is not a Hugging Face tokenizer.json: "
+                             f"{e}") from e
     try:
         return spm.SentencePieceProcessor(model_file=str(path))
     except (RuntimeError, OSError) as e:

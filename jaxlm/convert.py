@@ -1,0 +1,385 @@
+"""Hugging Face Llama checkpoints in and out of jaxlm.
+
+    python -m jaxlm.convert --from_hf=HF_DIR --to=RUN_DIR
+    python -m jaxlm.train --config=RUN_DIR/config.py --workdir=runs/finetune
+    python -m jaxlm.convert --from_run=runs/finetune --to_hf=OUT_DIR [--max_shard_size=5GB]
+
+Importing writes RUN_DIR/checkpoints (an orbax checkpoint that config.checkpoint.init_from
+reads), RUN_DIR/config.py (the model's config, with data.tokenizer and init_from set) and the
+tokenizer files. It reads one layer at a time straight into preallocated stacked arrays, so
+host memory stays near one copy of the model. Exporting writes config.json, safetensors
+shards with their index, and the tokenizer, which transformers' from_pretrained loads.
+
+Hugging Face stores a projection as W [out, in] applied as x @ W.T; jaxlm stores W.T with
+the head axes split out ([d, heads, head_dim] for q). Both rotate the pairs (i, i + hd/2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import jaxlm
+from jaxlm import config as config_lib
+from jaxlm import hf_config
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.hf_config import ConvertError
+
+DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed by both
+
+
+def tensor_layout(m: dict) -> list[tuple[tuple, str, tuple, tuple, bool]]:
+    """(jaxlm path, Hugging Face name with {} for the layer, jaxlm shape of one layer,
+    Hugging Face shape, transposed) for every parameter of config.model fields `m`."""
+    d, h, kv, hd, ff, v = (m["d_model"], m["n_heads"], m["n_kv_heads"], m["head_dim"],
+                           m["d_ff"], m["vocab_size"])
+    layer = "model.layers.{}."
+    rows = [
+        (("layers", "attn", "q"), layer + "self_attn.q_proj.weight", (d, h, hd), (h * hd, d),
+         True),
+        (("layers", "attn", "k"), layer + "self_attn.k_proj.weight", (d, kv, hd), (kv * hd, d),
+         True),
+        (("layers", "attn", "v"), layer + "self_attn.v_proj.weight", (d, kv, hd), (kv * hd, d),
+         True),
+        (("layers", "attn", "o"), layer + "self_attn.o_proj.weight", (h, hd, d), (d, h * hd),
+         True),
+        (("layers", "mlp", "gate"), layer + "mlp.gate_proj.weight", (d, ff), (ff, d), True),
+        (("layers", "mlp", "up"), layer + "mlp.up_proj.weight", (d, ff), (ff, d), True),
+        (("layers", "mlp", "down"), layer + "mlp.down_proj.weight", (ff, d), (d, ff), True),
+        (("layers", "attn_norm", "scale"), layer + "input_layernorm.weight", (d,), (d,), False),
+        (("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", (d,), (d,),
+         False),
+        (("embedding",), "model.embed_tokens.weight", (v, d), (v, d), False),
+        (("final_norm", "scale"), "model.norm.weight", (d,), (d,), False),
+    ]
+    if not m["tie_embeddings"]:
+        rows.append((("head",), "lm_head.weight", (d, v), (v, d), True))
+    return rows
+
+
+def _model_fields(model_cfg) -> dict:
+    """config.model as a dict with head_dim resolved (0 means d_model // n_heads)."""
+    m = dict(model_cfg)
+    m["head_dim"] = int(m["head_dim"]) or m["d_model"] // m["n_heads"]
+    return m
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+# --- Hugging Face -> jaxlm ----------------------------------------------------------------------
+
+def _weight_files(hf_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Tensor name -> the safetensors file holding it (one file, or an index's shards)."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: hf_dir / file for name, file in weight_map.items()}
+    single = hf_dir / "model.safetensors"
+    if not single.is_file():
+        raise ConvertError(f"{hf_dir} has neither model.safetensors nor "
+                           "model.safetensors.index.json (only safetensors checkpoints convert)")
+    with safe_open(single, framework="np") as f:
+        return {name: single for name in f.keys()}
+
+
+def _source_dtype(files: dict[str, pathlib.Path]) -> str:
+    name = "model.embed_tokens.weight"
+    if name not in files:
+        raise ConvertError(f"the checkpoint has no tensor {name!r}")
+    with safe_open(files[name], framework="np") as f:
+        kind = f.get_slice(name).get_dtype()
+    if kind not in DTYPES:
+        raise ConvertError(f"tensor {name!r} is {kind}; jaxlm converts {sorted(DTYPES)}")
+    return DTYPES[kind]
+
+
+def _read_into(files: dict, names_and_targets: list, transposed: dict) -> None:
+    """Read each (name, (target view, Hugging Face shape)) into its target. A file is opened
+    per tensor: safetensors maps the file, and the pages a read touches stay resident until
+    the file is closed, which would otherwise add up to a whole shard."""
+    for name, (target, hf_shape) in names_and_targets:
+        if name not in files:
+            raise ConvertError(f"the checkpoint has no tensor {name!r}, which config.json implies")
+        with safe_open(files[name], framework="np") as f:
+            array = f.get_tensor(name)
+        if tuple(array.shape) != tuple(hf_shape):
+            raise ConvertError(f"tensor {name!r} has shape {tuple(array.shape)}; "
+                               f"config.json implies {tuple(hf_shape)}")
+        if transposed[name]:
+            target.reshape(hf_shape[::-1])[...] = array.T
+        else:
+            target[...] = array
+        del array
+
+
+def read_hf_params(hf_dir: pathlib.Path, m: dict, dtype: str) -> dict:
+    """jaxlm's parameter tree (NumPy arrays of `dtype`) from a Hugging Face checkpoint."""
+    files = _weight_files(hf_dir)
+    layout = tensor_layout(m)
+    params: dict = {}
+    transposed = {}
+    for path, name, shape, hf_shape, flip in layout:
+        stacked = path[0] == "layers"
+        _set(params, path, np.empty(((m["n_layers"],) if stacked else ()) + shape, dtype))
+        for i in range(m["n_layers"] if stacked else 1):
+            transposed[name.format(i)] = flip
+    for i in range(m["n_layers"]):
+        _read_into(files, [(name.format(i), (_get(params, path)[i], hf_shape))
+                           for path, name, _, hf_shape, _ in layout if path[0] == "layers"],
+                   transposed)
+    _read_into(files, [(name, (_get(params, path), hf_shape))
+                       for path, name, _, hf_shape, _ in layout if path[0] != "layers"],
+               transposed)
+    extra = [n for n in files if n not in transposed and not n.endswith(IGNORED)
+             and not (m["tie_embeddings"] and n == "lm_head.weight")]
+    if extra:
+        raise ConvertError(f"tensors {extra[:4]}{' ...' if len(extra) > 4 else ''} have no place "
+                           "in jaxlm's model (biases? another architecture?)")
+    return params
+
+
+def _copy_tokenizer(hf_dir: pathlib.Path, run_dir: pathlib.Path) -> str:
+    """Copy the tokenizer files; the one training uses: tokenizer.model (sentencepiece, as
+    Llama 2 ships) if present, else tokenizer.json (Llama 3); "" if neither exists."""
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, run_dir / name)
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (run_dir / name).is_file():
+            return str((run_dir / name).absolute())
+    return ""
+
+
+def _config_file(m: dict, dtype: str, tokenizer: str, init_from: str, source: str) -> str:
+    model_lines = "".join(f"    m.{k} = {v!r}\n" for k, v in m.items())
+    compute = "bfloat16" if dtype != "float32" else "float32"
+    return (f'"""The model converted from {source} by python -m jaxlm.convert.\n\n'
+            f"    python -m jaxlm.train --config=THIS_FILE --workdir=runs/NAME\n\n"
+            "starts from its weights (checkpoint.init_from); set data and train fields for "
+            'your run.\n"""\n\n'
+            "from jaxlm.config import default_config\n\n\n"
+            "def get_config():\n"
+            "    config = default_config()\n"
+            "    m = config.model\n"
+            f"{model_lines}"
+            f"    m.dtype = {compute!r}\n"
+            '    m.param_dtype = "float32"  # the checkpoint is cast on restore\n'
+            f"    config.data.tokenizer = {tokenizer!r}\n"
+            f"    config.checkpoint.init_from = {init_from!r}\n"
+            "    return config\n")
+
+
+def save_params(directory: pathlib.Path, params: dict, meta: dict) -> None:
+    """Step 0 of a checkpoint directory laid out as jaxlm.checkpoint's ({"state": {"params"},
+    "meta"}), which init_from reads. orbax by default deep-copies NumPy arrays before writing
+    and compresses (both buffer a second copy of the model, measured); neither is done here,
+    so saving adds next to nothing to the one copy already held."""
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(create=True,
+                                                        enable_async_checkpointing=False),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(
+            use_compression=False, type_handler_registry=registry),
+            "meta": ocp.JsonCheckpointHandler()})
+    manager.save(0, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"params": params}),
+                                            meta=ocp.args.JsonSave(meta)))
+    manager.close()
+
+
+def import_hf(hf_dir, run_dir, param_dtype: str | None = None) -> pathlib.Path:
+    """Convert a Hugging Face Llama checkpoint into RUN_DIR; return RUN_DIR/config.py."""
+    hf_dir, run_dir = pathlib.Path(hf_dir), pathlib.Path(run_dir).absolute()
+    if not (hf_dir / "config.json").is_file():
+        raise ConvertError(f"--from_hf={str(hf_dir)!r} has no config.json")
+    m = hf_config.to_jaxlm(json.loads((hf_dir / "config.json").read_text()))
+    dtype = param_dtype or _source_dtype(_weight_files(hf_dir))
+    if (run_dir / "checkpoints").exists():
+        raise ConvertError(f"--to={str(run_dir)!r} already has checkpoints/; choose a new dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _copy_tokenizer(hf_dir, run_dir)
+    if tokenizer:
+        tokenizer_lib.load(tokenizer, "the tokenizer")  # fails now, not at training
+    else:
+        print(f"warning: {hf_dir} has no tokenizer.model or tokenizer.json; set "
+              "config.data.tokenizer in RUN_DIR/config.py before training", file=sys.stderr)
+
+    config = config_lib.default_config()
+    config.model.update(m)
+    config.model.param_dtype = dtype
+    config.data.tokenizer = tokenizer
+    params = read_hf_params(hf_dir, m, dtype)
+    save_params(run_dir / "checkpoints", params, {
+        "step": 0, "config": config.to_dict(), "jaxlm_version": jaxlm.__version__,
+        "tokenizer": tokenizer, "converted_from": str(hf_dir.absolute())})
+    del params
+    config_path = run_dir / "config.py"
+    config_path.write_text(_config_file(m, dtype, tokenizer, str(run_dir / "checkpoints"),
+                                        str(hf_dir)))
+    return config_path
+
+
+# --- jaxlm -> Hugging Face ----------------------------------------------------------------------
+
+def _locate(run) -> tuple[pathlib.Path, int | None]:
+    """(checkpoints dir, step or None for the latest) from RUN_DIR[/checkpoints[/STEP]]."""
+    path = pathlib.Path(run).absolute()
+    if (path / "state").is_dir():
+        return path.parent, int(path.name)
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None
+    return path, None
+
+
+def read_run(run) -> tuple[dict, dict, int]:
+    """(the params as NumPy arrays, the checkpoint's JSON record, its step) of a jaxlm run."""
+    directory, step = _locate(run)
+    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ConvertError(f"--from_run={str(run)!r}: no checkpoint there; give a run directory, "
+                           "its checkpoints/ or one step inside it")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    m = _model_fields(meta["config"]["model"])
+    target: dict = {}
+    for path, _, shape, _, _ in tensor_layout(m):
+        stacked = (m["n_layers"],) if path[0] == "layers" else ()
+        _set(target, path, np.empty(stacked + shape, m["param_dtype"]))
+    restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": target}, restore_args={"params": restore_args},
+        partial_restore=True)))["state"]
+    manager.close()
+    return state["params"], meta, step
+
+
+def hf_tensors(params: dict, m: dict, dtype: str):
+    """(name, shape, nbytes, make) of each Hugging Face tensor; make() builds it then."""
+    itemsize = np.dtype(dtype).itemsize
+    for path, name, _, hf_shape, flip in tensor_layout(m):
+        source = _get(params, path)
+        for i in range(m["n_layers"] if path[0] == "layers" else 1):
+            one = source[i] if path[0] == "layers" else source
+
+            def make(one=one, hf_shape=hf_shape, flip=flip):
+                out = one.reshape(hf_shape[::-1]).T if flip else one
+                return np.ascontiguousarray(out.astype(dtype, copy=False))
+
+            yield name.format(i), hf_shape, int(np.prod(hf_shape)) * itemsize, make
+
+
+def _export_tokenizer(path: str, out: pathlib.Path) -> tuple[int | None, int | None]:
+    """Copy the run's tokenizer (and Hugging Face files beside it); (bos id, eos id)."""
+    if not path or not pathlib.Path(path).is_file():
+        print(f"warning: the run's tokenizer {path!r} is not there; writing no tokenizer",
+              file=sys.stderr)
+        return None, None
+    source = pathlib.Path(path)
+    name = "tokenizer.json" if source.suffix == ".json" else "tokenizer.model"
+    shutil.copyfile(source, out / name)
+    for extra in TOKENIZER_FILES:
+        if extra != name and (source.parent / extra).is_file():
+            shutil.copyfile(source.parent / extra, out / extra)
+    tok = tokenizer_lib.load(out / name, "the run's tokenizer")
+    ids = tok.bos_id(), tok.eos_id()
+    if not (out / "tokenizer_config.json").is_file():  # a tokenizer jaxlm trained
+        special = {f"{k}_token": tok.id_to_piece(i) for k, i in
+                   (("bos", ids[0]), ("eos", ids[1]), ("unk", tok.unk_id()),
+                    ("pad", tok.pad_id())) if i >= 0} if name == "tokenizer.model" else {}
+        kind = "LlamaTokenizer" if name == "tokenizer.model" else "PreTrainedTokenizerFast"
+        (out / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": kind, "add_bos_token": True, "add_eos_token": False,
+             "legacy": False, **special}, indent=2))
+    return tuple(i if i >= 0 else None for i in ids)
+
+
+def export_hf(run, out_dir, max_shard_size: str | int = "5GB", dtype: str | None = None) -> None:
+    """Write a jaxlm run's checkpoint as a Hugging Face LlamaForCausalLM directory."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    params, meta, step = read_run(run)
+    m = _model_fields(meta["config"]["model"])
+    dtype = dtype or m["param_dtype"]
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name: (size, make) for name, _, size, make in hf_tensors(params, m, dtype)}
+    split = split_state_dict_into_shards_factory(
+        tensors, get_storage_size=lambda t: t[0],
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n][1]() for n in names}, out / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(size for size, _ in tensors.values())},
+                 "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    bos, eos = _export_tokenizer(meta.get("tokenizer") or
+                                 meta["config"].get("data", {}).get("tokenizer", ""), out)
+    max_positions = (m["rope_original_max_position"] * m["rope_scaling_factor"]
+                     if m["rope_scaling"] else meta["config"].get("data", {}).get("seq_len", 4096))
+    config = hf_config.from_jaxlm(m, m["head_dim"], dtype, int(max_positions), bos, eos)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    print(f"wrote {out} from step {step}: {len(split.filename_to_tensors)} safetensors file(s)")
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m jaxlm.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from_hf", help="a Hugging Face Llama directory (config.json, safetensors)")
+    p.add_argument("--to", help="with --from_hf: the run directory to create")
+    p.add_argument("--param_dtype", choices=sorted(set(DTYPES.values())),
+                   help="with --from_hf: the checkpoint's dtype (default: the source's)")
+    p.add_argument("--from_run", help="a jaxlm run directory, its checkpoints/ or one step")
+    p.add_argument("--to_hf", help="with --from_run: the Hugging Face directory to write")
+    p.add_argument("--max_shard_size", default="5GB", help="with --to_hf: e.g. 5GB, 500MB")
+    p.add_argument("--dtype", choices=sorted(set(DTYPES.values())),
+                   help="with --to_hf: the tensors' dtype (default: the params')")
+    args = p.parse_args(argv)
+    if bool(args.from_hf) == bool(args.from_run):
+        p.error("give --from_hf=DIR --to=RUN_DIR, or --from_run=RUN_DIR --to_hf=DIR")
+    if args.from_hf and not args.to:
+        p.error("--from_hf needs --to=RUN_DIR")
+    if args.from_run and not args.to_hf:
+        p.error("--from_run needs --to_hf=DIR")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.from_hf:
+            config_path = import_hf(args.from_hf, args.to, args.param_dtype)
+            print(f"wrote {pathlib.Path(args.to) / 'checkpoints'} and {config_path}; train with "
+                  f"python -m jaxlm.train --config={config_path} --workdir=runs/NAME")
+        else:
+            export_hf(args.from_run, args.to_hf, args.max_shard_size, args.dtype)
+    except ConvertError as e:
+        sys.exit(f"convert error: {e}")
+
+
+if __name__ == "__main__":
+    main()
