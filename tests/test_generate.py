@@ -1,0 +1,134 @@
+"""Generation with a KV cache (jaxlm.generate) against the full forward pass."""
+
+import numpy as np
+import pytest
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm import generate as gen
+from jaxlm import model as model_lib
+
+# Weights large enough that logits are far from ties: argmax comparisons are meaningful.
+CFG = model_lib.ModelConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                            head_dim=16, d_ff=128, init_std=0.15)
+MAX_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def params():
+    model = model_lib.Transformer(CFG)
+    return nn.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
+
+
+def prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, CFG.vocab_size, size=n).tolist() for n in lengths]
+
+
+def full_logits(params, tokens):
+    return np.asarray(model_lib.Transformer(CFG).apply({"params": params},
+                                                       jnp.asarray([tokens], jnp.int32))[0])
+
+
+def test_cached_greedy_is_argmax_of_the_full_forward_at_every_step(params):
+    prompt = prompts([5])[0]
+    out = gen.generate(params, CFG, [prompt], max_len=MAX_LEN, max_new_tokens=20,
+                       temperature=0.0)[0]
+    assert len(out) == 20
+    logits = full_logits(params, prompt + out[:-1])
+    expected = logits[len(prompt) - 1:].argmax(-1)
+    np.testing.assert_array_equal(out, expected)
+    assert len(set(out)) > 1  # not one token repeated: the check has teeth
+
+
+def test_a_batch_of_mixed_lengths_equals_each_prompt_alone(params):
+    batch = prompts([3, 17, 9, 1], seed=2)  # 17 needs a bigger bucket than the others
+    together = gen.generate(params, CFG, batch, max_len=MAX_LEN, max_new_tokens=12,
+                            temperature=0.0)
+    for prompt, out in zip(batch, together):
+        alone = gen.generate(params, CFG, [prompt], max_len=MAX_LEN, max_new_tokens=12,
+                             temperature=0.0)[0]
+        assert out == alone
+
+
+def test_top_k_1_is_greedy(params):
+    batch = prompts([4, 11], seed=3)
+    greedy = gen.generate(params, CFG, batch, max_len=MAX_LEN, max_new_tokens=10,
+                          temperature=0.0)
+    top1 = gen.generate(params, CFG, batch, max_len=MAX_LEN, max_new_tokens=10,
+                        temperature=1.0, top_k=1, seed=5)
+    assert top1 == greedy
+
+
+def test_top_p_never_samples_outside_the_nucleus():
+    probs = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(probs))  # the most likely token is not token 0
+    logits = jnp.asarray(np.log(probs[perm]))[None].repeat(512, axis=0)
+    for top_p, nucleus_size in ((0.5, 2), (0.65, 2), (0.66, 3), (0.9, 4), (1.0, 6)):
+        drawn = np.asarray(gen.sample(logits, jax.random.key(7), 1.0, 0, top_p))
+        nucleus = set(perm.argsort()[:nucleus_size].tolist())  # token ids of the top probs
+        assert set(drawn.tolist()) == nucleus, top_p  # all of it, and nothing else
+
+
+def test_top_k_never_samples_outside_the_k_most_likely():
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(256, 50)) * 0.1)
+    drawn = np.asarray(gen.sample(logits, jax.random.key(3), 1.0, 3, 1.0))
+    top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+    assert all(d in row for d, row in zip(drawn, top3))
+
+
+def test_the_same_seed_gives_the_same_tokens(params):
+    batch = prompts([6, 2], seed=4)
+    kwargs = dict(max_len=MAX_LEN, max_new_tokens=16, temperature=1.0, top_p=0.95)
+    a = gen.generate(params, CFG, batch, seed=11, **kwargs)
+    b = gen.generate(params, CFG, batch, seed=11, **kwargs)
+    c = gen.generate(params, CFG, batch, seed=12, **kwargs)
+    assert a == b
+    assert a != c  # sampling does depend on the seed
+
+
+def test_generation_stops_at_eos_and_at_the_context(params):
+    prompt = prompts([5])[0]
+    greedy = gen.generate(params, CFG, [prompt], max_len=MAX_LEN, max_new_tokens=8,
+                          temperature=0.0)[0]
+    stopped = gen.generate(params, CFG, [prompt, prompt[:2]], max_len=MAX_LEN,
+                           max_new_tokens=8, temperature=0.0, eos_id=greedy[3])
+    assert stopped[0] == greedy[:greedy.index(greedy[3])]
+    near_end = prompts([MAX_LEN - 3])[0]
+    out = gen.generate(params, CFG, [near_end], max_len=MAX_LEN, max_new_tokens=10,
+                       temperature=0.0)[0]
+    assert len(out) == 3  # the context is full
+    expected = full_logits(params, near_end + out[:-1])[len(near_end) - 1:].argmax(-1)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_sharded_generation_matches_one_device(params):
+    from jaxlm import sharding as sharding_lib
+
+    mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 2, "sequence": 1})
+    rules = sharding_lib.axis_rules((("batch", None), ("length", None)))
+    boxed = jax.eval_shape(lambda: model_lib.Transformer(CFG).init(
+        jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    sharded = jax.device_put(params, shardings)
+    assert sharded["layers"]["attn"]["q"].sharding.spec[1:] == (("fsdp", "sequence"), "tensor", None)
+    batch = prompts([7, 3, 12], seed=6)
+    kwargs = dict(max_len=MAX_LEN, max_new_tokens=10, temperature=0.0)
+    on_mesh = gen.generate(sharded, CFG, batch, mesh=mesh, rules=rules, **kwargs)
+    assert on_mesh == gen.generate(params, CFG, batch, **kwargs)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(prompts_tokens=[list(range(MAX_LEN))]), "context is 64 tokens"),
+    (dict(prompts_tokens=[[1, 2], []]), "prompt 1 is empty"),
+    (dict(top_p=0.0), "top_p=0.0"),
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(prompts_tokens=[[1, CFG.vocab_size]]), "outside"),
+])
+def test_bad_input_is_a_clear_error(params, bad, message):
+    kwargs = {"prompts_tokens": [[1, 2, 3]], "max_len": MAX_LEN, "temperature": 1.0, **bad}
+    with pytest.raises(gen.GenerateError, match=message):
+        gen.generate(params, CFG, **kwargs)
