@@ -132,3 +132,84 @@ def test_bad_input_is_a_clear_error(params, bad, message):
     kwargs = {"prompts_tokens": [[1, 2, 3]], "max_len": MAX_LEN, "temperature": 1.0, **bad}
     with pytest.raises(gen.GenerateError, match=message):
         gen.generate(params, CFG, **kwargs)
+
+
+# ---------------------------------------------------------------- from a training run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tokenizer_path):
+    """A 2-step training run of a small model (its checkpoint records the tokenizer)."""
+    from configs import tiny
+    from jaxlm import train as train_lib
+
+    config = tiny.get_config()
+    config.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128))
+    config.data.update(dict(tokenizer=tokenizer_path, seq_len=64, eval_batches=1))
+    config.train.update(dict(steps=2, global_batch_size=8, warmup_steps=0, eval_every=2))
+    config.mesh.update(dict(fsdp=4, tensor=2))
+    workdir = tmp_path_factory.mktemp("run")
+    train_lib.train(config, workdir)
+    return workdir
+
+
+def test_a_run_generates_on_its_mesh_as_the_full_forward_says(run_dir):
+    run = gen.load_run(run_dir)
+    assert run.max_len == 64 and run.step == 2 and dict(run.mesh.shape)["tensor"] == 2
+    assert run.params["layers"]["mlp"]["up"].sharding.spec[1:] == (("fsdp", "sequence"), "tensor")
+    sp = run.tokenizer
+    tokens = [sp.bos_id()] + sp.encode("def main(")
+    out = gen.generate(run.params, run.config, [tokens], max_new_tokens=6, temperature=0.0,
+                       **{**run.kwargs(), "eos_id": None})[0]
+    model = model_lib.Transformer(run.config)
+    unsharded = jax.device_get(run.params)
+    logits = model.apply({"params": unsharded}, jnp.asarray([tokens + out[:-1]]))[0]
+    np.testing.assert_array_equal(out, np.asarray(logits[len(tokens) - 1:]).argmax(-1))
+
+
+def test_a_run_without_a_tokenizer_is_a_clear_error(run_dir, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "checkpoints", copy / "checkpoints")
+    # As when a run moves to another machine: the tokenizer its checkpoint names is not there.
+    meta = copy / "checkpoints" / "2" / "meta" / "metadata"
+    recorded = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**recorded, "tokenizer": str(tmp_path / "gone.model")}))
+    with pytest.raises(gen.GenerateError, match="has no tokenizer.*--tokenizer=PATH"):
+        gen.load_run(copy)
+    assert gen.load_run(copy, tokenizer=recorded["tokenizer"]).step == 2
+    with pytest.raises(gen.GenerateError, match="no checkpoints/"):
+        gen.load_run(tmp_path / "nothing")
+
+
+@pytest.mark.slow  # subprocesses
+def test_cli_streams_and_writes_jsonl(run_dir, repo, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "jaxlm.generate", f"--from={run_dir}", *args],
+                              cwd=repo, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+
+    streamed = cli("--prompt=def main(", "--prompt=import", "--max_new_tokens=8", "--temperature=0")
+    assert streamed.returncode == 0, streamed.stderr[-3000:]
+    lines = streamed.stdout.splitlines()
+    assert lines[0].startswith("[0] def main(") and lines[1].startswith("[1] import")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def main("}) + "\n" + json.dumps("import") + "\n")
+    out = tmp_path / "out.jsonl"
+    written = cli(f"--prompts_file={prompts}", f"--output={out}", "--max_new_tokens=8",
+                  "--temperature=0")
+    assert written.returncode == 0, written.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["def main(", "import"]
+    assert all(1 <= len(r["tokens"]) <= 8 and r["stop"] in ("eos", "length") for r in rows)
+    # greedy: the streamed text is the written one
+    assert streamed.stdout.startswith("[0] def main(" + rows[0]["completion"] + "\n[1] import")
+    bad = cli("--prompt=x", "--top_p=1.5")
+    assert bad.returncode != 0 and "top_p=1.5 is invalid" in bad.stderr
