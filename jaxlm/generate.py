@@ -20,6 +20,7 @@ training shardings (fsdp, tensor) and the cache is split over kv heads (the tens
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -163,33 +164,29 @@ def stream(params, config: model_lib.ModelConfig, prompts_tokens: Sequence[Seque
         tokens[i, :len(p)] = p
     key = jax.random.key(seed)
 
-    with jax.set_mesh(mesh) if mesh is not None else _nothing():
+    def on_mesh():  # entered around each call only: the caller's code between steps is its own
+        return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+    with on_mesh():
         pending, cache = _prefill(static, slots, params, tokens, lengths,
                                   jax.random.fold_in(key, 0))
-        count, done = np.zeros_like(lengths), np.zeros(len(lengths), bool)
-        for step in range(int(budget.max())):
-            current = pending
-            if step + 1 < budget.max():  # dispatch the next step before reading this one
-                # a finished row keeps running in lockstep, parked in its last slot
-                positions = np.minimum(lengths + step, slots - 1).astype(np.int32)
+    count, done = np.zeros_like(lengths), np.zeros(len(lengths), bool)
+    for step in range(int(budget.max())):
+        current = pending
+        if step + 1 < budget.max():  # dispatch the next step before reading this one
+            # a finished row keeps running in lockstep, parked in its last slot
+            positions = np.minimum(lengths + step, slots - 1).astype(np.int32)
+            with on_mesh():
                 pending, cache = _decode(static, params, cache, current, positions,
                                          jax.random.fold_in(key, step + 1))
-            new = np.asarray(current)
-            eos = (new == eos_id) if eos_id is not None else np.zeros_like(done)
-            emitted = ~done & ~eos
-            count += emitted
-            done = done | eos | (count >= budget)
-            yield new, emitted, done.copy()
-            if done.all():
-                break
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        new = np.asarray(current)
+        eos = (new == eos_id) if eos_id is not None else np.zeros_like(done)
+        emitted = ~done & ~eos
+        count += emitted
+        done = done | eos | (count >= budget)
+        yield new, emitted, done.copy()
+        if done.all():
+            break
 
 
 def generate(params, config: model_lib.ModelConfig, prompts_tokens: Sequence[Sequence[int]],
