@@ -121,6 +121,20 @@ def test_sharded_generation_matches_one_device(params):
     assert on_mesh == gen.generate(params, CFG, batch, **kwargs)
 
 
+def test_prompt_lengths_in_one_bucket_compile_nothing_new(params, monkeypatch):
+    traces = []
+    sample = gen.sample
+    monkeypatch.setattr(gen, "sample", lambda *a: traces.append(1) or sample(*a))  # at trace
+    kwargs = dict(max_len=MAX_LEN, max_new_tokens=8, temperature=0.5, top_k=13)  # fresh jit keys
+    gen.generate(params, CFG, prompts([3]), **kwargs)
+    assert len(traces) == 2  # prefill and decode step compiled
+    gen.generate(params, CFG, prompts([12]), **kwargs)
+    assert len(traces) == 2  # the same bucket (16) and cache: nothing new
+    gen.generate(params, CFG, prompts([20]), **kwargs)
+    assert len(traces) == 3  # bucket 32: a new prefill; the decode step's cache is the same
+    assert [gen.bucket_length(n, MAX_LEN) for n in (1, 16, 17, 40)] == [16, 16, 32, 64]
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(prompts_tokens=[list(range(MAX_LEN))]), "context is 64 tokens"),
     (dict(prompts_tokens=[[1, 2], []]), "prompt 1 is empty"),
