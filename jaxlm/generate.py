@@ -66,7 +66,8 @@ def sample(logits, key, temperature: float = 1.0, top_k: int = 0, top_p: float =
     """One token per row of float logits [b, vocab]: argmax when temperature is 0, else a draw
     from softmax(logits / temperature) restricted to the top_k most likely tokens (0: all) and
     to the nucleus (top_p): the most likely tokens whose probabilities, summed in decreasing
-    order, first reach top_p (the most likely token is always in it)."""
+    order, first reach top_p (the most likely token is always in it; a token as likely as
+    the nucleus' least likely one is in it too)."""
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
@@ -74,12 +75,13 @@ def sample(logits, key, temperature: float = 1.0, top_k: int = 0, top_p: float =
         kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1:
-        order = jnp.argsort(-logits, axis=-1)
-        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
-        keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p  # mass before it < top_p
-        rows = jnp.arange(logits.shape[0])[:, None]
-        keep = jnp.zeros_like(keep_sorted).at[rows, order].set(keep_sorted)
-        logits = jnp.where(keep, logits, -jnp.inf)
+        # The nucleus as a threshold on logits: its smallest member's (sorting values only
+        # and comparing is much cheaper than scattering a mask back through the sort order).
+        desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        size = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(desc, size - 1, axis=-1)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
