@@ -227,3 +227,60 @@ def test_cli_streams_and_writes_jsonl(run_dir, repo, tmp_path):
     assert streamed.stdout.startswith("[0] def main(" + rows[0]["completion"] + "\n[1] import")
     bad = cli("--prompt=x", "--top_p=1.5")
     assert bad.returncode != 0 and "top_p=1.5 is invalid" in bad.stderr
+
+
+GENERATE_7B = """
+import importlib.util, json
+import flax.linen as nn, jax, jax.numpy as jnp
+from jaxlm import config as config_lib, generate as gen, model as model_lib, sharding as sharding_lib
+spec = importlib.util.spec_from_file_location("config_7b", "configs/7b.py")
+module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+config = module.get_config()
+config.mesh.update(dict(data=1, fsdp=4, tensor=2, sequence=1))
+config.train.update(dict(global_batch_size=8, grad_accum_steps=1))
+derived = config_lib.validate(config, 8)
+cfg = config_lib.model_config(config, derived)
+mesh = sharding_lib.make_mesh(derived.mesh_shape)
+rules = sharding_lib.axis_rules((("batch", None), ("length", None)))
+with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(lambda: model_lib.Transformer(cfg).init(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.unbox(boxed), shardings)
+static = gen._Static(cfg, rules, 1.0, 0, 0.9)
+rows = jax.ShapeDtypeStruct((8,), jnp.int32)
+with jax.set_mesh(mesh):
+    prefill = gen._prefill.lower(static, 2176, params, jax.ShapeDtypeStruct((8, 2048), jnp.int32),
+                                 rows, jax.random.key(0)).compile()
+    out = jax.eval_shape(gen._prefill, static, 2176, params,
+                         jax.ShapeDtypeStruct((8, 2048), jnp.int32), rows, jax.random.key(0))[1]
+    cache = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)
+             for (k, v), s in zip(out.items(), prefill.output_shardings[1].values())}
+    decode = gen._decode.lower(static, params, cache, rows, rows, jax.random.key(0)).compile()
+memory = decode.memory_analysis()
+print(json.dumps(dict(cache_spec=str(prefill.output_shardings[1]["k"].spec),
+                      argument=memory.argument_size_in_bytes, alias=memory.alias_size_in_bytes)))
+"""
+
+
+@pytest.mark.slow  # a subprocess of 8 devices compiling a 7B model (about 10 s)
+def test_7b_prefill_and_decode_compile_on_an_fsdp_by_tensor_mesh(repo):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", GENERATE_7B], cwd=repo, capture_output=True,
+                            text=True, timeout=600, env={
+                                **os.environ, "JAX_PLATFORMS": "cpu",
+                                "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "tensor" in got["cache_spec"]  # kv heads split over the tensor axis
+    # One device's cache: 32 layers x 8 rows x 2176 slots x 16 of 32 kv heads x 128 x bf16, k
+    # and v; donated to the step (aliased), so no second copy.
+    cache_bytes = 32 * 8 * 2176 * 16 * 128 * 2 * 2
+    assert got["alias"] == cache_bytes
+    # and an eighth of the 6.7B float32 parameters (fsdp x tensor)
+    assert got["argument"] < cache_bytes + 6.8e9 * 4 / 8 * 1.01
