@@ -86,6 +86,8 @@ def main():
         ttft = statistics.median(r[0] for r in runs)
         decode_s = statistics.median(r[1] for r in runs)
         tokens_per_s = batch * (args.new_tokens - 1) / decode_s
+        sampling_name = ("greedy" if args.temperature == 0
+                         else f"T {args.temperature} top_p {args.top_p}")
         row = {"date": datetime.date.today().isoformat(), "config": args.config,
                "params": n_params, "dtype": str(jnp.dtype(cfg.dtype)), "batch": batch,
                **sampling, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
@@ -102,12 +104,11 @@ def main():
             "the repeats after one untimed run that compiles. TTFT: call to first token on the "
             "host. Decode tokens/s: all rows' tokens after the first over the time from the "
             "first token to the last.",
-            ["date", "config", "params", "dtype", "device", "batch", "sampling", "prompt", "new tokens",
-             "first run s (compiles)", "TTFT ms", "decode ms/step", "decode tokens/s", "jax",
-             "note"],
+            ["date", "config", "params", "dtype", "device", "batch", "sampling", "prompt",
+             "new tokens", "first run s (compiles)", "TTFT ms", "decode ms/step",
+             "decode tokens/s", "jax", "note"],
             [[row["date"], args.config, f"{n_params / 1e6:.0f}M", row["dtype"], row["device"],
-              batch, "greedy" if args.temperature == 0 else f"T {args.temperature} top_p {args.top_p}",
-              args.prompt_len, args.new_tokens, f"{compile_s:.1f}", f"{1e3 * ttft:.0f}",
+              batch, sampling_name, args.prompt_len, args.new_tokens, f"{compile_s:.1f}", f"{1e3 * ttft:.0f}",
               f"{row['decode_ms_per_step_median']:.1f}", f"{tokens_per_s:.1f}",
               jax.__version__, args.note]])
         print(f"batch {batch}: TTFT {1e3 * ttft:.0f} ms, decode {tokens_per_s:.1f} tokens/s "

@@ -114,7 +114,8 @@ def test_sharded_generation_matches_one_device(params):
         jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
     sharded = jax.device_put(params, shardings)
-    assert sharded["layers"]["attn"]["q"].sharding.spec[1:] == (("fsdp", "sequence"), "tensor", None)
+    q_spec = sharded["layers"]["attn"]["q"].sharding.spec
+    assert q_spec[1:] == (("fsdp", "sequence"), "tensor", None)
     batch = prompts([7, 3, 12], seed=6)
     kwargs = dict(max_len=MAX_LEN, max_new_tokens=10, temperature=0.0)
     on_mesh = gen.generate(sharded, CFG, batch, mesh=mesh, rules=rules, **kwargs)
@@ -206,9 +207,9 @@ def test_cli_streams_and_writes_jsonl(run_dir, repo, tmp_path):
     import sys
 
     def cli(*args):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
         return subprocess.run([sys.executable, "-m", "jaxlm.generate", f"--from={run_dir}", *args],
-                              cwd=repo, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                              cwd=repo, capture_output=True, text=True, timeout=600, env=env)
 
     streamed = cli("--prompt=def main(", "--prompt=import", "--max_new_tokens=8", "--temperature=0")
     assert streamed.returncode == 0, streamed.stderr[-3000:]
@@ -232,7 +233,8 @@ def test_cli_streams_and_writes_jsonl(run_dir, repo, tmp_path):
 GENERATE_7B = """
 import importlib.util, json
 import flax.linen as nn, jax, jax.numpy as jnp
-from jaxlm import config as config_lib, generate as gen, model as model_lib, sharding as sharding_lib
+from jaxlm import config as config_lib, generate as gen, model as model_lib
+from jaxlm import sharding as sharding_lib
 spec = importlib.util.spec_from_file_location("config_7b", "configs/7b.py")
 module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
 config = module.get_config()
