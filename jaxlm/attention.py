@@ -193,3 +193,16 @@ def attention(q, k, v, segment_ids, impl: str = "xla", *, splash_block_q: int = 
         return splash_attention(q, k, v, segment_ids, splash_block_q, splash_block_kv,
                                 splash_interpret)
     raise ValueError(f"unknown attention implementation {impl!r}; use one of {IMPLEMENTATIONS}")
+
+
+def cached_attention(q, k_cache, v_cache, positions):
+    """Grouped-query attention of q [b, l, heads, d] over a KV cache [b, slots, kv_heads, d]
+    whose slot s holds the token at position s (jaxlm.generate): a query at position p sees
+    slots 0..p. Slots past p (padding, or not yet written) are never read, so one mask
+    serves the prefill of right-padded prompts and every decode step."""
+    batch, length, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[2]
+    q = q.reshape(batch, length, n_kv, n_heads // n_kv, head_dim)
+    visible = jnp.arange(k_cache.shape[1])[None, None, :] <= positions[:, :, None]  # [b, l, s]
+    out = _attend(q, k_cache, v_cache, visible[:, None, None])
+    return out.reshape(batch, length, n_heads, head_dim)

@@ -164,7 +164,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, cache=None):
+        """The attention output; with a `cache` {"k", "v"} [b, slots, kv, hd] (decoding, see
+        jaxlm.generate) also the cache with this call's keys and values written at the
+        slots their positions name."""
         c = self.cfg
         d, h, kv, hd = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         out_std = c.init_std / (2 * c.n_layers) ** 0.5
@@ -179,6 +182,8 @@ class Attention(nn.Module):
                                        ("batch", "length", "act_kv_heads", None))
         v = nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x, wv),
                                        ("batch", "length", "act_kv_heads", None))
+        if cache is not None:
+            return self._cached(q, k, v, positions, cache, wo)
         tpu = on_tpu(c)
         q = apply_rotary(q, positions, c.rope_theta, table=not tpu, scaling=c.rope_scaling)
         k = apply_rotary(k, positions, c.rope_theta, table=not tpu, scaling=c.rope_scaling)
@@ -201,6 +206,20 @@ class Attention(nn.Module):
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("blhk,hkd->bld", out, wo)
 
+    def _cached(self, q, k, v, positions, cache, wo):
+        """Decoding: rotary angles up to the cache's length, then attention over the cache."""
+        slots = cache["k"].shape[1]
+        q = apply_rotary(q, positions, self.cfg.rope_theta, slots, scaling=self.cfg.rope_scaling)
+        k = apply_rotary(k, positions, self.cfg.rope_theta, slots, scaling=self.cfg.rope_scaling)
+        rows = jnp.arange(q.shape[0])[:, None]
+        cache = {name: nn.with_logical_constraint(
+                     cache[name].at[rows, positions].set(new.astype(cache[name].dtype)),
+                     ("batch", None, "act_kv_heads", None))
+                 for name, new in (("k", k), ("v", v))}
+        out = attention_lib.cached_attention(q, cache["k"], cache["v"], positions)
+        out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
+        return jnp.einsum("blhk,hkd->bld", out, wo), cache
+
 
 class MLP(nn.Module):
     cfg: ModelConfig
@@ -219,19 +238,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; scan-shaped: (carry, *broadcast) -> (carry, None)."""
+    """Pre-norm residual block; scan-shaped: (carry, *broadcast, this layer's cache or None)
+    -> (carry, the updated cache or None)."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, cache=None):
         c = self.cfg
         norm = functools.partial(RMSNorm, c.norm_eps, c.dtype, c.param_dtype)
-        x = x + Attention(c, name="attn")(norm(name="attn_norm")(x), positions, segment_ids)
+        attn = Attention(c, name="attn")(norm(name="attn_norm")(x), positions, segment_ids, cache)
+        if cache is not None:
+            attn, cache = attn
+        x = x + attn
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         x = x + MLP(c, name="mlp")(norm(name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        return x, None
+        return x, cache
 
 
 @jax.custom_vjp
@@ -271,10 +294,18 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, head_inputs: bool = False):
+    def __call__(self, tokens, positions=None, segment_ids=None, head_inputs: bool = False,
+                 cache=None):
         """Logits, or with `head_inputs` the final hidden states [b, l, d] and the LM head
-        [d, vocab] in the compute dtype, for a loss that applies the head itself (jaxlm.loss)."""
+        [d, vocab] in the compute dtype, for a loss that applies the head itself (jaxlm.loss).
+
+        With a KV `cache` {"k", "v"} [layers, b, slots, kv_heads, head_dim] (decoding, see
+        jaxlm.generate; `positions` required, `segment_ids` unused) it returns (that output,
+        the updated cache)."""
         c = self.cfg
+        if cache is not None and (positions is None or context_parallel.sequence_shards() > 1):
+            raise ValueError("decoding with a cache needs positions and an unsplit sequence "
+                             "(the logical axis 'length' on no mesh axis)")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         # A sequence split over devices is reordered so causal attention costs every shard
@@ -296,9 +327,9 @@ class Transformer(nn.Module):
             unrolled = c.scan_unroll > 1 or c.n_layers == 1
             block = nn.remat(Block, prevent_cse=unrolled, policy=REMAT_POLICIES[c.remat])
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
+                         in_axes=(nn.broadcast, nn.broadcast, 0), length=c.n_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"}, unroll=c.scan_unroll)
-        x, _ = layers(c, name="layers")(x, positions, segment_ids)
+        x, cache = layers(c, name="layers")(x, positions, segment_ids, cache)
         x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x)
         if shards > 1:
             x = nn.with_logical_constraint(context_parallel.restore(x, shards),
@@ -310,6 +341,8 @@ class Transformer(nn.Module):
             head = self.param("head", _init(c.init_std, ("embed", "vocab")),
                               (c.d_model, c.vocab_size), c.param_dtype)
         if head_inputs:
-            return x, head.astype(c.dtype)
-        logits = logits_dot(x, head.astype(c.dtype))
-        return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+            out = x, head.astype(c.dtype)
+        else:
+            out = nn.with_logical_constraint(logits_dot(x, head.astype(c.dtype)),
+                                             ("batch", "length", "act_vocab"))
+        return out if cache is None else (out, cache)
