@@ -262,3 +262,24 @@ def test_rope_scaling_config_fields_are_validated(field, value):
     config.model[field] = value
     with pytest.raises(config_lib.ConfigError, match=f"model.{field}"):
         config_lib.validate(config, 8)
+
+
+def test_greedy_generation_equals_transformers_generate(tmp_path):
+    """A converted model decodes (KV cache, jaxlm.generate) the same greedy tokens as
+    transformers' own generate(do_sample=False), for prompts of different lengths in a batch."""
+    from jaxlm import generate as generate_lib
+
+    model = hf_model(seed=3, vocab=300, kv=2, rope_scaling=LLAMA3)  # room for the tokenizer
+    model.save_pretrained(tmp_path / "hf")
+    _json_tokenizer(tmp_path / "hf")
+    convert.import_hf(tmp_path / "hf", tmp_path / "run")
+    run = generate_lib.load_run(tmp_path / "run")
+    prompts = [list(tokens_for(300, length=n, rows=1, seed=n)[0]) for n in (5, 11)]
+    got = generate_lib.generate(run.params, run.config, prompts, max_new_tokens=12,
+                                temperature=0.0, **{**run.kwargs(), "eos_id": None})
+    model.generation_config.eos_token_id = None
+    for prompt, tokens in zip(prompts, got):
+        with torch.no_grad():
+            want = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12,
+                                  min_new_tokens=12, pad_token_id=0)[0, len(prompt):]
+        assert list(tokens) == want.tolist()
