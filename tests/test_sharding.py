@@ -95,14 +95,15 @@ def test_weights_are_sharded_as_the_rules_say():
     factory = factory_for(small_config(**MESHES["data2_fsdp2_tensor2"]))
     state = factory.create(jax.random.key(0))
     params = state["params"]
+    embed = ("fsdp", "sequence")  # weights are split over the sequence shards too
     expected = {
-        ("embedding",): P("tensor", "fsdp"),
-        ("head",): P("fsdp", "tensor"),
-        ("layers", "attn", "q"): P(None, "fsdp", "tensor", None),
-        ("layers", "attn", "k"): P(None, "fsdp", "tensor", None),
-        ("layers", "attn", "o"): P(None, "tensor", None, "fsdp"),
-        ("layers", "mlp", "gate"): P(None, "fsdp", "tensor"),
-        ("layers", "mlp", "down"): P(None, "tensor", "fsdp"),
+        ("embedding",): P("tensor", embed),
+        ("head",): P(embed, "tensor"),
+        ("layers", "attn", "q"): P(None, embed, "tensor", None),
+        ("layers", "attn", "k"): P(None, embed, "tensor", None),
+        ("layers", "attn", "o"): P(None, "tensor", None, embed),
+        ("layers", "mlp", "gate"): P(None, embed, "tensor"),
+        ("layers", "mlp", "down"): P(None, "tensor", embed),
         ("layers", "attn_norm", "scale"): P(None, None),
     }
     for path, spec in expected.items():
@@ -112,10 +113,12 @@ def test_weights_are_sharded_as_the_rules_say():
         assert leaf.sharding.spec == spec, (path, leaf.sharding.spec)
         # Each device really holds only its shard.
         shard = leaf.addressable_shards[0].data
-        split = [leaf.sharding.mesh.shape[a] if a else 1 for a in spec]
+        mesh_shape = leaf.sharding.mesh.shape
+        split = [int(np.prod([mesh_shape[n] for n in ((a,) if isinstance(a, str) else a)]))
+                 if a else 1 for a in spec]
         assert shard.shape == tuple(n // s for n, s in zip(leaf.shape, split + [1] * (leaf.ndim - len(split))))
     # Adam's moments follow their parameters.
     adam = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
             if hasattr(s, "mu")]
     assert adam, "no Adam state found"
-    assert adam[0].mu["layers"]["attn"]["q"].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert adam[0].mu["layers"]["attn"]["q"].sharding.spec == P(None, embed, "tensor", None)
