@@ -41,6 +41,9 @@ def probe_writable(directory: pathlib.Path) -> None:
             "permissions, or choose another --workdir") from e
 
 
+ITEMS = ("state", "meta")  # each step: the train state (orbax pytree) and a JSON record
+
+
 class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, keep: int, keep_every: int = 0,
                  probe: bool = True):
@@ -50,8 +53,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_every or None, create=True,
             enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -109,19 +111,33 @@ class Checkpointer:
         self.manager.close()
 
 
+def split_step(path: pathlib.Path) -> tuple[pathlib.Path, int | None]:
+    """(checkpoints directory, step) of one step's directory; (path, None) otherwise."""
+    if (path / "state").is_dir():
+        return path.parent, int(path.name)
+    return path, None
+
+
+def open_read_only(directory: pathlib.Path, step: int | None = None):
+    """A read-only manager over a checkpoints directory, and `step`, or its newest step when
+    none is given (None when it has none). The caller closes the manager."""
+    manager = ocp.CheckpointManager(directory, item_names=ITEMS,
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    return manager, (manager.latest_step() if step is None else step)
+
+
+def read_meta(manager, step: int) -> dict:
+    """A step's JSON record (config, data position, tokenizer, ...)."""
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def restore_params(path: str | pathlib.Path, abstract_params):
     """The params of another run's checkpoint (a run's checkpoints/ dir, or one step in it).
 
     Only the params are read: the other run's optimizer state and step are left behind.
     """
     path = pathlib.Path(path).absolute()
-    if (path / "state").is_dir():
-        directory, step = path.parent, int(path.name)
-    else:
-        directory, step = path, None
-    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step() if step is None else step
+    manager, step = open_read_only(*split_step(path))
     if step is None:
         raise CheckpointError(f"config.checkpoint.init_from={str(path)!r}: no checkpoint there; "
                               "give a run's checkpoints/ directory or one step inside it")

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import jaxlm
+from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import hf_config
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -246,23 +247,18 @@ def import_hf(hf_dir, run_dir, param_dtype: str | None = None) -> pathlib.Path:
 def _locate(run) -> tuple[pathlib.Path, int | None]:
     """(checkpoints dir, step or None for the latest) from RUN_DIR[/checkpoints[/STEP]]."""
     path = pathlib.Path(run).absolute()
-    if (path / "state").is_dir():
-        return path.parent, int(path.name)
-    if (path / "checkpoints").is_dir():
-        return path / "checkpoints", None
-    return path, None
+    if not (path / "state").is_dir() and (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    return checkpoint_lib.split_step(path)
 
 
 def read_run(run) -> tuple[dict, dict, int]:
     """(the params as NumPy arrays, the checkpoint's JSON record, its step) of a jaxlm run."""
-    directory, step = _locate(run)
-    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step() if step is None else step
+    manager, step = checkpoint_lib.open_read_only(*_locate(run))
     if step is None:
         raise ConvertError(f"--from_run={str(run)!r}: no checkpoint there; give a run directory, "
                            "its checkpoints/ or one step inside it")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = checkpoint_lib.read_meta(manager, step)
     m = _model_fields(meta["config"]["model"])
     target: dict = {}
     for path, _, shape, _, _ in tensor_layout(m):

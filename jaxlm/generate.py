@@ -273,8 +273,6 @@ def load_run(run_dir: str | pathlib.Path, tokenizer: str | None = None, step: in
     `devices` (default: all): tensor-parallel `tensor` ways (default: as the run trained, if
     that divides the devices) and FSDP over the rest. Rows are not split over devices (a
     generation batch is small); weights keep their training layout."""
-    import orbax.checkpoint as ocp
-
     from jaxlm import checkpoint as checkpoint_lib
     from jaxlm import config as config_lib
     from jaxlm import sharding as sharding_lib
@@ -284,13 +282,11 @@ def load_run(run_dir: str | pathlib.Path, tokenizer: str | None = None, step: in
     if not directory.is_dir():
         raise GenerateError(f"--from={str(run_dir)!r}: no checkpoints/ directory there; give "
                             "a run directory (python -m jaxlm.train --workdir=...)")
-    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step() if step is None else step
+    manager, step = checkpoint_lib.open_read_only(directory, step)
     if step is None or step not in manager.all_steps():
         raise GenerateError(f"{directory} has no checkpoint {step if step is not None else ''}"
                             f"(it has {list(manager.all_steps())})")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = checkpoint_lib.read_meta(manager, step)
     manager.close()
     sp = _tokenizer(run_dir, meta.get("tokenizer", ""), tokenizer)
 
