@@ -92,7 +92,14 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path, repo, tokenizer_path
     assert code == 0, output[-3000:]
     assert "resumed from" in output
 
-    config = tiny_config(tokenizer_path, steps)
+    rows = assert_ends_as_unbroken(tmp_path, workdir, steps, tiny_config(tokenizer_path, steps))
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, steps]
+
+
+def assert_ends_as_unbroken(tmp_path, workdir, steps, config):
+    """The resumed run in `workdir` ends as the one in tmp_path/unbroken: the same final
+    params bit for bit, its data position at `steps`, one loss row per step and each loss
+    equal. Returns the resumed run's metric rows."""
     expected, _ = final_params(tmp_path / "unbroken", steps, config)
     actual, meta = final_params(workdir, steps, config)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
@@ -100,9 +107,9 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path, repo, tokenizer_path
     assert meta["data"]["iterator"] == {"next_index": steps}
     rows = metric_rows(workdir)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
-    assert [r["step"] for r in rows if "val_loss" in r] == [0, steps]
     unbroken = {r["step"]: r["loss"] for r in metric_rows(tmp_path / "unbroken") if "loss" in r}
-    assert all(r["loss"] == unbroken[r["step"]] for r in rows if "loss" in r)
+    assert {r["step"]: r["loss"] for r in rows if "loss" in r} == unbroken
+    return rows
 
 
 SCHEDULE = ((0, 16), (4, 32), (6, 64))  # steps 1-4 rows of 16, 5-6 of 32, 7-8 of 64
@@ -133,16 +140,7 @@ def test_killed_in_and_across_seq_len_stages_resumes_exactly(tmp_path, repo, tok
     assert f"resumed from {checkpoints / '6'}" in outputs[2]
     assert "step 7/8 | seq_len stage 3/3 starts: 8 rows of 64" in outputs[2]
 
-    expected, _ = final_params(tmp_path / "unbroken", steps, config)
-    actual, meta = final_params(workdir, steps, config)
-    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
-        np.testing.assert_array_equal(a, b)
-    assert meta["data"]["iterator"] == {"next_index": steps}
-    rows = metric_rows(workdir)
-    unbroken = metric_rows(tmp_path / "unbroken")
-    losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
-    assert losses == {r["step"]: r["loss"] for r in unbroken if "loss" in r}
-    assert sorted(losses) == list(range(1, steps + 1))
+    rows = assert_ends_as_unbroken(tmp_path, workdir, steps, config)
     stage_rows = [(r["step"], r["seq_len"]) for r in rows if "seq_len" in r]
     assert stage_rows == [(1, 16), (5, 32), (7, 64)]
 
