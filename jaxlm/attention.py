@@ -13,9 +13,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
+
+from jaxlm import sharding as sharding_lib
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
 
@@ -114,12 +115,6 @@ def _splash_kernel(heads: int, length: int, blocks: splash.BlockSizes, head_shar
                                   q_seq_shards=1, interpret=interpret)
 
 
-def _mesh_axes(spec_entry) -> tuple:
-    if spec_entry is None:
-        return ()
-    return spec_entry if isinstance(spec_entry, tuple) else (spec_entry,)
-
-
 def splash_attention(q, k, v, segment_ids, block_q: int = 512, block_kv: int = 512,
                      interpret: bool | None = None):
     """Causal GQA attention with the Pallas splash kernel (jax.experimental.pallas.ops.tpu).
@@ -142,11 +137,11 @@ def splash_attention(q, k, v, segment_ids, block_q: int = 512, block_kv: int = 5
     mesh = jax.sharding.get_abstract_mesh()
     spec = nn.logical_to_mesh_axes(("batch", "act_heads", "length", None))
     rows, heads = (spec[0], spec[1]) if not mesh.empty else (None, None)
-    if not mesh.empty and any(mesh.shape[a] > 1 for a in _mesh_axes(spec[2])):
+    if not mesh.empty and sharding_lib.axes_size(mesh, spec[2]) > 1:
         raise ValueError("splash_attention takes whole rows: the logical axis 'length' maps "
                          f"to mesh axes {spec[2]}; a split sequence goes through "
                          "jaxlm.context_parallel.attention")
-    head_shards = int(np.prod([mesh.shape[a] for a in _mesh_axes(heads)])) if heads else 1
+    head_shards = sharding_lib.axes_size(mesh, heads) if heads else 1
     kernel = _splash_kernel(n_heads, length, blocks, head_shards, bool(interpret))
 
     def per_shard(kernel, q, k, v, segment_ids):

@@ -32,6 +32,8 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
+from jaxlm import sharding as sharding_lib
+
 STRATEGIES = ("all_gather", "ring")
 
 
@@ -64,19 +66,12 @@ def original_index(length: int, shards: int) -> np.ndarray:
 # ---------------------------------------------------------------- the mesh
 
 
-def _axes(entry) -> tuple:
-    if entry is None:
-        return ()
-    return entry if isinstance(entry, tuple) else (entry,)
-
-
 def sequence_shards() -> int:
     """How many ways the traced mesh (jax.set_mesh) splits the logical axis "length"."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
-    spec = nn.logical_to_mesh_axes(("length",))
-    return int(np.prod([mesh.shape[a] for a in _axes(spec[0])]))
+    return sharding_lib.axes_size(mesh, nn.logical_to_mesh_axes(("length",))[0])
 
 
 # ---------------------------------------------------------------- per-shard blocks (XLA)
@@ -374,15 +369,15 @@ def attention(q, k, v, segment_ids, strategy: str = "all_gather", block_impl: st
         raise ValueError(f"unknown context-parallel strategy {strategy!r}; use one of {STRATEGIES}")
     mesh = jax.sharding.get_abstract_mesh()
     rows, length_axes, heads = nn.logical_to_mesh_axes(("batch", "length", "act_heads"))
-    axes = _axes(length_axes)
-    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    axes = sharding_lib.mesh_axes(length_axes)
+    shards = sharding_lib.axes_size(mesh, length_axes)
     if q.shape[1] % (2 * shards):
         raise ValueError(f"context parallelism over {shards} shards needs a row length "
                          f"divisible by {2 * shards}; got {q.shape[1]}")
     axes = axes[0] if len(axes) == 1 else axes
     seq_spec = P(rows, length_axes, heads)
     if strategy == "all_gather" and block_impl == "splash":
-        head_shards = int(np.prod([mesh.shape[a] for a in _axes(heads)]))
+        head_shards = sharding_lib.axes_size(mesh, heads)
         kernel = _splash_kernel(q.shape[1], shards, q.shape[2], head_shards, splash_blocks,
                                 splash_interpret)
         kernel_spec = kernel.manual_sharding_spec(

@@ -20,13 +20,14 @@ the shard that holds it. Whole logits never exist on any device, with any `chunk
 from __future__ import annotations
 
 import functools
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
+
+from jaxlm import sharding as sharding_lib
 
 
 def token_cross_entropy(logits, targets):
@@ -127,19 +128,13 @@ def _scan(x, head, targets, weights, chunks: int, with_grads: bool, vocab: tuple
     return loss, (_unslice(grad_x) if with_grads else None), grad_head
 
 
-def _mesh_axes(spec_entry) -> tuple:
-    if spec_entry is None:
-        return ()
-    return tuple(spec_entry) if isinstance(spec_entry, (tuple, list)) else (spec_entry,)
-
-
 def vocab_axes() -> tuple:
     """The mesh axes (of more than one device) that split the logits' vocabulary under the
     current mesh and logical rules; () when it is not split and the loss runs unsharded."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return ()
-    axes = _mesh_axes(nn.logical_to_mesh_axes(("act_vocab",))[0])
+    axes = sharding_lib.mesh_axes(nn.logical_to_mesh_axes(("act_vocab",))[0])
     return tuple(a for a in axes if mesh.shape[a] > 1)
 
 
@@ -153,10 +148,11 @@ def _vocab_parallel(x, head, targets, weights, chunks: int, with_grads: bool, vo
     """
     mesh = jax.sharding.get_abstract_mesh()
     batch, length = nn.logical_to_mesh_axes(("batch", "length"))
-    rows = tuple(a for a in _mesh_axes(batch) + _mesh_axes(length) if mesh.shape[a] > 1)
+    rows = tuple(a for a in sharding_lib.mesh_axes(batch) + sharding_lib.mesh_axes(length)
+                 if mesh.shape[a] > 1)
     embed = nn.logical_to_mesh_axes(("embed",))[0]  # alone: one call gives each axis out once
-    scatter = tuple(a for a in _mesh_axes(embed) if a in rows)
-    if head.shape[0] % math.prod(mesh.shape[a] for a in scatter):
+    scatter = tuple(a for a in sharding_lib.mesh_axes(embed) if a in rows)
+    if head.shape[0] % sharding_lib.axes_size(mesh, scatter):
         scatter = ()
     summed = tuple(a for a in rows if a not in scatter)
 
@@ -183,8 +179,7 @@ def _loss_and_grads(x, head, targets, weights, chunks: int, with_grads: bool):
     split = 1  # devices along the sequence, when the shard_map sees only its part of a row
     if vocab:
         mesh = jax.sharding.get_abstract_mesh()
-        split = math.prod(mesh.shape[a]
-                          for a in _mesh_axes(nn.logical_to_mesh_axes(("length",))[0]))
+        split = sharding_lib.axes_size(mesh, nn.logical_to_mesh_axes(("length",))[0])
     if x.shape[1] % (split * chunks):
         raise ValueError(f"sequence length {x.shape[1]} ({x.shape[1] // split} positions on each "
                          f"of {split} devices along it) does not split into {chunks} loss chunks; "

@@ -69,6 +69,18 @@ def make_mesh(shape: dict, devices=None) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 
+def mesh_axes(spec_entry) -> tuple:
+    """The mesh axes of one PartitionSpec entry: None, an axis name, or several."""
+    if spec_entry is None:
+        return ()
+    return tuple(spec_entry) if isinstance(spec_entry, (tuple, list)) else (spec_entry,)
+
+
+def axes_size(mesh, spec_entry) -> int:
+    """How many devices one PartitionSpec entry splits over (1 for None)."""
+    return int(np.prod([mesh.shape[a] for a in mesh_axes(spec_entry)]))
+
+
 def logical_sharding(mesh, rules, names) -> NamedSharding:
     return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
 
