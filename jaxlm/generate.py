@@ -222,6 +222,7 @@ class Run:
     mesh: jax.sharding.Mesh
     rules: tuple
     step: int
+    tokenizer_path: str = ""
 
     def kwargs(self) -> dict:
         """The keyword arguments of `generate` / `stream` this run fixes."""
@@ -254,13 +255,14 @@ def _tuples(value):
 
 
 def _tokenizer(run_dir: pathlib.Path, recorded: str, given: str | None):
+    """(the tokenizer, its file)."""
     from jaxlm.data import tokenizer as tokenizer_lib
 
     if given:
-        return tokenizer_lib.load(given, field="--tokenizer")
+        return tokenizer_lib.load(given, field="--tokenizer"), str(given)
     for candidate in (recorded, run_dir / "tokenizer.model"):
         if candidate and pathlib.Path(candidate).is_file():
-            return tokenizer_lib.load(candidate, field="the run's tokenizer")
+            return tokenizer_lib.load(candidate, field="the run's tokenizer"), str(candidate)
     raise GenerateError(
         f"{run_dir} has no tokenizer: its checkpoint records {recorded or 'none'!r}, which is "
         f"not a file, and there is no {run_dir / 'tokenizer.model'}; pass --tokenizer=PATH to "
@@ -268,11 +270,12 @@ def _tokenizer(run_dir: pathlib.Path, recorded: str, given: str | None):
 
 
 def load_run(run_dir: str | pathlib.Path, tokenizer: str | None = None, step: int | None = None,
-             tensor: int | None = None, devices=None) -> Run:
+             tensor: int | None = None, devices=None, shard_rows: bool = False) -> Run:
     """A training run's newest (or `step`'s) params, restored onto a generation mesh over
     `devices` (default: all): tensor-parallel `tensor` ways (default: as the run trained, if
-    that divides the devices) and FSDP over the rest. Rows are not split over devices (a
-    generation batch is small); weights keep their training layout."""
+    that divides the devices) and FSDP over the rest. Weights keep their training layout.
+    Rows are split over the FSDP devices with `shard_rows` (scoring many rows, jaxlm.eval),
+    else not (a generation batch is small)."""
     from jaxlm import checkpoint as checkpoint_lib
     from jaxlm import config as config_lib
     from jaxlm import sharding as sharding_lib
@@ -288,7 +291,7 @@ def load_run(run_dir: str | pathlib.Path, tokenizer: str | None = None, step: in
                             f"(it has {list(manager.all_steps())})")
     meta = checkpoint_lib.read_meta(manager, step)
     manager.close()
-    sp = _tokenizer(run_dir, meta.get("tokenizer", ""), tokenizer)
+    sp, tokenizer_path = _tokenizer(run_dir, meta.get("tokenizer", ""), tokenizer)
 
     config = _config_from_json(meta["config"])
     devices = list(devices if devices is not None else jax.devices())
@@ -309,8 +312,8 @@ def load_run(run_dir: str | pathlib.Path, tokenizer: str | None = None, step: in
         raise GenerateError(f"the tokenizer has {sp.vocab_size()} pieces but the model only "
                             f"{cfg.vocab_size}: it is not the run's tokenizer")
     mesh = sharding_lib.make_mesh(derived.mesh_shape, devices)
-    rules = sharding_lib.axis_rules(
-        tuple(config.mesh.rules) + (("batch", None), ("length", None)))
+    rows = () if shard_rows else (("batch", None),)
+    rules = sharding_lib.axis_rules(tuple(config.mesh.rules) + rows + (("length", None),))
     model = model_lib.Transformer(cfg)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
@@ -319,7 +322,7 @@ def load_run(run_dir: str | pathlib.Path, tokenizer: str | None = None, step: in
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             nn.unbox(boxed), shardings)
     params, step = checkpoint_lib.restore_params(directory / str(step), abstract)
-    return Run(params, cfg, int(config.data.seq_len), sp, mesh, rules, step)
+    return Run(params, cfg, int(config.data.seq_len), sp, mesh, rules, step, tokenizer_path)
 
 
 # ---------------------------------------------------------------- command line

@@ -31,3 +31,20 @@ def tokenizer_path(tmp_path_factory) -> str:
     docs = corpus.builtin_documents("train", config.data.val_fraction)
     tokenizer.train(docs, config.model.vocab_size, path, seed=config.seed)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, tokenizer_path) -> pathlib.Path:
+    """A 2-step training run of a small model on an fsdp 4 x tensor 2 mesh, context 64; its
+    checkpoint records the tokenizer. Read-only for the tests that share it."""
+    from configs import tiny
+    from jaxlm import train as train_lib
+
+    config = tiny.get_config()
+    config.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128))
+    config.data.update(dict(tokenizer=tokenizer_path, seq_len=64, eval_batches=1))
+    config.train.update(dict(steps=2, global_batch_size=8, warmup_steps=0, eval_every=2))
+    config.mesh.update(dict(fsdp=4, tensor=2))
+    workdir = tmp_path_factory.mktemp("small_run")
+    train_lib.train(config, workdir)
+    return workdir

@@ -153,19 +153,8 @@ def test_bad_input_is_a_clear_error(params, bad, message):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tokenizer_path):
-    """A 2-step training run of a small model (its checkpoint records the tokenizer)."""
-    from configs import tiny
-    from jaxlm import train as train_lib
-
-    config = tiny.get_config()
-    config.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128))
-    config.data.update(dict(tokenizer=tokenizer_path, seq_len=64, eval_batches=1))
-    config.train.update(dict(steps=2, global_batch_size=8, warmup_steps=0, eval_every=2))
-    config.mesh.update(dict(fsdp=4, tensor=2))
-    workdir = tmp_path_factory.mktemp("run")
-    train_lib.train(config, workdir)
-    return workdir
+def run_dir(small_run):
+    return small_run
 
 
 def test_a_run_generates_on_its_mesh_as_the_full_forward_says(run_dir):

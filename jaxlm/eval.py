@@ -1,0 +1,341 @@
+"""Score a checkpoint: loss and perplexity on documents, accuracy on multiple-choice items.
+
+    python -m jaxlm.eval --from=runs/tiny --data=data/prepared [--split=validation]
+    python -m jaxlm.eval --from=runs/tiny --data='texts/*.jsonl' --choices=items.jsonl
+
+Everything is a log-likelihood request, as in lm-evaluation-harness: the log-probability the
+model gives a continuation after a context. A document of tokens t0..tn (t0 the BOS that
+training documents start with) is cut into windows that each predict up to `max_len`
+tokens from the token before them, so every token after t0 is predicted exactly once and
+no window is longer than the context the model was trained on. Its loss is the mean
+negative log-likelihood over those tokens, perplexity exp(loss), and for texts (not
+prepared tokens) bits per byte too, which compares across tokenizers.
+
+A multiple-choice item {"context", "choices", "answer"} asks for log P(choice | context) of
+each choice, tokenized as the harness does: BOS + tokens(context) as the context, and as
+the continuation the tokens of context + choice after those of the context (a space that
+ends the context moves to the choice). `acc` picks the most likely choice, `acc_norm` the
+most likely per character of the choice.
+
+Requests are sorted by length and batched; a batch is padded to a power-of-two length, so
+few shapes compile. Rows are split over every device (FSDP weights as in training, tensor
+parallel as the run trained).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+from typing import Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import generate as gen
+from jaxlm import model as model_lib
+
+LOGITS_BUDGET = 1 << 27  # float32 logits held at once, per device (512 MiB)
+
+
+class EvalError(ValueError):
+    """An evaluation input that cannot work; the message names it and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """Score `continuation` (token ids, at least one) after `context` (at least one)."""
+
+    context: tuple
+    continuation: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    logprob: float  # sum of the continuation's token log-probabilities
+    greedy: bool  # every continuation token is the model's argmax (ties count)
+
+
+# ---------------------------------------------------------------- the jitted scorer
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _token_scores(cfg: model_lib.ModelConfig, rules: tuple, chunk: int, params, inputs, targets):
+    """Log-probability of each target [b, l] and whether it is the argmax, a `chunk` of
+    positions at a time so whole float32 logits are never held."""
+    with nn.logical_axis_rules(rules):
+        hidden, head = model_lib.Transformer(cfg).apply({"params": params}, inputs,
+                                                        head_inputs=True)
+        b, length, d = hidden.shape
+        pieces = (hidden.reshape(b, length // chunk, chunk, d).swapaxes(0, 1),
+                  targets.reshape(b, length // chunk, chunk).swapaxes(0, 1))
+
+        def score(piece):
+            h, t = piece
+            logits = model_lib.logits_dot(h, head).astype(jnp.float32)  # [b, chunk, vocab]
+            target = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+            logprob = target - jax.nn.logsumexp(logits, axis=-1)
+            return logprob, target >= jnp.max(logits, axis=-1)
+
+        logprob, greedy = jax.lax.map(score, pieces)
+        return logprob.swapaxes(0, 1).reshape(b, length), greedy.swapaxes(0, 1).reshape(b, length)
+
+
+def _rows_per_batch(run: gen.Run, batch_size: int) -> int:
+    """`batch_size` rounded up to a multiple of the devices the rows are split over."""
+    ways = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+    return -(-batch_size // ways) * ways
+
+
+def score(run: gen.Run, requests: Sequence[Request], batch_size: int = 16) -> list[Score]:
+    """A Score for each request, in order. A request longer than the context keeps its last
+    `max_len` inputs (the continuation's end), as the harness does."""
+    rows = _rows_per_batch(run, batch_size)
+    rules = tuple(run.rules)
+    scored: list[Score | None] = [None] * len(requests)
+    prepared = []
+    for i, r in enumerate(requests):
+        if not r.context or not r.continuation:
+            raise EvalError(f"request {i} has an empty context or continuation")
+        tokens = (r.context + r.continuation)[-(run.max_len + 1):]
+        prepared.append((i, np.asarray(tokens, np.int32), min(len(r.continuation), run.max_len)))
+    prepared.sort(key=lambda p: -len(p[1]))  # similar lengths share a batch and its padding
+    for start in range(0, len(prepared), rows):
+        batch = prepared[start:start + rows]
+        length = gen.bucket_length(max(len(t) - 1 for _, t, _ in batch), run.max_len)
+        inputs = np.zeros((rows, length), np.int32)
+        targets = np.zeros((rows, length), np.int32)
+        for row, (_, tokens, _) in enumerate(batch):
+            inputs[row, :len(tokens) - 1] = tokens[:-1]
+            targets[row, :len(tokens) - 1] = tokens[1:]
+        budget = LOGITS_BUDGET * run.mesh.devices.size // (rows * run.config.vocab_size)
+        chunk = max([c for c in range(1, length + 1) if length % c == 0 and c <= budget],
+                    default=1)
+        with jax.set_mesh(run.mesh):
+            logprob, greedy = _token_scores(run.config, rules, chunk, run.params, inputs, targets)
+        logprob, greedy = np.asarray(logprob, np.float64), np.asarray(greedy)
+        for row, (i, tokens, n) in enumerate(batch):
+            end = len(tokens) - 1
+            scored[i] = Score(float(logprob[row, end - n:end].sum()),
+                              bool(greedy[row, end - n:end].all()))
+    return scored
+
+
+# ---------------------------------------------------------------- documents
+
+
+def document_requests(tokens: np.ndarray, max_len: int) -> list[Request]:
+    """Windows predicting tokens[1:], each up to max_len tokens from the one before it."""
+    tokens = tuple(int(t) for t in tokens)
+    return [Request(tokens[start - 1:start], tokens[start:start + max_len])
+            for start in range(1, len(tokens), max_len)]
+
+
+def score_documents(run: gen.Run, documents: Iterable[np.ndarray], batch_size: int = 16,
+                    n_bytes: int | None = None) -> dict:
+    """Loss (mean NLL per predicted token, nats), perplexity, token and document counts; with
+    the texts' UTF-8 byte count, bits per byte as well."""
+    requests, n_documents = [], 0
+    for doc in documents:
+        requests += document_requests(doc, run.max_len)
+        n_documents += 1
+    if not requests:
+        raise EvalError("no document has two or more tokens: nothing to predict")
+    scores = score(run, requests, batch_size)
+    total = -sum(s.logprob for s in scores)
+    tokens = sum(len(r.continuation) for r in requests)
+    result = {"loss": total / tokens, "perplexity": math.exp(total / tokens), "tokens": tokens,
+              "documents": n_documents}
+    if n_bytes:
+        result["bits_per_byte"] = total / math.log(2) / n_bytes
+    return result
+
+
+def read_texts(pattern: str, text_key: str = "text") -> tuple[list[str], list[str]]:
+    """The texts of JSONL / .txt files (globs; .gz, .zst) as `prepare` reads them, and a line
+    per kind of skipped record."""
+    from jaxlm.data import readers
+
+    paths = readers.expand([pattern])
+    if not paths:
+        raise EvalError(f"--data={pattern!r} matches no file")
+    skipped = readers.Skipped()
+    texts = [text for path in paths for text, _ in readers.read(path, text_key, skipped=skipped)]
+    return texts, skipped.report()
+
+
+def prepared_documents(run: gen.Run, root: str, split: str):
+    """The token documents of a prepared dataset's split, checked to share the run's tokenizer."""
+    from jaxlm.config import ConfigError
+    from jaxlm.data import prepared
+
+    try:
+        dataset = prepared.PreparedDataset(root, field="--data")
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
+    if split not in dataset.metadata["splits"]:
+        raise EvalError(f"--split={split!r}: {root} has splits {list(dataset.metadata['splits'])}")
+    if run.tokenizer_path and (prepared.file_sha256(dataset.tokenizer_path)
+                               != prepared.file_sha256(run.tokenizer_path)):
+        raise EvalError(f"--data={root} was tokenized with {dataset.tokenizer_path}, not the "
+                        f"run's tokenizer {run.tokenizer_path}: its token ids mean other "
+                        "pieces. Prepare the data again with --tokenizer=" f"{run.tokenizer_path}")
+    docs = dataset.documents(split)
+    return (docs[i] for i in range(len(docs)))
+
+
+# ---------------------------------------------------------------- multiple choice
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    context: str
+    choices: tuple
+    answer: int
+    where: str
+
+
+def read_items(path: str) -> list[Item]:
+    """Multiple-choice items, one JSON object per line: {"context": str, "choices": [str, ...],
+    "answer": index of the right choice}."""
+    items = []
+    try:
+        lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"--choices={path!r}: cannot read it ({e})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+            context, choices, answer = row["context"], row["choices"], row["answer"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise EvalError(f"{where}: expected a JSON object with \"context\" (a string), "
+                            "\"choices\" (a list of strings) and \"answer\" (the right "
+                            "choice's index)") from None
+        ok = (isinstance(context, str) and isinstance(choices, list) and len(choices) >= 2
+              and all(isinstance(c, str) and c for c in choices))
+        if not ok:
+            raise EvalError(f"{where}: \"context\" must be a string and \"choices\" a list of "
+                            "two or more non-empty strings")
+        if type(answer) is not int or not 0 <= answer < len(choices):
+            raise EvalError(f"{where}: \"answer\" is {answer!r}; it must be an index into "
+                            f"\"choices\" (0 to {len(choices) - 1})")
+        items.append(Item(context, tuple(choices), answer, where))
+    if not items:
+        raise EvalError(f"--choices={path!r} has no items")
+    return items
+
+
+def choice_requests(tokenizer, item: Item) -> list[Request]:
+    """One request per choice, split into context and continuation as the harness does."""
+    context, spaces = item.context.rstrip(" "), item.context[len(item.context.rstrip(" ")):]
+    bos = [tokenizer.bos_id()] if tokenizer.bos_id() >= 0 else []
+    context_tokens = tokenizer.encode(context) if context else []
+    requests = []
+    for choice in item.choices:
+        whole = tokenizer.encode(context + spaces + choice)
+        continuation = whole[len(context_tokens):]
+        if not bos and not context_tokens:
+            raise EvalError(f"{item.where}: an empty context needs a tokenizer with a BOS token")
+        if not continuation:
+            raise EvalError(f"{item.where}: the choice {choice!r} adds no tokens to the context")
+        requests.append(Request(tuple(bos + context_tokens), tuple(continuation)))
+    return requests
+
+
+def score_choices(run: gen.Run, items: Sequence[Item], batch_size: int = 16) -> dict:
+    """Accuracy (acc), length-normalised accuracy (acc_norm) and each item's log-likelihoods."""
+    requests = [r for item in items for r in choice_requests(run.tokenizer, item)]
+    scores = iter(score(run, requests, batch_size))
+    per_item, right, right_norm = [], 0, 0
+    for item in items:
+        logprobs = np.array([next(scores).logprob for _ in item.choices])
+        normalised = logprobs / np.array([len(c) for c in item.choices])
+        right += int(np.argmax(logprobs) == item.answer)
+        right_norm += int(np.argmax(normalised) == item.answer)
+        per_item.append({"where": item.where, "logprobs": logprobs.tolist(),
+                         "pick": int(np.argmax(logprobs)), "answer": item.answer})
+    return {"acc": right / len(items), "acc_norm": right_norm / len(items), "items": len(items),
+            "per_item": per_item}
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv):
+    from absl import flags
+
+    f = flags.FLAGS
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments {argv[1:]}")
+    if not f.data and not f.choices:
+        raise SystemExit("error: give --data (documents: a prepared dataset or JSONL texts) "
+                         "and/or --choices (multiple-choice JSONL)")
+    if f.batch_size < 1:
+        raise SystemExit(f"error: --batch_size={f.batch_size} is invalid: at least 1")
+    results = {}
+    try:
+        run = gen.load_run(f["from"].value, f.tokenizer, f.step, f.tensor, shard_rows=True)
+        print(f"{f['from'].value} step {run.step} on {run.mesh.devices.size} devices "
+              f"({dict(run.mesh.shape)}), context {run.max_len}", flush=True)
+        if f.data:
+            if pathlib.Path(f.data).is_dir():
+                docs, n_bytes, skipped = prepared_documents(run, f.data, f.split), None, []
+            else:
+                texts, skipped = read_texts(f.data, f.text_key)
+                if not texts:
+                    raise EvalError(f"--data={f.data!r} has no usable text: {skipped}")
+                from jaxlm.data import pipeline
+
+                docs = pipeline.tokenize(run.tokenizer, texts)
+                n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+            for line in skipped:
+                print(f"skipped {line}")
+            results["documents"] = score_documents(run, docs, f.batch_size, n_bytes)
+            r = results["documents"]
+            print(f"documents: loss {r['loss']:.4f} | perplexity {r['perplexity']:.3f} | "
+                  f"{r['tokens']} tokens in {r['documents']} documents"
+                  + (f" | {r['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in r else ""))
+        if f.choices:
+            results["choices"] = score_choices(run, read_items(f.choices), f.batch_size)
+            r = results["choices"]
+            print(f"choices: acc {r['acc']:.4f} | acc_norm {r['acc_norm']:.4f} | "
+                  f"{r['items']} items")
+    except (EvalError, gen.GenerateError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if f.output:
+        pathlib.Path(f.output).write_text(json.dumps({"from": f["from"].value, "step": run.step,
+                                                      **results}, indent=1))
+        print(f"wrote {f.output}")
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("from", None, "A run directory (python -m jaxlm.train --workdir).")
+    flags.DEFINE_string("data", None, "Documents: a prepared dataset directory, or JSONL/.txt "
+                        "texts (a glob; .gz/.zst read too).")
+    flags.DEFINE_string("split", "validation", "The prepared dataset's split to score.")
+    flags.DEFINE_string("text_key", "text", "The JSONL field holding each text.")
+    flags.DEFINE_string("choices", None, "Multiple-choice JSONL: {\"context\", \"choices\", "
+                        "\"answer\"} per line.")
+    flags.DEFINE_integer("batch_size", 16, "Rows per forward pass (rounded up to the devices).")
+    flags.DEFINE_string("output", None, "Also write the results (and per-item scores) as JSON.")
+    flags.DEFINE_string("tokenizer", None, "Tokenizer file (default: the run's).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_integer("tensor", None, "Tensor-parallel ways (default: the run's).")
+    flags.mark_flag_as_required("from")
+
+
+if __name__ == "__main__":
+    from absl import app, logging
+
+    _define_flags()
+    logging.set_verbosity(logging.ERROR)  # orbax warns about every read-only checkpoint
+    app.run(main)
