@@ -164,10 +164,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache=None):
-        """The attention output; with a `cache` {"k", "v"} [b, slots, kv, hd] (decoding, see
-        jaxlm.generate) also the cache with this call's keys and values written at the
-        slots their positions name."""
+    def __call__(self, x, positions, segment_ids, cache=None, layer=None):
+        """The attention output; with a `cache` {"k", "v"} [layers, b, slots, kv, hd]
+        (decoding, see jaxlm.generate) also the cache with this call's keys and values
+        written into `layer` at the slots their positions name."""
         c = self.cfg
         d, h, kv, hd = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         out_std = c.init_std / (2 * c.n_layers) ** 0.5
@@ -183,7 +183,7 @@ class Attention(nn.Module):
         v = nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x, wv),
                                        ("batch", "length", "act_kv_heads", None))
         if cache is not None:
-            return self._cached(q, k, v, positions, cache, wo)
+            return self._cached(q, k, v, positions, cache, layer, wo)
         tpu = on_tpu(c)
         q = apply_rotary(q, positions, c.rope_theta, table=not tpu, scaling=c.rope_scaling)
         k = apply_rotary(k, positions, c.rope_theta, table=not tpu, scaling=c.rope_scaling)
@@ -206,17 +206,17 @@ class Attention(nn.Module):
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("blhk,hkd->bld", out, wo)
 
-    def _cached(self, q, k, v, positions, cache, wo):
+    def _cached(self, q, k, v, positions, cache, layer, wo):
         """Decoding: rotary angles up to the cache's length, then attention over the cache."""
-        slots = cache["k"].shape[1]
+        slots = cache["k"].shape[2]
         q = apply_rotary(q, positions, self.cfg.rope_theta, slots, scaling=self.cfg.rope_scaling)
         k = apply_rotary(k, positions, self.cfg.rope_theta, slots, scaling=self.cfg.rope_scaling)
         rows = jnp.arange(q.shape[0])[:, None]
         cache = {name: nn.with_logical_constraint(
-                     cache[name].at[rows, positions].set(new.astype(cache[name].dtype)),
-                     ("batch", None, "act_kv_heads", None))
+                     cache[name].at[layer, rows, positions].set(new.astype(cache[name].dtype)),
+                     ("layers", "batch", None, "act_kv_heads", None))
                  for name, new in (("k", k), ("v", v))}
-        out = attention_lib.cached_attention(q, cache["k"], cache["v"], positions)
+        out = attention_lib.cached_attention(q, cache["k"][layer], cache["v"][layer], positions)
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("blhk,hkd->bld", out, wo), cache
 
@@ -238,23 +238,26 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; scan-shaped: (carry, *broadcast, this layer's cache or None)
-    -> (carry, the updated cache or None)."""
+    """Pre-norm residual block; scan-shaped: (carry, *broadcast, layer index) -> (carry,
+    None). The carry is x, or when decoding (x, the whole KV cache) with the layer index
+    naming this block's slice of it."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache=None):
+    def __call__(self, carry, positions, segment_ids, layer=None):
         c = self.cfg
+        x, cache = carry if layer is not None else (carry, None)
         norm = functools.partial(RMSNorm, c.norm_eps, c.dtype, c.param_dtype)
-        attn = Attention(c, name="attn")(norm(name="attn_norm")(x), positions, segment_ids, cache)
+        attn = Attention(c, name="attn")(norm(name="attn_norm")(x), positions, segment_ids,
+                                         cache, layer)
         if cache is not None:
             attn, cache = attn
         x = x + attn
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         x = x + MLP(c, name="mlp")(norm(name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        return x, cache
+        return (x if cache is None else (x, cache)), None
 
 
 @jax.custom_vjp
@@ -329,7 +332,13 @@ class Transformer(nn.Module):
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast, 0), length=c.n_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"}, unroll=c.scan_unroll)
-        x, cache = layers(c, name="layers")(x, positions, segment_ids, cache)
+        if cache is None:
+            x, _ = layers(c, name="layers")(x, positions, segment_ids, None)
+        else:
+            # The cache rides in the carry and each layer writes its slice in place; as a
+            # scanned input and output it would be copied whole at every decode step.
+            (x, cache), _ = layers(c, name="layers")((x, cache), positions, segment_ids,
+                                                     jnp.arange(c.n_layers))
         x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x)
         if shards > 1:
             x = nn.with_logical_constraint(context_parallel.restore(x, shards),
