@@ -23,13 +23,14 @@ teaches nothing), padding after the last one that fits; the mask travels with th
 Sources (config.data.source): `builtin` (the stdlib corpus, tokenizer trained into the
 workdir), `arrayrecord:DIR` (made by `python -m jaxlm.data.prepare`, with or without --sft),
 `tfds:NAME` (prepared once into the workdir from `tfds.data_source`), `sft:GLOB` (chat JSONL,
-prepared with --sft into the workdir).
+prepared with --sft into the workdir; `sft:builtin`: the stdlib's functions, docstring -> body).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 
 import grain
@@ -402,9 +403,25 @@ def model_tokenizer(config) -> str:
     return recorded if recorded and epath.Path(recorded).is_file() else ""
 
 
+def _builtin_instructions(workdir: epath.Path) -> str:
+    """`sft:builtin`: the stdlib's functions as prompt (signature + docstring) / completion
+    (body) records, written once as JSONL into the workdir; its path."""
+    path = workdir / "data" / "builtin-instructions.jsonl"
+    if jax.process_index() == 0 and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in corpus.builtin_instructions()))
+        tmp.replace(path)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxlm builtin instructions written")
+    return os.fspath(path)
+
+
 def _prepare_sft(config, pattern: str, workdir: epath.Path) -> epath.Path:
     """Chat JSONL prepared (with --sft) into the workdir; again only what changed."""
     d = config.data
+    if pattern == "builtin":
+        pattern = _builtin_instructions(workdir)
     if not d.chat_template:
         raise ConfigError(f"config.data.source={d.source!r} needs config.data.chat_template: "
                           f"one of {', '.join(sft.TEMPLATES)} (how the model's conversations "
