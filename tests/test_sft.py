@@ -14,13 +14,13 @@ import jinja2
 import numpy as np
 import pytest
 import tokenizers
+from support import factory_for, small_config
 
 from jaxlm import config as config_lib
 from jaxlm import step as step_lib
 from jaxlm import train as train_lib
 from jaxlm.data import pipeline, prepare, prepared, readers, sft
 from jaxlm.data import tokenizer as tokenizer_lib
-from support import factory_for, small_config
 
 # The chat templates the models ship in tokenizer_config.json (Llama-2-chat, Llama-3-Instruct,
 # ChatML as Qwen / axolotl write it): the reference each jaxlm template is checked against.

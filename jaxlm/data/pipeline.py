@@ -403,7 +403,7 @@ def model_tokenizer(config) -> str:
     return recorded if recorded and epath.Path(recorded).is_file() else ""
 
 
-def _builtin_instructions(workdir: epath.Path) -> str:
+def write_builtin_instructions(workdir: epath.Path) -> str:
     """`sft:builtin`: the stdlib's functions as prompt (signature + docstring) / completion
     (body) records, written once as JSONL into the workdir; its path."""
     path = workdir / "data" / "builtin-instructions.jsonl"
@@ -421,7 +421,7 @@ def _prepare_sft(config, pattern: str, workdir: epath.Path) -> epath.Path:
     """Chat JSONL prepared (with --sft) into the workdir; again only what changed."""
     d = config.data
     if pattern == "builtin":
-        pattern = _builtin_instructions(workdir)
+        pattern = write_builtin_instructions(workdir)
     if not d.chat_template:
         raise ConfigError(f"config.data.source={d.source!r} needs config.data.chat_template: "
                           f"one of {', '.join(sft.TEMPLATES)} (how the model's conversations "
