@@ -112,16 +112,19 @@ class PackedRows:
         if stop > start:
             chunk, chunk_docs = self._span(start, stop)
             tokens[:len(chunk)], doc_ids[:len(chunk)] = chunk, chunk_docs
+        return _row(tokens, doc_ids)
 
-        doc = doc_ids[:-1]
-        segment_ids, positions = _layout(doc)
-        return {
-            "inputs": tokens[:-1],
-            "targets": tokens[1:],
-            "positions": positions,
-            "segment_ids": segment_ids,
-            "loss_mask": (doc_ids[1:] == doc) & (doc != 0),
-        }
+
+def _row(tokens: np.ndarray, doc_ids: np.ndarray, trained: np.ndarray | None = None) -> dict:
+    """A row's fields from its seq_len + 1 tokens, their documents (0: padding) and, for SFT,
+    which tokens the loss trains on: a target counts where it continues its document."""
+    doc = doc_ids[:-1]
+    segment_ids, positions = _layout(doc)
+    loss_mask = (doc_ids[1:] == doc) & (doc != 0)
+    if trained is not None:
+        loss_mask &= trained[1:] == 1
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "positions": positions,
+            "segment_ids": segment_ids, "loss_mask": loss_mask}
 
 
 class PackedConversations:
@@ -190,15 +193,7 @@ class PackedConversations:
                 n = record.shape[1]
                 tokens[at:at + n], mask[at:at + n], doc_ids[at:at + n] = record[0], record[1], k + 1
                 at += n
-        doc = doc_ids[:-1]
-        segment_ids, positions = _layout(doc)
-        return {
-            "inputs": tokens[:-1],
-            "targets": tokens[1:],
-            "positions": positions,
-            "segment_ids": segment_ids,
-            "loss_mask": (doc_ids[1:] == doc) & (doc != 0) & (mask[1:] == 1),
-        }
+        return _row(tokens, doc_ids, mask)
 
 
 def _first_fit(order: np.ndarray, lengths: np.ndarray, capacity: int):
