@@ -10,8 +10,9 @@ Segments are tokenized one at a time and concatenated, so a mask bit never depen
 tokenizer would have merged across a boundary. Text right after a special token (or at the
 start) is encoded as a tokenizer encodes the start of a text: sentencepiece adds its dummy-
 prefix space there, as Meta's Llama 2 code and Hugging Face's legacy Llama tokenizer do; text
-after text is encoded as a continuation (no added space). Text never becomes a special token:
-a user who writes "<|eot_id|>" gets those characters, not the end of the turn.
+after text is encoded as a continuation (no added space). Text does not become a special
+token: a user who writes "<|eot_id|>" gets those characters, not the end of the turn (a
+tokenizer.json is told so; sentencepiece never reads control tokens from text).
 
 Special tokens: `bos` / `eos` are the tokenizer's own (llama2, plain); llama3 and chatml name
 theirs (<|eot_id|>, <|im_end|>, ...) and need a tokenizer that has each as one token. A
