@@ -422,6 +422,11 @@ def _prepare_sft(config, pattern: str, workdir: epath.Path) -> epath.Path:
                           f"one of {', '.join(sft.TEMPLATES)} (how the model's conversations "
                           "are laid out; 'plain' for prompt/completion data on a base model)")
     tokenizer = model_tokenizer(config)
+    if tokenizer:  # its special tokens suit the template: say so in the config's words
+        try:
+            sft.Encoder(tokenizer_lib.load(tokenizer), d.chat_template, "config.data.chat_template")
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     key = hashlib.sha256(f"{pattern}|{d.chat_template}|{tokenizer}".encode()).hexdigest()[:12]
     return _prepare_once(config, workdir / "data" / f"sft-{key}", "sft", tokenizer,
                          inputs=pattern, sft=True, chat_template=d.chat_template)
