@@ -56,8 +56,9 @@ def trained_span(template, content):
 
 SPECIALS = ["<s>", "</s>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
             "<|eot_id|>", "<|im_start|>", "<|im_end|>"]
-WORDS = ("what is the answer to this question please say it again in fewer words the sky "
-         "is blue because of scattering def return value list of items").split()
+WORDS = ("what", "is", "the", "answer", "to", "this", "question", "please", "say", "it",
+         "again", "in", "fewer", "words", "the", "sky", "is", "blue", "because", "of",
+         "scattering", "def", "return", "value", "list", "of", "items")
 CONVERSATION = [
     {"role": "system", "content": "You answer briefly."},
     {"role": "user", "content": "what is the sky?  "},
@@ -316,6 +317,7 @@ def test_sft_config_errors_name_the_field():
         config_lib.validate(config, 8)
 
 
+@pytest.mark.slow  # a real training run: ~20 s alone on 2 cores, more when they are shared
 def test_tiny_sft_run_lowers_the_validation_completion_loss(sp_tokenizer, tmp_path):
     rng = np.random.default_rng(0)
     records = []
