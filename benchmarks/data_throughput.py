@@ -53,10 +53,9 @@ def measure_prepare(work: pathlib.Path, vocab_size: int) -> dict:
     chars = write_corpus(work)
     tokenizer = work / "tokenizer.model"
     tokenizer_lib.train(corpus.builtin_documents("train", 0.05), vocab_size, tokenizer)
-    args = prepare.parse_args([f"--input={work}/*.jsonl", f"--output={work}/prepared",
-                               f"--tokenizer={tokenizer}", f"--workers={_WORKERS.value}"])
     start = time.perf_counter()
-    metadata = prepare.run(args)
+    metadata = prepare.prepare(f"{work}/*.jsonl", work / "prepared", tokenizer=tokenizer,
+                               workers=_WORKERS.value)
     seconds = time.perf_counter() - start
     tokens = sum(s["tokens"] for s in metadata["splits"].values())
     return {"prepare_tokens": tokens, "prepare_chars": chars, "prepare_seconds": seconds,

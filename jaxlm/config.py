@@ -17,6 +17,7 @@ import ml_collections
 from jaxlm import attention as attention_lib
 from jaxlm import context_parallel
 from jaxlm import model as model_lib
+from jaxlm.data import sft
 
 REMAT_POLICIES = ("none", *model_lib.REMAT_POLICIES)
 ATTENTION_IMPLS = attention_lib.IMPLEMENTATIONS
@@ -103,7 +104,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = d = ml_collections.ConfigDict()
     # "builtin" (the running Python's standard library, see jaxlm.data.corpus),
-    # "arrayrecord:DIR" (made by python -m jaxlm.data.prepare) or "tfds:NAME"
+    # "arrayrecord:DIR" (made by python -m jaxlm.data.prepare), "tfds:NAME" or "sft:GLOB"
+    # (chat / prompt-completion JSONL, trained on the answers only: jaxlm.data.sft)
     d.source = "builtin"
     d.seq_len = 4096
     # Short-to-long rows, ((start_step, seq_len), ...), e.g. ((0, 512), (2000, 2048), (5000, 4096)):
@@ -111,8 +113,15 @@ def default_config() -> ml_collections.ConfigDict:
     # divides it: a step cuts the same tokens (global_batch_size rows of data.seq_len) into more,
     # shorter rows, so tokens per step and the learning-rate schedule do not change. () = off.
     d.seq_len_schedule = ()
-    # sentencepiece .model; "" = the prepared dataset's own, or (builtin, tfds) train one
+    # sentencepiece .model or tokenizer.json; "" = the prepared dataset's own, or (sft) that of
+    # the run checkpoint.init_from names, or (builtin, tfds, sft) train one
     d.tokenizer = ""
+    # SFT: how a conversation is laid out, one of jaxlm.data.sft.TEMPLATES (llama2, llama3,
+    # chatml, plain); "" = as the prepared dataset was (needed for sft:GLOB)
+    d.chat_template = ""
+    # SFT: a conversation longer than seq_len + 1 tokens is "drop"ped or "truncate_left"ed
+    # (its first tokens go); counted and printed at the start either way
+    d.sft_overflow = "drop"
     d.text_key = "text"  # tfds: the feature holding the text
     d.val_fraction = 0.05  # builtin, tfds without a validation split: documents held out
     d.eval_batches = 4
@@ -243,9 +252,18 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
         _require(m[field] in DTYPES, f"model.{field}", m[field], f"one of {DTYPES}")
 
     kind, _, where = d.source.partition(":")
-    _require(d.source == "builtin" or (kind in ("arrayrecord", "tfds") and where), "data.source",
-             d.source, "'builtin', 'arrayrecord:DIR' (from python -m jaxlm.data.prepare) or "
-             "'tfds:NAME'")
+    _require(d.source == "builtin" or (kind in ("arrayrecord", "tfds", "sft") and where),
+             "data.source", d.source, "'builtin', 'arrayrecord:DIR' (from python -m "
+             "jaxlm.data.prepare), 'tfds:NAME' or 'sft:GLOB' (chat JSONL)")
+    _require(d.chat_template in ("", *sft.TEMPLATES), "data.chat_template", d.chat_template,
+             f"one of {', '.join(sft.TEMPLATES)} (or '' for a prepared dataset's own)")
+    _require(kind != "sft" or d.chat_template, "data.chat_template", d.chat_template,
+             f"data.source={d.source!r} needs one of {', '.join(sft.TEMPLATES)}")
+    _require(d.sft_overflow in sft.OVERFLOW_POLICIES, "data.sft_overflow", d.sft_overflow,
+             f"one of {sft.OVERFLOW_POLICIES}")
+    _require(kind != "sft" or not d.seq_len_schedule, "data.seq_len_schedule",
+             d.seq_len_schedule, "() with SFT data (conversations are packed whole into rows "
+             "of data.seq_len)")
     _require(d.seq_len >= 2, "data.seq_len", d.seq_len, "at least 2 tokens")
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "between 0 and 1")
     _require(d.eval_batches >= 1, "data.eval_batches", d.eval_batches, "at least 1")

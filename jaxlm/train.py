@@ -196,9 +196,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         if data_state["fingerprint"] != data.fingerprint:
             console.print(f"warning: the data ({d.source}, seq_len, seed) differs from the "
                           "checkpoint's; continuing at the saved batch index of the new data")
-    console.print(f"data: {d.source}, {data.train_rows.n_tokens:,} train tokens in "
-                  f"{len(data.train_rows):,} rows of {d.seq_len} "
-                  f"({100 * data.train_rows.padding_fraction:.2f}% padding)")
+    console.print(f"data: {d.source}, train: {data.train_rows.describe()}")
     eval_batches = pipeline.eval_dataset(data.val_rows, derived.micro_batch_size, d.eval_batches)
     batch_sharding = factory.batch_sharding
 

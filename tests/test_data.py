@@ -68,16 +68,15 @@ def corpus(tmp_path_factory):
     return root, good, bad
 
 
-def _prepare_args(corpus_root, output, *extra):
-    return prepare.parse_args([f"--input={corpus_root}/*", f"--output={output}",
-                               "--txt_mode=blank_line", "--val_fraction=0.1", "--workers=2",
-                               f"--max_document_chars={MAX_CHARS}", *extra])
+def _prepare(corpus_root, output, **extra):
+    return prepare.prepare(f"{corpus_root}/*", output, txt_mode="blank_line", val_fraction=0.1,
+                           workers=2, max_document_chars=MAX_CHARS, **extra)
 
 
 @pytest.fixture(scope="module")
 def data_dir(corpus, tmp_path_factory):
     output = tmp_path_factory.mktemp("prepared") / "mycorpus"
-    prepare.run(_prepare_args(corpus[0], output, "--train_tokenizer", f"--vocab_size={VOCAB}"))
+    _prepare(corpus[0], output, train_tokenizer=True, vocab_size=VOCAB)
     return output
 
 
@@ -127,8 +126,8 @@ def test_prepare_with_nothing_usable_stops_with_the_reasons(tmp_path):
 
 def test_interrupted_prepare_redoes_only_unfinished_pieces(corpus, data_dir, tmp_path, capsys):
     output = tmp_path / "copy"
-    args = _prepare_args(corpus[0], output, f"--tokenizer={data_dir / prepared.TOKENIZER}")
-    prepare.run(args)
+    tokenizer = data_dir / prepared.TOKENIZER
+    _prepare(corpus[0], output, tokenizer=tokenizer)
     first = json.loads((output / prepared.METADATA).read_text())
     kept = prepared.shard_path(output, "train", 0)
     mtime = kept.stat().st_mtime_ns
@@ -137,7 +136,7 @@ def test_interrupted_prepare_redoes_only_unfinished_pieces(corpus, data_dir, tmp
     prepared.shard_path(output, "train", 1).write_bytes(b"partial")
     (output / prepared.METADATA).unlink()
     capsys.readouterr()
-    prepare.run(args)
+    _prepare(corpus[0], output, tokenizer=tokenizer)
     assert "resuming: 3 of 4 pieces already done" in capsys.readouterr().out
     assert kept.stat().st_mtime_ns == mtime  # finished pieces were not redone
     assert json.loads((output / prepared.METADATA).read_text()) == first
@@ -152,7 +151,7 @@ def test_llama_style_tokenizer_is_used_as_is(corpus, tmp_path):
         sentence_iterator=iter(corpus[1]), model_prefix=str(model.with_suffix("")),
         vocab_size=300, model_type="bpe", unk_id=2, bos_id=0, eos_id=1, pad_id=-1,
         byte_fallback=True, minloglevel=2)
-    prepare.run(_prepare_args(corpus[0], tmp_path / "out", f"--tokenizer={model}"))
+    _prepare(corpus[0], tmp_path / "out", tokenizer=model)
     meta = json.loads((tmp_path / "out" / prepared.METADATA).read_text())
     assert {k: meta["tokenizer"][k] for k in ("bos_id", "eos_id", "pad_id")} == \
            {"bos_id": 0, "eos_id": 1, "pad_id": -1}

@@ -16,30 +16,38 @@ at length s (row i's piece j is row i * seq_len / s + j there). So tokens per st
 constant, no token is skipped or repeated when a stage starts, and a batch is a pure
 function of (seed, batch index, the stage of its step): resuming anywhere is exact.
 
+SFT data (conversations with a loss mask, jaxlm.data.sft) is packed by PackedConversations
+instead: whole conversations per row, never split across rows (an answer cut from its question
+teaches nothing), padding after the last one that fits; the mask travels with the tokens.
+
 Sources (config.data.source): `builtin` (the stdlib corpus, tokenizer trained into the
-workdir), `arrayrecord:DIR` (made by `python -m jaxlm.data.prepare`), `tfds:NAME`
-(prepared once into the workdir from `tfds.data_source`).
+workdir), `arrayrecord:DIR` (made by `python -m jaxlm.data.prepare`, with or without --sft),
+`tfds:NAME` (prepared once into the workdir from `tfds.data_source`), `sft:GLOB` (chat JSONL,
+prepared with --sft into the workdir; `sft:builtin`: the stdlib's functions, docstring -> body).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
-import pathlib
 
 import grain
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxlm.config import ConfigError
-from jaxlm.data import corpus, prepare, prepared, tfds_source
+from jaxlm.data import corpus, prepare, prepared, sft, tfds_source
 from jaxlm.data import tokenizer as tokenizer_lib
-from jaxlm.data.documents import Documents, InMemoryDocuments, TOKEN_DTYPE
+from jaxlm.data.documents import TOKEN_DTYPE, Documents, InMemoryDocuments
 
 FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 ARRAYRECORD = "arrayrecord:"
+SFT = "sft:"
+OPEN_ROWS = 64  # PackedConversations: rows still being filled at once
 
 
 def tokenize(sp, documents: list[str]) -> list[np.ndarray]:
@@ -78,6 +86,10 @@ class PackedRows:
         """Share of input positions that are padding (only the last row has any)."""
         return 1 - max(0, self.n_tokens - 1) / (len(self) * self.seq_len)
 
+    def describe(self) -> str:
+        return (f"{self.n_tokens:,} tokens in {len(self):,} rows of {self.seq_len} "
+                f"({100 * self.padding_fraction:.2f}% padding)")
+
     def _span(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens [start, stop) of the concatenation and their 1-based document numbers."""
         first = int(np.searchsorted(self.ends, start, side="right"))
@@ -100,16 +112,113 @@ class PackedRows:
         if stop > start:
             chunk, chunk_docs = self._span(start, stop)
             tokens[:len(chunk)], doc_ids[:len(chunk)] = chunk, chunk_docs
+        return _row(tokens, doc_ids)
 
-        doc = doc_ids[:-1]
-        segment_ids, positions = _layout(doc)
-        return {
-            "inputs": tokens[:-1],
-            "targets": tokens[1:],
-            "positions": positions,
-            "segment_ids": segment_ids,
-            "loss_mask": (doc_ids[1:] == doc) & (doc != 0),
-        }
+
+def _row(tokens: np.ndarray, doc_ids: np.ndarray, trained: np.ndarray | None = None) -> dict:
+    """A row's fields from its seq_len + 1 tokens, their documents (0: padding) and, for SFT,
+    which tokens the loss trains on: a target counts where it continues its document."""
+    doc = doc_ids[:-1]
+    segment_ids, positions = _layout(doc)
+    loss_mask = (doc_ids[1:] == doc) & (doc != 0)
+    if trained is not None:
+        loss_mask &= trained[1:] == 1
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "positions": positions,
+            "segment_ids": segment_ids, "loss_mask": loss_mask}
+
+
+class PackedConversations:
+    """Random-access rows of whole conversations (SFT documents [2, n]: tokens, loss mask).
+
+    Conversations are taken in a seeded order and placed first-fit into up to OPEN_ROWS rows
+    being filled (the fullest is closed when one more is needed), each row holding up to
+    seq_len + 1 tokens (its inputs and its last target). Fields as PackedRows gives them; a
+    target counts (loss_mask) where it continues its conversation and the conversation's mask
+    is 1 there. A conversation longer than a row follows `overflow`: "drop" leaves it out,
+    "truncate_left" keeps its last seq_len + 1 tokens (the start of the prompt goes; the
+    answers, their mask bits with them, stay). Both are counted (`overflowed`).
+    """
+
+    def __init__(self, documents: Documents | list[np.ndarray], seq_len: int, seed: int,
+                 overflow: str = "drop"):
+        if isinstance(documents, list):
+            documents = InMemoryDocuments(documents)
+        if overflow not in sft.OVERFLOW_POLICIES:
+            raise ConfigError(f"config.data.sft_overflow={overflow!r}: use one of "
+                              f"{sft.OVERFLOW_POLICIES}")
+        self.documents, self.seq_len, self.overflow = documents, seq_len, overflow
+        capacity = seq_len + 1
+        lengths = np.asarray(documents.lengths, np.int64)
+        too_long = lengths > capacity
+        self.overflowed = int(too_long.sum())
+        self.overflowed_tokens = int((lengths[too_long] - capacity).sum()
+                                     if overflow == "truncate_left" else lengths[too_long].sum())
+        candidates = np.flatnonzero(~too_long) if overflow == "drop" else np.arange(len(lengths))
+        order = np.random.default_rng(seed).permutation(candidates)
+        self.row_docs, self.row_starts = _first_fit(order, np.minimum(lengths, capacity)[order],
+                                                    capacity)
+        self.n_conversations = len(order)
+        self.n_tokens = int(np.minimum(lengths, capacity)[order].sum())
+
+    def __len__(self) -> int:
+        return max(1, len(self.row_starts) - 1)
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of input positions that are padding."""
+        real = 0
+        lengths = np.minimum(self.documents.lengths, self.seq_len + 1)
+        for i in range(len(self.row_starts) - 1):
+            docs = self.row_docs[self.row_starts[i]:self.row_starts[i + 1]]
+            real += min(int(lengths[docs].sum()), self.seq_len)
+        return 1 - real / (len(self) * self.seq_len)
+
+    def describe(self) -> str:
+        lost = {"drop": "dropped", "truncate_left": "truncated from the left"}[self.overflow]
+        return (f"{self.n_conversations:,} conversations, {self.n_tokens:,} tokens in "
+                f"{len(self):,} rows of {self.seq_len} ({100 * self.padding_fraction:.2f}% "
+                f"padding); {self.overflowed:,} longer than seq_len + 1 = {self.seq_len + 1} "
+                f"tokens {lost} ({self.overflowed_tokens:,} tokens lost; "
+                "data.sft_overflow)")
+
+    def __getitem__(self, i: int) -> dict:
+        capacity = self.seq_len + 1
+        tokens = np.zeros(capacity, TOKEN_DTYPE)
+        mask = np.zeros(capacity, TOKEN_DTYPE)
+        doc_ids = np.zeros(capacity, np.int32)
+        at = 0
+        if len(self.row_starts) > 1:
+            for k, d in enumerate(self.row_docs[self.row_starts[i]:self.row_starts[i + 1]]):
+                record = self.documents[int(d)][:, -capacity:]  # truncate_left, if longer
+                n = record.shape[1]
+                tokens[at:at + n], mask[at:at + n], doc_ids[at:at + n] = record[0], record[1], k + 1
+                at += n
+        return _row(tokens, doc_ids, mask)
+
+
+def _first_fit(order: np.ndarray, lengths: np.ndarray, capacity: int):
+    """Rows of documents (`order`, with `lengths`) as (documents in row order, row starts)."""
+    free = np.zeros(0, np.int64)  # space left in each open row
+    open_rows: list[list[int]] = []
+    closed: list[list[int]] = []
+    for d, n in zip(order.tolist(), lengths.tolist()):
+        fits = np.flatnonzero(free >= n)
+        if len(fits):
+            j = int(fits[0])
+        else:
+            if len(open_rows) == OPEN_ROWS:
+                full = int(np.argmin(free))
+                closed.append(open_rows.pop(full))
+                free = np.delete(free, full)
+            open_rows.append([])
+            free = np.append(free, capacity)
+            j = len(open_rows) - 1
+        open_rows[j].append(d)
+        free[j] -= n
+    rows = closed + open_rows
+    starts = np.cumsum([0] + [len(r) for r in rows])
+    docs = np.asarray([d for r in rows for d in r], np.int64)
+    return docs, starts
 
 
 def _layout(doc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +254,7 @@ def _process_share(global_batch_size: int) -> tuple[int, int, int]:
     return global_batch_size // count, index, count
 
 
-def train_dataset(rows: PackedRows, global_batch_size: int, seed: int) -> grain.MapDataset:
+def train_dataset(rows: PackedRows | PackedConversations, global_batch_size: int, seed: int) -> grain.MapDataset:
     """This process's batches: element k is its share of global batch k.
 
     Global batch k is rows k*B .. (k+1)*B-1 of the shuffled stream whatever the number of
@@ -156,7 +265,7 @@ def train_dataset(rows: PackedRows, global_batch_size: int, seed: int) -> grain.
     return batches[index::count]
 
 
-def eval_dataset(rows: PackedRows, global_batch_size: int, n_batches: int) -> grain.MapDataset:
+def eval_dataset(rows: PackedRows | PackedConversations, global_batch_size: int, n_batches: int) -> grain.MapDataset:
     """A fixed list of validation batches (the same every evaluation)."""
     local, index, count = _process_share(global_batch_size)
     batches = grain.MapDataset.source(rows).repeat().batch(local)
@@ -188,7 +297,7 @@ class Batches:
         self._iterator.set_state(state)
 
 
-def train_batches(rows: PackedRows, micro_batch_size: int, config) -> Batches:
+def train_batches(rows: PackedRows | PackedConversations, micro_batch_size: int, config) -> Batches:
     """This process's training batches as config asks (seed, threads, prefetch): what the
     train loop reads, and so what the benchmarks time."""
     return Batches(train_dataset(rows, micro_batch_size, config.seed), config.data.num_threads,
@@ -199,12 +308,12 @@ def train_batches(rows: PackedRows, micro_batch_size: int, config) -> Batches:
 class Data:
     tokenizer: object
     tokenizer_path: str
-    train_rows: PackedRows
-    val_rows: PackedRows
+    train_rows: PackedRows | PackedConversations
+    val_rows: PackedRows | PackedConversations
     fingerprint: str  # identifies the data stream, to notice a change across a resume
 
 
-def load_or_train_tokenizer(config, workdir: pathlib.Path, train_docs: list[str]):
+def load_or_train_tokenizer(config, workdir: epath.Path, train_docs: list[str]):
     """config.data.tokenizer if given; else the workdir's cached one; else train and cache."""
     if config.data.tokenizer:
         return tokenizer_lib.load(config.data.tokenizer), config.data.tokenizer
@@ -213,10 +322,10 @@ def load_or_train_tokenizer(config, workdir: pathlib.Path, train_docs: list[str]
         tokenizer_lib.train(train_docs, config.model.vocab_size, path, seed=config.seed)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxlm tokenizer written")
-    return tokenizer_lib.load(path), str(path)
+    return tokenizer_lib.load(path), os.fspath(path)
 
 
-def _builtin(config, workdir: pathlib.Path):
+def _builtin(config, workdir: epath.Path):
     d = config.data
     train_docs = corpus.builtin_documents("train", d.val_fraction)
     val_docs = corpus.builtin_documents("validation", d.val_fraction)
@@ -225,7 +334,7 @@ def _builtin(config, workdir: pathlib.Path):
             InMemoryDocuments(tokenize(sp, val_docs)), f"builtin:{d.val_fraction}")
 
 
-def _prepared(config, root: pathlib.Path):
+def _prepared(config, root: epath.Path):
     """A prepared directory's documents; its own tokenizer unless the config names the same."""
     dataset = prepared.PreparedDataset(root)
     sp_path = dataset.tokenizer_path
@@ -234,50 +343,126 @@ def _prepared(config, root: pathlib.Path):
         raise ConfigError(f"config.data.tokenizer={config.data.tokenizer!r} is not the tokenizer "
                           f"{root} was prepared with ({sp_path}); leave data.tokenizer empty to "
                           "use the dataset's own, or prepare the data again with yours")
+    template = dataset.metadata.get("chat_template", "")
+    if dataset.is_sft and config.data.chat_template not in ("", template):
+        raise ConfigError(f"config.data.chat_template={config.data.chat_template!r}, but {root} "
+                          f"was prepared with --chat_template={template}; leave it empty or "
+                          "prepare the data again with yours")
     if not dataset.metadata["splits"]["validation"]["documents"]:
         raise ConfigError(f"config.data.source: {root} has no validation documents; prepare it "
                           "with --val_fraction above 0 (e.g. 0.01)")
-    return (tokenizer_lib.load(sp_path), str(sp_path), dataset.documents("train"),
+    return (tokenizer_lib.load(sp_path), os.fspath(sp_path), dataset.documents("train"),
             dataset.documents("validation"), f"prepared:{dataset.fingerprint()}")
 
 
-def _prepare_tfds(config, name: str, workdir: pathlib.Path) -> pathlib.Path:
-    """Tokenize the TFDS dataset once into the workdir (process 0; the rest wait)."""
-    root = workdir / "data" / ("tfds-" + name.replace("/", "_").replace(":", "_"))
-    if jax.process_index() == 0 and not (root / prepared.METADATA).is_file():
-        tokenizer = ([f"--tokenizer={config.data.tokenizer}"] if config.data.tokenizer
-                     else ["--train_tokenizer", f"--vocab_size={config.model.vocab_size}"])
-        args = prepare.parse_args([f"--input=tfds:{name}", f"--output={root}", *tokenizer,
-                                   f"--text_key={config.data.text_key}",
-                                   f"--val_fraction={config.data.val_fraction}",
-                                   f"--workers={os.cpu_count() or 1}"])
+def _prepare_once(config, root: epath.Path, what: str, tokenizer: str,
+                  **arguments) -> epath.Path:
+    """prepare() into `root` on process 0 (it resumes, so a finished one costs a listing) with
+    `tokenizer`, or one trained for it; the other processes wait for it."""
+    if jax.process_index() == 0:
+        d = config.data
+        tokenizer = ({"tokenizer": tokenizer} if tokenizer
+                     else {"train_tokenizer": True, "vocab_size": config.model.vocab_size})
         try:
-            prepare.run(args)
+            prepare.prepare(output=root, val_fraction=d.val_fraction,
+                            workers=os.cpu_count() or 1, **tokenizer, **arguments)
         except ValueError as e:
-            raise ConfigError(f"config.data.source=tfds:{name}: {e}") from e
+            raise ConfigError(f"config.data.source={d.source}: {e}") from e
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jaxlm tfds prepared")
+        multihost_utils.sync_global_devices(f"jaxlm {what} prepared")
     return root
 
 
-def _source(config, workdir: pathlib.Path):
+def _prepare_tfds(config, name: str, workdir: epath.Path) -> epath.Path:
+    """Tokenize the TFDS dataset once into the workdir (process 0; the rest wait)."""
+    root = workdir / "data" / ("tfds-" + name.replace("/", "_").replace(":", "_"))
+    if (root / prepared.METADATA).is_file():
+        return root
+    return _prepare_once(config, root, "tfds", config.data.tokenizer, inputs=f"tfds:{name}",
+                         text_key=config.data.text_key)
+
+
+def model_tokenizer(config) -> str:
+    """data.tokenizer, else the tokenizer of the run checkpoint.init_from starts from (SFT
+    tokenizes with the model's own), else "" (prepare trains one)."""
+    if config.data.tokenizer or not config.checkpoint.init_from:
+        return config.data.tokenizer
+    from jaxlm import checkpoint as checkpoint_lib
+
+    path = epath.Path(config.checkpoint.init_from).expanduser().absolute()
+    manager, step = checkpoint_lib.open_read_only(*checkpoint_lib.split_step(path))
+    try:
+        recorded = checkpoint_lib.read_meta(manager, step).get("tokenizer", "") if step else ""
+    finally:
+        manager.close()
+    return recorded if recorded and epath.Path(recorded).is_file() else ""
+
+
+def write_builtin_instructions(workdir: epath.Path) -> str:
+    """`sft:builtin`: the stdlib's functions as prompt (signature + docstring) / completion
+    (body) records, written once as JSONL into the workdir; its path."""
+    path = workdir / "data" / "builtin-instructions.jsonl"
+    if jax.process_index() == 0 and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in corpus.builtin_instructions()))
+        tmp.replace(path)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxlm builtin instructions written")
+    return os.fspath(path)
+
+
+def _prepare_sft(config, pattern: str, workdir: epath.Path) -> epath.Path:
+    """Chat JSONL prepared (with --sft) into the workdir; again only what changed."""
+    d = config.data
+    if pattern == "builtin":
+        pattern = write_builtin_instructions(workdir)
+    if not d.chat_template:
+        raise ConfigError(f"config.data.source={d.source!r} needs config.data.chat_template: "
+                          f"one of {', '.join(sft.TEMPLATES)} (how the model's conversations "
+                          "are laid out; 'plain' for prompt/completion data on a base model)")
+    tokenizer = model_tokenizer(config)
+    if tokenizer:  # its special tokens suit the template: say so in the config's words
+        try:
+            sft.Encoder(tokenizer_lib.load(tokenizer), d.chat_template, "config.data.chat_template")
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    key = hashlib.sha256(f"{pattern}|{d.chat_template}|{tokenizer}".encode()).hexdigest()[:12]
+    return _prepare_once(config, workdir / "data" / f"sft-{key}", "sft", tokenizer,
+                         inputs=pattern, sft=True, chat_template=d.chat_template)
+
+
+def _source(config, workdir: epath.Path):
     """(tokenizer, its path, train documents, validation documents, source id)."""
     d = config.data
     if d.source == "builtin":
         return _builtin(config, workdir)
     if d.source.startswith(ARRAYRECORD):
-        return _prepared(config, pathlib.Path(d.source.removeprefix(ARRAYRECORD)).expanduser())
+        return _prepared(config, epath.Path(d.source.removeprefix(ARRAYRECORD)).expanduser())
     if d.source.startswith(tfds_source.PREFIX):
         root = _prepare_tfds(config, d.source.removeprefix(tfds_source.PREFIX), workdir)
         return _prepared(config, root)
+    if d.source.startswith(SFT):
+        return _prepared(config, _prepare_sft(config, d.source.removeprefix(SFT), workdir))
     raise ConfigError(f"config.data.source={d.source!r}: use 'builtin', "
-                      f"'{ARRAYRECORD}DIR' (from python -m jaxlm.data.prepare) or "
-                      f"'{tfds_source.PREFIX}NAME'")
+                      f"'{ARRAYRECORD}DIR' (from python -m jaxlm.data.prepare), "
+                      f"'{tfds_source.PREFIX}NAME' or '{SFT}GLOB'")
 
 
-def build(config, workdir: str | pathlib.Path) -> Data:
+def rows_for(documents: Documents, config):
+    """Packed rows of pre-training documents, or of SFT conversations (masked documents)."""
+    d = config.data
+    if not documents.masked:
+        return PackedRows(documents, d.seq_len, seed=config.seed)
+    if d.seq_len_schedule:
+        raise ConfigError("config.data.seq_len_schedule: not with SFT data (conversations are "
+                          "packed whole into rows of data.seq_len); set it to ()")
+    return PackedConversations(documents, d.seq_len, seed=config.seed, overflow=d.sft_overflow)
+
+
+def build(config, workdir: str | os.PathLike) -> Data:
     """The tokenizer and packed train/validation rows for config.data."""
-    d, workdir = config.data, pathlib.Path(workdir)
+    d, workdir = config.data, epath.Path(workdir)
     try:
         sp, sp_path, train_docs, val_docs, source_id = _source(config, workdir)
     except ConfigError:
@@ -289,9 +474,10 @@ def build(config, workdir: str | pathlib.Path) -> Data:
                           f"tokenizer's vocabulary ({sp.vocab_size()} pieces, {sp_path}); set "
                           f"model.vocab_size to at least {sp.vocab_size()}")
     stream = f"{source_id}|seq_len={d.seq_len}|seed={config.seed}"
+    if train_docs.masked:
+        stream += f"|overflow={d.sft_overflow}"
     return Data(
         tokenizer=sp, tokenizer_path=sp_path,
-        train_rows=PackedRows(train_docs, d.seq_len, seed=config.seed),
-        val_rows=PackedRows(val_docs, d.seq_len, seed=config.seed),
+        train_rows=rows_for(train_docs, config), val_rows=rows_for(val_docs, config),
         fingerprint=hashlib.sha256(stream.encode()).hexdigest()[:16],
     )

@@ -5,45 +5,122 @@
     python -m jaxlm.data.prepare --input='books/*.txt.gz' --txt_mode=blank_line \
         --output=data/books --train_tokenizer --vocab_size=32000
     python -m jaxlm.data.prepare --input=tfds:lm1b --output=data/lm1b --tokenizer=...
+    python -m jaxlm.data.prepare --sft --chat_template=llama3 --input='chats/*.jsonl.zst' \
+        --output=data/chats --tokenizer=runs/llama3/tokenizer.json
 
 Each input file (or each range of a TFDS split) is a piece, tokenized by a worker
 process into a train and a validation shard; a document is held out when a hash of its
 text says so, so the split does not depend on file order or worker count. Finished
 pieces are marked, so running the same command again after an interruption only does
 what is left. Unusable documents are skipped and counted, with where they were.
+
+With --sft the inputs are chat / prompt-completion JSONL records (jaxlm.data.sft): each is
+laid out by --chat_template and stored as its tokens and loss mask.
+
+`prepare(inputs, output, tokenizer=..., ...)` is the same as a function; the CLI is a thin
+layer over it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import multiprocessing
 import os
-import pathlib
-import shutil
 import sys
 import time
 import zlib
 
 import numpy as np
 import tqdm
+from etils import epath
 
-from jaxlm.data import prepared, readers, tfds_source
+from jaxlm.data import prepared, readers, sft, tfds_source
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.documents import TOKEN_DTYPE
 
 ENCODE_BATCH = 256
+# Files a tokenizer.json needs beside it (its bos / eos are named in tokenizer_config.json).
+HF_TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything one prepare run is asked to do (see prepare() for each field)."""
+
+    inputs: tuple[str, ...]
+    output: str
+    tokenizer: str | None = None
+    train_tokenizer: bool = False
+    vocab_size: int = 32000
+    tokenizer_sample_chars: int = 100_000_000
+    text_key: str = "text"
+    txt_mode: str = "file"
+    val_fraction: float = 0.01
+    max_document_chars: int = 5_000_000
+    tfds_records_per_piece: int = 100_000
+    workers: int = os.cpu_count() or 1
+    sft: bool = False
+    chat_template: str = ""
+
+    def check(self) -> None:
+        """A ValueError naming the argument (the CLI flag of the same name) and the fix."""
+        if not self.inputs:
+            raise ValueError("inputs (--input): give at least one glob or tfds:NAME")
+        if self.train_tokenizer == bool(self.tokenizer):
+            raise ValueError("give exactly one of tokenizer=PATH (--tokenizer) or "
+                             "train_tokenizer=True (--train_tokenizer)")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction} (--val_fraction): must be in [0, 1)")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers} (--workers): must be at least 1")
+        if self.txt_mode not in readers.TXT_MODES:
+            raise ValueError(f"txt_mode={self.txt_mode!r} (--txt_mode): use one of "
+                             f"{readers.TXT_MODES}")
+        if self.sft and self.chat_template not in sft.TEMPLATES:
+            raise ValueError(f"chat_template={self.chat_template!r} (--chat_template): with sft, "
+                             f"name the layout of the conversations: one of "
+                             f"{', '.join(sft.TEMPLATES)}")
+        if self.sft and any(spec.startswith(tfds_source.PREFIX) for spec in self.inputs):
+            raise ValueError("inputs (--input): sft reads JSONL files, not tfds:NAME")
+
+
+def prepare(inputs: str | list[str], output: str | os.PathLike, *, tokenizer: str | None = None,
+            train_tokenizer: bool = False, vocab_size: int = 32000,
+            tokenizer_sample_chars: int = 100_000_000, text_key: str = "text",
+            txt_mode: str = "file", val_fraction: float = 0.01,
+            max_document_chars: int = 5_000_000, tfds_records_per_piece: int = 100_000,
+            workers: int | None = None, sft: bool = False, chat_template: str = "") -> dict:
+    """Prepare (or finish preparing) `output` from `inputs`; return the metadata written.
+
+    inputs: globs of .txt/.jsonl files (optionally .gz/.zst) or tfds:NAME; tokenizer: a
+    sentencepiece .model or a Hugging Face tokenizer.json, or train_tokenizer (vocab_size
+    pieces, on tokenizer_sample_chars characters of the input); sft: the inputs are chat /
+    prompt-completion records, laid out by chat_template. Bad arguments: ValueError.
+    """
+    settings = Settings(
+        inputs=(inputs,) if isinstance(inputs, str) else tuple(inputs), output=os.fspath(output),
+        tokenizer=os.fspath(tokenizer) if tokenizer else None, train_tokenizer=train_tokenizer,
+        vocab_size=vocab_size, tokenizer_sample_chars=tokenizer_sample_chars, text_key=text_key,
+        txt_mode=txt_mode, val_fraction=val_fraction, max_document_chars=max_document_chars,
+        tfds_records_per_piece=tfds_records_per_piece, workers=workers or os.cpu_count() or 1,
+        sft=sft, chat_template=chat_template)
+    settings.check()
+    return run(settings)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The CLI's flags, named as prepare()'s arguments (`--input` fills `inputs`)."""
     p = argparse.ArgumentParser(prog="python -m jaxlm.data.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", action="append", required=True,
+    p.add_argument("--input", dest="inputs", action="append", required=True,
                    help="glob of .txt/.jsonl files (optionally .gz/.zst), or tfds:NAME; "
                         "repeat the flag for several")
     p.add_argument("--output", required=True, help="directory to write the prepared dataset to")
-    p.add_argument("--tokenizer", help="sentencepiece .model to tokenize with (LLaMA's works as is)")
+    p.add_argument("--tokenizer", help="sentencepiece .model (LLaMA's works as is) or Hugging "
+                                       "Face tokenizer.json to tokenize with")
     p.add_argument("--train_tokenizer", action="store_true",
                    help="train a BPE tokenizer on a sample of the input first")
     p.add_argument("--vocab_size", type=int, default=32000, help="with --train_tokenizer")
@@ -58,14 +135,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="skip (and count) documents longer than this")
     p.add_argument("--tfds_records_per_piece", type=int, default=100_000)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    args = p.parse_args(argv)
-    if args.train_tokenizer == bool(args.tokenizer):
-        p.error("give exactly one of --tokenizer=PATH or --train_tokenizer")
-    if not 0 <= args.val_fraction < 1:
-        p.error(f"--val_fraction={args.val_fraction}: must be in [0, 1)")
-    if args.workers < 1:
-        p.error("--workers must be at least 1")
-    return args
+    p.add_argument("--sft", action="store_true",
+                   help="inputs are JSONL chat records {messages: [{role, content}]} or "
+                        "{prompt, completion}: store tokens and the loss mask")
+    p.add_argument("--chat_template", default="", choices=("", *sft.TEMPLATES),
+                   help="with --sft: how a conversation is laid out (jaxlm.data.sft)")
+    return p.parse_args(argv)
 
 
 def is_validation(text: str, val_fraction: float) -> bool:
@@ -99,8 +174,27 @@ def list_pieces(inputs: list[str], records_per_piece: int) -> list[dict]:
     return pieces
 
 
-def read_piece(piece: dict, args, skipped: readers.Skipped):
-    """(text, where) for each usable document of the piece."""
+def read_conversations(path: str, max_chars: int, skipped: readers.Skipped):
+    """(messages, where) for each usable SFT record of a JSONL file; the rest to `skipped`."""
+    if readers.format_of(path) != "jsonl":
+        raise ValueError(f"{path}: SFT records are read from .jsonl files (optionally .gz/.zst)")
+    for record, where in readers.json_records(path, skipped):
+        try:
+            messages = sft.messages_of(record)
+        except sft.BadRecord as e:
+            skipped.add(e.reason, where)
+            continue
+        if len(sft.text_of(messages)) > max_chars:
+            skipped.add("too_long", where)
+            continue
+        yield messages, where
+
+
+def read_piece(piece: dict, args: Settings, skipped: readers.Skipped):
+    """(text, where) for each usable document of the piece; (messages, where) with sft."""
+    if "file" in piece and args.sft:
+        yield from read_conversations(piece["file"], args.max_document_chars, skipped)
+        return
     if "file" in piece:
         yield from readers.read(piece["file"], args.text_key, args.txt_mode,
                                 args.max_document_chars, skipped)
@@ -126,58 +220,83 @@ def read_piece(piece: dict, args, skipped: readers.Skipped):
 class _ShardWriter:
     """One split's shard of a piece: written under a temporary name, renamed when done."""
 
-    def __init__(self, root: pathlib.Path, split: str, index: int):
+    def __init__(self, root: epath.Path, split: str, index: int):
         from array_record.python.array_record_module import ArrayRecordWriter
         self.path = prepared.shard_path(root, split, index)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.writer = ArrayRecordWriter(str(self.tmp), "group_size:1")  # cheap random reads
+        self.writer = ArrayRecordWriter(os.fspath(self.tmp), "group_size:1")  # cheap random reads
         self.lengths_path = prepared.lengths_path(root, split, index)
         self.lengths: list[int] = []
+        self.trained = 0  # SFT: tokens the loss mask keeps
 
-    def write(self, tokens: np.ndarray) -> None:
-        self.writer.write(tokens.tobytes())
-        self.lengths.append(len(tokens))
+    def write(self, record: np.ndarray) -> None:
+        """A document's tokens, or an SFT record [2, n] (tokens, mask)."""
+        self.writer.write(record.tobytes())
+        self.lengths.append(record.shape[-1])
+        if record.ndim == 2:
+            self.trained += int(record[1].sum())
 
     def finish(self) -> None:
         self.writer.close()
-        os.replace(self.tmp, self.path)
+        self.tmp.replace(self.path)
         tmp = self.lengths_path.with_name(self.lengths_path.name + ".tmp.npy")
-        np.save(tmp, np.asarray(self.lengths, np.int32))
-        os.replace(tmp, self.lengths_path)
+        with tmp.open("wb") as f:
+            np.save(f, np.asarray(self.lengths, np.int32))
+        tmp.replace(self.lengths_path)
 
 
 _sp = None  # the worker's tokenizer, loaded once per process
+_encoder = None  # with sft: the chat template's encoder for it
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _sp
+def _init_worker(tokenizer_path: str, chat_template: str) -> None:
+    global _sp, _encoder
     _sp = tokenizer_lib.load(tokenizer_path)
+    _encoder = sft.Encoder(_sp, chat_template, "chat_template") if chat_template else None
 
 
-def _options(args, tokenizer_path) -> dict:
+def _options(args: Settings, tokenizer_path) -> dict:
     """Everything besides the input that decides a piece's output (checked on resume)."""
-    return {"text_key": args.text_key, "txt_mode": args.txt_mode, "val_fraction": args.val_fraction,
-            "max_document_chars": args.max_document_chars,
-            "tokenizer_sha256": prepared.file_sha256(tokenizer_path)}
+    options = {"text_key": args.text_key, "txt_mode": args.txt_mode,
+               "val_fraction": args.val_fraction, "max_document_chars": args.max_document_chars,
+               "tokenizer_sha256": prepared.file_sha256(tokenizer_path)}
+    if args.sft:
+        options["chat_template"] = args.chat_template
+    return options
 
 
-def prepare_piece(job: tuple[int, dict, dict, argparse.Namespace]) -> dict:
-    """Tokenize one piece into its shards, then write its marker (the resume record)."""
-    index, piece, options, args = job
-    root = pathlib.Path(args.output)
-    start = time.perf_counter()
-    skipped = readers.Skipped()
-    writers = {split: _ShardWriter(root, split, index) for split in prepared.SPLITS}
+def _records(piece: dict, args: Settings, skipped: readers.Skipped):
+    """(record to store, text its split is hashed from) for each usable document."""
+    documents = read_piece(piece, args, skipped)
+    if args.sft:
+        for messages, where in documents:
+            try:
+                tokens, mask = _encoder.encode(messages)
+            except sft.BadRecord as e:
+                skipped.add(e.reason, where)
+                continue
+            yield sft.record_of(tokens, mask), sft.text_of(messages)
+        return
     bos, eos = _sp.bos_id(), _sp.eos_id()
     prefix, suffix = [bos] if bos >= 0 else [], [eos] if eos >= 0 else []
-    documents = read_piece(piece, args, skipped)
     while batch := list(itertools.islice(documents, ENCODE_BATCH)):
         texts = [text for text, _ in batch]
         for text, ids in zip(texts, _sp.encode(texts)):
-            split = piece["split"] or ("validation" if is_validation(text, args.val_fraction)
-                                       else "train")
-            writers[split].write(np.asarray(prefix + ids + suffix, TOKEN_DTYPE))
+            yield np.asarray(prefix + ids + suffix, TOKEN_DTYPE), text
+
+
+def prepare_piece(job: tuple[int, dict, dict, Settings]) -> dict:
+    """Tokenize one piece into its shards, then write its marker (the resume record)."""
+    index, piece, options, args = job
+    root = epath.Path(args.output)
+    start = time.perf_counter()
+    skipped = readers.Skipped()
+    writers = {split: _ShardWriter(root, split, index) for split in prepared.SPLITS}
+    for record, text in _records(piece, args, skipped):
+        split = piece["split"] or ("validation" if is_validation(text, args.val_fraction)
+                                   else "train")
+        writers[split].write(record)
     for writer in writers.values():
         writer.finish()
     result = {
@@ -187,11 +306,13 @@ def prepare_piece(job: tuple[int, dict, dict, argparse.Namespace]) -> dict:
         "skipped": skipped.to_json(),
         "seconds": time.perf_counter() - start,
     }
+    if args.sft:
+        result["trained_tokens"] = {s: w.trained for s, w in writers.items()}
     prepared.write_json_atomic(prepared.piece_marker(root, index), result)
     return result
 
 
-def _finished(root: pathlib.Path, index: int, piece: dict, options: dict) -> dict | None:
+def _finished(root: epath.Path, index: int, piece: dict, options: dict) -> dict | None:
     """The piece's marker if it was finished from the same input and options, else None."""
     marker = prepared.piece_marker(root, index)
     if not marker.is_file():
@@ -202,20 +323,33 @@ def _finished(root: pathlib.Path, index: int, piece: dict, options: dict) -> dic
 
 # --- the tokenizer ---------------------------------------------------------------------------
 
-def tokenizer_for(args, pieces: list[dict]) -> pathlib.Path:
-    """Copy the given tokenizer into the output, or train one on a sample of the input."""
-    root = pathlib.Path(args.output)
-    target = root / prepared.TOKENIZER
+def tokenizer_for(args: Settings, pieces: list[dict]) -> epath.Path:
+    """Copy the given tokenizer into the output under the name of its kind (tokenizer.model or
+    tokenizer.json, with the Hugging Face files beside it), or train one on the input."""
+    root = epath.Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
+    present = [root / name for name in (prepared.TOKENIZER, "tokenizer.json")
+               if (root / name).exists()]
     if args.tokenizer:
-        tokenizer_lib.load(args.tokenizer, "--tokenizer")  # fails clearly if not sentencepiece
-        if target.exists() and prepared.file_sha256(target) != prepared.file_sha256(args.tokenizer):
+        source = epath.Path(args.tokenizer)
+        tokenizer_lib.load(source, "--tokenizer")  # fails clearly if it is neither kind
+        target = root / prepared.tokenizer_file(source)
+        if any(p != target or prepared.file_sha256(p) != prepared.file_sha256(source)
+               for p in present):
             raise ValueError(f"{args.output} was prepared with another tokenizer; give a new "
                              f"--output or delete {args.output} first")
-        if not target.exists():
-            shutil.copyfile(args.tokenizer, target)
+        if not present:
+            extras = HF_TOKENIZER_EXTRAS if target.name == "tokenizer.json" else ()
+            for name in extras:
+                if (source.parent / name).is_file():
+                    (source.parent / name).copy(root / name, overwrite=True)
+            source.copy(target)  # last: its presence says the tokenizer is complete
         return target
-    if target.exists():
+    target = root / prepared.TOKENIZER
+    if present:
+        if present != [target]:
+            raise ValueError(f"{args.output} was prepared with another tokenizer; give a new "
+                             f"--output or delete {args.output} first")
         print(f"reusing the tokenizer already trained in {target}")
         return target
     print(f"training a {args.vocab_size}-piece BPE tokenizer on up to "
@@ -223,13 +357,13 @@ def tokenizer_for(args, pieces: list[dict]) -> pathlib.Path:
     skipped = readers.Skipped()
     sample = list(_sample_texts(pieces, args, skipped))
     if not sample:
-        raise ValueError(f"no usable training documents in {args.input} to train a tokenizer on: "
-                         + "; ".join(skipped.report() or ["the input is empty"]))
+        raise ValueError(f"no usable training documents in {list(args.inputs)} to train a "
+                         "tokenizer on: " + "; ".join(skipped.report() or ["the input is empty"]))
     tokenizer_lib.train(sample, args.vocab_size, target)
     return target
 
 
-def _sample_texts(pieces: list[dict], args, skipped: readers.Skipped):
+def _sample_texts(pieces: list[dict], args: Settings, skipped: readers.Skipped):
     """Documents taken round-robin from the pieces, up to tokenizer_sample_chars."""
     readers_ = [read_piece(p, args, skipped) for p in pieces]
     budget = args.tokenizer_sample_chars
@@ -237,23 +371,27 @@ def _sample_texts(pieces: list[dict], args, skipped: readers.Skipped):
         for item in group:
             if item is None:
                 continue
-            yield item[0]
-            budget -= len(item[0])
+            text = sft.text_of(item[0]) if args.sft else item[0]
+            yield text
+            budget -= len(text)
             if budget <= 0:
                 return
 
 
 # --- the whole run ---------------------------------------------------------------------------
 
-def run(args) -> dict:
+def run(args: Settings) -> dict:
     """Prepare (or finish preparing) args.output; return the metadata written."""
-    root = pathlib.Path(args.output)
-    pieces = list_pieces(args.input, args.tfds_records_per_piece)
+    root = epath.Path(args.output)
+    pieces = list_pieces(list(args.inputs), args.tfds_records_per_piece)
     if not pieces:
-        raise ValueError(f"--input={args.input}: no input")
+        raise ValueError(f"--input={list(args.inputs)}: no input")
     tokenizer_path = tokenizer_for(args, pieces)
     sp = tokenizer_lib.load(tokenizer_path)
-    (root / prepared.METADATA).unlink(missing_ok=True)  # complete again only when all is done
+    if args.sft:  # the template's special tokens exist, before any worker starts
+        sft.Encoder(sp, args.chat_template, "chat_template")
+    if (root / prepared.METADATA).exists():  # complete again only when all is done
+        (root / prepared.METADATA).unlink()
 
     options = _options(args, tokenizer_path)
     results = {i: r for i, p in enumerate(pieces) if (r := _finished(root, i, p, options))}
@@ -265,7 +403,8 @@ def run(args) -> dict:
     workers = min(args.workers, max(1, len(todo)))
     if todo:
         context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
-        with context.Pool(workers, _init_worker, (str(tokenizer_path),)) as pool:
+        with context.Pool(workers, _init_worker,
+                          (os.fspath(tokenizer_path), args.chat_template if args.sft else "")) as pool:
             for result in pool.imap_unordered(prepare_piece, todo):
                 results[result["index"]] = result
                 new_tokens += sum(result["tokens"].values())
@@ -281,26 +420,33 @@ def run(args) -> dict:
         splits[split] = {"pieces": kept,
                          "documents": sum(results[i]["documents"][split] for i in kept),
                          "tokens": sum(results[i]["tokens"][split] for i in kept)}
+        if args.sft:
+            splits[split]["trained_tokens"] = sum(results[i]["trained_tokens"][split]
+                                                  for i in kept)
     for r in results.values():
         skipped.merge(r["skipped"])
     if not splits["train"]["documents"]:
-        raise ValueError(f"no usable training documents in {args.input}: "
+        raise ValueError(f"no usable training documents in {list(args.inputs)}: "
                          + "; ".join(skipped.report() or ["the input is empty"]))
     metadata = {
-        "format": prepared.FORMAT,
-        "inputs": args.input, "text_key": args.text_key, "txt_mode": args.txt_mode,
+        "format": prepared.FORMAT, "kind": "sft" if args.sft else "text",
+        "inputs": list(args.inputs), "text_key": args.text_key, "txt_mode": args.txt_mode,
         "val_fraction": args.val_fraction, "max_document_chars": args.max_document_chars,
-        "tokenizer": {"file": prepared.TOKENIZER, "sha256": prepared.file_sha256(tokenizer_path),
+        "tokenizer": {"file": tokenizer_path.name, "sha256": prepared.file_sha256(tokenizer_path),
                       "vocab_size": sp.vocab_size(), "bos_id": sp.bos_id(),
                       "eos_id": sp.eos_id(), "pad_id": sp.pad_id()},
         "splits": splits,
         "skipped": skipped.to_json(),
         "pieces": len(pieces),
     }
+    if args.sft:
+        metadata["chat_template"] = args.chat_template
     prepared.write_json_atomic(root / prepared.METADATA, metadata)
 
     for split, s in splits.items():
-        print(f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens")
+        trained = (f" ({s['trained_tokens']:,} trained by the loss mask)" if args.sft else "")
+        print(f"{split}: {s['documents']:,} {'conversations' if args.sft else 'documents'}, "
+              f"{s['tokens']:,} tokens{trained}")
     for line in skipped.report():
         print(line)
     if new_tokens:
@@ -314,7 +460,7 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        run(args)
+        prepare(**vars(args))
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
 

@@ -1,7 +1,9 @@
 """A prepared dataset on disk: what `jaxlm.data.prepare` writes and training reads.
 
-    <dir>/tokenizer.model             the sentencepiece model the tokens came from
-    <dir>/<split>/<piece>.array_record  one record per document: bos + ids + eos, int32
+    <dir>/tokenizer.model             the tokenizer the tokens came from: a sentencepiece model,
+      or tokenizer.json                 or a Hugging Face tokenizer.json (+ tokenizer_config.json)
+    <dir>/<split>/<piece>.array_record  one record per document: bos + ids + eos, int32 (SFT:
+                                        tokens then loss mask, jaxlm.data.sft)
     <dir>/<split>/<piece>.lengths.npy   tokens per record, so packing needs no scan
     <dir>/pieces/<piece>.json         written last for a finished input piece (resume)
     <dir>/metadata.json               written last of all: splits, counts, tokenizer
@@ -24,8 +26,13 @@ from jaxlm.data.documents import ArrayRecordDocuments
 
 FORMAT = "jaxlm-prepared-v1"
 METADATA = "metadata.json"
-TOKENIZER = "tokenizer.model"
+TOKENIZER = "tokenizer.model"  # the name for a sentencepiece model; tokenizer_file() for any
 SPLITS = ("train", "validation")
+
+
+def tokenizer_file(source: str | pathlib.Path) -> str:
+    """The name a tokenizer keeps in a prepared dataset: its kind decides how it is loaded."""
+    return "tokenizer.json" if pathlib.Path(source).suffix == ".json" else TOKENIZER
 
 
 def shard_path(root: pathlib.Path, split: str, piece: int) -> pathlib.Path:
@@ -71,13 +78,19 @@ class PreparedDataset:
 
     @property
     def tokenizer_path(self) -> pathlib.Path:
-        return self.root / TOKENIZER
+        return self.root / self.metadata["tokenizer"].get("file", TOKENIZER)
+
+    @property
+    def is_sft(self) -> bool:
+        """Conversations with loss masks (prepare --sft), packed whole per row."""
+        return self.metadata.get("kind") == "sft"
 
     def documents(self, split: str) -> ArrayRecordDocuments:
         pieces = self.metadata["splits"][split]["pieces"]
         paths = [shard_path(self.root, split, p) for p in pieces]
         lengths = [np.load(lengths_path(self.root, split, p)) for p in pieces]
-        return ArrayRecordDocuments(paths, np.concatenate(lengths) if lengths else np.zeros(0))
+        return ArrayRecordDocuments(paths, np.concatenate(lengths) if lengths else np.zeros(0),
+                                    masked=self.is_sft)
 
     def fingerprint(self) -> str:
         """Changes when the prepared data does (for the resume check)."""

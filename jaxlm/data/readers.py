@@ -23,6 +23,14 @@ SKIP_REASONS = {
     "invalid_json": "not a JSON object",
     "missing_key": "JSON line without the text key (or not a string)",
     "too_long": "longer than --max_document_chars",
+    # SFT records (jaxlm.data.sft)
+    "no_messages": "SFT record without messages (or prompt and completion)",
+    "bad_message": "SFT message that is not {role: str, content: str}",
+    "unknown_role": "SFT message whose role is not system, user or assistant",
+    "empty_assistant": "SFT record with an empty assistant turn (or completion)",
+    "no_assistant": "SFT record without an assistant turn",
+    "turn_order": "SFT record whose turns the chat template cannot lay out (llama2: "
+                  "user and assistant alternating after an optional system)",
 }
 EXAMPLES_KEPT = 5
 TXT_MODES = ("file", "blank_line")
@@ -99,6 +107,32 @@ def _decode(raw: bytes, path: str, line: int, skipped: Skipped) -> str | None:
         return None
 
 
+def json_records(path: str, skipped: Skipped) -> Iterator[tuple[dict, str]]:
+    """(JSON object, 'file:line') for each line of a .jsonl file that is one; the rest (bad
+    UTF-8, bad JSON, not an object) go to `skipped`, as does a file with no bytes at all."""
+    any_bytes = False
+    with _open_binary(path) as f:
+        for number, raw in enumerate(f, 1):
+            any_bytes = True
+            if not raw.strip():
+                continue
+            where = f"{path}:{number}"
+            line = _decode(raw, path, number, skipped)
+            if line is None:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                skipped.add("invalid_json", where)
+                continue
+            if not isinstance(record, dict):
+                skipped.add("invalid_json", where)
+                continue
+            yield record, where
+    if not any_bytes:
+        skipped.add("empty_file", path)
+
+
 def read(path: str, text_key: str = "text", txt_mode: str = "file",
          max_chars: int = 10_000_000, skipped: Skipped | None = None) -> Iterator[tuple[str, str]]:
     """(text, 'file:line') for each usable document of `path`; the rest go to `skipped`."""
@@ -118,29 +152,16 @@ def read(path: str, text_key: str = "text", txt_mode: str = "file",
             return False
         return True
 
+    if kind == "jsonl":
+        for record, where in json_records(path, skipped):
+            text = record.get(text_key)
+            if not isinstance(text, str):
+                skipped.add("missing_key", where)
+            elif usable(text, where):
+                yield text, where
+        return
     with _open_binary(path) as f:
-        if kind == "jsonl":
-            for number, raw in enumerate(f, 1):
-                any_bytes = True
-                if not raw.strip():
-                    continue
-                where = f"{path}:{number}"
-                line = _decode(raw, path, number, skipped)
-                if line is None:
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    skipped.add("invalid_json", where)
-                    continue
-                text = record.get(text_key) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    skipped.add("invalid_json" if not isinstance(record, dict) else "missing_key",
-                                where)
-                    continue
-                if usable(text, where):
-                    yield text, where
-        elif txt_mode == "file":
+        if txt_mode == "file":
             raw = f.read()
             any_bytes = bool(raw)
             text = _decode(raw, path, 1, skipped) if raw else None

@@ -64,6 +64,19 @@ class JsonTokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a token by its text (e.g. "<|eot_id|>"), None if it is not one token."""
+        return self._tokenizer.token_to_id(token)
+
+    def plain_text_encoder(self):
+        """encode(text) -> ids where special tokens' text stays text: for chat content, in
+        which "<|eot_id|>" typed by a user must not end the turn (jaxlm.data.sft)."""
+        import tokenizers
+
+        tokenizer = tokenizers.Tokenizer.from_str(self._tokenizer.to_str())
+        tokenizer.encode_special_tokens = True
+        return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+
     def encode(self, texts, num_threads: int | None = None):
         """Ids of one text, or a list of id lists; no special tokens (callers add bos/eos)."""
         if isinstance(texts, str):
