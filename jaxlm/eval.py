@@ -9,7 +9,9 @@ training documents start with) is cut into windows that each predict up to `max_
 tokens from the token before them, so every token after t0 is predicted exactly once and
 no window is longer than the context the model was trained on. Its loss is the mean
 negative log-likelihood over those tokens, perplexity exp(loss), and for texts (not
-prepared tokens) bits per byte too, which compares across tokenizers.
+prepared tokens) bits per byte too, which compares across tokenizers. Documents prepared as
+SFT data (tokens and a loss mask) are scored on their responses only, each after all that
+precedes it: the completion loss.
 
 A multiple-choice item {"context", "choices", "answer"} asks for log P(choice | context) of
 each choice, tokenized as the harness does: BOS + tokens(context) as the context, and as
@@ -135,16 +137,28 @@ def document_requests(tokens: np.ndarray, max_len: int) -> list[Request]:
             for start in range(1, len(tokens), max_len)]
 
 
+def masked_requests(tokens: np.ndarray, mask: np.ndarray) -> list[Request]:
+    """One request per run of trained tokens (an SFT document's responses), after all that
+    precedes it."""
+    tokens, edges = [int(t) for t in tokens], np.diff(np.concatenate([[0], mask != 0, [0]]))
+    return [Request(tuple(tokens[:start]), tuple(tokens[start:end]))
+            for start, end in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))
+            if start > 0]
+
+
 def score_documents(run: gen.Run, documents: Iterable[np.ndarray], batch_size: int = 16,
                     n_bytes: int | None = None) -> dict:
     """Loss (mean NLL per predicted token, nats), perplexity, token and document counts; with
-    the texts' UTF-8 byte count, bits per byte as well."""
+    the texts' UTF-8 byte count, bits per byte as well. A [2, n] document (tokens and loss
+    mask, as SFT data is prepared) is scored on its masked-in tokens only."""
     requests, n_documents = [], 0
     for doc in documents:
-        requests += document_requests(doc, run.max_len)
+        requests += (masked_requests(*doc) if doc.ndim == 2
+                     else document_requests(doc, run.max_len))
         n_documents += 1
     if not requests:
-        raise EvalError("no document has two or more tokens: nothing to predict")
+        raise EvalError("no document has a token to predict (two or more tokens; SFT data: "
+                        "a response)")
     scores = score(run, requests, batch_size)
     total = -sum(s.logprob for s in scores)
     tokens = sum(len(r.continuation) for r in requests)

@@ -86,6 +86,18 @@ def test_document_loss_and_perplexity_match_transformers(run_dir, hf):
                                nll / math.log(2) / sum(len(t.encode()) for t in TEXTS), rtol=1e-5)
 
 
+def test_sft_documents_are_scored_on_their_responses(run_dir, hf):
+    run = gen.load_run(run_dir, shard_rows=True)
+    tokens = np.asarray([run.tokenizer.bos_id()] + run.tokenizer.encode(TEXTS[1])[:50])
+    mask = np.zeros_like(tokens)
+    mask[10:20] = mask[30:45] = 1  # two responses
+    got = eval_lib.score_documents(run, [np.stack([tokens, mask])])
+    logprobs = reference_logprobs(hf, tokens.tolist())  # logprobs[i]: token i + 1
+    want = -logprobs[mask[1:] == 1].sum() / 25
+    assert got["tokens"] == 25
+    np.testing.assert_allclose(got["loss"], want, rtol=1e-5)
+
+
 def harness_split(sp, context, choice):
     """lm-evaluation-harness' tokenization of a (context, choice) pair, re-derived."""
     if context.endswith(" "):
