@@ -129,10 +129,15 @@ def main() -> None:
 
 def write_results(rows: list[dict], host: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / f"convert-{host}.jsonl", "a") as f:
+    history = RESULTS / f"convert-{host}.jsonl"
+    with open(history, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    size = np.array([r["model_bytes"] for r in rows], float)
+    # The table holds every size ever measured here (the newest row of each).
+    latest = {r["layers"]: r for r in map(json.loads, history.read_text().splitlines())}
+    rows = [latest[n] for n in sorted(latest)]
+    partial = [r for r in rows if r["layers"] < 32]
+    size = np.array([r["model_bytes"] for r in partial], float)
     full = 2 * sum(int(np.prod(s)) for s in llama_shapes(32).values())
     lines = ["# Peak host RSS of python -m jaxlm.convert (Llama-2-7B shapes, bfloat16)", "",
              f"Host: {host}. Measured by benchmarks/convert_memory.py (ru_maxrss of a fresh "
@@ -145,11 +150,12 @@ def write_results(rows: list[dict], host: str) -> None:
                      f"{r['import_peak_rss'] / r['model_bytes']:.2f} | "
                      f"{r['export_peak_rss'] / 1e9:.2f} | "
                      f"{r['export_peak_rss'] / r['model_bytes']:.2f} |")
-    if len(rows) > 1:
+    if len(partial) > 1:
         lines += ["", f"Extrapolated (a least-squares line peak = fixed + slope * model bytes "
-                  f"over the rows above) to 32 layers, {full / 1e9:.1f} GB:", ""]
+                  f"over the rows under 32 layers) to 32 layers, {full / 1e9:.1f} GB, to "
+                  "compare with the 32-layer row where there is one:", ""]
         for way in ("import", "export"):
-            slope, fixed = np.polyfit(size, [r[f"{way}_peak_rss"] for r in rows], 1)
+            slope, fixed = np.polyfit(size, [r[f"{way}_peak_rss"] for r in partial], 1)
             peak = fixed + slope * full
             lines.append(f"- {way}: fixed {fixed / 1e9:.2f} GB + {slope:.2f} x model -> "
                          f"{peak / 1e9:.1f} GB at 7B = {peak / full:.2f} x the model "
