@@ -107,10 +107,9 @@ class SlurmCluster:
         return self
 
     def _spawn(self, command):
-        log = open(self.root / "log" / f"{command[0]}.stdout", "ab")
-        self._daemons.append(subprocess.Popen([_which(command[0]), *command[1:]], env=self.env,
-                                              stdout=log, stderr=subprocess.STDOUT))
-        log.close()
+        with open(self.root / "log" / f"{command[0]}.stdout", "ab") as log:
+            self._daemons.append(subprocess.Popen([_which(command[0]), *command[1:]], env=self.env,
+                                                  stdout=log, stderr=subprocess.STDOUT))
 
     def _run(self, *command, check=False):
         return subprocess.run([_which(command[0]), *command[1:]], env=self.env, text=True,
@@ -155,7 +154,7 @@ class SlurmCluster:
         job id."""
         result = subprocess.run([_which("sbatch"), "--parsable", *map(str, args)], cwd=cwd,
                                 env={**(env or os.environ), "SLURM_CONF": str(self.conf)}, text=True, capture_output=True,
-                                timeout=60)
+                                timeout=60, check=False)
         if result.returncode:
             raise RuntimeError(f"sbatch failed: {result.stderr}")
         return int(result.stdout.strip().split(";")[0])
