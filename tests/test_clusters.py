@@ -5,12 +5,14 @@ import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
+from jaxlm import train as train_lib
 from test_fault_tolerance import assert_ends_as_unbroken, cli, metric_rows, tiny_config
 
 SBATCH = "launch/slurm.sbatch"
@@ -80,6 +82,23 @@ def test_sbatch_two_tasks_preempted_requeued_ends_as_one_process_run(
     assert reference.returncode == 0, out[-3000:]
     assert_ends_as_unbroken(tmp_path, workdir, steps, tiny_config(tokenizer_path, steps))
     assert len(metric_rows(workdir)) == len(metric_rows(tmp_path / "unbroken"))
+
+
+def test_sigterm_before_the_first_step_saves_after_it(tmp_path, tokenizer_path, monkeypatch):
+    """A SIGTERM that comes while the run loads data, restores or compiles (SLURM's
+    --signal=TERM@N soon after a start, a preemption at any moment) is not lost: the run
+    saves after its first step and stops as preempted."""
+    build = train_lib.pipeline.build
+
+    def build_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # this process: its handler must be in place
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(train_lib.pipeline, "build", build_then_sigterm)
+    with pytest.raises(train_lib.Preempted, match="checkpoint saved at step 1"):
+        train_lib.train(tiny_config(tokenizer_path, 4), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back as it was
 
 
 FAKE_GCLOUD = """#!{python}
