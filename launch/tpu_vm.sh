@@ -40,7 +40,11 @@ done
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE to its zone}"
 num_slices=${NUM_SLICES:-1}
 repo=${REPO:-$(git config --get remote.origin.url || true)}
-: "${repo:?set REPO to the git URL the workers clone (this checkout has no origin)}"
+if [[ -z $repo ]]; then
+  no_repo="set REPO to the git URL the workers clone (this checkout has no origin)"
+  ((dry_run)) || { echo "$no_repo" >&2; exit 2; }
+  echo "# $no_repo"; repo=REPO
+fi
 ref=${REF:-$(git rev-parse HEAD)}
 run_id=${RUN_ID:-$(date -u +%Y%m%d-%H%M%S)}
 where=(--zone="$ZONE" ${PROJECT:+--project="$PROJECT"})

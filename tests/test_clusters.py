@@ -51,8 +51,8 @@ def test_sbatch_two_tasks_preempted_requeued_ends_as_one_process_run(
     steps = 6
     # The reference: one process with the 2 devices the 2 SLURM tasks have between them.
     reference = subprocess.Popen(
-        cli(tokenizer_path, tmp_path / "unbroken", steps, every=1000), cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**_job_env(repo), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+        cli(tokenizer_path, tmp_path / "unbroken", steps, every=1000), cwd=repo,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**_job_env(repo), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
 
     workdir = tmp_path / "slurm-run"
     job = slurm_cluster.sbatch("--ntasks=2", repo / SBATCH,
@@ -63,10 +63,7 @@ def test_sbatch_two_tasks_preempted_requeued_ends_as_one_process_run(
     # Without --batch: to the job's steps (the srun tasks), as --signal=TERM@N is sent.
     slurm_cluster.scancel("--signal=TERM", job)
     _wait_for_line(log, r"^requeueing|^preempted", slurm_cluster, job)
-    deadline = time.monotonic() + 120
-    while (state := slurm_cluster.job(job))["JobState"] != "PENDING" or state["Restarts"] == "0":
-        assert time.monotonic() < deadline, state
-        time.sleep(0.2)
+    assert slurm_cluster.wait(job, states=("PENDING",), timeout=120)["Restarts"] == "1"
     slurm_cluster.scontrol("update", f"JobId={job}", "StartTime=now")  # skip SLURM's 2 min wait
     final = slurm_cluster.wait(job, timeout=400)
     output = log.read_text()
@@ -88,17 +85,25 @@ def test_sigterm_before_the_first_step_saves_after_it(tmp_path, tokenizer_path, 
     """A SIGTERM that comes while the run loads data, restores or compiles (SLURM's
     --signal=TERM@N soon after a start, a preemption at any moment) is not lost: the run
     saves after its first step and stops as preempted."""
-    build = train_lib.pipeline.build
+    build, escaped = train_lib.pipeline.build, []
 
     def build_then_sigterm(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)  # this process: its handler must be in place
+        os.kill(os.getpid(), signal.SIGTERM)  # to this process, while the run sets up
         return build(*args, **kwargs)
 
+    def outside_handler(signum, frame):  # what SIGTERM would do had jaxlm not caught it yet
+        escaped.append(signum)
+
     monkeypatch.setattr(train_lib.pipeline, "build", build_then_sigterm)
-    with pytest.raises(train_lib.Preempted, match="checkpoint saved at step 1"):
-        train_lib.train(tiny_config(tokenizer_path, 4), tmp_path)
+    previous = signal.signal(signal.SIGTERM, outside_handler)
+    try:
+        with pytest.raises(train_lib.Preempted, match="checkpoint saved at step 1"):
+            train_lib.train(tiny_config(tokenizer_path, 4), tmp_path)
+        assert signal.getsignal(signal.SIGTERM) is outside_handler  # put back as it was
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert escaped == []
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back as it was
 
 
 FAKE_GCLOUD = """#!{python}
