@@ -103,8 +103,12 @@ class SlurmCluster:
         self._wait_for(lambda: self._run("scontrol", "ping").stdout.count("UP") >= 1, timeout,
                        "slurmctld to answer `scontrol ping`")
         self._spawn(["slurmd", "-D", "-f", str(self.conf)])
-        self._wait_for(self._node_idle, timeout, f"node {self.host} to be idle")
+        self.wait_idle(timeout)
         return self
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until the node runs nothing (a job's last run is cleaned up, not only ended)."""
+        self._wait_for(self._node_idle, timeout, f"node {self.host} to be idle")
 
     def _spawn(self, command):
         with open(self.root / "log" / f"{command[0]}.stdout", "ab") as log:
