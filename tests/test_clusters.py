@@ -11,9 +11,9 @@ import sys
 import time
 
 import pytest
+from test_fault_tolerance import assert_ends_as_unbroken, cli, metric_rows, tiny_config
 
 from jaxlm import train as train_lib
-from test_fault_tolerance import assert_ends_as_unbroken, cli, metric_rows, tiny_config
 
 SBATCH = "launch/slurm.sbatch"
 
