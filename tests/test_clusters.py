@@ -11,11 +11,34 @@ import sys
 import time
 
 import pytest
+from slurm_cluster import SlurmCluster, missing_binaries
 from test_fault_tolerance import assert_ends_as_unbroken, cli, metric_rows, tiny_config
 
 from jaxlm import train as train_lib
 
 SBATCH = "launch/slurm.sbatch"
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node SLURM cluster (tests/slurm_cluster.py), up for this module's tests.
+
+    Where SLURM is not installed the tests that use it are skipped with the reason, unless
+    JAXLM_REQUIRE_SLURM=1 (.ci/run sets it, after installing SLURM): then they fail.
+    """
+    problem = None
+    if missing := missing_binaries():
+        problem = (f"SLURM binaries not found: {', '.join(missing)} "
+                   "(apt-get install slurmctld slurmd slurm-client munge)")
+    elif os.geteuid() != 0:
+        problem = "slurmd must run as root to start jobs; run the SLURM tests as root"
+    if problem:
+        if os.environ.get("JAXLM_REQUIRE_SLURM") == "1":
+            pytest.fail(f"JAXLM_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(f"{problem}; set JAXLM_REQUIRE_SLURM=1 to make this a failure")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
 
 
 def _job_env(repo) -> dict:
