@@ -101,7 +101,8 @@ cd jaxlm && git fetch -q origin && git checkout -q $(sq "$ref")
 pip install -q -e '.[tpu]'
 log=~/jaxlm-logs/\$(hostname)-$run_id.log
 export JAXLM_DISTRIBUTED=1 ${megascale:+$megascale MEGASCALE_SLICE_ID=$1}
-python -m jaxlm.train$train_args >"\$log" 2>&1 &
+: >"\$log"  # there before tail follows it
+python -m jaxlm.train$train_args >>"\$log" 2>&1 &
 pid=\$!; echo \$pid > ~/jaxlm-logs/train.pid
 tail -n +1 -f --pid=\$pid "\$log" &
 wait \$pid
