@@ -167,8 +167,19 @@ def _announce_stage(stages, stage, step, t, console, writer) -> None:
 
 
 def train(config, workdir: str | pathlib.Path) -> dict:
-    """Run (or resume) training as `config` says; return the last logged metrics."""
-    workdir = pathlib.Path(workdir)
+    """Run (or resume) training as `config` says; return the last logged metrics.
+
+    SIGTERM is caught from the start: one that comes while the run loads, restores or
+    compiles (a cluster's early warning, SLURM's --signal=TERM@N) saves after the first step.
+    """
+    sigterm = _SigtermFlag()
+    try:
+        return _train(config, pathlib.Path(workdir), sigterm)
+    finally:
+        sigterm.restore()
+
+
+def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
     factory, derived = step_lib.build(config)  # validates the config first
     t, d = config.train, config.data
     is_main = jax.process_index() == 0
@@ -225,7 +236,6 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     timer_start, timed_tokens, timed_flops, losses = None, 0, 0.0, []
     stage = None
     nonfinite = _NonFinitePolicy(t, console)
-    sigterm = _SigtermFlag()
     try:
         with factory.context():
             for step in range(start + 1, t.steps + 1):
@@ -299,7 +309,6 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                 if preempted and step < t.steps:
                     raise Preempted(step)
     finally:
-        sigterm.restore()
         console.close()
         writer.close()
         checkpoints.close()  # waits for the last async save to be complete on disk
