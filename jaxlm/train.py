@@ -146,6 +146,8 @@ def _initial_state(config, factory, checkpoints, console):
         base = meta.get("lora_base")
         if base:
             trained = factory.assemble(trained, _restore_lora_base(factory, base, step))
+            console.print(f"LoRA adapters beside the frozen base {base['path']} (step "
+                          f"{base['step']}), as when this run started")
         return step, meta["data"], trained, base
     rng = jax.random.fold_in(jax.random.key(config.seed), 0)
     if factory.lora:
@@ -166,8 +168,11 @@ def _initial_state(config, factory, checkpoints, console):
 
 
 def _lora_settings(train_fields) -> tuple:
+    """(lora_rank, lora_alpha, sorted lora_targets), or (0,) when LoRA is off."""
     rank = int(train_fields.get("lora_rank", 0))
-    return (rank, tuple(sorted(train_fields.get("lora_targets", ())))) if rank else (0, ())
+    if not rank:
+        return (0,)
+    return rank, float(train_fields["lora_alpha"]), tuple(sorted(train_fields["lora_targets"]))
 
 
 def _check_same_lora(config, checkpoints) -> None:
@@ -183,7 +188,7 @@ def _check_same_lora(config, checkpoints) -> None:
     ours, theirs = _lora_settings(config.train), _lora_settings(saved)
     if ours != theirs:
         raise config_lib.ConfigError(
-            f"config.train.lora_rank, lora_targets = {ours} but the checkpoints in "
+            f"config.train.lora_rank, lora_alpha, lora_targets = {ours} but the checkpoints in "
             f"{checkpoints.directory} were trained with {theirs}; resume with the same LoRA "
             "settings, or start in another --workdir")
 
@@ -315,8 +320,9 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                         compiles, untimed_from = True, time.perf_counter()
                     stage = config_lib.stage_at(stages, step)
                     seq_len = stages[stage][1]
-                    flops_per_token = metrics_lib.flops_per_token(config.model, derived.head_dim,
-                                                                  seq_len)
+                    flops_per_token = metrics_lib.flops_per_token(
+                        config.model, derived.head_dim, seq_len, lora_rank=t.lora_rank,
+                        lora_targets=tuple(t.lora_targets))
                     _announce_stage(stages, stage, step, t, console, writer)
                 # One optimizer update: grad_accum_steps finite microbatches. A non-finite
                 # one changes nothing; with nonfinite="skip" another microbatch replaces it.

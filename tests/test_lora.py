@@ -13,7 +13,9 @@ from safetensors.numpy import load_file
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import convert
+from jaxlm import generate
 from jaxlm import lora as lora_lib
+from jaxlm import metrics
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 from jaxlm import train as train_lib
@@ -242,12 +244,15 @@ def test_lora_mistakes_are_named(runs, tmp_path, capsys):
         train_lib.train(no_base, tmp_path / "a")
     other = lora_run_config(config.data.tokenizer, root / "base", LORA_STEPS + 1)
     other.train.lora_targets = ("q", "v")
-    with pytest.raises(config_lib.ConfigError, match=r"trained with \(4, \('down', 'gate'"):
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"= \(4, 8.0, \('q', 'v'\)\) but .* with \(4, 8.0, \('down', 'gate'"):
         train_lib.train(other, root / "unbroken")
     with pytest.raises(checkpoint_lib.CheckpointError, match="holds adapters only; merge"):
         train_lib.train(lora_run_config(config.data.tokenizer, root / "unbroken", 2), tmp_path / "b")
     with pytest.raises(convert.ConvertError, match="is not a LoRA run"):
         convert.merge_lora(root / "base", tmp_path / "c")
+    with pytest.raises(generate.GenerateError, match="is a LoRA run .* --merge_lora"):
+        generate.load_run(root / "unbroken")
 
     (root / "base").rename(root / "base-moved")  # the base is gone
     try:
@@ -276,3 +281,37 @@ def test_killed_lora_run_resumes_exactly(runs, repo, tmp_path):
     (tmp_path / "unbroken").symlink_to(root / "unbroken")
     assert_ends_as_unbroken(tmp_path, tmp_path / "killed", LORA_STEPS, config)
     assert pathlib.Path(tmp_path / "killed" / "checkpoints").is_dir()
+
+
+def test_lora_flops_formula_agrees_with_xla():
+    """The LoRA count (frozen weights 4x, adapters 6 * rank * (in + out)) against XLA's count
+    of one compiled forward + backward w.r.t. the adapters (a 1-layer model: XLA counts a
+    loop body once; 128 positions: the attention computes the full square)."""
+    config = lora_config()
+    m = config.model
+    m.vocab_size, m.d_model, m.n_layers, m.d_ff, m.n_heads, m.n_kv_heads = 512, 256, 1, 768, 4, 2
+    m.remat, m.attention, m.dtype = "none", "xla", "float32"
+    config.data.seq_len, config.train.global_batch_size = 128, 4
+    config.train.lora_targets = ("q", "v", "o", "down")
+    factory, derived = step_lib.build(config, ONE_DEVICE)
+    adapters, frozen = lora_lib.split(factory.abstract["params"])
+
+    def loss(adapters, frozen, batch):
+        total, count = step_lib.loss_sum_and_count(factory.model, lora_lib.join(adapters, frozen),
+                                                   batch)
+        return total / count
+
+    tokens = jax.ShapeDtypeStruct((4, 128), np.int32)
+    batch = {"inputs": tokens, "targets": tokens, "loss_mask": jax.ShapeDtypeStruct((4, 128), bool)}
+    with factory.context():
+        analysis = jax.jit(jax.grad(loss)).lower(adapters, frozen, batch).compile().cost_analysis()
+    xla = (analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"] / (4 * 128)
+    per_token = metrics.flops_per_token(m, derived.head_dim, 128, causal=False, lora_rank=4,
+                                        lora_targets=config.train.lora_targets)
+    # Nothing before the first layer trains, so the gradient of its q, k, v projections'
+    # input (2 * their params, 2 * rank * d_model for each adapted one) is dead code to XLA.
+    d_attn, d_kv = m.n_heads * derived.head_dim, m.n_kv_heads * derived.head_dim
+    dead = 2 * m.d_model * (d_attn + 2 * d_kv) + 2 * 4 * m.d_model * 2
+    assert xla == pytest.approx(per_token - dead, rel=0.05)
+    full = metrics.flops_per_token(m, derived.head_dim, 128, causal=False)
+    assert xla < 0.8 * full  # the frozen weights' gradients are not computed
