@@ -25,6 +25,7 @@ from tqdm import tqdm
 import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
+from jaxlm import lora as lora_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import optim
 from jaxlm import sharding as sharding_lib
@@ -138,14 +139,15 @@ def _keep_metrics_before(path: pathlib.Path, first_step: int) -> None:
 def _initial_state(config, factory, checkpoints, console):
     """(step, data iterator state or None, state, LoRA base reference or None): resumed,
     fine-tuned from init_from, or fresh."""
-    _check_same_lora(config, checkpoints)  # before a mismatch could read as a bad checkpoint
+    lora_lib.check_same_settings(config.train, checkpoints)  # before a mismatch reads as damage
     resumed = checkpoints.restore_latest_readable(factory.trained(factory.abstract))
     if resumed:
         step, trained, meta = resumed
         console.print(f"resumed from {checkpoints.path(step)}")
         base = meta.get("lora_base")
         if base:
-            trained = factory.assemble(trained, _restore_lora_base(factory, base, step))
+            trained = factory.assemble(trained, lora_lib.restore_base(
+                base, factory.frozen_params(factory.abstract), step))
             console.print(f"LoRA adapters beside the frozen base {base['path']} (step "
                           f"{base['step']}), as when this run started")
         return step, meta["data"], trained, base
@@ -165,44 +167,6 @@ def _initial_state(config, factory, checkpoints, console):
         state["params"] = params
         console.print(f"initialised params from {config.checkpoint.init_from} (step {source_step})")
     return 0, None, state, None
-
-
-def _lora_settings(train_fields) -> tuple:
-    """(lora_rank, lora_alpha, sorted lora_targets), or (0,) when LoRA is off."""
-    rank = int(train_fields.get("lora_rank", 0))
-    if not rank:
-        return (0,)
-    return rank, float(train_fields["lora_alpha"]), tuple(sorted(train_fields["lora_targets"]))
-
-
-def _check_same_lora(config, checkpoints) -> None:
-    """A LoRA checkpoint holds adapters only, a plain one no adapters: resuming one with the
-    other's settings is a config mistake, not an unreadable checkpoint to set aside."""
-    latest = checkpoints.latest_step()
-    if latest is None:
-        return
-    try:
-        saved = checkpoint_lib.read_meta(checkpoints.manager, latest)["config"]["train"]
-    except Exception:  # an unreadable checkpoint: restore_latest_readable reports it
-        return
-    ours, theirs = _lora_settings(config.train), _lora_settings(saved)
-    if ours != theirs:
-        raise config_lib.ConfigError(
-            f"config.train.lora_rank, lora_alpha, lora_targets = {ours} but the checkpoints in "
-            f"{checkpoints.directory} were trained with {theirs}; resume with the same LoRA "
-            "settings, or start in another --workdir")
-
-
-def _restore_lora_base(factory, base: dict, step: int):
-    """The frozen base params a LoRA checkpoint's adapters were trained beside."""
-    path = pathlib.Path(base["path"]) / str(base["step"])
-    try:
-        return checkpoint_lib.restore_params(path, factory.frozen_params(factory.abstract))[0]
-    except Exception as e:
-        raise checkpoint_lib.CheckpointError(
-            f"LoRA checkpoint {step} holds only adapters, trained beside the base model "
-            f"{path}, which cannot be read ({type(e).__name__}: {e}); put that checkpoint back "
-            "where it was to resume") from e
 
 
 def _bytes(n: float) -> str:
