@@ -177,7 +177,7 @@ def _project(module: nn.Module, name: str, spec: str, x, shape: tuple, names: tu
 
     A [the kernel's input axes, rank] starts random (PEFT's kaiming-uniform bound
     1/sqrt(fan_in)) and B [rank, its output axes] at zero, so training starts from the base
-    model exactly. Both are float32, as trained parameters are; the rank axis is replicated.
+    model exactly. Both are float32 whatever the base's dtype; the rank axis is replicated.
     """
     c = module.cfg
     y = jnp.einsum(spec, x, _weight(module, name, shape, names, std, c))
