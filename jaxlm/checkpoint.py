@@ -141,6 +141,11 @@ def restore_params(path: str | pathlib.Path, abstract_params):
     if step is None:
         raise CheckpointError(f"config.checkpoint.init_from={str(path)!r}: no checkpoint there; "
                               "give a run's checkpoints/ directory or one step inside it")
+    if read_meta(manager, step).get("lora_base"):
+        manager.close()
+        raise CheckpointError(f"{path} (step {step}) is a LoRA run's: it holds adapters only; "
+                              "merge them into a plain checkpoint first: python -m jaxlm.convert "
+                              "--from_run=THAT_RUN --merge_lora --to=NEW_RUN")
     target = {"params": abstract_params}
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

@@ -147,6 +147,12 @@ def default_config() -> ml_collections.ConfigDict:
     t.eval_every = 200
     t.nonfinite = "raise"  # a non-finite loss or gradient: "raise" (stop) or "skip" the update
     t.max_skips_in_a_row = 10  # with "skip": stop after this many non-finite microbatches in a row
+    # LoRA fine-tuning (0: off): low-rank adapters of this rank beside the lora_targets kernels
+    # of the base model checkpoint.init_from names, scaled by lora_alpha / lora_rank. Only the
+    # adapters are trained and checkpointed; the base is read from init_from (jaxlm.lora).
+    t.lora_rank = 0
+    t.lora_alpha = 16.0
+    t.lora_targets = ("q", "k", "v", "o", "gate", "up", "down")
 
     c.mesh = me = ml_collections.ConfigDict()
     me.data = 1
@@ -282,6 +288,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
              f"one of {NONFINITE_POLICIES}")
     _require(t.max_skips_in_a_row >= 1, "train.max_skips_in_a_row", t.max_skips_in_a_row,
              "at least 1")
+    _check_lora(t)
 
     shape = resolve_mesh_shape(config.mesh, n_devices)
     tensor = shape["tensor"]
@@ -318,6 +325,19 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
     return Derived(head_dim=head_dim, mesh_shape=shape, data_parallel=dp,
                    micro_batch_size=micro, per_device_batch_size=micro // dp,
                    n_params=count_params(m, head_dim))
+
+
+def _check_lora(t) -> None:
+    _require(int(t.lora_rank) >= 0, "train.lora_rank", t.lora_rank,
+             "0 (LoRA off) or a positive rank, e.g. 8")
+    if not t.lora_rank:
+        return
+    targets = model_lib.LORA_INPUT_AXES
+    _require(len(t.lora_targets) > 0 and all(x in targets for x in t.lora_targets),
+             "train.lora_targets", tuple(t.lora_targets),
+             f"a non-empty tuple of the kernels {tuple(targets)}")
+    _require(t.lora_alpha > 0, "train.lora_alpha", t.lora_alpha,
+             "a positive scale numerator (the update is lora_alpha / lora_rank * x A B)")
 
 
 def _check_rope_scaling(m) -> None:
@@ -440,4 +460,6 @@ def model_config(config: ml_collections.ConfigDict, derived: Derived) -> model_l
         init_std=m.init_std, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
         remat=m.remat, attention=m.attention, scan_unroll=int(m.scan_unroll),
         context_parallel=m.context_parallel,
-        splash_block_q=int(m.splash_block_q), splash_block_kv=int(m.splash_block_kv))
+        splash_block_q=int(m.splash_block_q), splash_block_kv=int(m.splash_block_kv),
+        lora_rank=int(config.train.lora_rank), lora_alpha=float(config.train.lora_alpha),
+        lora_targets=tuple(config.train.lora_targets))

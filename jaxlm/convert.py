@@ -3,6 +3,11 @@
     python -m jaxlm.convert --from_hf=HF_DIR --to=RUN_DIR
     python -m jaxlm.train --config=RUN_DIR/config.py --workdir=runs/finetune
     python -m jaxlm.convert --from_run=runs/finetune --to_hf=OUT_DIR [--max_shard_size=5GB]
+    python -m jaxlm.convert --from_run=runs/lora --merge_lora --to=RUN_DIR
+
+A LoRA run's checkpoints hold adapters only: --merge_lora folds them into its base model's
+weights (W + alpha / rank * A B) as a plain checkpoint, which trains, generates and exports
+like any other (--to_hf from a LoRA run merges the same way on the fly).
 
 Importing writes RUN_DIR/checkpoints (an orbax checkpoint that config.checkpoint.init_from
 reads), RUN_DIR/config.py (the model's config, with data.tokenizer and init_from set) and the
@@ -17,6 +22,7 @@ the head axes split out ([d, heads, head_dim] for q). Both rotate the pairs (i, 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import pathlib
 import shutil
@@ -32,6 +38,8 @@ import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import hf_config
+from jaxlm import lora as lora_lib
+from jaxlm import model as model_lib
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.hf_config import ConvertError
 
@@ -252,24 +260,78 @@ def _locate(run) -> tuple[pathlib.Path, int | None]:
     return checkpoint_lib.split_step(path)
 
 
+def _restore_host(manager, step: int, target: dict) -> dict:
+    """The params of `target`'s layout (NumPy arrays) from one checkpoint step, to host."""
+    restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": target}, restore_args={"params": restore_args},
+        partial_restore=True)))["state"]["params"]
+
+
+def _adapter_target(m: dict, t: dict) -> dict:
+    """Empty NumPy arrays shaped as a LoRA run's adapters (config.model `m`, config.train `t`)."""
+    rank, target = int(t["lora_rank"]), {}
+    for path, _, shape, _, _ in tensor_layout(m):
+        if path[0] == "layers" and path[-1] in t["lora_targets"]:
+            n_in = model_lib.LORA_INPUT_AXES[path[-1]]
+            a, b = model_lib.LORA_SUFFIXES
+            layers = (m["n_layers"],)
+            _set(target, path[:-1] + (path[-1] + a,),
+                 np.empty(layers + shape[:n_in] + (rank,), np.float32))
+            _set(target, path[:-1] + (path[-1] + b,),
+                 np.empty(layers + (rank,) + shape[n_in:], np.float32))
+    return target
+
+
 def read_run(run) -> tuple[dict, dict, int]:
-    """(the params as NumPy arrays, the checkpoint's JSON record, its step) of a jaxlm run."""
+    """(the params as NumPy arrays, the checkpoint's JSON record, its step) of a jaxlm run;
+    of a LoRA run, its base model's params with the adapters merged in."""
     manager, step = checkpoint_lib.open_read_only(*_locate(run))
     if step is None:
         raise ConvertError(f"--from_run={str(run)!r}: no checkpoint there; give a run directory, "
                            "its checkpoints/ or one step inside it")
     meta = checkpoint_lib.read_meta(manager, step)
     m = _model_fields(meta["config"]["model"])
+    base = meta.get("lora_base")
+    if base:
+        t = meta["config"]["train"]
+        adapters = _restore_host(manager, step, _adapter_target(m, t))
+        manager.close()
+        base_step = pathlib.Path(base["path"]) / str(base["step"])
+        if not (base_step / "state").is_dir():
+            raise ConvertError(f"{str(run)!r} is a LoRA run whose adapters were trained beside "
+                               f"the base checkpoint {base_step}, which is not there; put it back")
+        params = lora_lib.merge(lora_lib.join(adapters, read_run(base_step)[0]),
+                                int(t["lora_rank"]), float(t["lora_alpha"]))
+        return params, meta, step
     target: dict = {}
     for path, _, shape, _, _ in tensor_layout(m):
         stacked = (m["n_layers"],) if path[0] == "layers" else ()
         _set(target, path, np.empty(stacked + shape, m["param_dtype"]))
-    restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args={"params": restore_args},
-        partial_restore=True)))["state"]
+    params = _restore_host(manager, step, target)
     manager.close()
-    return state["params"], meta, step
+    return params, meta, step
+
+
+def merge_lora(run, out_run) -> pathlib.Path:
+    """Write a LoRA run's adapters merged into its base as a plain run; return its checkpoints/."""
+    out = pathlib.Path(out_run).absolute()
+    if (out / "checkpoints").exists():
+        raise ConvertError(f"--to={str(out_run)!r} already has checkpoints/; choose a new dir")
+    params, meta, step = read_run(run)
+    if not meta.get("lora_base"):
+        raise ConvertError(f"--merge_lora: {str(run)!r} is not a LoRA run (config.train."
+                           "lora_rank=0: its checkpoint holds whole weights); export it with "
+                           "--to_hf, or train from it with checkpoint.init_from")
+    config = copy.deepcopy(meta["config"])
+    config["train"]["lora_rank"] = 0
+    config["checkpoint"]["init_from"] = ""
+    save_params(out / "checkpoints", params, {
+        "step": 0, "config": config, "jaxlm_version": jaxlm.__version__,
+        "tokenizer": meta.get("tokenizer", ""),
+        "merged_from": {"run": str(_locate(run)[0]), "step": step,
+                        "lora_base": meta["lora_base"]}})
+    return out / "checkpoints"
 
 
 def hf_tensors(params: dict, m: dict, dtype: str):
@@ -346,11 +408,14 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m jaxlm.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from_hf", help="a Hugging Face Llama directory (config.json, safetensors)")
-    p.add_argument("--to", help="with --from_hf: the run directory to create")
+    p.add_argument("--to", help="with --from_hf or --merge_lora: the run directory to create")
     p.add_argument("--param_dtype", choices=sorted(set(DTYPES.values())),
                    help="with --from_hf: the checkpoint's dtype (default: the source's)")
     p.add_argument("--from_run", help="a jaxlm run directory, its checkpoints/ or one step")
     p.add_argument("--to_hf", help="with --from_run: the Hugging Face directory to write")
+    p.add_argument("--merge_lora", action="store_true",
+                   help="with --from_run (a LoRA run) and --to: write its adapters merged into "
+                        "its base as a plain checkpoint")
     p.add_argument("--max_shard_size", default="5GB", help="with --to_hf: e.g. 5GB, 500MB")
     p.add_argument("--dtype", choices=sorted(set(DTYPES.values())),
                    help="with --to_hf: the tensors' dtype (default: the params')")
@@ -359,8 +424,10 @@ def parse_args(argv):
         p.error("give --from_hf=DIR --to=RUN_DIR, or --from_run=RUN_DIR --to_hf=DIR")
     if args.from_hf and not args.to:
         p.error("--from_hf needs --to=RUN_DIR")
-    if args.from_run and not args.to_hf:
-        p.error("--from_run needs --to_hf=DIR")
+    if args.merge_lora and not (args.from_run and args.to and not args.to_hf):
+        p.error("--merge_lora needs --from_run=LORA_RUN --to=RUN_DIR (and no --to_hf)")
+    if args.from_run and not (args.to_hf or args.merge_lora):
+        p.error("--from_run needs --to_hf=DIR, or --merge_lora --to=RUN_DIR")
     return args
 
 
@@ -371,6 +438,11 @@ def main(argv=None) -> None:
             config_path = import_hf(args.from_hf, args.to, args.param_dtype)
             print(f"wrote {pathlib.Path(args.to) / 'checkpoints'} and {config_path}; train with "
                   f"python -m jaxlm.train --config={config_path} --workdir=runs/NAME")
+        elif args.merge_lora:
+            directory = merge_lora(args.from_run, args.to)
+            print(f"wrote {directory}: the LoRA run merged into its base; export with "
+                  f"--from_run={args.to} --to_hf=DIR, or train from it with "
+                  f"checkpoint.init_from={directory}")
         else:
             export_hf(args.from_run, args.to_hf, args.max_shard_size, args.dtype)
     except ConvertError as e:

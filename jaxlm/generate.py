@@ -291,6 +291,10 @@ def load_run(run_dir: str | pathlib.Path, tokenizer: str | None = None, step: in
                             f"(it has {list(manager.all_steps())})")
     meta = checkpoint_lib.read_meta(manager, step)
     manager.close()
+    if meta.get("lora_base"):
+        raise GenerateError(f"{run_dir} is a LoRA run (its checkpoints hold adapters only); "
+                            f"merge it first: python -m jaxlm.convert --from_run={run_dir} "
+                            "--merge_lora --to=NEW_RUN, then --from=NEW_RUN")
     sp, tokenizer_path = _tokenizer(run_dir, meta.get("tokenizer", ""), tokenizer)
 
     config = _config_from_json(meta["config"])

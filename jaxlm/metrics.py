@@ -37,18 +37,28 @@ TPU_CHIP_SPECS = {
 }
 
 
-def flops_per_token(m, head_dim: int, seq_len: int, causal: bool = True) -> float:
+def flops_per_token(m, head_dim: int, seq_len: int, causal: bool = True, lora_rank: int = 0,
+                    lora_targets: tuple = ()) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), DESIGN.md's formula.
 
     6 * (block matmul params) + 6 * d_model * vocab (LM head) + attention scores and
     values: 6 * n_layers * seq_len * d_attn with causal masking (half the square), or
     12 * ... counting the full square as some peers do. Embedding lookups count zero.
+
+    With LoRA (lora_rank > 0) the base weights get no gradient: their matmuls cost 4x their
+    params (forward, and the input's gradient), and each adapted kernel [in, out] adds
+    6 * rank * (in + out) for A [in, rank] and B [rank, out].
     """
     d_attn = m.n_heads * head_dim
-    block_matmuls = m.n_layers * (m.d_model * head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
-                                  + 3 * m.d_model * m.d_ff)
+    d_kv = m.n_kv_heads * head_dim
+    sizes = {"q": (m.d_model, d_attn), "k": (m.d_model, d_kv), "v": (m.d_model, d_kv),
+             "o": (d_attn, m.d_model), "gate": (m.d_model, m.d_ff), "up": (m.d_model, m.d_ff),
+             "down": (m.d_ff, m.d_model)}
+    block_matmuls = m.n_layers * sum(a * b for a, b in sizes.values())
     attention = 6 * m.n_layers * seq_len * d_attn * (1 if causal else 2)
-    return 6 * block_matmuls + 6 * m.d_model * m.vocab_size + attention
+    weights = 4 if lora_rank else 6
+    adapters = 6 * m.n_layers * lora_rank * sum(sum(sizes[t]) for t in lora_targets)
+    return weights * (block_matmuls + m.d_model * m.vocab_size) + attention + adapters
 
 
 # Benchmarks take the best of more matmuls than a training run's quick estimate: single

@@ -82,6 +82,11 @@ class ModelConfig:
     # sets it from its devices, which may be a TPU slice described on a CPU host (jaxlm.aot).
     # It picks platform-tuned forms of the same arithmetic (see `on_tpu`).
     platform: str | None = None
+    # LoRA: rank 0 is off; else each kernel named in lora_targets gets a trained low-rank
+    # update (lora_alpha / lora_rank) * x A B beside it (see `_project`).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple = ()
 
 
 def on_tpu(cfg: ModelConfig) -> bool:
@@ -160,6 +165,38 @@ def _weight(module: nn.Module, name: str, shape: tuple, names: tuple, std: float
     return w.astype(c.dtype)
 
 
+# The kernels LoRA can adapt, and how many leading axes of each the input is contracted with.
+LORA_INPUT_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+LORA_SUFFIXES = ("_lora_a", "_lora_b")
+
+
+def _project(module: nn.Module, name: str, spec: str, x, shape: tuple, names: tuple,
+             std: float):
+    """einsum(spec, x, kernel `name`), plus, where `name` is a LoRA target, its low-rank
+    update (alpha / rank) * (x A) B.
+
+    A [the kernel's input axes, rank] starts random (PEFT's kaiming-uniform bound
+    1/sqrt(fan_in)) and B [rank, its output axes] at zero, so training starts from the base
+    model exactly. Both are float32 whatever the base's dtype; the rank axis is replicated.
+    """
+    c = module.cfg
+    y = jnp.einsum(spec, x, _weight(module, name, shape, names, std, c))
+    if not c.lora_rank or name not in c.lora_targets:
+        return y
+    n_in = LORA_INPUT_AXES[name]
+    fan_in_uniform = nn.initializers.variance_scaling(
+        1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1)
+    a = module.param(name + "_lora_a", nn.with_logical_partitioning(
+        fan_in_uniform, names[:n_in] + ("lora_rank",)), shape[:n_in] + (c.lora_rank,),
+        jnp.float32)
+    b = module.param(name + "_lora_b", nn.with_logical_partitioning(
+        nn.initializers.zeros, ("lora_rank",) + names[n_in:]), (c.lora_rank,) + shape[n_in:],
+        jnp.float32)
+    low = jnp.tensordot(x, a.astype(c.dtype), axes=n_in)  # [b, l, rank]
+    low = nn.with_logical_constraint(low, ("batch", "length", None))
+    return y + (c.lora_alpha / c.lora_rank) * jnp.tensordot(low, b.astype(c.dtype), axes=1)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -171,17 +208,19 @@ class Attention(nn.Module):
         c = self.cfg
         d, h, kv, hd = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         out_std = c.init_std / (2 * c.n_layers) ** 0.5
-        wq = _weight(self, "q", (d, h, hd), ("embed", "heads", "head_dim"), c.init_std, c)
-        wk = _weight(self, "k", (d, kv, hd), ("embed", "kv_heads", "head_dim"), c.init_std, c)
-        wv = _weight(self, "v", (d, kv, hd), ("embed", "kv_heads", "head_dim"), c.init_std, c)
-        wo = _weight(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), out_std, c)
-
-        q = nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x, wq),
-                                       ("batch", "length", "act_heads", None))
-        k = nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x, wk),
-                                       ("batch", "length", "act_kv_heads", None))
-        v = nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x, wv),
-                                       ("batch", "length", "act_kv_heads", None))
+        q = nn.with_logical_constraint(
+            _project(self, "q", "bld,dhk->blhk", x, (d, h, hd), ("embed", "heads", "head_dim"),
+                     c.init_std), ("batch", "length", "act_heads", None))
+        k = nn.with_logical_constraint(
+            _project(self, "k", "bld,dhk->blhk", x, (d, kv, hd),
+                     ("embed", "kv_heads", "head_dim"), c.init_std),
+            ("batch", "length", "act_kv_heads", None))
+        v = nn.with_logical_constraint(
+            _project(self, "v", "bld,dhk->blhk", x, (d, kv, hd),
+                     ("embed", "kv_heads", "head_dim"), c.init_std),
+            ("batch", "length", "act_kv_heads", None))
+        wo = functools.partial(_project, self, "o", "blhk,hkd->bld", shape=(h, hd, d),
+                               names=("heads", "head_dim", "embed"), std=out_std)
         if cache is not None:
             return self._cached(q, k, v, positions, cache, layer, wo)
         tpu = on_tpu(c)
@@ -203,8 +242,7 @@ class Attention(nn.Module):
                 q, k, v, segment_ids, c.attention, splash_block_q=c.splash_block_q,
                 splash_block_kv=c.splash_block_kv, splash_interpret=c.splash_interpret,
                 max_query_blocks=attention_lib.TPU_MAX_QUERY_BLOCKS if tpu else None)
-        out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
-        return jnp.einsum("blhk,hkd->bld", out, wo)
+        return wo(nn.with_logical_constraint(out, ("batch", "length", "act_heads", None)))
 
     def _cached(self, q, k, v, positions, cache, layer, wo):
         """Decoding: rotary angles up to the cache's length, then attention over the cache."""
@@ -217,8 +255,7 @@ class Attention(nn.Module):
                      ("layers", "batch", None, "act_kv_heads", None))
                  for name, new in (("k", k), ("v", v))}
         out = attention_lib.cached_attention(q, cache["k"][layer], cache["v"][layer], positions)
-        out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
-        return jnp.einsum("blhk,hkd->bld", out, wo), cache
+        return wo(nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))), cache
 
 
 class MLP(nn.Module):
@@ -228,13 +265,12 @@ class MLP(nn.Module):
     def __call__(self, x):
         c = self.cfg
         out_std = c.init_std / (2 * c.n_layers) ** 0.5
-        w_gate = _weight(self, "gate", (c.d_model, c.d_ff), ("embed", "mlp"), c.init_std, c)
-        w_up = _weight(self, "up", (c.d_model, c.d_ff), ("embed", "mlp"), c.init_std, c)
-        w_down = _weight(self, "down", (c.d_ff, c.d_model), ("mlp", "embed"), out_std, c)
-        gate = jnp.einsum("bld,df->blf", x, w_gate)
-        up = jnp.einsum("bld,df->blf", x, w_up)
+        up_shape, up_names = (c.d_model, c.d_ff), ("embed", "mlp")
+        gate = _project(self, "gate", "bld,df->blf", x, up_shape, up_names, c.init_std)
+        up = _project(self, "up", "bld,df->blf", x, up_shape, up_names, c.init_std)
         h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return jnp.einsum("blf,fd->bld", h, w_down)
+        return _project(self, "down", "blf,fd->bld", h, (c.d_ff, c.d_model), ("mlp", "embed"),
+                        out_std)
 
 
 class Block(nn.Module):

@@ -35,6 +35,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),  # LoRA adapters: split as their kernel's other axis, rank whole
 )
 
 BATCH_AXES = ("batch", "length")

@@ -3,6 +3,10 @@
 The state is a plain dict {"params", "opt_state"}; its shardings come from the logical
 axis names the model attaches to every parameter (optax's state mirrors the params, so
 it inherits them). Nothing is ever materialised whole on one device or on the host.
+
+With LoRA (train.lora_rank > 0) the params hold the frozen base and the adapters beside it,
+but the step differentiates the adapters only, the optimizer state is theirs alone, and a
+checkpoint holds only them (`StateFactory.trained`): the base comes from init_from.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm import config as config_lib
+from jaxlm import lora as lora_lib
 from jaxlm import loss as loss_lib
 from jaxlm import model as model_lib
 from jaxlm import optim
@@ -51,6 +56,16 @@ def loss_sum_and_count(model, params, batch, loss_chunks: int = 1):
     return total, jnp.sum(mask)
 
 
+def split_trained(model, params) -> tuple[dict, dict]:
+    """(the params training updates, the frozen rest): the LoRA adapters and the base, or all
+    params and nothing."""
+    return lora_lib.split(params) if model.cfg.lora_rank else (params, {})
+
+
+def join_trained(model, trained: dict, frozen: dict) -> dict:
+    return lora_lib.join(trained, frozen) if model.cfg.lora_rank else trained
+
+
 class StateFactory:
     """Builds the abstract state, its shardings, and the real state on the mesh; carries what
     the train and eval steps take from the config (loss_chunks)."""
@@ -68,6 +83,26 @@ class StateFactory:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             nn.unbox(self.boxed), self.shardings)
 
+    @property
+    def lora(self) -> bool:
+        return bool(self.model.cfg.lora_rank)
+
+    def trained(self, state) -> dict:
+        """What training changes, and so what a checkpoint holds: the whole state, or with
+        LoRA {"params": the adapters, "opt_state"} (the frozen base is init_from's)."""
+        if not self.lora:
+            return state
+        return {"params": lora_lib.split(state["params"])[0], "opt_state": state["opt_state"]}
+
+    def frozen_params(self, state) -> dict:
+        """The params training leaves as they are: the LoRA base (empty without LoRA)."""
+        return split_trained(self.model, state["params"])[1]
+
+    def assemble(self, trained, frozen_params) -> dict:
+        """The whole state from `trained(state)` and `frozen_params(state)`."""
+        params = join_trained(self.model, trained["params"], frozen_params)
+        return {**trained, "params": params}
+
     @contextlib.contextmanager
     def context(self):
         """Mesh and logical rules, needed whenever model code is traced."""
@@ -76,13 +111,20 @@ class StateFactory:
 
     def _init_boxed(self, rng):
         params = self.model.init(rng, jnp.zeros(self.batch_shape, jnp.int32))["params"]
-        return {"params": params, "opt_state": self.tx.init(params)}
+        return {"params": params, "opt_state": self.tx.init(split_trained(self.model, params)[0])}
 
     def create(self, rng):
         """A fresh state, each shard initialised on its own device."""
         with self.context():
             return jax.jit(lambda r: nn.unbox(self._init_boxed(r)),
                            out_shardings=self.shardings)(rng)
+
+    def create_trained(self, rng):
+        """`trained` of a fresh state, without initialising the rest (a LoRA base, which
+        comes from init_from, is never built)."""
+        with self.context():
+            return jax.jit(lambda r: self.trained(nn.unbox(self._init_boxed(r))),
+                           out_shardings=self.trained(self.shardings))(rng)
 
     @property
     def batch_sharding(self):
@@ -130,19 +172,25 @@ def make_train_step(factory: StateFactory):
     model, tx, loss_chunks = factory.model, factory.tx, factory.loss_chunks
 
     def train_step(state, batch):
-        def loss_fn(params):
+        # Gradients of the trained params only (with LoRA, the adapters): the frozen base is
+        # a constant of the loss, so no gradient or optimizer state is ever made for it.
+        trained, frozen = split_trained(model, state["params"])
+
+        def loss_fn(trained):
+            params = join_trained(model, trained, frozen)
             total, count = loss_sum_and_count(model, params, batch, loss_chunks)
             return total / jnp.maximum(count, 1.0), count
 
-        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
         grad_norm = _applied_gradient_norm(grads, state["opt_state"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        updates, opt_state = tx.update(grads, state["opt_state"], trained)
         # A non-finite loss or gradient leaves the state as it was; the loop decides
         # (train.nonfinite) whether to stop or go on.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                 {"params": params, "opt_state": opt_state}, state)
+        new_trained, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (optax.apply_updates(trained, updates), opt_state), (trained, state["opt_state"]))
+        new_state = {"params": join_trained(model, new_trained, frozen), "opt_state": opt_state}
         metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": count, "finite": finite}
         return new_state, metrics
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
+from jaxlm import lora as lora_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import optim
 from jaxlm import sharding as sharding_lib
@@ -136,19 +137,56 @@ def _keep_metrics_before(path: pathlib.Path, first_step: int) -> None:
 
 
 def _initial_state(config, factory, checkpoints, console):
-    """(step, data iterator state or None, state): resumed, fine-tuned from init_from, or fresh."""
-    resumed = checkpoints.restore_latest_readable(factory.abstract)
+    """(step, data iterator state or None, state, LoRA base reference or None): resumed,
+    fine-tuned from init_from, or fresh."""
+    lora_lib.check_same_settings(config.train, checkpoints)  # before a mismatch reads as damage
+    resumed = checkpoints.restore_latest_readable(factory.trained(factory.abstract))
     if resumed:
-        step, state, meta = resumed
+        step, trained, meta = resumed
         console.print(f"resumed from {checkpoints.path(step)}")
-        return step, meta["data"], state
-    state = factory.create(jax.random.fold_in(jax.random.key(config.seed), 0))
+        base = meta.get("lora_base")
+        if base:
+            trained = factory.assemble(trained, lora_lib.restore_base(
+                base, factory.frozen_params(factory.abstract), step))
+            console.print(f"LoRA adapters beside the frozen base {base['path']} (step "
+                          f"{base['step']}), as when this run started")
+        return step, meta["data"], trained, base
+    rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+    if factory.lora:
+        frozen, source_step = checkpoint_lib.restore_params(
+            config.checkpoint.init_from, factory.frozen_params(factory.abstract))
+        base = {"path": str(checkpoint_lib.split_step(
+            pathlib.Path(config.checkpoint.init_from).absolute())[0]), "step": source_step}
+        console.print(f"LoRA rank {config.train.lora_rank} on {','.join(config.train.lora_targets)}"
+                      f" beside the frozen base {base['path']} (step {source_step})")
+        return 0, None, factory.assemble(factory.create_trained(rng), frozen), base
+    state = factory.create(rng)
     if config.checkpoint.init_from:
         params, source_step = checkpoint_lib.restore_params(config.checkpoint.init_from,
                                                             factory.abstract["params"])
         state["params"] = params
         console.print(f"initialised params from {config.checkpoint.init_from} (step {source_step})")
-    return 0, None, state
+    return 0, None, state, None
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+
+
+def _memory_per_device(factory) -> str:
+    """What each device holds of the params and the optimizer state (its largest shards)."""
+    def size(tree):
+        return sum(np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+                   for a in jax.tree.leaves(tree))
+
+    abstract = factory.abstract
+    params = f"params {_bytes(size(abstract['params']))}"
+    if factory.lora:
+        params += f" (LoRA adapters {_bytes(size(factory.trained(abstract)['params']))}, the rest frozen)"
+    return f"memory per device: {params}, optimizer state {_bytes(size(abstract['opt_state']))}"
 
 
 def _announce_stage(stages, stage, step, t, console, writer) -> None:
@@ -188,9 +226,14 @@ def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
     checkpoints = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                               keep_every=config.checkpoint.keep_every,
                                               probe=is_main)
-    data = pipeline.build(config, workdir)
+    if t.lora_rank and not config.checkpoint.init_from:
+        raise config_lib.ConfigError(
+            f"config.train.lora_rank={t.lora_rank} needs config.checkpoint.init_from: the base "
+            "model the adapters train beside (a run's checkpoints/, or a model imported with "
+            "python -m jaxlm.convert --from_hf); or set train.lora_rank=0")
     console = _Console(t.steps, 0, enabled=is_main)
-    start, data_state, state = _initial_state(config, factory, checkpoints, console)
+    start, data_state, state, lora_base = _initial_state(config, factory, checkpoints, console)
+    data = pipeline.build(config, workdir)
     # The first step this run logs: 0 afresh (its val_loss), else the one after the checkpoint.
     # Both logs forget what an earlier run logged from there on.
     first_logged = start + 1 if start else 0
@@ -219,14 +262,17 @@ def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
                   f"{jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
                   f"{derived.mesh_shape}; {t.global_batch_size} x {d.seq_len} tokens per step; "
                   f"peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+    console.print(_memory_per_device(factory))
 
     def save(step):
         console.print(f"step {step}/{t.steps} | saving checkpoint {checkpoints.path(step)}")
-        checkpoints.save(step, state, {
+        checkpoints.save(step, factory.trained(state), {
             "step": step, "config": config.to_dict(), "jaxlm_version": jaxlm.__version__,
             "tokenizer": data.tokenizer_path,
             "data": {"iterator": train_batches.get_state(), "fingerprint": data.fingerprint},
-            "rng": {"seed": config.seed}})
+            "rng": {"seed": config.seed},
+            # A LoRA checkpoint holds adapters only: the base they were trained beside.
+            **({"lora_base": lora_base} if lora_base else {})})
 
     last = {}
     if start == 0:  # where validation loss starts, so a run shows what it learned
@@ -246,8 +292,9 @@ def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
                         compiles, untimed_from = True, time.perf_counter()
                     stage = config_lib.stage_at(stages, step)
                     seq_len = stages[stage][1]
-                    flops_per_token = metrics_lib.flops_per_token(config.model, derived.head_dim,
-                                                                  seq_len)
+                    flops_per_token = metrics_lib.flops_per_token(
+                        config.model, derived.head_dim, seq_len, lora_rank=t.lora_rank,
+                        lora_targets=tuple(t.lora_targets))
                     _announce_stage(stages, stage, step, t, console, writer)
                 # One optimizer update: grad_accum_steps finite microbatches. A non-finite
                 # one changes nothing; with nonfinite="skip" another microbatch replaces it.

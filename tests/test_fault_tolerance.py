@@ -38,7 +38,8 @@ def cli(tokenizer_path, workdir, steps, every=2):
 def final_params(workdir, steps, config):
     checkpoints = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", keep=3, probe=False)
     assert checkpoints.latest_step() == steps
-    state, meta = checkpoints.restore(steps, factory_for(config).abstract)
+    factory = factory_for(config)
+    state, meta = checkpoints.restore(steps, factory.trained(factory.abstract))  # LoRA: adapters
     checkpoints.close()
     return jax.device_get(state["params"]), meta
 
