@@ -73,6 +73,7 @@ def main():
     sampling = dict(temperature=args.temperature, top_p=args.top_p)
     params = jax.jit(lambda: nn.unbox(model_lib.Transformer(cfg).init(
         jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))()
+    params, cfg = gen.for_decoding(params, cfg, free=True)  # as load_run gives them
     model, cores, slug = results_table.cpu() if jax.default_backend() == "cpu" else (
         jax.devices()[0].device_kind, 0, jax.devices()[0].device_kind.lower().replace(" ", "-"))
     for batch in [int(b) for b in args.batch.split(",")]:
@@ -108,7 +109,8 @@ def main():
              "new tokens", "first run s (compiles)", "TTFT ms", "decode ms/step",
              "decode tokens/s", "jax", "note"],
             [[row["date"], args.config, f"{n_params / 1e6:.0f}M", row["dtype"], row["device"],
-              batch, sampling_name, args.prompt_len, args.new_tokens, f"{compile_s:.1f}", f"{1e3 * ttft:.0f}",
+              batch, sampling_name, args.prompt_len, args.new_tokens, f"{compile_s:.1f}",
+              f"{1e3 * ttft:.0f}",
               f"{row['decode_ms_per_step_median']:.1f}", f"{tokens_per_s:.1f}",
               jax.__version__, args.note]])
         print(f"batch {batch}: TTFT {1e3 * ttft:.0f} ms, decode {tokens_per_s:.1f} tokens/s "

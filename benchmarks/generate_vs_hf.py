@@ -88,7 +88,8 @@ def run_jaxlm(config, hf_dir: pathlib.Path, batch: int, length: int, new_tokens:
     derived = config_lib.validate(config, 1)
     cfg = config_lib.model_config(config, derived)
     fields = dict(config.model, head_dim=derived.head_dim)
-    params = jax.device_put(convert.read_hf_params(hf_dir, fields, "float32"))
+    params, cfg = gen.for_decoding(
+        jax.device_put(convert.read_hf_params(hf_dir, fields, "float32")), cfg, free=True)
     tokens = prompts(cfg.vocab_size, batch, length).tolist()
     outputs = []
     for _ in range(runs + 1):

@@ -295,7 +295,8 @@ def main(argv):
         raise SystemExit(f"error: --batch_size={f.batch_size} is invalid: at least 1")
     results = {}
     try:
-        run = gen.load_run(f["from"].value, f.tokenizer, f.step, f.tensor, shard_rows=True)
+        run = gen.load_run(f["from"].value, f.tokenizer, f.step, f.tensor, shard_rows=True,
+                           unstack=False)
         print(f"{f['from'].value} step {run.step} on {run.mesh.devices.size} devices "
               f"({dict(run.mesh.shape)}), context {run.max_len}", flush=True)
         if f.data:

@@ -55,11 +55,39 @@ def cache_slots(bucket: int, max_new_tokens: int, max_len: int) -> int:
     return max(bucket, min(needed, max_len))
 
 
-def init_cache(cfg: model_lib.ModelConfig, batch: int, slots: int) -> dict:
-    shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+def init_cache(cfg: model_lib.ModelConfig, batch: int, slots: int) -> dict | list:
+    """Zeros: {"k", "v"} [layers, ...] for a scanned model, else one {"k", "v"} [1, ...] per
+    layer (see ModelConfig.scan_layers)."""
+    layers = cfg.n_layers if cfg.scan_layers else 1
+    shape = (layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
     names = ("layers", "batch", None, "act_kv_heads", None)
-    return {name: nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype), names)
-            for name in ("k", "v")}
+
+    def one():
+        return {name: nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype), names)
+                for name in ("k", "v")}
+    return one() if cfg.scan_layers else [one() for _ in range(cfg.n_layers)]
+
+
+def for_decoding(params: dict, config: model_lib.ModelConfig, free: bool = False):
+    """(params, config) as decoding runs fastest: a module per layer, its weights unstacked
+    from training's [layers, ...] arrays (a scanned layer's weights are sliced out of the
+    stack at every step: a copy of every weight per token, on CPU). With `free`, each stacked
+    array is deleted once split, so the weights are held about once, not twice."""
+    if not config.scan_layers:
+        return params, config
+    params = dict(params)
+    leaves, treedef = jax.tree.flatten(params.pop("layers"))
+    layers = [[] for _ in range(config.n_layers)]
+    for leaf in leaves:
+        pieces = [leaf[n] for n in range(config.n_layers)]
+        for layer, piece in zip(layers, pieces):
+            layer.append(piece)
+        if free and isinstance(leaf, jax.Array):
+            jax.block_until_ready(pieces)
+            leaf.delete()
+    for n, layer in enumerate(layers):
+        params[f"layers_{n}"] = jax.tree.unflatten(treedef, layer)
+    return params, dataclasses.replace(config, scan_layers=False)
 
 
 def sample(logits, key, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
@@ -270,12 +298,14 @@ def _tokenizer(run_dir: pathlib.Path, recorded: str, given: str | None):
 
 
 def load_run(run_dir: str | pathlib.Path, tokenizer: str | None = None, step: int | None = None,
-             tensor: int | None = None, devices=None, shard_rows: bool = False) -> Run:
+             tensor: int | None = None, devices=None, shard_rows: bool = False,
+             unstack: bool = True) -> Run:
     """A training run's newest (or `step`'s) params, restored onto a generation mesh over
     `devices` (default: all): tensor-parallel `tensor` ways (default: as the run trained, if
     that divides the devices) and FSDP over the rest. Weights keep their training layout.
     Rows are split over the FSDP devices with `shard_rows` (scoring many rows, jaxlm.eval),
-    else not (a generation batch is small)."""
+    else not (a generation batch is small). With `unstack` (for generating) the layers'
+    weights are unstacked, see `for_decoding`; without, they stay as training scans them."""
     from jaxlm import checkpoint as checkpoint_lib
     from jaxlm import config as config_lib
     from jaxlm import sharding as sharding_lib
@@ -326,6 +356,8 @@ def load_run(run_dir: str | pathlib.Path, tokenizer: str | None = None, step: in
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             nn.unbox(boxed), shardings)
     params, step = checkpoint_lib.restore_params(directory / str(step), abstract)
+    if unstack:
+        params, cfg = for_decoding(params, cfg, free=True)
     return Run(params, cfg, int(config.data.seq_len), sp, mesh, rules, step, tokenizer_path)
 
 

@@ -78,6 +78,9 @@ class ModelConfig:
     splash_interpret: bool | None = None  # None: interpret unless the default backend is TPU
     context_parallel: str = "all_gather"  # attention over a split sequence: see context_parallel
     scan_unroll: int = 1  # layers per scan iteration (n_layers: no loop at all)
+    # False: one module per layer (params layers_0 .. layers_{n-1}, unstacked), for decoding,
+    # where a scanned layer's weights would be sliced out of the stack, a copy, every step.
+    scan_layers: bool = True
     # The platform compiled for ("cpu", "gpu", "tpu"); None: the default backend. jaxlm.step
     # sets it from its devices, which may be a TPU slice described on a CPU host (jaxlm.aot).
     # It picks platform-tuned forms of the same arithmetic (see `on_tpu`).
@@ -339,7 +342,8 @@ class Transformer(nn.Module):
         [d, vocab] in the compute dtype, for a loss that applies the head itself (jaxlm.loss).
 
         With a KV `cache` {"k", "v"} [layers, b, slots, kv_heads, head_dim] (decoding, see
-        jaxlm.generate; `positions` required, `segment_ids` unused) it returns (that output,
+        jaxlm.generate; `positions` required, `segment_ids` unused; without scan_layers a list
+        of one {"k", "v"} [1, b, slots, kv_heads, head_dim] per layer) it returns (that output,
         the updated cache)."""
         c = self.cfg
         if cache is not None and (positions is None or context_parallel.sequence_shards() > 1):
@@ -363,18 +367,27 @@ class Transformer(nn.Module):
         if c.remat != "none":
             # With no loop between forward and backward (unrolled layers; a 1-layer scan, which
             # XLA removes) XLA would merge the recomputation with the forward and undo remat.
-            unrolled = c.scan_unroll > 1 or c.n_layers == 1
+            unrolled = c.scan_unroll > 1 or c.n_layers == 1 or not c.scan_layers
             block = nn.remat(Block, prevent_cse=unrolled, policy=REMAT_POLICIES[c.remat])
-        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast, 0), length=c.n_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"}, unroll=c.scan_unroll)
-        if cache is None:
-            x, _ = layers(c, name="layers")(x, positions, segment_ids, None)
+        if not c.scan_layers:
+            cache = None if cache is None else list(cache)
+            for i in range(c.n_layers):
+                if cache is None:
+                    x, _ = block(c, name=f"layers_{i}")(x, positions, segment_ids)
+                else:
+                    (x, cache[i]), _ = block(c, name=f"layers_{i}")(
+                        (x, cache[i]), positions, segment_ids, 0)
         else:
-            # The cache rides in the carry and each layer writes its slice in place; as a
-            # scanned input and output it would be copied whole at every decode step.
-            (x, cache), _ = layers(c, name="layers")((x, cache), positions, segment_ids,
-                                                     jnp.arange(c.n_layers))
+            layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(nn.broadcast, nn.broadcast, 0), length=c.n_layers,
+                             metadata_params={nn.PARTITION_NAME: "layers"},
+                             unroll=c.scan_unroll)(c, name="layers")
+            if cache is None:
+                x, _ = layers(x, positions, segment_ids, None)
+            else:
+                # The cache rides in the carry and each layer writes its slice in place; as a
+                # scanned input and output it would be copied whole at every decode step.
+                (x, cache), _ = layers((x, cache), positions, segment_ids, jnp.arange(c.n_layers))
         x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x)
         if shards > 1:
             x = nn.with_logical_constraint(context_parallel.restore(x, shards),

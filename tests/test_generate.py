@@ -32,9 +32,14 @@ def full_logits(params, tokens):
                                                        jnp.asarray([tokens], jnp.int32))[0])
 
 
-def test_cached_greedy_is_argmax_of_the_full_forward_at_every_step(params):
+@pytest.mark.parametrize("unstacked", [False, True], ids=["scanned", "unstacked"])
+def test_cached_greedy_is_argmax_of_the_full_forward_at_every_step(params, unstacked):
+    """Decoding with the layers scanned (cache in the carry) and with one module per layer
+    (gen.for_decoding, as load_run gives) against training's scanned full forward."""
+    decode_params, cfg = gen.for_decoding(params, CFG) if unstacked else (params, CFG)
+    assert cfg.scan_layers != unstacked and ("layers_1" in decode_params) == unstacked
     prompt = prompts([5])[0]
-    out = gen.generate(params, CFG, [prompt], max_len=MAX_LEN, max_new_tokens=20,
+    out = gen.generate(decode_params, cfg, [prompt], max_len=MAX_LEN, max_new_tokens=20,
                        temperature=0.0)[0]
     assert len(out) == 20
     logits = full_logits(params, prompt + out[:-1])
@@ -160,7 +165,9 @@ def run_dir(small_run):
 def test_a_run_generates_on_its_mesh_as_the_full_forward_says(run_dir):
     run = gen.load_run(run_dir)
     assert run.max_len == 64 and run.step == 2 and dict(run.mesh.shape)["tensor"] == 2
-    assert run.params["layers"]["mlp"]["up"].sharding.spec[1:] == (("fsdp", "sequence"), "tensor")
+    assert not run.config.scan_layers  # unstacked for decoding, training's layout kept
+    up = run.params["layers_1"]["mlp"]["up"]  # [d, ff]: FSDP 4 ways, tensor 2 ways
+    assert up.sharding.shard_shape(up.shape) == (up.shape[0] // 4, up.shape[1] // 2)
     sp = run.tokenizer
     tokens = [sp.bos_id()] + sp.encode("def main(")
     out = gen.generate(run.params, run.config, [tokens], max_new_tokens=6, temperature=0.0,
