@@ -9,6 +9,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Dense bf16 peak FLOP/s per device, from vendor spec sheets (DESIGN.md). Matched by
 # substring against jax.Device.device_kind, most specific first.
@@ -106,6 +107,40 @@ def throughput(step_seconds: list[float], tokens_per_step: int, flops_causal: fl
     }
 
 
+# Fields of a metrics row that time the run: they differ between any two runs. Every other
+# field (loss, lr, grad_norm, skipped_microbatches, val_loss, seq_len, rows_per_step) is a
+# function of the config and the data alone, the same bit for bit in a resumed run.
+WALL_CLOCK_FIELDS = ("tokens_per_second", "mfu")
+
+
+class LogWindow:
+    """What a logged row sums over: the finite microbatch losses since the last row, and the
+    non-finite microbatches skipped so far (and in a row). Saved with each checkpoint, so a
+    run resumed between two rows logs the row the unbroken run logs, whatever log_every is.
+    Losses are kept as Python floats (exact in JSON) and averaged in float64."""
+
+    def __init__(self, state: dict | None = None):
+        state = state or {}
+        self.losses = [float(x) for x in state.get("losses", ())]
+        self.skipped_total = int(state.get("skipped_total", 0))
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+
+    def add(self, loss) -> None:
+        if np.isfinite(loss):
+            self.losses.append(float(loss))
+
+    def mean_loss(self) -> float:
+        return float(np.mean(np.asarray(self.losses, np.float64))) if self.losses else float("nan")
+
+    def reset(self) -> None:
+        """A row was logged: the next one averages the losses from here on."""
+        self.losses = []
+
+    def state(self) -> dict:
+        return {"losses": list(self.losses), "skipped_total": self.skipped_total,
+                "skipped_in_a_row": self.skipped_in_a_row}
+
+
 class Writer:
     """Scalars to `metrics.jsonl` and TensorBoard event files in the workdir (process 0).
 
@@ -137,6 +172,13 @@ class Writer:
         for name, value in row.items():
             if name != "step":
                 self._tb.add_scalar(name, value, int(step))
+
+    def flush(self) -> None:
+        """Put every row written so far into the files: called as a checkpoint is saved, so
+        a run killed after it loses no row at or before the checkpoint's step."""
+        if self.enabled:
+            self._jsonl.flush()
+            self._tb.flush()
 
     def close(self) -> None:
         if self.enabled:

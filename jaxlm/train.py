@@ -69,24 +69,25 @@ class _Console:
 
 class _NonFinitePolicy:
     """train.nonfinite: stop at a non-finite microbatch ("raise"), or count and go on ("skip")
-    until train.max_skips_in_a_row in a row. The step never applies such an update."""
+    until train.max_skips_in_a_row in a row. The step never applies such an update. The
+    counts live in the checkpointed log window, so a resumed run counts on from them."""
 
-    def __init__(self, t, console):
-        self.t, self.console = t, console
-        self.in_a_row = self.skipped_total = 0
+    def __init__(self, t, console, window: metrics_lib.LogWindow):
+        self.t, self.console, self.window = t, console, window
 
     def applied(self, result: dict, step: int) -> bool:
+        w = self.window
         if result["finite"]:
-            self.in_a_row = 0
+            w.skipped_in_a_row = 0
             return True
-        self.in_a_row, self.skipped_total = self.in_a_row + 1, self.skipped_total + 1
+        w.skipped_in_a_row, w.skipped_total = w.skipped_in_a_row + 1, w.skipped_total + 1
         what = f"non-finite loss {result['loss']} / grad_norm {result['grad_norm']} at step {step}"
         if self.t.nonfinite == "raise":
             raise NonFiniteError(f"{what}; the update was not applied and nothing was saved "
                                  "(train.nonfinite='raise')")
         self.console.print(f"step {step}/{self.t.steps} | {what}: update skipped")
-        if self.in_a_row >= self.t.max_skips_in_a_row:
-            raise NonFiniteError(f"{what}: {self.in_a_row} non-finite microbatches in a row "
+        if w.skipped_in_a_row >= self.t.max_skips_in_a_row:
+            raise NonFiniteError(f"{what}: {w.skipped_in_a_row} non-finite microbatches in a row "
                                  f"(train.max_skips_in_a_row={self.t.max_skips_in_a_row}); stopping")
         return False
 
@@ -136,19 +137,19 @@ def _keep_metrics_before(path: pathlib.Path, first_step: int) -> None:
 
 
 def _initial_state(config, factory, checkpoints, console):
-    """(step, data iterator state or None, state): resumed, fine-tuned from init_from, or fresh."""
+    """(step, checkpoint record or {}, state): resumed, fine-tuned from init_from, or fresh."""
     resumed = checkpoints.restore_latest_readable(factory.abstract)
     if resumed:
         step, state, meta = resumed
         console.print(f"resumed from {checkpoints.path(step)}")
-        return step, meta["data"], state
+        return step, meta, state
     state = factory.create(jax.random.fold_in(jax.random.key(config.seed), 0))
     if config.checkpoint.init_from:
         params, source_step = checkpoint_lib.restore_params(config.checkpoint.init_from,
                                                             factory.abstract["params"])
         state["params"] = params
         console.print(f"initialised params from {config.checkpoint.init_from} (step {source_step})")
-    return 0, None, state
+    return 0, {}, state
 
 
 def _announce_stage(stages, stage, step, t, console, writer) -> None:
@@ -190,7 +191,10 @@ def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
                                               probe=is_main)
     data = pipeline.build(config, workdir)
     console = _Console(t.steps, 0, enabled=is_main)
-    start, data_state, state = _initial_state(config, factory, checkpoints, console)
+    start, resumed_meta, state = _initial_state(config, factory, checkpoints, console)
+    data_state = resumed_meta.get("data")
+    # Checkpoints written before the log window was saved resume with an empty one.
+    window = metrics_lib.LogWindow(resumed_meta.get("log_window"))
     # The first step this run logs: 0 afresh (its val_loss), else the one after the checkpoint.
     # Both logs forget what an earlier run logged from there on.
     first_logged = start + 1 if start else 0
@@ -222,20 +226,21 @@ def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
 
     def save(step):
         console.print(f"step {step}/{t.steps} | saving checkpoint {checkpoints.path(step)}")
+        writer.flush()  # the rows up to `step` are on disk before the checkpoint can be
         checkpoints.save(step, state, {
             "step": step, "config": config.to_dict(), "jaxlm_version": jaxlm.__version__,
             "tokenizer": data.tokenizer_path,
             "data": {"iterator": train_batches.get_state(), "fingerprint": data.fingerprint},
-            "rng": {"seed": config.seed}})
+            "rng": {"seed": config.seed}, "log_window": window.state()})
 
     last = {}
     if start == 0:  # where validation loss starts, so a run shows what it learned
         writer.write(0, {"val_loss": evaluate(eval_step, state["params"], eval_batches, batch_sharding)})
     # Throughput is timed from the end of this process's first step (which compiles); the
     # first step of each later stage compiles too, and its time is left out.
-    timer_start, timed_tokens, timed_flops, losses = None, 0, 0.0, []
+    timer_start, timed_tokens, timed_flops = None, 0, 0.0
     stage = None
-    nonfinite = _NonFinitePolicy(t, console)
+    nonfinite = _NonFinitePolicy(t, console, window)
     try:
         with factory.context():
             for step in range(start + 1, t.steps + 1):
@@ -261,7 +266,7 @@ def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
                         calls += 1
                         results.append(metrics)
                     for result in jax.device_get(results):
-                        losses.append(result["loss"])
+                        window.add(result["loss"])
                         if nonfinite.applied(result, step):
                             applied, grad_norm = applied + 1, float(result["grad_norm"])
                 if compiles:
@@ -275,15 +280,14 @@ def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
                     timed_flops += flops_per_token * tokens_per_microbatch * calls
 
                 if step % t.log_every == 0 or step == t.steps:
-                    finite_losses = [x for x in losses if np.isfinite(x)]
-                    last = {"loss": float(np.mean(finite_losses)) if finite_losses else float("nan"),
+                    last = {"loss": window.mean_loss(),
                             "lr": float(schedule(step - 1)),
                             "grad_norm": grad_norm}
                     line = (f"step {step}/{t.steps} | loss {last['loss']:.4f} | lr {last['lr']:.2e}"
                             f" | grad_norm {last['grad_norm']:.3f}")
-                    if nonfinite.skipped_total:
-                        last["skipped_microbatches"] = nonfinite.skipped_total
-                        line += f" | skipped {nonfinite.skipped_total}"
+                    if window.skipped_total:
+                        last["skipped_microbatches"] = window.skipped_total
+                        line += f" | skipped {window.skipped_total}"
                     if timed_tokens:
                         last["tokens_per_second"] = timed_tokens / (time.perf_counter() - timer_start)
                         last["mfu"] = metrics_lib.mfu(timed_flops / timed_tokens,
@@ -292,7 +296,8 @@ def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
                                  f" | MFU {100 * last['mfu']:.1f}%")
                     writer.write(step, last)
                     console.print(line)
-                    timer_start, timed_tokens, timed_flops, losses = time.perf_counter(), 0, 0.0, []
+                    window.reset()
+                    timer_start, timed_tokens, timed_flops = time.perf_counter(), 0, 0.0
 
                 if step % t.eval_every == 0 or step == t.steps:
                     eval_start = time.perf_counter()
