@@ -330,6 +330,37 @@ def test_unwritable_workdir_fails_at_start(tmp_path, tokenizer_path):
 
 
 @pytest.fixture
+def read_only_mount(tmp_path):
+    """A read-only file system: refuses writes even to root, as CI runs (chmod would not)."""
+    mount = tmp_path / "read-only"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("where", ["a_file", "read_only"])
+def test_workdir_that_cannot_be_one_is_one_line_not_a_traceback(where, tmp_path, repo,
+                                                                 tokenizer_path, request):
+    if where == "a_file":
+        workdir = tmp_path / "notes.txt"
+        workdir.write_text("not a run directory")
+        words = [f"--workdir={workdir} is a file, not a directory", "give a new directory"]
+    else:
+        workdir = request.getfixturevalue("read_only_mount") / "run"
+        words = [f"--workdir={workdir} cannot be created (Read-only file system)",
+                 "choose a directory you can write to"]
+    result = subprocess.run(cli(tokenizer_path, workdir, 2), capture_output=True, text=True,
+                            timeout=300, cwd=repo)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --workdir="), result.stderr[-2000:]
+    for word in words:
+        assert word in last, last
+
+
+@pytest.fixture
 def small_disk(tmp_path):
     mount = tmp_path / "disk"
     mount.mkdir()
