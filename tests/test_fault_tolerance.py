@@ -1,5 +1,6 @@
 """Kill jaxlm at any moment and lose nothing: exact resume, preemption, bad checkpoints, NaNs."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -329,14 +330,22 @@ def test_unwritable_workdir_fails_at_start(tmp_path, tokenizer_path):
         train_lib.train(tiny_config(tokenizer_path, 2), tmp_path)
 
 
+@contextlib.contextmanager
+def tmpfs(mount: pathlib.Path, options: str):
+    """A tmpfs mounted at `mount` (tests run as root) with mount `options`, for the block."""
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
 @pytest.fixture
 def read_only_mount(tmp_path):
     """A read-only file system: refuses writes even to root, as CI runs (chmod would not)."""
-    mount = tmp_path / "read-only"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+    with tmpfs(tmp_path / "read-only", "ro,size=1m") as mount:
+        yield mount
 
 
 @pytest.mark.parametrize("where", ["a_file", "read_only"])
@@ -362,11 +371,8 @@ def test_workdir_that_cannot_be_one_is_one_line_not_a_traceback(where, tmp_path,
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+    with tmpfs(tmp_path / "disk", "size=160m") as mount:
+        yield mount
 
 
 def test_disk_full_at_save_keeps_last_good_checkpoint(small_disk, tokenizer_path):
