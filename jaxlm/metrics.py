@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+
+from jaxlm import files
 
 # Dense bf16 peak FLOP/s per device, from vendor spec sheets (DESIGN.md). Matched by
 # substring against jax.Device.device_kind, most specific first.
@@ -148,27 +151,32 @@ class Writer:
     TensorBoard hides what earlier files logged from that step on: the steps a killed run
     logged after its last checkpoint are not shown twice (`metrics.jsonl` is trimmed by
     the train loop instead).
+
+    metrics.jsonl goes through etils.epath (`jaxlm.files`), so a gs:// workdir takes it;
+    tensorboardX writes gs:// event files through its own Google Cloud Storage client
+    (`pip install google-cloud-storage`), uploading the whole file at each flush.
     """
 
     FILENAME = "metrics.jsonl"
 
-    def __init__(self, workdir: str | pathlib.Path, enabled: bool = True,
+    def __init__(self, workdir: epath.PathLike, enabled: bool = True,
                  first_step: int | None = None):
         self.enabled = enabled
-        self.path = pathlib.Path(workdir) / self.FILENAME
+        workdir = files.path(workdir)
+        self.path = workdir / self.FILENAME
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter  # heavy import, only where used
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.path, "a", buffering=1)
-            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
-                                     purge_step=first_step)
+            self._jsonl = self.path.open("a")
+            self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"), purge_step=first_step)
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()  # a row at a time, as `tail -f` and a kill would want
         for name, value in row.items():
             if name != "step":
                 self._tb.add_scalar(name, value, int(step))

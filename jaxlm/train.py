@@ -10,7 +10,7 @@ checkpoint at the next step boundary and exits with PREEMPTED_EXIT_CODE.
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 import signal
 import sys
 import time
@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -25,6 +26,7 @@ from tqdm import tqdm
 import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
+from jaxlm import files
 from jaxlm import metrics as metrics_lib
 from jaxlm import optim
 from jaxlm import sharding as sharding_lib
@@ -122,7 +124,7 @@ def evaluate(eval_step, params, eval_data, batch_sharding) -> float:
     return loss_sum / max(count, 1.0)
 
 
-def _keep_metrics_before(path: pathlib.Path, first_step: int) -> None:
+def _keep_metrics_before(path: epath.Path, first_step: int) -> None:
     """Drop the rows at or after `first_step`, which this run logs again (a killed run's rows
     past its checkpoint; all of them when starting afresh), and any line torn by the kill."""
     if not path.exists():
@@ -135,9 +137,7 @@ def _keep_metrics_before(path: pathlib.Path, first_step: int) -> None:
             continue
         if row.get("step", 0) < first_step:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    files.write_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def _make_workdir(workdir) -> None:
@@ -183,20 +183,21 @@ def _announce_stage(stages, stage, step, t, console, writer) -> None:
         writer.write(step, {"seq_len": seq_len, "rows_per_step": rows})
 
 
-def train(config, workdir: str | pathlib.Path) -> dict:
-    """Run (or resume) training as `config` says; return the last logged metrics.
+def train(config, workdir: epath.PathLike) -> dict:
+    """Run (or resume) training as `config` says, in `workdir` (a local path or gs://...);
+    return the last logged metrics.
 
     SIGTERM is caught from the start: one that comes while the run loads, restores or
     compiles (a cluster's early warning, SLURM's --signal=TERM@N) saves after the first step.
     """
     sigterm = _SigtermFlag()
     try:
-        return _train(config, pathlib.Path(workdir), sigterm)
+        return _train(config, files.path(workdir), sigterm)
     finally:
         sigterm.restore()
 
 
-def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
+def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
     factory, derived = step_lib.build(config)  # validates the config first
     t, d = config.train, config.data
     is_main = jax.process_index() == 0
@@ -347,7 +348,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     sharding_lib.maybe_initialize_distributed()
     config = _CONFIG.value
-    workdir = _WORKDIR.value or str(pathlib.Path("runs") / pathlib.Path(flags.FLAGS["config"].config_filename).stem)
+    config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
+        flags.FLAGS["config"]).split(":", 1)[0]))[0]
+    workdir = _WORKDIR.value or os.path.join("runs", config_name)
     try:
         train(config, workdir)
     except config_lib.ConfigError as e:

@@ -150,3 +150,20 @@ def test_resumed_run_hides_the_tensorboard_steps_it_repeats(tmp_path):
         resumed.write(step, {"loss": 1.0 / step})
     resumed.close()
     assert [s for _, s, _ in tensorboard_view(tmp_path / "tensorboard")] == list(range(1, 9))
+
+
+def test_run_paths_keep_uris_and_make_local_ones_absolute(tmp_path, monkeypatch):
+    """jaxlm.files: gs:// stays a URI (pathlib would fold it to gs:/...); a relative local
+    path is resolved once, so what a run prints can be pasted from anywhere."""
+    from jaxlm import files
+
+    assert str(files.path("gs://bucket/runs/7b") / "checkpoints") == "gs://bucket/runs/7b/checkpoints"
+    assert not files.is_local("gs://bucket/runs/7b")
+    monkeypatch.chdir(tmp_path)
+    assert str(files.path("runs/x")) == str(tmp_path / "runs" / "x")
+    target = files.path("out/metrics.jsonl")
+    target.parent.mkdir(parents=True)
+    files.write_atomically(target, "a\n")
+    files.write_atomically(target, b"b\n")
+    assert target.read_text() == "b\n" and sorted(p.name for p in target.parent.iterdir()) == [
+        "metrics.jsonl"]

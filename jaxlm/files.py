@@ -1,0 +1,46 @@
+"""Paths on a local disk or on cloud storage (`gs://bucket/...`), one way for both.
+
+jaxlm reads and writes its files (checkpoints, metrics, tokenizer, config dumps) through
+`etils.epath`, the layer orbax itself uses: a `gs://` workdir works as a local one does,
+through tf.io.gfile when TensorFlow is installed, else fsspec (gcsfs). Local paths are made
+absolute, so what a run prints can be pasted from any directory; URIs are kept as given.
+"""
+
+from __future__ import annotations
+
+import os
+
+from etils import epath
+
+
+def is_local(path: epath.PathLike) -> bool:
+    return "://" not in os.fspath(path)
+
+
+def path(value: epath.PathLike) -> epath.Path:
+    """An epath.Path for `value`, absolute when local."""
+    p = epath.Path(value)
+    return p.expanduser().absolute() if is_local(p) else p
+
+
+def write_durably(target: epath.Path, data: bytes) -> None:
+    """Write `data` to `target` and, on a local disk, fsync it: a full disk shows here
+    (delayed allocation can hide it until then), not at some later save."""
+    if is_local(target):
+        with open(os.fspath(target), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        target.write_bytes(data)
+
+
+def write_atomically(target: epath.Path, data: str | bytes) -> None:
+    """Write then rename, so a reader never sees half a file (a copy then a delete on
+    object stores, where a rename is not atomic but the copy only appears whole)."""
+    tmp = target.with_name(target.name + ".tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    tmp.replace(target)
