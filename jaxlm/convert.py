@@ -221,7 +221,7 @@ def import_hf(hf_dir, run_dir, param_dtype: str | None = None) -> epath.Path:
     dtype = param_dtype or _source_dtype(_weight_files(hf_dir))
     if (run_dir / "checkpoints").exists():
         raise ConvertError(f"--to={str(run_dir)!r} already has checkpoints/; choose a new dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    files.make_dir(run_dir, "--to")
     tokenizer = _copy_tokenizer(hf_dir, run_dir)
     if tokenizer:
         tokenizer_lib.load(tokenizer, "the tokenizer")  # fails now, not at training
@@ -320,11 +320,10 @@ def export_hf(run, out_dir, max_shard_size: str | int = "5GB", dtype: str | None
     directory (local: safetensors writes local files)."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
+    out = pathlib.Path(files.make_dir(out_dir, "--to_hf"))  # before the long read
     params, meta, step = read_run(run)
     m = _model_fields(meta["config"]["model"])
     dtype = dtype or m["param_dtype"]
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {name: (size, make) for name, _, size, make in hf_tensors(params, m, dtype)}
     split = split_state_dict_into_shards_factory(
         tensors, get_storage_size=lambda t: t[0],
@@ -377,7 +376,7 @@ def main(argv=None) -> None:
                   f"python -m jaxlm.train --config={config_path} --workdir=runs/NAME")
         else:
             export_hf(args.from_run, args.to_hf, args.max_shard_size, args.dtype)
-    except ConvertError as e:
+    except (ConvertError, files.PathError) as e:
         sys.exit(f"convert error: {e}")
 
 

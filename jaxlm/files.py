@@ -23,6 +23,25 @@ def path(value: epath.PathLike) -> epath.Path:
     return p.expanduser().absolute() if is_local(p) else p
 
 
+class PathError(ValueError):
+    """A path given on the command line cannot be used; the message names the flag and the fix."""
+
+
+def make_dir(value: epath.PathLike, flag: str) -> epath.Path:
+    """Create the directory `value` (given as `flag`), or say in one line why it cannot be one:
+    a file in the way, or a place that cannot be written (a read-only mount)."""
+    directory = path(value)
+    if directory.exists() and not directory.is_dir():
+        raise PathError(f"{flag}={directory} is a file, not a directory; give a new "
+                        "directory, or an earlier one to reuse it")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PathError(f"{flag}={directory} cannot be created ({e.strerror or e}); choose a "
+                        "directory you can write to") from e
+    return directory
+
+
 def write_durably(target: epath.Path, data: bytes) -> None:
     """Write `data` to `target` and, on a local disk, fsync it: a full disk shows here
     (delayed allocation can hide it until then), not at some later save."""

@@ -335,11 +335,7 @@ def _output_file(value: str) -> epath.Path:
     if out.is_dir():
         raise GenerateError(f"--output={value} is a directory; give a file name, e.g. "
                             f"--output={out / 'completions.jsonl'}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise GenerateError(f"--output={value}: cannot create {out.parent} ({e.strerror or e}); "
-                            "choose a directory you can write to") from e
+    files.make_dir(out.parent, "--output's directory")
     return out
 
 
@@ -440,7 +436,7 @@ def main(argv):
         run = load_run(f["from"].value, f.tokenizer, f.step, f.tensor)
         printer = None if f.output else functools.partial(_Printer, run.tokenizer)
         results = run_prompts(run, prompts, f.batch_size, printer, **sampling)
-    except (GenerateError, FileNotFoundError) as e:
+    except (GenerateError, files.PathError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     if output:
         output.write_text("".join(json.dumps(row) + "\n" for row in results))

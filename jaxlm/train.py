@@ -43,10 +43,6 @@ class NonFiniteError(FloatingPointError):
     """Training produced a non-finite loss or gradient; nothing bad was applied or saved."""
 
 
-class WorkdirError(RuntimeError):
-    """The run directory cannot be created; the message names it and what to do."""
-
-
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint of `step` was saved."""
 
@@ -140,18 +136,6 @@ def _keep_metrics_before(path: epath.Path, first_step: int) -> None:
     files.write_atomically(path, "".join(line + "\n" for line in kept))
 
 
-def _make_workdir(workdir) -> None:
-    """Create the run directory (process 0), or say in one line why it cannot be one."""
-    if workdir.exists() and not workdir.is_dir():
-        raise WorkdirError(f"--workdir={workdir} is a file, not a directory; give a new "
-                           "directory, or an earlier run's to resume it")
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise WorkdirError(f"--workdir={workdir} cannot be created ({e.strerror or e}); "
-                           "choose a directory you can write to") from e
-
-
 def _initial_state(config, factory, checkpoints, console):
     """(step, checkpoint record or {}, state): resumed, fine-tuned from init_from, or fresh."""
     resumed = checkpoints.restore_latest_readable(factory.abstract)
@@ -202,7 +186,7 @@ def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
     t, d = config.train, config.data
     is_main = jax.process_index() == 0
     if is_main:
-        _make_workdir(workdir)
+        files.make_dir(workdir, "--workdir")
     checkpoints = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                               keep_every=config.checkpoint.keep_every,
                                               probe=is_main)
@@ -355,7 +339,7 @@ def main(argv):
         train(config, workdir)
     except config_lib.ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (checkpoint_lib.CheckpointError, NonFiniteError, WorkdirError) as e:
+    except (checkpoint_lib.CheckpointError, NonFiniteError, files.PathError) as e:
         sys.exit(f"error: {e}")
     except Preempted as e:
         print(f"{e}; start the same command again to resume", flush=True)
