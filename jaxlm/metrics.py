@@ -164,12 +164,20 @@ class Writer:
         self.enabled = enabled
         workdir = files.path(workdir)
         self.path = workdir / self.FILENAME
-        self._tb = None
+        self._tb, self._tb_dir, self._tb_files = None, os.fspath(workdir / "tensorboard"), 0
         if enabled:
-            from tensorboardX import SummaryWriter  # heavy import, only where used
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._jsonl = self.path.open("a")
-            self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"), purge_step=first_step)
+            self._open_tensorboard(purge_step=first_step)
+
+    def _open_tensorboard(self, purge_step: int | None) -> None:
+        """A new event file; its numbered suffix keeps this process's files in name order
+        (the order TensorBoard reads them in) when two open within one second."""
+        from tensorboardX import SummaryWriter  # heavy import, only where used
+
+        self._tb_files += 1
+        self._tb = SummaryWriter(self._tb_dir, purge_step=purge_step,
+                                 filename_suffix=f".{os.getpid()}.{self._tb_files:06d}")
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -183,10 +191,16 @@ class Writer:
 
     def flush(self) -> None:
         """Put every row written so far into the files: called as a checkpoint is saved, so
-        a run killed after it loses no row at or before the checkpoint's step."""
+        a run killed after it loses no row at or before the checkpoint's step.
+
+        tensorboardX's flush() writes only what its background thread has already taken
+        off its queue; close() drains the queue. So the event file is closed and the next
+        rows go to a new one: one event file per checkpoint, which TensorBoard reads as one.
+        """
         if self.enabled:
             self._jsonl.flush()
-            self._tb.flush()
+            self._tb.close()
+            self._open_tensorboard(purge_step=None)
 
     def close(self) -> None:
         if self.enabled:

@@ -94,14 +94,14 @@ def assert_attention_matches_reference(out, grads, q, k, v, segments, weights, t
 def tensorboard_view(directory):
     """What TensorBoard shows of `directory`'s event files: (tag, step, value) in order.
 
-    Files are read oldest first; a SessionLog START at step s (a writer's purge_step) hides
+    Files are read in name order, as TensorBoard does; a SessionLog START at step s (a writer's purge_step) hides
     the events earlier files logged at steps >= s, as TensorBoard does. A record cut short
     (a process killed while writing it) ends its file, as it does for TensorBoard.
     """
     from tensorboardX.proto import event_pb2
 
     files = []
-    for path in directory.glob("events.out.tfevents.*"):
+    for path in sorted(directory.glob("events.out.tfevents.*")):
         data, at, events = path.read_bytes(), 0, []
         while at + 12 <= len(data):
             (length,) = struct.unpack("<Q", data[at:at + 8])
@@ -114,7 +114,7 @@ def tensorboard_view(directory):
         if events:
             files.append(events)
     shown = []
-    for events in sorted(files, key=lambda events: events[0].wall_time):
+    for events in files:
         for event in events:
             if event.HasField("session_log") and event.session_log.status == event.session_log.START:
                 shown = [(tag, step, value) for tag, step, value in shown if step < event.step]
