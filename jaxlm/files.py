@@ -42,6 +42,17 @@ def make_dir(value: epath.PathLike, flag: str) -> epath.Path:
     return directory
 
 
+def output_file(value: epath.PathLike, flag: str) -> epath.Path:
+    """The file `flag` names, checked before the work whose result it takes: not a directory,
+    and its directory created."""
+    out = path(value)
+    if out.is_dir():
+        raise PathError(f"{flag}={value} is a directory; give a file name, e.g. "
+                        f"{flag}={out / 'results.jsonl'}")
+    make_dir(out.parent, f"{flag}'s directory")
+    return out
+
+
 def write_durably(target: epath.Path, data: bytes) -> None:
     """Write `data` to `target` and, on a local disk, fsync it: a full disk shows here
     (delayed allocation can hide it until then), not at some later save."""

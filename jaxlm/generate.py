@@ -329,16 +329,6 @@ def load_run(run_dir: epath.PathLike, tokenizer: str | None = None, step: int | 
 # ---------------------------------------------------------------- command line
 
 
-def _output_file(value: str) -> epath.Path:
-    """--output as a path whose directory exists, checked before anything is generated."""
-    out = files.path(value)
-    if out.is_dir():
-        raise GenerateError(f"--output={value} is a directory; give a file name, e.g. "
-                            f"--output={out / 'completions.jsonl'}")
-    files.make_dir(out.parent, "--output's directory")
-    return out
-
-
 def _read_prompts(texts: list[str], path: str | None) -> list[str]:
     prompts = list(texts)
     if path:
@@ -426,7 +416,7 @@ def main(argv):
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments {argv[1:]}")
     try:
-        output = _output_file(f.output) if f.output else None
+        output = files.output_file(f.output, "--output") if f.output else None
         prompts = _read_prompts(f.prompt or [], f.prompts_file)
         check_sampling(f.max_new_tokens, f.temperature, f.top_k, f.top_p)
         if f.batch_size < 1:
