@@ -5,35 +5,34 @@ step to a temporary directory and renames it when complete, so a run killed mid-
 leaves the earlier checkpoints untouched and the half-written one is never listed.
 Restoring takes the abstract state with the current shardings, so a checkpoint lands
 directly sharded on whatever mesh the new run uses. A checkpoint that cannot be read is
-reported and the one before it is used.
+reported and the one before it is used. Directories are `etils.epath` paths (through
+`jaxlm.files`): local or `gs://`, as orbax takes them.
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
 import time
 import uuid
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
+
+from jaxlm import files
 
 
 class CheckpointError(RuntimeError):
     """The checkpoint directory cannot be written or read; the message says what to do."""
 
 
-def probe_writable(directory: pathlib.Path) -> None:
+def probe_writable(directory: epath.Path) -> None:
     """Fail at start, not at the first save, when the directory cannot take a file."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".write-probe-{uuid.uuid4().hex}"
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
+        files.write_durably(probe, b"\0" * 4096)
         probe.unlink()
     except OSError as e:
         raise CheckpointError(
@@ -45,9 +44,9 @@ ITEMS = ("state", "meta")  # each step: the train state (orbax pytree) and a JSO
 
 
 class Checkpointer:
-    def __init__(self, directory: str | pathlib.Path, keep: int, keep_every: int = 0,
+    def __init__(self, directory: epath.PathLike, keep: int, keep_every: int = 0,
                  probe: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = files.path(directory)
         if probe:
             probe_writable(self.directory)
         options = ocp.CheckpointManagerOptions(
@@ -97,7 +96,7 @@ class Checkpointer:
                 self.manager.reload()
         return None
 
-    def path(self, step: int) -> pathlib.Path:
+    def path(self, step: int) -> epath.Path:
         return self.directory / str(step)
 
     def wait(self) -> None:
@@ -111,14 +110,14 @@ class Checkpointer:
         self.manager.close()
 
 
-def split_step(path: pathlib.Path) -> tuple[pathlib.Path, int | None]:
+def split_step(path: epath.Path) -> tuple[epath.Path, int | None]:
     """(checkpoints directory, step) of one step's directory; (path, None) otherwise."""
     if (path / "state").is_dir():
         return path.parent, int(path.name)
     return path, None
 
 
-def open_read_only(directory: pathlib.Path, step: int | None = None):
+def open_read_only(directory: epath.Path, step: int | None = None):
     """A read-only manager over a checkpoints directory, and `step`, or its newest step when
     none is given (None when it has none). The caller closes the manager."""
     manager = ocp.CheckpointManager(directory, item_names=ITEMS,
@@ -131,12 +130,12 @@ def read_meta(manager, step: int) -> dict:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def restore_params(path: str | pathlib.Path, abstract_params):
+def restore_params(path: epath.PathLike, abstract_params):
     """The params of another run's checkpoint (a run's checkpoints/ dir, or one step in it).
 
     Only the params are read: the other run's optimizer state and step are left behind.
     """
-    path = pathlib.Path(path).absolute()
+    path = files.path(path)
     manager, step = open_read_only(*split_step(path))
     if step is None:
         raise CheckpointError(f"config.checkpoint.init_from={str(path)!r}: no checkpoint there; "

@@ -25,18 +25,19 @@ import argparse
 import copy
 import json
 import pathlib
-import shutil
 import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
+from jaxlm import files
 from jaxlm import hf_config
 from jaxlm import lora as lora_lib
 from jaxlm import model as model_lib
@@ -169,15 +170,15 @@ def read_hf_params(hf_dir: pathlib.Path, m: dict, dtype: str) -> dict:
     return params
 
 
-def _copy_tokenizer(hf_dir: pathlib.Path, run_dir: pathlib.Path) -> str:
+def _copy_tokenizer(hf_dir: pathlib.Path, run_dir: epath.Path) -> str:
     """Copy the tokenizer files; the one training uses: tokenizer.model (sentencepiece, as
     Llama 2 ships) if present, else tokenizer.json (Llama 3); "" if neither exists."""
     for name in TOKENIZER_FILES:
         if (hf_dir / name).is_file():
-            shutil.copyfile(hf_dir / name, run_dir / name)
+            epath.Path(hf_dir / name).copy(run_dir / name, overwrite=True)
     for name in ("tokenizer.model", "tokenizer.json"):
         if (run_dir / name).is_file():
-            return str((run_dir / name).absolute())
+            return str(run_dir / name)
     return ""
 
 
@@ -200,7 +201,7 @@ def _config_file(m: dict, dtype: str, tokenizer: str, init_from: str, source: st
             "    return config\n")
 
 
-def save_params(directory: pathlib.Path, params: dict, meta: dict) -> None:
+def save_params(directory: epath.Path, params: dict, meta: dict) -> None:
     """Step 0 of a checkpoint directory laid out as jaxlm.checkpoint's ({"state": {"params"},
     "meta"}), which init_from reads. orbax by default deep-copies NumPy arrays before writing
     and compresses (both buffer a second copy of the model, measured); neither is done here,
@@ -218,16 +219,17 @@ def save_params(directory: pathlib.Path, params: dict, meta: dict) -> None:
     manager.close()
 
 
-def import_hf(hf_dir, run_dir, param_dtype: str | None = None) -> pathlib.Path:
-    """Convert a Hugging Face Llama checkpoint into RUN_DIR; return RUN_DIR/config.py."""
-    hf_dir, run_dir = pathlib.Path(hf_dir), pathlib.Path(run_dir).absolute()
+def import_hf(hf_dir, run_dir, param_dtype: str | None = None) -> epath.Path:
+    """Convert a Hugging Face Llama checkpoint (a local directory: safetensors reads local
+    files) into RUN_DIR (local or gs://); return RUN_DIR/config.py."""
+    hf_dir, run_dir = pathlib.Path(hf_dir), files.path(run_dir)
     if not (hf_dir / "config.json").is_file():
         raise ConvertError(f"--from_hf={str(hf_dir)!r} has no config.json")
     m = hf_config.to_jaxlm(json.loads((hf_dir / "config.json").read_text()))
     dtype = param_dtype or _source_dtype(_weight_files(hf_dir))
     if (run_dir / "checkpoints").exists():
         raise ConvertError(f"--to={str(run_dir)!r} already has checkpoints/; choose a new dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    files.make_dir(run_dir, "--to")
     tokenizer = _copy_tokenizer(hf_dir, run_dir)
     if tokenizer:
         tokenizer_lib.load(tokenizer, "the tokenizer")  # fails now, not at training
@@ -252,9 +254,9 @@ def import_hf(hf_dir, run_dir, param_dtype: str | None = None) -> pathlib.Path:
 
 # --- jaxlm -> Hugging Face ----------------------------------------------------------------------
 
-def _locate(run) -> tuple[pathlib.Path, int | None]:
+def _locate(run) -> tuple[epath.Path, int | None]:
     """(checkpoints dir, step or None for the latest) from RUN_DIR[/checkpoints[/STEP]]."""
-    path = pathlib.Path(run).absolute()
+    path = files.path(run)
     if not (path / "state").is_dir() and (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     return checkpoint_lib.split_step(path)
@@ -350,17 +352,18 @@ def hf_tensors(params: dict, m: dict, dtype: str):
 
 
 def _export_tokenizer(path: str, out: pathlib.Path) -> tuple[int | None, int | None]:
-    """Copy the run's tokenizer (and Hugging Face files beside it); (bos id, eos id)."""
-    if not path or not pathlib.Path(path).is_file():
+    """Copy the run's tokenizer (local or gs://, and Hugging Face files beside it) into the
+    local `out`; (bos id, eos id)."""
+    if not path or not epath.Path(path).is_file():
         print(f"warning: the run's tokenizer {path!r} is not there; writing no tokenizer",
               file=sys.stderr)
         return None, None
-    source = pathlib.Path(path)
+    source = epath.Path(path)
     name = "tokenizer.json" if source.suffix == ".json" else "tokenizer.model"
-    shutil.copyfile(source, out / name)
+    source.copy(out / name, overwrite=True)
     for extra in TOKENIZER_FILES:
         if extra != name and (source.parent / extra).is_file():
-            shutil.copyfile(source.parent / extra, out / extra)
+            (source.parent / extra).copy(out / extra, overwrite=True)
     tok = tokenizer_lib.load(out / name, "the run's tokenizer")
     ids = tok.bos_id(), tok.eos_id()
     if not (out / "tokenizer_config.json").is_file():  # a tokenizer jaxlm trained
@@ -375,14 +378,14 @@ def _export_tokenizer(path: str, out: pathlib.Path) -> tuple[int | None, int | N
 
 
 def export_hf(run, out_dir, max_shard_size: str | int = "5GB", dtype: str | None = None) -> None:
-    """Write a jaxlm run's checkpoint as a Hugging Face LlamaForCausalLM directory."""
+    """Write a jaxlm run's checkpoint (local or gs://) as a Hugging Face LlamaForCausalLM
+    directory (local: safetensors writes local files)."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
+    out = pathlib.Path(files.make_dir(out_dir, "--to_hf"))  # before the long read
     params, meta, step = read_run(run)
     m = _model_fields(meta["config"]["model"])
     dtype = dtype or m["param_dtype"]
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {name: (size, make) for name, _, size, make in hf_tensors(params, m, dtype)}
     split = split_state_dict_into_shards_factory(
         tensors, get_storage_size=lambda t: t[0],
@@ -436,7 +439,7 @@ def main(argv=None) -> None:
     try:
         if args.from_hf:
             config_path = import_hf(args.from_hf, args.to, args.param_dtype)
-            print(f"wrote {pathlib.Path(args.to) / 'checkpoints'} and {config_path}; train with "
+            print(f"wrote {files.path(args.to) / 'checkpoints'} and {config_path}; train with "
                   f"python -m jaxlm.train --config={config_path} --workdir=runs/NAME")
         elif args.merge_lora:
             directory = merge_lora(args.from_run, args.to)
@@ -445,7 +448,7 @@ def main(argv=None) -> None:
                   f"checkpoint.init_from={directory}")
         else:
             export_hf(args.from_run, args.to_hf, args.max_shard_size, args.dtype)
-    except ConvertError as e:
+    except (ConvertError, files.PathError) as e:
         sys.exit(f"convert error: {e}")
 
 

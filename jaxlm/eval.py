@@ -30,14 +30,15 @@ import dataclasses
 import functools
 import json
 import math
-import pathlib
 from typing import Iterable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from jaxlm import files
 from jaxlm import generate as gen
 from jaxlm import model as model_lib
 
@@ -218,7 +219,7 @@ def read_items(path: str) -> list[Item]:
     "answer": index of the right choice}."""
     items = []
     try:
-        lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
+        lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise EvalError(f"--choices={path!r}: cannot read it ({e})") from None
     for number, line in enumerate(lines, 1):
@@ -295,12 +296,13 @@ def main(argv):
         raise SystemExit(f"error: --batch_size={f.batch_size} is invalid: at least 1")
     results = {}
     try:
+        output = files.output_file(f.output, "--output") if f.output else None
         run = gen.load_run(f["from"].value, f.tokenizer, f.step, f.tensor, shard_rows=True,
                            unstack=False)
         print(f"{f['from'].value} step {run.step} on {run.mesh.devices.size} devices "
               f"({dict(run.mesh.shape)}), context {run.max_len}", flush=True)
         if f.data:
-            if pathlib.Path(f.data).is_dir():
+            if epath.Path(f.data).is_dir():
                 docs, n_bytes, skipped = prepared_documents(run, f.data, f.split), None, []
             else:
                 texts, skipped = read_texts(f.data, f.text_key)
@@ -322,11 +324,11 @@ def main(argv):
             r = results["choices"]
             print(f"choices: acc {r['acc']:.4f} | acc_norm {r['acc_norm']:.4f} | "
                   f"{r['items']} items")
-    except (EvalError, gen.GenerateError, FileNotFoundError) as e:
+    except (EvalError, gen.GenerateError, files.PathError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    if f.output:
-        pathlib.Path(f.output).write_text(json.dumps({"from": f["from"].value, "step": run.step,
-                                                      **results}, indent=1))
+    if output:
+        output.write_text(json.dumps({"from": f["from"].value, "step": run.step, **results},
+                                     indent=1))
         print(f"wrote {f.output}")
 
 

@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import pathlib
 import sys
 from typing import Iterator, Sequence
 
@@ -32,7 +31,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from jaxlm import files
 from jaxlm import model as model_lib
 
 CACHE_ROUND = 128  # cache slots are a multiple of this (or the whole context)
@@ -282,14 +283,14 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def _tokenizer(run_dir: pathlib.Path, recorded: str, given: str | None):
+def _tokenizer(run_dir: epath.Path, recorded: str, given: str | None):
     """(the tokenizer, its file)."""
     from jaxlm.data import tokenizer as tokenizer_lib
 
     if given:
         return tokenizer_lib.load(given, field="--tokenizer"), str(given)
     for candidate in (recorded, run_dir / "tokenizer.model"):
-        if candidate and pathlib.Path(candidate).is_file():
+        if candidate and epath.Path(candidate).is_file():
             return tokenizer_lib.load(candidate, field="the run's tokenizer"), str(candidate)
     raise GenerateError(
         f"{run_dir} has no tokenizer: its checkpoint records {recorded or 'none'!r}, which is "
@@ -297,7 +298,7 @@ def _tokenizer(run_dir: pathlib.Path, recorded: str, given: str | None):
         "the sentencepiece model it was trained with")
 
 
-def load_run(run_dir: str | pathlib.Path, tokenizer: str | None = None, step: int | None = None,
+def load_run(run_dir: epath.PathLike, tokenizer: str | None = None, step: int | None = None,
              tensor: int | None = None, devices=None, shard_rows: bool = False,
              unstack: bool = True) -> Run:
     """A training run's newest (or `step`'s) params, restored onto a generation mesh over
@@ -310,8 +311,8 @@ def load_run(run_dir: str | pathlib.Path, tokenizer: str | None = None, step: in
     from jaxlm import config as config_lib
     from jaxlm import sharding as sharding_lib
 
-    run_dir = pathlib.Path(run_dir)
-    directory = (run_dir / "checkpoints").absolute()
+    run_dir = files.path(run_dir)
+    directory = run_dir / "checkpoints"
     if not directory.is_dir():
         raise GenerateError(f"--from={str(run_dir)!r}: no checkpoints/ directory there; give "
                             "a run directory (python -m jaxlm.train --workdir=...)")
@@ -367,7 +368,10 @@ def load_run(run_dir: str | pathlib.Path, tokenizer: str | None = None, step: in
 def _read_prompts(texts: list[str], path: str | None) -> list[str]:
     prompts = list(texts)
     if path:
-        for n, line in enumerate(pathlib.Path(path).read_text().splitlines(), 1):
+        if not epath.Path(path).is_file():
+            raise GenerateError(f"--prompts_file={path}: no such file; give a JSONL file of "
+                                '{"prompt": TEXT} lines')
+        for n, line in enumerate(epath.Path(path).read_text().splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -448,6 +452,7 @@ def main(argv):
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments {argv[1:]}")
     try:
+        output = files.output_file(f.output, "--output") if f.output else None
         prompts = _read_prompts(f.prompt or [], f.prompts_file)
         check_sampling(f.max_new_tokens, f.temperature, f.top_k, f.top_p)
         if f.batch_size < 1:
@@ -457,13 +462,11 @@ def main(argv):
         run = load_run(f["from"].value, f.tokenizer, f.step, f.tensor)
         printer = None if f.output else functools.partial(_Printer, run.tokenizer)
         results = run_prompts(run, prompts, f.batch_size, printer, **sampling)
-    except (GenerateError, FileNotFoundError) as e:
+    except (GenerateError, files.PathError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    if f.output:
-        with open(f.output, "w") as out:
-            for row in results:
-                out.write(json.dumps(row) + "\n")
-        print(f"wrote {len(results)} completions to {f.output}")
+    if output:
+        output.write_text("".join(json.dumps(row) + "\n" for row in results))
+        print(f"wrote {len(results)} completions to {output}")
 
 
 def _define_flags():

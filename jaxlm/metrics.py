@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from jaxlm import files
 
 # Dense bf16 peak FLOP/s per device, from vendor spec sheets (DESIGN.md). Matched by
 # substring against jax.Device.device_kind, most specific first.
@@ -116,6 +120,40 @@ def throughput(step_seconds: list[float], tokens_per_step: int, flops_causal: fl
     }
 
 
+# Fields of a metrics row that time the run: they differ between any two runs. Every other
+# field (loss, lr, grad_norm, skipped_microbatches, val_loss, seq_len, rows_per_step) is a
+# function of the config and the data alone, the same bit for bit in a resumed run.
+WALL_CLOCK_FIELDS = ("tokens_per_second", "mfu")
+
+
+class LogWindow:
+    """What a logged row sums over: the finite microbatch losses since the last row, and the
+    non-finite microbatches skipped so far (and in a row). Saved with each checkpoint, so a
+    run resumed between two rows logs the row the unbroken run logs, whatever log_every is.
+    Losses are kept as Python floats (exact in JSON) and averaged in float64."""
+
+    def __init__(self, state: dict | None = None):
+        state = state or {}
+        self.losses = [float(x) for x in state.get("losses", ())]
+        self.skipped_total = int(state.get("skipped_total", 0))
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+
+    def add(self, loss) -> None:
+        if np.isfinite(loss):
+            self.losses.append(float(loss))
+
+    def mean_loss(self) -> float:
+        return float(np.mean(np.asarray(self.losses, np.float64))) if self.losses else float("nan")
+
+    def reset(self) -> None:
+        """A row was logged: the next one averages the losses from here on."""
+        self.losses = []
+
+    def state(self) -> dict:
+        return {"losses": list(self.losses), "skipped_total": self.skipped_total,
+                "skipped_in_a_row": self.skipped_in_a_row}
+
+
 class Writer:
     """Scalars to `metrics.jsonl` and TensorBoard event files in the workdir (process 0).
 
@@ -123,30 +161,56 @@ class Writer:
     TensorBoard hides what earlier files logged from that step on: the steps a killed run
     logged after its last checkpoint are not shown twice (`metrics.jsonl` is trimmed by
     the train loop instead).
+
+    metrics.jsonl goes through etils.epath (`jaxlm.files`), so a gs:// workdir takes it;
+    tensorboardX writes gs:// event files through its own Google Cloud Storage client
+    (`pip install google-cloud-storage`), uploading the whole file at each flush.
     """
 
     FILENAME = "metrics.jsonl"
 
-    def __init__(self, workdir: str | pathlib.Path, enabled: bool = True,
+    def __init__(self, workdir: epath.PathLike, enabled: bool = True,
                  first_step: int | None = None):
         self.enabled = enabled
-        self.path = pathlib.Path(workdir) / self.FILENAME
-        self._tb = None
+        workdir = files.path(workdir)
+        self.path = workdir / self.FILENAME
+        self._tb, self._tb_dir, self._tb_files = None, os.fspath(workdir / "tensorboard"), 0
         if enabled:
-            from tensorboardX import SummaryWriter  # heavy import, only where used
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.path, "a", buffering=1)
-            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"),
-                                     purge_step=first_step)
+            self._jsonl = self.path.open("a")
+            self._open_tensorboard(purge_step=first_step)
+
+    def _open_tensorboard(self, purge_step: int | None) -> None:
+        """A new event file; its numbered suffix keeps this process's files in name order
+        (the order TensorBoard reads them in) when two open within one second."""
+        from tensorboardX import SummaryWriter  # heavy import, only where used
+
+        self._tb_files += 1
+        self._tb = SummaryWriter(self._tb_dir, purge_step=purge_step,
+                                 filename_suffix=f".{os.getpid()}.{self._tb_files:06d}")
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()  # a row at a time, as `tail -f` and a kill would want
         for name, value in row.items():
             if name != "step":
                 self._tb.add_scalar(name, value, int(step))
+
+    def flush(self) -> None:
+        """Put every row written so far into the files: called as a checkpoint is saved, so
+        a run killed after it loses no row at or before the checkpoint's step.
+
+        tensorboardX's flush() writes only what its background thread has already taken
+        off its queue; close() drains the queue. So the event file is closed and the next
+        rows go to a new one: one event file per checkpoint, which TensorBoard reads as one.
+        """
+        if self.enabled:
+            self._jsonl.flush()
+            self._tb.close()
+            self._open_tensorboard(purge_step=None)
 
     def close(self) -> None:
         if self.enabled:

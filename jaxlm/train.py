@@ -10,7 +10,7 @@ checkpoint at the next step boundary and exits with PREEMPTED_EXIT_CODE.
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 import signal
 import sys
 import time
@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -25,6 +26,7 @@ from tqdm import tqdm
 import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
+from jaxlm import files
 from jaxlm import lora as lora_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import optim
@@ -70,24 +72,25 @@ class _Console:
 
 class _NonFinitePolicy:
     """train.nonfinite: stop at a non-finite microbatch ("raise"), or count and go on ("skip")
-    until train.max_skips_in_a_row in a row. The step never applies such an update."""
+    until train.max_skips_in_a_row in a row. The step never applies such an update. The
+    counts live in the checkpointed log window, so a resumed run counts on from them."""
 
-    def __init__(self, t, console):
-        self.t, self.console = t, console
-        self.in_a_row = self.skipped_total = 0
+    def __init__(self, t, console, window: metrics_lib.LogWindow):
+        self.t, self.console, self.window = t, console, window
 
     def applied(self, result: dict, step: int) -> bool:
+        w = self.window
         if result["finite"]:
-            self.in_a_row = 0
+            w.skipped_in_a_row = 0
             return True
-        self.in_a_row, self.skipped_total = self.in_a_row + 1, self.skipped_total + 1
+        w.skipped_in_a_row, w.skipped_total = w.skipped_in_a_row + 1, w.skipped_total + 1
         what = f"non-finite loss {result['loss']} / grad_norm {result['grad_norm']} at step {step}"
         if self.t.nonfinite == "raise":
             raise NonFiniteError(f"{what}; the update was not applied and nothing was saved "
                                  "(train.nonfinite='raise')")
         self.console.print(f"step {step}/{self.t.steps} | {what}: update skipped")
-        if self.in_a_row >= self.t.max_skips_in_a_row:
-            raise NonFiniteError(f"{what}: {self.in_a_row} non-finite microbatches in a row "
+        if w.skipped_in_a_row >= self.t.max_skips_in_a_row:
+            raise NonFiniteError(f"{what}: {w.skipped_in_a_row} non-finite microbatches in a row "
                                  f"(train.max_skips_in_a_row={self.t.max_skips_in_a_row}); stopping")
         return False
 
@@ -118,7 +121,7 @@ def evaluate(eval_step, params, eval_data, batch_sharding) -> float:
     return loss_sum / max(count, 1.0)
 
 
-def _keep_metrics_before(path: pathlib.Path, first_step: int) -> None:
+def _keep_metrics_before(path: epath.Path, first_step: int) -> None:
     """Drop the rows at or after `first_step`, which this run logs again (a killed run's rows
     past its checkpoint; all of them when starting afresh), and any line torn by the kill."""
     if not path.exists():
@@ -131,13 +134,11 @@ def _keep_metrics_before(path: pathlib.Path, first_step: int) -> None:
             continue
         if row.get("step", 0) < first_step:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    files.write_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def _initial_state(config, factory, checkpoints, console):
-    """(step, data iterator state or None, state, LoRA base reference or None): resumed,
+    """(step, checkpoint record or {}, state, LoRA base reference or None): resumed,
     fine-tuned from init_from, or fresh."""
     lora_lib.check_same_settings(config.train, checkpoints)  # before a mismatch reads as damage
     resumed = checkpoints.restore_latest_readable(factory.trained(factory.abstract))
@@ -150,23 +151,23 @@ def _initial_state(config, factory, checkpoints, console):
                 base, factory.frozen_params(factory.abstract), step))
             console.print(f"LoRA adapters beside the frozen base {base['path']} (step "
                           f"{base['step']}), as when this run started")
-        return step, meta["data"], trained, base
+        return step, meta, trained, base
     rng = jax.random.fold_in(jax.random.key(config.seed), 0)
     if factory.lora:
         frozen, source_step = checkpoint_lib.restore_params(
             config.checkpoint.init_from, factory.frozen_params(factory.abstract))
         base = {"path": str(checkpoint_lib.split_step(
-            pathlib.Path(config.checkpoint.init_from).absolute())[0]), "step": source_step}
+            files.path(config.checkpoint.init_from))[0]), "step": source_step}
         console.print(f"LoRA rank {config.train.lora_rank} on {','.join(config.train.lora_targets)}"
                       f" beside the frozen base {base['path']} (step {source_step})")
-        return 0, None, factory.assemble(factory.create_trained(rng), frozen), base
+        return 0, {}, factory.assemble(factory.create_trained(rng), frozen), base
     state = factory.create(rng)
     if config.checkpoint.init_from:
         params, source_step = checkpoint_lib.restore_params(config.checkpoint.init_from,
                                                             factory.abstract["params"])
         state["params"] = params
         console.print(f"initialised params from {config.checkpoint.init_from} (step {source_step})")
-    return 0, None, state, None
+    return 0, {}, state, None
 
 
 def _bytes(n: float) -> str:
@@ -204,25 +205,26 @@ def _announce_stage(stages, stage, step, t, console, writer) -> None:
         writer.write(step, {"seq_len": seq_len, "rows_per_step": rows})
 
 
-def train(config, workdir: str | pathlib.Path) -> dict:
-    """Run (or resume) training as `config` says; return the last logged metrics.
+def train(config, workdir: epath.PathLike) -> dict:
+    """Run (or resume) training as `config` says, in `workdir` (a local path or gs://...);
+    return the last logged metrics.
 
     SIGTERM is caught from the start: one that comes while the run loads, restores or
     compiles (a cluster's early warning, SLURM's --signal=TERM@N) saves after the first step.
     """
     sigterm = _SigtermFlag()
     try:
-        return _train(config, pathlib.Path(workdir), sigterm)
+        return _train(config, files.path(workdir), sigterm)
     finally:
         sigterm.restore()
 
 
-def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
+def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
     factory, derived = step_lib.build(config)  # validates the config first
     t, d = config.train, config.data
     is_main = jax.process_index() == 0
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
+        files.make_dir(workdir, "--workdir")
     checkpoints = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                               keep_every=config.checkpoint.keep_every,
                                               probe=is_main)
@@ -232,7 +234,10 @@ def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
             "model the adapters train beside (a run's checkpoints/, or a model imported with "
             "python -m jaxlm.convert --from_hf); or set train.lora_rank=0")
     console = _Console(t.steps, 0, enabled=is_main)
-    start, data_state, state, lora_base = _initial_state(config, factory, checkpoints, console)
+    start, resumed_meta, state, lora_base = _initial_state(config, factory, checkpoints, console)
+    data_state = resumed_meta.get("data")
+    # Checkpoints written before the log window was saved resume with an empty one.
+    window = metrics_lib.LogWindow(resumed_meta.get("log_window"))
     data = pipeline.build(config, workdir)
     # The first step this run logs: 0 afresh (its val_loss), else the one after the checkpoint.
     # Both logs forget what an earlier run logged from there on.
@@ -266,11 +271,12 @@ def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
 
     def save(step):
         console.print(f"step {step}/{t.steps} | saving checkpoint {checkpoints.path(step)}")
+        writer.flush()  # the rows up to `step` are on disk before the checkpoint can be
         checkpoints.save(step, factory.trained(state), {
             "step": step, "config": config.to_dict(), "jaxlm_version": jaxlm.__version__,
             "tokenizer": data.tokenizer_path,
             "data": {"iterator": train_batches.get_state(), "fingerprint": data.fingerprint},
-            "rng": {"seed": config.seed},
+            "rng": {"seed": config.seed}, "log_window": window.state(),
             # A LoRA checkpoint holds adapters only: the base they were trained beside.
             **({"lora_base": lora_base} if lora_base else {})})
 
@@ -279,9 +285,9 @@ def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
         writer.write(0, {"val_loss": evaluate(eval_step, state["params"], eval_batches, batch_sharding)})
     # Throughput is timed from the end of this process's first step (which compiles); the
     # first step of each later stage compiles too, and its time is left out.
-    timer_start, timed_tokens, timed_flops, losses = None, 0, 0.0, []
+    timer_start, timed_tokens, timed_flops = None, 0, 0.0
     stage = None
-    nonfinite = _NonFinitePolicy(t, console)
+    nonfinite = _NonFinitePolicy(t, console, window)
     try:
         with factory.context():
             for step in range(start + 1, t.steps + 1):
@@ -308,7 +314,7 @@ def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
                         calls += 1
                         results.append(metrics)
                     for result in jax.device_get(results):
-                        losses.append(result["loss"])
+                        window.add(result["loss"])
                         if nonfinite.applied(result, step):
                             applied, grad_norm = applied + 1, float(result["grad_norm"])
                 if compiles:
@@ -322,15 +328,14 @@ def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
                     timed_flops += flops_per_token * tokens_per_microbatch * calls
 
                 if step % t.log_every == 0 or step == t.steps:
-                    finite_losses = [x for x in losses if np.isfinite(x)]
-                    last = {"loss": float(np.mean(finite_losses)) if finite_losses else float("nan"),
+                    last = {"loss": window.mean_loss(),
                             "lr": float(schedule(step - 1)),
                             "grad_norm": grad_norm}
                     line = (f"step {step}/{t.steps} | loss {last['loss']:.4f} | lr {last['lr']:.2e}"
                             f" | grad_norm {last['grad_norm']:.3f}")
-                    if nonfinite.skipped_total:
-                        last["skipped_microbatches"] = nonfinite.skipped_total
-                        line += f" | skipped {nonfinite.skipped_total}"
+                    if window.skipped_total:
+                        last["skipped_microbatches"] = window.skipped_total
+                        line += f" | skipped {window.skipped_total}"
                     if timed_tokens:
                         last["tokens_per_second"] = timed_tokens / (time.perf_counter() - timer_start)
                         last["mfu"] = metrics_lib.mfu(timed_flops / timed_tokens,
@@ -339,7 +344,8 @@ def _train(config, workdir: pathlib.Path, sigterm: _SigtermFlag) -> dict:
                                  f" | MFU {100 * last['mfu']:.1f}%")
                     writer.write(step, last)
                     console.print(line)
-                    timer_start, timed_tokens, timed_flops, losses = time.perf_counter(), 0, 0.0, []
+                    window.reset()
+                    timer_start, timed_tokens, timed_flops = time.perf_counter(), 0, 0.0
 
                 if step % t.eval_every == 0 or step == t.steps:
                     eval_start = time.perf_counter()
@@ -373,12 +379,14 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     sharding_lib.maybe_initialize_distributed()
     config = _CONFIG.value
-    workdir = _WORKDIR.value or str(pathlib.Path("runs") / pathlib.Path(flags.FLAGS["config"].config_filename).stem)
+    config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
+        flags.FLAGS["config"]).split(":", 1)[0]))[0]
+    workdir = _WORKDIR.value or os.path.join("runs", config_name)
     try:
         train(config, workdir)
     except config_lib.ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (checkpoint_lib.CheckpointError, NonFiniteError) as e:
+    except (checkpoint_lib.CheckpointError, NonFiniteError, files.PathError) as e:
         sys.exit(f"error: {e}")
     except Preempted as e:
         print(f"{e}; start the same command again to resume", flush=True)

@@ -1,5 +1,7 @@
 """Small configs, states and batches shared by the tests."""
 
+import struct
+
 import numpy as np
 
 from configs import tiny
@@ -87,3 +89,35 @@ def assert_attention_matches_reference(out, grads, q, k, v, segments, weights, t
 
     assert_directional_derivatives(ref_objective, (q, k, v), grads, np.random.default_rng(2),
                                    tries=2, tol=grad_tol)
+
+
+def tensorboard_view(directory):
+    """What TensorBoard shows of `directory`'s event files: (tag, step, value) in order.
+
+    Files are read in name order, as TensorBoard does; a SessionLog START at step s (a writer's purge_step) hides
+    the events earlier files logged at steps >= s, as TensorBoard does. A record cut short
+    (a process killed while writing it) ends its file, as it does for TensorBoard.
+    """
+    from tensorboardX.proto import event_pb2
+
+    files = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, at, events = path.read_bytes(), 0, []
+        while at + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            if at + 12 + length + 4 > len(data):
+                break
+            event = event_pb2.Event()
+            event.ParseFromString(data[at + 12:at + 12 + length])
+            events.append(event)
+            at += 12 + length + 4
+        if events:
+            files.append(events)
+    shown = []
+    for events in files:
+        for event in events:
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                shown = [(tag, step, value) for tag, step, value in shown if step < event.step]
+            for value in event.summary.value:
+                shown.append((value.tag, event.step, value.simple_value))
+    return shown

@@ -94,3 +94,33 @@ def test_unknown_command_line_override_is_one_line_not_a_traceback(override, wor
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     for word in words:
         assert word in result.stderr, result.stderr[-2000:]
+
+
+CONFIG_FILES = {
+    "missing": ("configs/nope.py", None, ["--config=configs/nope.py", "no such file",
+                                          "--config=configs/tiny.py"]),
+    "syntax_error": ("bad.py", "def get_config(:\n", ["syntax error at line 1", "fix the file"]),
+    "no_get_config": ("empty.py", "x = 1\n", ["defines no get_config()", "configs/tiny.py"]),
+    "a_directory": ("configs", None, ["--config=configs", "is not a file"]),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_FILES)
+def test_config_file_that_cannot_load_is_one_line_not_a_traceback(case, repo, tmp_path):
+    import subprocess
+    import sys
+
+    name, text, words = CONFIG_FILES[case]
+    path = name
+    if text is not None:
+        path = str(tmp_path / name)
+        (tmp_path / name).write_text(text)
+    result = subprocess.run([sys.executable, "-m", "jaxlm.train", f"--config={path}",
+                             f"--workdir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"config error: --config={path}")
+    for word in words:
+        assert word in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # stopped before anything was written

@@ -283,3 +283,10 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
             want = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12,
                                   min_new_tokens=12, pad_token_id=0)[0, len(prompt):]
         assert list(tokens) == want.tolist()
+
+
+def test_cli_names_an_output_directory_that_is_a_file(tmp_path):
+    """Checked before the run is read: a file where --to_hf's directory goes is one line."""
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(SystemExit, match=r"convert error: --to_hf=.*out is a file, not a directory"):
+        convert.main([f"--from_run={tmp_path / 'run'}", f"--to_hf={tmp_path / 'out'}"])

@@ -1,5 +1,6 @@
 """Kill jaxlm at any moment and lose nothing: exact resume, preemption, bad checkpoints, NaNs."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -16,22 +17,23 @@ import pytest
 
 from configs import tiny
 from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import metrics as metrics_lib
 from jaxlm import train as train_lib
-from support import factory_for, small_config
+from support import factory_for, small_config, tensorboard_view
 
 
-def tiny_config(tokenizer_path, steps, every=2):
+def tiny_config(tokenizer_path, steps, every=2, log_every=1):
     c = tiny.get_config()
     c.data.tokenizer, c.data.seq_len = tokenizer_path, 64
-    c.train.steps, c.train.warmup_steps, c.train.log_every = steps, 1, 1
+    c.train.steps, c.train.warmup_steps, c.train.log_every = steps, 1, log_every
     c.checkpoint.every = every
     return c
 
 
-def cli(tokenizer_path, workdir, steps, every=2):
+def cli(tokenizer_path, workdir, steps, every=2, log_every=1):
     return [sys.executable, "-m", "jaxlm.train", "--config=configs/tiny.py", f"--workdir={workdir}",
             f"--config.train.steps={steps}", "--config.train.warmup_steps=1",
-            "--config.train.log_every=1", "--config.data.seq_len=64",
+            f"--config.train.log_every={log_every}", "--config.data.seq_len=64",
             f"--config.checkpoint.every={every}", f"--config.data.tokenizer={tokenizer_path}"]
 
 
@@ -46,6 +48,16 @@ def final_params(workdir, steps, config):
 
 def metric_rows(workdir):
     return [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+
+
+def deterministic(rows):
+    """Metric rows without the fields that time the run."""
+    return [{k: v for k, v in row.items() if k not in metrics_lib.WALL_CLOCK_FIELDS} for row in rows]
+
+
+def finished_checkpoints(workdir):
+    directory = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
 def run_until(command, cwd, pattern=None, delay=0.0, timeout=300):
@@ -73,43 +85,56 @@ def run_until(command, cwd, pattern=None, delay=0.0, timeout=300):
 
 @pytest.mark.slow  # other processes
 def test_killed_at_random_moments_resumes_exactly(tmp_path, repo, tokenizer_path):
-    steps = 10
-    train_lib.train(tiny_config(tokenizer_path, steps), tmp_path / "unbroken")
+    # A row every 3 steps, a checkpoint every 2: most checkpoints fall inside a logging
+    # window, whose losses the resumed run must carry on from.
+    steps, every, log_every = 10, 2, 3
+    config = tiny_config(tokenizer_path, steps, every, log_every)
+    train_lib.train(config, tmp_path / "unbroken")
 
     # Each pattern is a line the run reaches with steps still to go, so every kill lands
     # while it trains; the delays after it are random.
     rng = random.Random(1234)
     workdir = tmp_path / "killed"
     kills = [("saving checkpoint", 0.1),  # in the middle of the first async save
-             ("step 5/", rng.uniform(0.0, 0.3)),  # between steps
-             ("checkpoints/8", rng.uniform(0.0, 0.2))]  # around the save of step 8
-    killed_mid_save = 0
+             ("step 4/10 | saving", rng.uniform(0.0, 0.3)),  # after checkpoint 4: window [4]
+             ("step 9/10 | loss", 0.0)]  # row 9 written, checkpoint 10 not yet
+    killed_mid_save = stale_rows = 0
     for pattern, delay in kills:
-        code, output = run_until(cli(tokenizer_path, workdir, steps), repo, pattern, delay)
+        code, output = run_until(cli(tokenizer_path, workdir, steps, every, log_every), repo,
+                                 pattern, delay)
         assert code == -signal.SIGKILL, output[-2000:]
         killed_mid_save += any((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+        newest = max(finished_checkpoints(workdir), default=0)
+        stale_rows += any(r["step"] > newest for r in metric_rows(workdir))
     assert killed_mid_save >= 1  # at least one kill really landed inside a save
-    code, output = run_until(cli(tokenizer_path, workdir, steps), repo)
+    assert stale_rows >= 1  # and one after a row the resumed run logs again
+    code, output = run_until(cli(tokenizer_path, workdir, steps, every, log_every), repo)
     assert code == 0, output[-3000:]
     assert "resumed from" in output
 
-    rows = assert_ends_as_unbroken(tmp_path, workdir, steps, tiny_config(tokenizer_path, steps))
+    rows = assert_ends_as_unbroken(tmp_path, workdir, steps, config)
+    assert [r["step"] for r in rows if "loss" in r] == [3, 6, 9, 10]
     assert [r["step"] for r in rows if "val_loss" in r] == [0, steps]
 
 
 def assert_ends_as_unbroken(tmp_path, workdir, steps, config):
     """The resumed run in `workdir` ends as the one in tmp_path/unbroken: the same final
-    params bit for bit, its data position at `steps`, one loss row per step and each loss
-    equal. Returns the resumed run's metric rows."""
+    params bit for bit, its data position at `steps`, and the same metric rows in
+    metrics.jsonl and TensorBoard, row for row and bit for bit, but for the wall-clock
+    fields. Returns the resumed run's metric rows."""
     expected, _ = final_params(tmp_path / "unbroken", steps, config)
     actual, meta = final_params(workdir, steps, config)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
         np.testing.assert_array_equal(a, b)
     assert meta["data"]["iterator"] == {"next_index": steps}
     rows = metric_rows(workdir)
-    assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
-    unbroken = {r["step"]: r["loss"] for r in metric_rows(tmp_path / "unbroken") if "loss" in r}
-    assert {r["step"]: r["loss"] for r in rows if "loss" in r} == unbroken
+    assert deterministic(rows) == deterministic(metric_rows(tmp_path / "unbroken"))
+
+    def board(run):
+        return [(tag, step, value) for tag, step, value in tensorboard_view(run / "tensorboard")
+                if tag not in metrics_lib.WALL_CLOCK_FIELDS]
+
+    assert board(workdir) == board(tmp_path / "unbroken")
     return rows
 
 
@@ -306,13 +331,49 @@ def test_unwritable_workdir_fails_at_start(tmp_path, tokenizer_path):
         train_lib.train(tiny_config(tokenizer_path, 2), tmp_path)
 
 
+@contextlib.contextmanager
+def tmpfs(mount: pathlib.Path, options: str):
+    """A tmpfs mounted at `mount` (tests run as root) with mount `options`, for the block."""
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.fixture
+def read_only_mount(tmp_path):
+    """A read-only file system: refuses writes even to root, as CI runs (chmod would not)."""
+    with tmpfs(tmp_path / "read-only", "ro,size=1m") as mount:
+        yield mount
+
+
+@pytest.mark.parametrize("where", ["a_file", "read_only"])
+def test_workdir_that_cannot_be_one_is_one_line_not_a_traceback(where, tmp_path, repo,
+                                                                 tokenizer_path, request):
+    if where == "a_file":
+        workdir = tmp_path / "notes.txt"
+        workdir.write_text("not a run directory")
+        words = [f"--workdir={workdir} is a file, not a directory", "give a new directory"]
+    else:
+        workdir = request.getfixturevalue("read_only_mount") / "run"
+        words = [f"--workdir={workdir} cannot be created (Read-only file system)",
+                 "choose a directory you can write to"]
+    result = subprocess.run(cli(tokenizer_path, workdir, 2), capture_output=True, text=True,
+                            timeout=300, cwd=repo)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --workdir="), result.stderr[-2000:]
+    for word in words:
+        assert word in last, last
+
+
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+    with tmpfs(tmp_path / "disk", "size=160m") as mount:
+        yield mount
 
 
 def test_disk_full_at_save_keeps_last_good_checkpoint(small_disk, tokenizer_path):

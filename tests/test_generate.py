@@ -154,6 +154,18 @@ def test_bad_input_is_a_clear_error(params, bad, message):
         gen.generate(params, CFG, **kwargs)
 
 
+def test_bad_output_or_prompts_file_is_named_before_generating(tmp_path):
+    """Checked before the run loads: --output a directory used to fail at the very end."""
+    from jaxlm import files
+
+    with pytest.raises(files.PathError, match=r"--output=.* is a directory; give a file name"):
+        files.output_file(str(tmp_path), "--output")
+    out = files.output_file(str(tmp_path / "new" / "completions.jsonl"), "--output")
+    assert out.parent.is_dir() and not out.exists()
+    with pytest.raises(gen.GenerateError, match=r"--prompts_file=.*nope.jsonl: no such file"):
+        gen._read_prompts([], str(tmp_path / "nope.jsonl"))
+
+
 # ---------------------------------------------------------------- from a training run
 
 

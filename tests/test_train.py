@@ -15,7 +15,7 @@ from configs import tiny
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 from jaxlm import train as train_lib
-from support import factory_for, one_document_batch, small_config
+from support import factory_for, one_document_batch, small_config, tensorboard_view
 
 
 def _adam_state(opt_state):
@@ -135,36 +135,6 @@ def test_7b_compiles_for_64_devices_within_memory(repo):
     assert 0.3 < per_device_gib < 95, per_device_gib
 
 
-def _tensorboard_view(directory):
-    """What TensorBoard shows of `directory`'s event files: (tag, step) pairs in order.
-
-    Files are read oldest first; a SessionLog START at step s (a writer's purge_step) hides
-    the events earlier files logged at steps >= s, as TensorBoard does.
-    """
-    import struct
-
-    from tensorboardX.proto import event_pb2
-
-    files = []
-    for path in directory.glob("events.out.tfevents.*"):
-        data, at, events = path.read_bytes(), 0, []
-        while at < len(data):
-            (length,) = struct.unpack("<Q", data[at:at + 8])
-            event = event_pb2.Event()
-            event.ParseFromString(data[at + 12:at + 12 + length])
-            events.append(event)
-            at += 12 + length + 4
-        files.append(events)
-    shown = []
-    for events in sorted(files, key=lambda events: events[0].wall_time):
-        for event in events:
-            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
-                shown = [(tag, step) for tag, step in shown if step < event.step]
-            for value in event.summary.value:
-                shown.append((value.tag, event.step))
-    return shown
-
-
 def test_resumed_run_hides_the_tensorboard_steps_it_repeats(tmp_path):
     """A run killed after step 6 and resumed from the checkpoint of step 3 logs 4.. again."""
     from jaxlm import metrics as metrics_lib
@@ -173,10 +143,27 @@ def test_resumed_run_hides_the_tensorboard_steps_it_repeats(tmp_path):
     for step in range(1, 7):
         first.write(step, {"loss": 1.0 / step})
     first.close()
-    assert [s for _, s in _tensorboard_view(tmp_path / "tensorboard")] == [1, 2, 3, 4, 5, 6]
+    assert [s for _, s, _ in tensorboard_view(tmp_path / "tensorboard")] == [1, 2, 3, 4, 5, 6]
     time.sleep(1.1)  # event file names carry the second they were opened in
     resumed = metrics_lib.Writer(tmp_path, first_step=4)
     for step in range(4, 9):
         resumed.write(step, {"loss": 1.0 / step})
     resumed.close()
-    assert [s for _, s in _tensorboard_view(tmp_path / "tensorboard")] == list(range(1, 9))
+    assert [s for _, s, _ in tensorboard_view(tmp_path / "tensorboard")] == list(range(1, 9))
+
+
+def test_run_paths_keep_uris_and_make_local_ones_absolute(tmp_path, monkeypatch):
+    """jaxlm.files: gs:// stays a URI (pathlib would fold it to gs:/...); a relative local
+    path is resolved once, so what a run prints can be pasted from anywhere."""
+    from jaxlm import files
+
+    assert str(files.path("gs://bucket/runs/7b") / "checkpoints") == "gs://bucket/runs/7b/checkpoints"
+    assert not files.is_local("gs://bucket/runs/7b")
+    monkeypatch.chdir(tmp_path)
+    assert str(files.path("runs/x")) == str(tmp_path / "runs" / "x")
+    target = files.path("out/metrics.jsonl")
+    target.parent.mkdir(parents=True)
+    files.write_atomically(target, "a\n")
+    files.write_atomically(target, b"b\n")
+    assert target.read_text() == "b\n" and sorted(p.name for p in target.parent.iterdir()) == [
+        "metrics.jsonl"]

@@ -9,18 +9,19 @@
     <dir>/metadata.json               written last of all: splits, counts, tokenizer
 
 A piece is one input file (or one range of a TFDS split); its train and validation
-shards are written together, so a finished piece is never redone.
+shards are written together, so a finished piece is never redone. The small files are
+read and written through etils.epath (local or gs://).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import pathlib
 
 import numpy as np
+from etils import epath
 
+from jaxlm import files
 from jaxlm.config import ConfigError
 from jaxlm.data.documents import ArrayRecordDocuments
 
@@ -30,40 +31,44 @@ TOKENIZER = "tokenizer.model"  # the name for a sentencepiece model; tokenizer_f
 SPLITS = ("train", "validation")
 
 
-def tokenizer_file(source: str | pathlib.Path) -> str:
+def tokenizer_file(source: epath.PathLike) -> str:
     """The name a tokenizer keeps in a prepared dataset: its kind decides how it is loaded."""
-    return "tokenizer.json" if pathlib.Path(source).suffix == ".json" else TOKENIZER
+    return "tokenizer.json" if epath.Path(source).suffix == ".json" else TOKENIZER
 
 
-def shard_path(root: pathlib.Path, split: str, piece: int) -> pathlib.Path:
+def shard_path(root: epath.Path, split: str, piece: int) -> epath.Path:
     return root / split / f"{piece:05d}.array_record"
 
 
-def lengths_path(root: pathlib.Path, split: str, piece: int) -> pathlib.Path:
+def lengths_path(root: epath.Path, split: str, piece: int) -> epath.Path:
     return root / split / f"{piece:05d}.lengths.npy"
 
 
-def piece_marker(root: pathlib.Path, piece: int) -> pathlib.Path:
+def piece_marker(root: epath.Path, piece: int) -> epath.Path:
     return root / "pieces" / f"{piece:05d}.json"
 
 
-def file_sha256(path: str | pathlib.Path) -> str:
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+def file_sha256(path: epath.PathLike) -> str:
+    return hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()
 
 
-def write_json_atomic(path: pathlib.Path, value) -> None:
+def write_json_atomic(path: epath.PathLike, value) -> None:
     """Write then rename, so a reader (or a resume) never sees half a file."""
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    files.write_atomically(path, json.dumps(value, indent=1, sort_keys=True))
+
+
+def _load_npy(path: epath.Path) -> np.ndarray:
+    with path.open("rb") as f:
+        return np.load(f)
 
 
 class PreparedDataset:
     """Read side: metadata, tokenizer path and the documents of each split."""
 
-    def __init__(self, root: str | pathlib.Path, field: str = "config.data.source"):
-        self.root = pathlib.Path(root)
+    def __init__(self, root: epath.PathLike, field: str = "config.data.source"):
+        self.root = epath.Path(root)
         meta_path = self.root / METADATA
         if not meta_path.is_file():
             hint = ("an unfinished prepare (run the same prepare command again to finish it)"
@@ -77,7 +82,7 @@ class PreparedDataset:
                               f"this jaxlm reads {FORMAT!r}; prepare the data again")
 
     @property
-    def tokenizer_path(self) -> pathlib.Path:
+    def tokenizer_path(self) -> epath.Path:
         return self.root / self.metadata["tokenizer"].get("file", TOKENIZER)
 
     @property
@@ -88,7 +93,7 @@ class PreparedDataset:
     def documents(self, split: str) -> ArrayRecordDocuments:
         pieces = self.metadata["splits"][split]["pieces"]
         paths = [shard_path(self.root, split, p) for p in pieces]
-        lengths = [np.load(lengths_path(self.root, split, p)) for p in pieces]
+        lengths = [_load_npy(lengths_path(self.root, split, p)) for p in pieces]
         return ArrayRecordDocuments(paths, np.concatenate(lengths) if lengths else np.zeros(0),
                                     masked=self.is_sft)
 

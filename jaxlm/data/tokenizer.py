@@ -2,17 +2,20 @@
 Face `tokenizer.json` (Llama 3's); train a sentencepiece one on documents.
 
 jaxlm calls a tokenizer through sentencepiece's methods (encode, bos_id, eos_id, pad_id,
-vocab_size, decode), so a `tokenizer.json` is wrapped to answer the same calls.
+vocab_size, decode), so a `tokenizer.json` is wrapped to answer the same calls. Files are
+read and written through etils.epath: a local path or gs://.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import pathlib
 from typing import Iterable
 
 import sentencepiece as spm
+from etils import epath
+
+from jaxlm import files
 
 # Ids follow LLaMA's tokenizer (unk 0, bos 1, eos 2); trained ones add pad at 3.
 TRAINER_OPTIONS = dict(
@@ -33,11 +36,11 @@ class JsonTokenizer:
     Face stores them); without one, -1 (none), as sentencepiece says for a missing id.
     """
 
-    def __init__(self, path: pathlib.Path):
+    def __init__(self, path: epath.Path):
         import tokenizers
 
         self.path = path
-        self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        self._tokenizer = tokenizers.Tokenizer.from_str(path.read_text())
         config = path.parent / "tokenizer_config.json"
         special = json.loads(config.read_text()) if config.is_file() else {}
         self._ids = {name: self._token_id(special.get(f"{name}_token"))
@@ -87,9 +90,9 @@ class JsonTokenizer:
         return self._tokenizer.decode(list(ids))
 
 
-def load(path: str | pathlib.Path, field: str = "config.data.tokenizer"):
+def load(path: epath.PathLike, field: str = "config.data.tokenizer"):
     """A sentencepiece processor for a `.model` file; a JsonTokenizer for a `.json` one."""
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{field}={str(path)!r}: no such tokenizer file (a sentencepiece "
                                 ".model or a Hugging Face tokenizer.json)")
@@ -100,12 +103,12 @@ def load(path: str | pathlib.Path, field: str = "config.data.tokenizer"):
             raise ValueError(f"{field}={str(path)!r} is not a Hugging Face tokenizer.json: "
                              f"{e}") from e
     try:
-        return spm.SentencePieceProcessor(model_file=str(path))
+        return spm.SentencePieceProcessor(model_proto=path.read_bytes())
     except (RuntimeError, OSError) as e:
         raise ValueError(f"{field}={str(path)!r} is not a sentencepiece model: {e}") from e
 
 
-def train(documents: Iterable[str], vocab_size: int, output: str | pathlib.Path,
+def train(documents: Iterable[str], vocab_size: int, output: epath.PathLike,
           seed: int = 0) -> spm.SentencePieceProcessor:
     """Train a BPE tokenizer on the non-blank lines of `documents`; write it to `output`."""
     spm.set_random_generator_seed(seed)
@@ -113,9 +116,7 @@ def train(documents: Iterable[str], vocab_size: int, output: str | pathlib.Path,
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=model,
                                    vocab_size=vocab_size, num_threads=2, **TRAINER_OPTIONS)
-    output = pathlib.Path(output)
+    output = epath.Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(output)  # never leave a half-written model behind
+    files.write_atomically(output, model.getvalue())  # never leave half a model behind
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
