@@ -184,7 +184,10 @@ def _tpu_vm(tmp_path, repo, *flags, **settings):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     record = tmp_path / "gcloud.jsonl"
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    # Variables the test's own environment has (CI exports JAXLM_REQUIRE_SLURM) would read as
+    # ones the script passed on.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("JAXLM", "MEGASCALE"))}
+    env = {**inherited, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "GCLOUD_RECORD": str(record), "FAKE_WORKERS": str(tmp_path / "workers"),
            "TPU": "my-v5p", "ZONE": "us-east5-a", "REPO": "https://example.com/jaxlm.git",
            "REF": "abc123", **settings}
