@@ -335,7 +335,6 @@ def main(argv):
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_string("from", None, "A run directory (python -m jaxlm.train --workdir).")
     flags.DEFINE_string("data", None, "Documents: a prepared dataset directory, or JSONL/.txt "
                         "texts (a glob; .gz/.zst read too).")
     flags.DEFINE_string("split", "validation", "The prepared dataset's split to score.")
@@ -344,15 +343,7 @@ def _define_flags():
                         "\"answer\"} per line.")
     flags.DEFINE_integer("batch_size", 16, "Rows per forward pass (rounded up to the devices).")
     flags.DEFINE_string("output", None, "Also write the results (and per-item scores) as JSON.")
-    flags.DEFINE_string("tokenizer", None, "Tokenizer file (default: the run's).")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-    flags.DEFINE_integer("tensor", None, "Tensor-parallel ways (default: the run's).")
-    flags.mark_flag_as_required("from")
 
 
 if __name__ == "__main__":
-    from absl import app, logging
-
-    _define_flags()
-    logging.set_verbosity(logging.ERROR)  # orbax warns about every read-only checkpoint
-    app.run(main)
+    gen.run_cli(_define_flags, main)

@@ -469,10 +469,31 @@ def main(argv):
         print(f"wrote {len(results)} completions to {output}")
 
 
-def _define_flags():
+def define_run_flags():
+    """The flags that pick a run's checkpoint and its mesh (jaxlm.generate, jaxlm.eval)."""
     from absl import flags
 
     flags.DEFINE_string("from", None, "A run directory (python -m jaxlm.train --workdir).")
+    flags.DEFINE_string("tokenizer", None, "Tokenizer file, a sentencepiece .model or a "
+                        "tokenizer.json (default: the run's).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_integer("tensor", None, "Tensor-parallel ways (default: the run's).")
+    flags.mark_flag_as_required("from")
+
+
+def run_cli(define_flags, main) -> None:
+    """`python -m` entry of a command that reads a run: its own flags, the run flags, main."""
+    from absl import app, logging
+
+    define_run_flags()
+    define_flags()
+    logging.set_verbosity(logging.ERROR)  # orbax warns about every read-only checkpoint
+    app.run(main)
+
+
+def _define_flags():
+    from absl import flags
+
     flags.DEFINE_multi_string("prompt", [], "A prompt; repeat for several.")
     flags.DEFINE_string("prompts_file", None, "JSONL of {\"prompt\": TEXT} lines.")
     flags.DEFINE_string("output", None, "Write JSONL completions here instead of streaming.")
@@ -482,16 +503,7 @@ def _define_flags():
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, in (0, 1] (1: off).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_integer("batch_size", 8, "Prompts generated together.")
-    flags.DEFINE_string("tokenizer", None, "Sentencepiece model (default: the run's).")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-    flags.DEFINE_integer("tensor", None, "Tensor-parallel ways (default: the run's).")
-    flags.mark_flag_as_required("from")
 
 
 if __name__ == "__main__":
-    from absl import app, logging
-
-    _define_flags()
-    logging.set_verbosity(logging.ERROR)  # orbax warns about every read-only checkpoint
-    app.run(main)
-
+    run_cli(_define_flags, main)
