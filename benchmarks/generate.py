@@ -31,7 +31,9 @@ from jaxlm import model as model_lib
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def model_config(path: str, dtype: str | None):
+def load_config(path: str, dtype: str | None):
+    """The config file's ConfigDict as generation runs it: one device, XLA attention, no
+    remat, compute in `dtype` (None: the file's)."""
     spec = importlib.util.spec_from_file_location("config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -41,6 +43,11 @@ def model_config(path: str, dtype: str | None):
     config.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1))
     config.train.update(dict(global_batch_size=1, grad_accum_steps=1))
     config.model.update(dict(attention="xla", remat="none"))
+    return config
+
+
+def model_config(path: str, dtype: str | None):
+    config = load_config(path, dtype)
     derived = config_lib.validate(config, 1)
     return config_lib.model_config(config, derived), config.data.seq_len, derived.n_params
 

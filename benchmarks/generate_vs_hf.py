@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import pathlib
@@ -39,16 +38,13 @@ ENGINES = ("jaxlm", "transformers")
 
 
 def load_config(path: str):
-    """The config file's ConfigDict with float32 compute (bf16 matmuls are slow on x86 CPUs)
-    and one device: what both engines run."""
-    spec = importlib.util.spec_from_file_location("config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.model.update(dict(dtype="float32", param_dtype="float32", attention="xla",
-                             remat="none"))
-    config.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1))
-    config.train.update(dict(global_batch_size=1, grad_accum_steps=1))
+    """The config file's ConfigDict as benchmarks.generate runs it, weights in float32 too
+    (bf16 matmuls are slow on x86 CPUs): what both engines run. (Imported here: the
+    transformers worker never loads JAX.)"""
+    from benchmarks import generate as generate_bench
+
+    config = generate_bench.load_config(path, "float32")
+    config.model.param_dtype = "float32"
     return config
 
 
