@@ -28,11 +28,13 @@ against MaxText's `dot_product`; `splash` is jaxlm's Pallas splash kernel agains
 
 MaxText's defaults compute dot_product's QK^T scores and softmax in bfloat16
 (`float32_qk_product: false`, `float32_logits: false` in its base.yml), jaxlm's `xla` in
-float32. --maxtext_variants adds MaxText rows with more overrides of its base.yml, default
-`xla:float32_logits=true` (its softmax in float32, as jaxlm's): each entry is
-attention:key=value[+key=value...], compiled like the default row; its ratio cells are the
-same-attention jaxlm row over it. The default MaxText rows stay the ones jaxlm's rows are
-compared with.
+float32. So each side also compiles with the other's numerics: --maxtext_variants adds MaxText
+rows with more overrides of its base.yml, default
+`xla:float32_qk_product=true+float32_logits=true` (scores and softmax in float32, as jaxlm's);
+their ratio cells are the same-attention jaxlm default row over them. --jaxlm_variants adds
+jaxlm rows with config overrides, default `xla:model.float32_attention_scores=false` (scores
+and softmax in bfloat16, as MaxText's defaults); their ratio cells are over the
+same-attention MaxText default row. Each entry is attention:key=value[+key=value...].
 
 XLA's cost model counts a while loop's body once, so a scanned 32-layer step reads as about
 one layer (the 'raw' column). With extrapolation on (default), each side is also compiled with
@@ -60,6 +62,7 @@ Python; the workers run in MaxText's venv.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import os
@@ -148,7 +151,7 @@ def maxtext_argv(args, out_dir: str) -> list[str]:
             f"base_output_directory={out_dir}"]
     if args.layers != args.full_layers:
         argv += ["override_model_config=true", f"base_num_decoder_layers={args.layers}"]
-    return argv + [o for o in (args.maxtext_overrides or "").split("+") if o]
+    return argv + [o for o in (args.overrides or "").split("+") if o]
 
 
 def worker_maxtext(args) -> dict:
@@ -188,7 +191,21 @@ def jaxlm_config(args):
     config.data.seq_len = args.seq
     config.train.global_batch_size = args.per_chip_batch * args.chips
     config.train.grad_accum_steps = 1
+    for override in filter(None, (args.overrides or "").split("+")):
+        key, value = override.split("=", 1)
+        section, field = key.split(".")
+        config[section][field] = _value(value)
     return config
+
+
+def _value(text: str):
+    """A config override's value: true/false, a Python literal, or else the string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def keep_remat_recompute() -> None:
@@ -242,7 +259,9 @@ def worker_jaxlm(args) -> dict:
             "overrides": {"model.remat": "full", "model.attention": args.attention,
                           "model.n_layers": args.layers, "model.scan_unroll":
                           config.model.scan_unroll, "data.seq_len": args.seq,
-                          "train.global_batch_size": config.train.global_batch_size}}
+                          "train.global_batch_size": config.train.global_batch_size,
+                          **{k: _value(v) for k, v in (o.split("=", 1) for o in filter(
+                              None, (args.overrides or "").split("+")))}}}
 
 
 def run_worker(args) -> None:
@@ -283,12 +302,13 @@ def shared_python(cache: pathlib.Path) -> str:
 def compile_once(python: str, side: str, attention: str, layers: int, scanned: bool,
                  args, overrides: str = "") -> dict:
     """One compile in a fresh process of the shared venv; its RESULT line, or an error.
-    `overrides`: more of MaxText's key=value settings, joined by '+'."""
+    `overrides`: more key=value settings of that side (MaxText's base.yml keys, or jaxlm's
+    config fields such as model.float32_attention_scores), joined by '+'."""
     cmd = [python, "-m", "benchmarks.aot_vs_maxtext", f"--worker={side}",
            f"--attention={attention}", f"--worker_layers={layers}",
            f"--scanned={int(scanned)}", f"--topology={args.topology}",
            f"--per_chip_batch={args.per_chip_batch}", f"--seq={args.seq}",
-           f"--layers={args.layers}", f"--maxtext_overrides={overrides}"]
+           f"--layers={args.layers}", f"--overrides={overrides}"]
     env = {**os.environ, **WORKER_ENV,
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     if not scanned:
@@ -361,24 +381,24 @@ def _f(value, fmt: str) -> str:
 def table_rows(rows: list[dict]) -> list[list[str]]:
     """Cells per row; jaxlm's rows carry jaxlm / MaxText ratios for the same attention."""
     peers = {r["attention"]: r for r in rows if r["side"] == "maxtext" and not r.get("variant")}
-    ours = {r["attention"]: r for r in rows if r["side"] == "jaxlm"}
+    ours = {r["attention"]: r for r in rows if r["side"] == "jaxlm" and not r.get("variant")}
     cells = []
     for r in rows:
         mem_ratio = time_ratio = None
         best = "corrected_plus_floor_s"
         if r["side"] == "jaxlm":
             mine, peer = r, peers.get(r["attention"])
-        else:  # a MaxText variant row: the same-attention jaxlm row over it
+        else:  # a MaxText variant row: the same-attention jaxlm default row over it
             mine, peer = (ours.get(r["attention"]), r) if r.get("variant") else (None, None)
         if mine and peer:
             if mine.get("total_gib") and peer.get("total_gib"):
                 mem_ratio = mine["total_gib"] / peer["total_gib"]
             if mine.get(best) and peer.get(best):
                 time_ratio = mine[best] / peer[best]
-        label = MAXTEXT_ATTENTION[r["attention"]]
+        label = r["attention"] if r["side"] == "jaxlm" else MAXTEXT_ATTENTION[r["attention"]]
         if r.get("variant"):
             label += " " + r["variant"].replace("+", " ")
-        cells.append([r["side"], r["attention"] if r["side"] == "jaxlm" else label,
+        cells.append([r["side"], label,
                       _f(r.get("arguments_gib"), ".2f"), _f(r.get("temp_gib"), ".2f"),
                       _f(r.get("total_gib"), ".2f"), _f(r.get("raw_s"), ".3f"),
                       _f(r.get("corrected_s"), ".3f"), _f(r.get(best), ".3f"),
@@ -475,11 +495,16 @@ def compare(args) -> None:
     if args.extrapolate:
         shapes += [("one", 1, False), ("two", 2, False)]
     compiles = {}
-    variants = [v.split(":", 1) for v in (args.maxtext_variants or "").split(",") if v]
+    def variants(flag):
+        return [v.split(":", 1) for v in (flag or "").split(",") if v]
+
     for attention in args.attention.split(","):
         for side, overrides in [("maxtext", ""),
-                                *(("maxtext", o) for a, o in variants if a == attention),
-                                ("jaxlm", "")]:
+                                *(("maxtext", o) for a, o in variants(args.maxtext_variants)
+                                  if a == attention),
+                                ("jaxlm", ""),
+                                *(("jaxlm", o) for a, o in variants(args.jaxlm_variants)
+                                  if a == attention)]:
             compiles[f"{side}/{attention}" + (f"/{overrides}" if overrides else "")] = {
                 name: compile_once(python, side, attention, layers, scanned, args, overrides)
                 for name, layers, scanned in shapes}
@@ -530,10 +555,14 @@ def main() -> None:
                    help="sequences per chip (8 x 32 chips = configs/7b.py's 256)")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--layers", type=int, default=32, help="the model's layers (llama2-7b: 32)")
-    p.add_argument("--maxtext_variants", default="xla:float32_logits=true",
+    p.add_argument("--maxtext_variants",
+                   default="xla:float32_qk_product=true+float32_logits=true",
                    help="extra MaxText rows: attention:key=value[+key=value...], comma-separated "
                         "('' for none)")
-    p.add_argument("--maxtext_overrides", default="", help=argparse.SUPPRESS)
+    p.add_argument("--jaxlm_variants", default="xla:model.float32_attention_scores=false",
+                   help="extra jaxlm rows: attention:section.field=value[+...], comma-separated "
+                        "('' for none)")
+    p.add_argument("--overrides", default="", help=argparse.SUPPRESS)
     p.add_argument("--no_extrapolate", dest="extrapolate", action="store_false",
                    help="skip the 1- and 2-layer compiles (raw estimates only)")
     p.add_argument("--cache_dir", default="~/.cache/jaxlm-peers", help="MaxText's venv")

@@ -32,13 +32,25 @@ def _block_mask(q_start: int, q_len: int, k_len: int, segment_ids) -> jax.Array:
     return mask & (q_seg[:, None, None, :, None] == segment_ids[:, None, None, None, :k_len])
 
 
-def _attend(q, k, v, mask):
-    """Softmax attention of grouped queries q [b, q, kv, group, d] over k, v [b, k, kv, d]."""
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (q.shape[-1] ** -0.5)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+def _attend(q, k, v, mask, scores_dtype=jnp.float32):
+    """Softmax attention of grouped queries q [b, q, kv, group, d] over k, v [b, k, kv, d].
+
+    Scores and softmax in `scores_dtype` (float32 unless a config asks for the compute
+    dtype). The softmax is normalised after the PV product, on the [q, d] output, instead of
+    on the [q, k] probabilities: one pass less over the score-sized arrays, forward and
+    backward. The 7B step on v5p-64 (libtpu's estimate, XLA attention) went 6.207 -> 6.030 s
+    (benchmarks/results/NOTES.md, session 11).
+    """
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=scores_dtype)
+    scores = scores * jnp.asarray(q.shape[-1] ** -0.5, scores_dtype)
+    scores = jnp.where(mask, scores, jnp.finfo(scores_dtype).min)
+    # Every query sees at least its own key, so each row's sum is at least exp(0) = 1.
+    top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    weights = jnp.exp(scores - top)
+    total = jnp.sum(weights, axis=-1, dtype=jnp.float32)  # [b, kv, group, q]
+    out = jnp.einsum("bkgqs,bskd->bqkgd", weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return (out / jnp.moveaxis(total, -1, 1)[..., None]).astype(v.dtype)
 
 
 # On TPU causal XLA attention runs in 8 query blocks (36/64 of the square) instead of 4 (10/16):
@@ -56,17 +68,20 @@ def query_blocks(length: int, min_block: int = 128, max_blocks: int = 4) -> int:
     return max(blocks, 1)
 
 
-def xla_attention(q, k, v, segment_ids, blocks: int | None = None):
+def xla_attention(q, k, v, segment_ids, blocks: int | None = None,
+                  float32_scores: bool = True):
     """Causal attention in plain XLA ops; GQA by grouping query heads, never repeating k, v.
 
     Queries are cut into `blocks` static blocks, each attending only to the keys up to its
     own end, so most of the masked upper triangle is never computed: with 4 blocks, scores,
     softmax and both matmuls cover 62.5% of the square (measured on a 2-core EPYC, medium
     vs_peers shape, alternating processes: 8-15% off the whole train step, see
-    benchmarks/results/NOTES.md).
+    benchmarks/results/NOTES.md). `float32_scores=False` computes the scores and softmax in
+    q's dtype (MaxText's default for its dot_product attention): faster, less exact.
     """
     batch, length, n_heads, head_dim = q.shape
     n_kv = k.shape[2]
+    scores_dtype = jnp.float32 if float32_scores else q.dtype
     blocks = query_blocks(length) if blocks is None else blocks
     if length % blocks:
         raise ValueError(f"sequence length {length} does not split into {blocks} query blocks")
@@ -76,7 +91,7 @@ def xla_attention(q, k, v, segment_ids, blocks: int | None = None):
     for i in range(blocks):
         end = (i + 1) * size
         mask = _block_mask(i * size, size, end, segment_ids)
-        outs.append(_attend(q[:, i * size:end], k[:, :end], v[:, :end], mask))
+        outs.append(_attend(q[:, i * size:end], k[:, :end], v[:, :end], mask, scores_dtype))
     out = outs[0] if blocks == 1 else jnp.concatenate(outs, axis=1)
     return out.reshape(batch, length, n_heads, head_dim)
 
@@ -173,17 +188,17 @@ def resolve(impl: str, platform: str, dtype) -> str:
 
 def attention(q, k, v, segment_ids, impl: str = "xla", *, splash_block_q: int = 512,
               splash_block_kv: int = 512, splash_interpret: bool | None = None,
-              max_query_blocks: int | None = None):
+              max_query_blocks: int | None = None, float32_scores: bool = True):
     """Dispatch to an implementation: `xla`, `cudnn`, `splash`, or `auto` (see `resolve`,
     judged by the default backend). `max_query_blocks` caps `xla`'s causal query blocks
-    (default: `query_blocks`' own)."""
+    (default: `query_blocks`' own); `float32_scores` is `xla_attention`'s."""
     impl = resolve(impl, jax.default_backend(), q.dtype)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, segment_ids)
     if impl == "xla":
         blocks = None if max_query_blocks is None else query_blocks(
             q.shape[1], max_blocks=max_query_blocks)
-        return xla_attention(q, k, v, segment_ids, blocks)
+        return xla_attention(q, k, v, segment_ids, blocks, float32_scores)
     if impl == "splash":
         return splash_attention(q, k, v, segment_ids, splash_block_q, splash_block_kv,
                                 splash_interpret)

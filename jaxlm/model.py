@@ -73,6 +73,8 @@ class ModelConfig:
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"  # "none" or a key of REMAT_POLICIES
     attention: str = "xla"  # see jaxlm.attention.attention
+    # False: `xla` attention's scores and softmax in the compute dtype (MaxText's default)
+    float32_attention_scores: bool = True
     splash_block_q: int = 512  # splash kernel tiles (clipped to the row length)
     splash_block_kv: int = 512
     splash_interpret: bool | None = None  # None: interpret unless the default backend is TPU
@@ -148,6 +150,12 @@ def apply_rotary(x, positions, theta: float, max_position: int | None = None,
     q and k rotations of 8 x 4096 tokens per v5p chip, forward, remat forward and backward,
     compiled by libtpu: 14.0 GB moved with the table, 13.3 GB inline, est. 5.97 vs 5.65 ms
     (benchmarks/results/NOTES.md). Both compute the same float32 angles position * inv_freq.
+
+    The rotation itself multiplies in x's dtype, by sin and cos rounded to it, as
+    `transformers` and MaxText do. In float32 it changes nothing; in bfloat16 a float32
+    rotation made XLA write the q and k projections out in float32 and convert them back in
+    the backward: the 7B step on v5p-64 (libtpu's estimate, splash) took 4.442 s, 4.378 s in
+    bfloat16 (benchmarks/results/NOTES.md, session 11).
     """
     half = x.shape[-1] // 2
     inv_freq = rope_frequencies(half, theta, scaling)
@@ -158,8 +166,9 @@ def apply_rotary(x, positions, theta: float, max_position: int | None = None,
     else:
         angle = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [b, l, 1, d/2]
         sin, cos = jnp.sin(angle), jnp.cos(angle)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    sin, cos = sin.astype(x.dtype), cos.astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def _weight(module: nn.Module, name: str, shape: tuple, names: tuple, std: float, c):
@@ -244,7 +253,8 @@ class Attention(nn.Module):
             out = attention_lib.attention(
                 q, k, v, segment_ids, c.attention, splash_block_q=c.splash_block_q,
                 splash_block_kv=c.splash_block_kv, splash_interpret=c.splash_interpret,
-                max_query_blocks=attention_lib.TPU_MAX_QUERY_BLOCKS if tpu else None)
+                max_query_blocks=attention_lib.TPU_MAX_QUERY_BLOCKS if tpu else None,
+                float32_scores=c.float32_attention_scores)
         return wo(nn.with_logical_constraint(out, ("batch", "length", "act_heads", None)))
 
     def _cached(self, q, k, v, positions, cache, layer, wo):

@@ -66,6 +66,13 @@ def test_train_rejects_bad_config_before_compiling(tmp_path):
     assert compiles == []
 
 
+def test_bfloat16_scores_need_xla_attention():
+    with pytest.raises(config_lib.ConfigError, match="model.float32_attention_scores=False"):
+        config_lib.validate(_config(model__float32_attention_scores=False,
+                                    model__attention="splash"), 8)
+    config_lib.validate(_config(model__float32_attention_scores=False, model__attention="xla"), 8)
+
+
 def test_good_config_derives_values():
     config = _config(train__global_batch_size=32, train__grad_accum_steps=2, mesh__tensor=2)
     derived = config_lib.validate(config, 8)

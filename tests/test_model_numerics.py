@@ -228,6 +228,22 @@ def test_tpu_query_blocks_match_the_reference():
     np.testing.assert_allclose(np.asarray(got)[0], want, rtol=1e-5, atol=1e-5)
 
 
+def test_bfloat16_scores_stay_within_bfloat16_of_the_reference():
+    """float32_scores=False (scores and softmax in q's dtype, MaxText's default): still the
+    reference attention to bfloat16 precision, and not the float32-scores computation."""
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((2, 64, heads, 16)) for heads in (4, 2, 2))
+    segments = np.stack([_packed_row(rng, (20, 30, 10), 64)[2], _packed_row(rng, (64,), 64)[2]])
+    bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
+    low = attention_lib.xla_attention(*bf16, jnp.asarray(segments), float32_scores=False)
+    high = attention_lib.xla_attention(*bf16, jnp.asarray(segments))
+    assert low.dtype == jnp.bfloat16
+    for b in range(2):
+        want = ref_attention(q[b], k[b], v[b], segments[b])
+        np.testing.assert_allclose(np.asarray(low[b], np.float32), want, atol=0.08)
+    assert np.abs(np.asarray(low, np.float32) - np.asarray(high, np.float32)).max() > 0
+
+
 def test_attention_blocks_must_divide_the_sequence():
     q = jnp.zeros((1, 12, 2, 4))
     with pytest.raises(ValueError, match="does not split into 5 query blocks"):
