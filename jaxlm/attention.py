@@ -32,8 +32,9 @@ def _block_mask(q_start: int, q_len: int, k_len: int, segment_ids) -> jax.Array:
     return mask & (q_seg[:, None, None, :, None] == segment_ids[:, None, None, None, :k_len])
 
 
-def _attend(q, k, v, mask, scores_dtype=jnp.float32):
-    """Softmax attention of grouped queries q [b, q, kv, group, d] over k, v [b, k, kv, d].
+def _attend(q, k, v, mask, scores_dtype=jnp.float32, kv_layout: str = "bskd"):
+    """Softmax attention of grouped queries q [b, q, kv, group, d] over k, v laid out as
+    `kv_layout` says: [b, s, kv, d] ("bskd") or, a decode cache's, [b, kv, s, d] ("bksd").
 
     Scores and softmax in `scores_dtype` (float32 unless a config asks for the compute
     dtype). The softmax is normalised after the PV product, on the [q, d] output, instead of
@@ -41,14 +42,19 @@ def _attend(q, k, v, mask, scores_dtype=jnp.float32):
     backward. The 7B step on v5p-64 (libtpu's estimate, XLA attention) went 6.207 -> 6.030 s
     (benchmarks/results/NOTES.md, session 11).
     """
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=scores_dtype)
+    if kv_layout == "bksd":
+        # keys first: with queries first, XLA's CPU backend copied a batch-1 key cache
+        # twice per layer and step (it duplicated the cache write into the product's operand)
+        scores = jnp.einsum("bksd,bqkgd->bkgqs", k, q, preferred_element_type=scores_dtype)
+    else:
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=scores_dtype)
     scores = scores * jnp.asarray(q.shape[-1] ** -0.5, scores_dtype)
     scores = jnp.where(mask, scores, jnp.finfo(scores_dtype).min)
     # Every query sees at least its own key, so each row's sum is at least exp(0) = 1.
     top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
     weights = jnp.exp(scores - top)
     total = jnp.sum(weights, axis=-1, dtype=jnp.float32)  # [b, kv, group, q]
-    out = jnp.einsum("bkgqs,bskd->bqkgd", weights.astype(v.dtype), v,
+    out = jnp.einsum(f"bkgqs,{kv_layout}->bqkgd", weights.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     return (out / jnp.moveaxis(total, -1, 1)[..., None]).astype(v.dtype)
 
@@ -206,13 +212,17 @@ def attention(q, k, v, segment_ids, impl: str = "xla", *, splash_block_q: int = 
 
 
 def cached_attention(q, k_cache, v_cache, positions):
-    """Grouped-query attention of q [b, l, heads, d] over a KV cache [b, slots, kv_heads, d]
+    """Grouped-query attention of q [b, l, heads, d] over a KV cache [b, kv_heads, slots, d]
     whose slot s holds the token at position s (jaxlm.generate): a query at position p sees
     slots 0..p. Slots past p (padding, or not yet written) are never read, so one mask
-    serves the prefill of right-padded prompts and every decode step."""
+    serves the prefill of right-padded prompts and every decode step.
+
+    Slots come after kv heads so that both products take each (row, kv head)'s [slots, d]
+    block as it lies: with slots first, XLA's CPU backend copied every layer's cache into
+    that order at every decode step (8 rows, 256 slots: 16 of a ~50 ms step)."""
     batch, length, n_heads, head_dim = q.shape
-    n_kv = k_cache.shape[2]
+    n_kv = k_cache.shape[1]
     q = q.reshape(batch, length, n_kv, n_heads // n_kv, head_dim)
-    visible = jnp.arange(k_cache.shape[1])[None, None, :] <= positions[:, :, None]  # [b, l, s]
-    out = _attend(q, k_cache, v_cache, visible[:, None, None])
+    visible = jnp.arange(k_cache.shape[2])[None, None, :] <= positions[:, :, None]  # [b, l, s]
+    out = _attend(q, k_cache, v_cache, visible[:, None, None], kv_layout="bksd")
     return out.reshape(batch, length, n_heads, head_dim)

@@ -6,7 +6,7 @@ Library: `generate(params, model_config, prompts_tokens, max_len=..., ...)` retu
 tokens of each prompt; `stream(...)` yields them a step at a time.
 
 How it runs. Prompts are right-padded to a bucket (a power of two, so a new prompt length
-rarely compiles anything new) and the KV cache, [layers, batch, slots, kv_heads, head_dim],
+rarely compiles anything new) and the KV cache, [layers, batch, kv_heads, slots, head_dim],
 has a fixed number of slots (bucket + max_new_tokens rounded up to 128, at most the context).
 Slot s holds the token at position s of its row, so every row's positions start at 0 at its
 first token whatever its length, and a query at position p attends to slots 0..p only:
@@ -60,8 +60,8 @@ def init_cache(cfg: model_lib.ModelConfig, batch: int, slots: int) -> dict | lis
     """Zeros: {"k", "v"} [layers, ...] for a scanned model, else one {"k", "v"} [1, ...] per
     layer (see ModelConfig.scan_layers)."""
     layers = cfg.n_layers if cfg.scan_layers else 1
-    shape = (layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
-    names = ("layers", "batch", None, "act_kv_heads", None)
+    shape = (layers, batch, cfg.n_kv_heads, slots, cfg.head_dim)
+    names = ("layers", "batch", "act_kv_heads", None, None)
 
     def one():
         return {name: nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype), names)

@@ -214,7 +214,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache=None, layer=None):
-        """The attention output; with a `cache` {"k", "v"} [layers, b, slots, kv, hd]
+        """The attention output; with a `cache` {"k", "v"} [layers, b, kv, slots, hd]
         (decoding, see jaxlm.generate) also the cache with this call's keys and values
         written into `layer` at the slots their positions name."""
         c = self.cfg
@@ -259,13 +259,14 @@ class Attention(nn.Module):
 
     def _cached(self, q, k, v, positions, cache, layer, wo):
         """Decoding: rotary angles up to the cache's length, then attention over the cache."""
-        slots = cache["k"].shape[2]
+        slots = cache["k"].shape[3]
         q = apply_rotary(q, positions, self.cfg.rope_theta, slots, scaling=self.cfg.rope_scaling)
         k = apply_rotary(k, positions, self.cfg.rope_theta, slots, scaling=self.cfg.rope_scaling)
         rows = jnp.arange(q.shape[0])[:, None]
+        # new [b, l, kv, hd] into slots `positions` of cache [layers, b, kv, slots, hd]
         cache = {name: nn.with_logical_constraint(
-                     cache[name].at[layer, rows, positions].set(new.astype(cache[name].dtype)),
-                     ("layers", "batch", None, "act_kv_heads", None))
+                     cache[name].at[layer, rows, :, positions].set(new.astype(cache[name].dtype)),
+                     ("layers", "batch", "act_kv_heads", None, None))
                  for name, new in (("k", k), ("v", v))}
         out = attention_lib.cached_attention(q, cache["k"][layer], cache["v"][layer], positions)
         return wo(nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))), cache
@@ -351,9 +352,9 @@ class Transformer(nn.Module):
         """Logits, or with `head_inputs` the final hidden states [b, l, d] and the LM head
         [d, vocab] in the compute dtype, for a loss that applies the head itself (jaxlm.loss).
 
-        With a KV `cache` {"k", "v"} [layers, b, slots, kv_heads, head_dim] (decoding, see
+        With a KV `cache` {"k", "v"} [layers, b, kv_heads, slots, head_dim] (decoding, see
         jaxlm.generate; `positions` required, `segment_ids` unused; without scan_layers a list
-        of one {"k", "v"} [1, b, slots, kv_heads, head_dim] per layer) it returns (that output,
+        of one {"k", "v"} [1, b, kv_heads, slots, head_dim] per layer) it returns (that output,
         the updated cache)."""
         c = self.cfg
         if cache is not None and (positions is None or context_parallel.sequence_shards() > 1):
