@@ -16,7 +16,18 @@ sequence ("length"), with one of two strategies (`model.context_parallel`):
 - `ring`: keys and values travel round the shards with `lax.ppermute` while each shard keeps a
   running softmax (max, sum, output); no shard ever holds more than two shards' K/V, and the
   backward pass (a custom VJP) rotates them again with their gradients. Memory grows with l/n
-  rather than l; each step's transfer can overlap the block's compute. Blocks run in XLA ops.
+  rather than l; each step's transfer can overlap the block's compute. The blocks run in our
+  Pallas flash kernels on TPU (jaxlm.ring_kernels: a block's output and log-sum-exp forward,
+  dq and dk/dv backward from the global log-sum-exp; splash's public API has no such block
+  backward), in XLA ops on CPU and GPU (query tiles of QUERY_TILE, additive-bias masks, only
+  the half of an off-diagonal block that has allowed pairs).
+
+  Why a custom VJP rather than autodiff of the forward loop (RING_BACKWARD="autodiff", kept
+  for the comparison; each query tile under jax.checkpoint so no scores are kept): autodiff
+  keeps every step's K/V block (and each tile's inputs) for the backward, where the custom VJP keeps
+  only q, k, v, the output and the log-sum-exp and rotates K/V again. Compiled for v5p-16 (7B,
+  32k rows over 4 shards, benchmarks/ring_variants.py, results/ring-variants.md) autodiff
+  needs 0.70 GiB more temporaries per chip and XLA estimates its layer 3% slower.
 
 Packed rows: segment ids travel with the keys, so a document may span shards.
 """
@@ -367,7 +378,7 @@ RING_BACKWARD = "custom_vjp"
 RING_BACKWARDS = ("custom_vjp", "autodiff")
 # Whether the ring's blocks run in jaxlm.ring_kernels' Pallas kernels where attention would
 # be splash (TPU; Pallas' interpreter elsewhere when asked), rather than in XLA ops.
-RING_KERNEL = False
+RING_KERNEL = True
 
 
 def _ring_xla(q, k, v, seg, axes, shards):
@@ -462,8 +473,10 @@ def attention(q, k, v, segment_ids, strategy: str = "all_gather", block_impl: st
     """Causal GQA attention of rows in the balanced order, split over the traced mesh.
 
     q [b, l, h, d], k, v [b, l, kv, d], segment_ids [b, l] or None, all in the balanced order
-    (`balance`) and sharded as ("batch", "length", heads). `block_impl` "splash" runs the
-    all_gather strategy's block in the splash kernel (`splash_blocks`: its BlockSizes).
+    (`balance`) and sharded as ("batch", "length", heads). `block_impl` "splash" (what the
+    model passes on TPU) runs the all_gather strategy's block in the splash kernel
+    (`splash_blocks`: its BlockSizes) and the ring's blocks in jaxlm.ring_kernels; both in
+    Pallas' interpreter with `splash_interpret`. "xla": XLA ops.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown context-parallel strategy {strategy!r}; use one of {STRATEGIES}")

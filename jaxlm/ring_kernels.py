@@ -33,9 +33,11 @@ BLOCK_Q, BLOCK_K = 512, 512  # the largest tiles used (clipped to divisors of th
 _TRANS_B = (((1,), (1,)), ((), ()))  # contract the last dims: q @ k.T
 
 
-def _tile(length: int, target: int) -> int:
-    """The largest divisor of `length` up to `target`."""
-    return max(t for t in range(1, min(length, target) + 1) if length % t == 0)
+def _tile(length: int, target: int, multiple: int) -> int:
+    """The largest divisor of `length` up to `target`, a multiple of `multiple` where one
+    is (Mosaic's tiles: 8 rows, 128 lanes), else any (the interpreter takes any)."""
+    divisors = [t for t in range(1, min(length, target) + 1) if length % t == 0]
+    return max([t for t in divisors if t % multiple == 0] or divisors)
 
 
 def _widen(x, n: int):
@@ -129,14 +131,14 @@ def block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, scale: float,
     b, h, t, d = q.shape
     kv, s = k.shape[1], k.shape[2]
     group = h // kv
-    bq, bk = _tile(t, block_q or BLOCK_Q), _tile(s, block_k or BLOCK_K)
+    bq, bk = _tile(t, block_q or BLOCK_Q, SUBLANES), _tile(s, block_k or BLOCK_K, LANES)
     q_last, k_first = _bounds(q_pos, k_pos, bq, bk)
     q_pos, k_pos, q_seg, k_seg = _vectors(q_pos, k_pos, q_seg, k_seg)
     grid = (b, h, t // bq, s // bk)
     in_specs = [
         pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j, *_: (b_, h_, i, 0)),
-        pl.BlockSpec((None, None, bk, d), lambda b_, h_, i, j, *_: (b_, h_ // group, j, 0)),
-        pl.BlockSpec((None, None, bk, d), lambda b_, h_, i, j, *_: (b_, h_ // group, j, 0)),
+        pl.BlockSpec((None, None, bk, d), lambda b_, h_, i, j, *_: (b_, jax.lax.div(h_, group), j, 0)),
+        pl.BlockSpec((None, None, bk, d), lambda b_, h_, i, j, *_: (b_, jax.lax.div(h_, group), j, 0)),
         pl.BlockSpec((bq, LANES), lambda b_, h_, i, j, *_: (i, 0)),
         pl.BlockSpec((SUBLANES, bk), lambda b_, h_, i, j, *_: (0, j)),
         pl.BlockSpec((None, bq, LANES), lambda b_, h_, i, j, *_: (b_, i, 0)),
@@ -230,7 +232,7 @@ def block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, do, lse, delta, *, scale
     b, h, t, d = q.shape
     kv, s = k.shape[1], k.shape[2]
     group = h // kv
-    bq, bk = _tile(t, block_q or BLOCK_Q), _tile(s, block_k or BLOCK_K)
+    bq, bk = _tile(t, block_q or BLOCK_Q, SUBLANES), _tile(s, block_k or BLOCK_K, LANES)
     q_last, k_first = _bounds(q_pos, k_pos, bq, bk)
     q_pos, k_pos, q_seg, k_seg = _vectors(q_pos, k_pos, q_seg, k_seg)
     lse, delta = (jnp.broadcast_to(a[..., None], (*a.shape, LANES)) for a in (lse, delta))
@@ -238,7 +240,7 @@ def block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, do, lse, delta, *, scale
 
     # dq: grid (b, h, query tiles, key tiles), the key tiles reduced.
     q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j, *_: (b_, h_, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d), lambda b_, h_, i, j, *_: (b_, h_ // group, j, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, d), lambda b_, h_, i, j, *_: (b_, jax.lax.div(h_, group), j, 0))
     row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b_, h_, i, j, *_: (b_, h_, i, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale),

@@ -240,5 +240,7 @@ def test_config_errors_name_the_field():
     config = small_config(sequence=2, fsdp=4)
     config.data.seq_len, config.model.attention = 512, "splash"
     config.model.context_parallel = "ring"
-    with pytest.raises(config_lib.ConfigError, match=re.escape("model.context_parallel")):
+    config_lib.validate(config, 8)  # the ring's Pallas blocks: shards of 256 tokens
+    config.data.seq_len = 320  # shards of 160: not whole 128-token lanes
+    with pytest.raises(config_lib.ConfigError, match=re.escape("data.seq_len")):
         config_lib.validate(config, 8)
