@@ -59,6 +59,12 @@ def _scores(q, k, scale):
     return s * scale
 
 
+def _kv_head(head, group: int):
+    """The key/value head a query head reads (lax.div: jnp's // lowers a sign op that
+    Mosaic cannot lower without a TPU at hand)."""
+    return jax.lax.div(head, group)
+
+
 def _run(q_last_ref, k_first_ref, i, j):
     """Whether query tile i and key tile j have any allowed pair by position."""
     return k_first_ref[j] <= q_last_ref[i]
@@ -118,6 +124,27 @@ def _vectors(q_pos, k_pos, q_seg, k_seg):
     return lanes(q_pos), sublanes(k_pos), lanes(q_seg), sublanes(k_seg)
 
 
+def _prepare(q_pos, k_pos, q_seg, k_seg, block_q, block_k):
+    """The tiles (query, key), the scalar-prefetch bounds and the laid-out vectors."""
+    bq = _tile(q_pos.shape[0], block_q or BLOCK_Q, SUBLANES)
+    bk = _tile(k_pos.shape[0], block_k or BLOCK_K, LANES)
+    return bq, bk, _bounds(q_pos, k_pos, bq, bk), _vectors(q_pos, k_pos, q_seg, k_seg)
+
+
+def _row_grid_specs(bq, bk, d, group):
+    """Block specs on a (batch, query head, query tile, key tile) grid: a query-side tile, a
+    key/value tile, a query-side lane-broadcast row vector, and the four mask vectors."""
+    q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, *_: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, d),
+                           lambda b, h, i, j, *_: (b, _kv_head(h, group), j, 0))
+    row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, *_: (b, h, i, 0))
+    vector_specs = [pl.BlockSpec((bq, LANES), lambda b, h, i, j, *_: (i, 0)),
+                    pl.BlockSpec((SUBLANES, bk), lambda b, h, i, j, *_: (0, j)),
+                    pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
+                    pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j, *_: (b, 0, j))]
+    return q_spec, kv_spec, row_spec, vector_specs
+
+
 def _compiler_params(semantics):
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
@@ -128,30 +155,16 @@ def block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, scale: float,
                   interpret: bool = False):
     """Attention of q over the block (k, v): out float32 [b, h, t, d] (normalized over this
     block's keys; 0 where a row sees none) and its log-sum-exp float32 [b, h, t]."""
-    b, h, t, d = q.shape
-    kv, s = k.shape[1], k.shape[2]
+    (b, h, t, d), kv, s = q.shape, k.shape[1], k.shape[2]
     group = h // kv
-    bq, bk = _tile(t, block_q or BLOCK_Q, SUBLANES), _tile(s, block_k or BLOCK_K, LANES)
-    q_last, k_first = _bounds(q_pos, k_pos, bq, bk)
-    q_pos, k_pos, q_seg, k_seg = _vectors(q_pos, k_pos, q_seg, k_seg)
+    bq, bk, bounds, vectors = _prepare(q_pos, k_pos, q_seg, k_seg, block_q, block_k)
     grid = (b, h, t // bq, s // bk)
-    in_specs = [
-        pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j, *_: (b_, h_, i, 0)),
-        pl.BlockSpec((None, None, bk, d), lambda b_, h_, i, j, *_: (b_, jax.lax.div(h_, group), j, 0)),
-        pl.BlockSpec((None, None, bk, d), lambda b_, h_, i, j, *_: (b_, jax.lax.div(h_, group), j, 0)),
-        pl.BlockSpec((bq, LANES), lambda b_, h_, i, j, *_: (i, 0)),
-        pl.BlockSpec((SUBLANES, bk), lambda b_, h_, i, j, *_: (0, j)),
-        pl.BlockSpec((None, bq, LANES), lambda b_, h_, i, j, *_: (b_, i, 0)),
-        pl.BlockSpec((None, SUBLANES, bk), lambda b_, h_, i, j, *_: (b_, 0, j)),
-    ]
-    out_specs = [
-        pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j, *_: (b_, h_, i, 0)),
-        pl.BlockSpec((None, None, bq, LANES), lambda b_, h_, i, j, *_: (b_, h_, i, 0)),
-    ]
+    q_spec, kv_spec, row_spec, vector_specs = _row_grid_specs(bq, bk, d, group)
     out, lse = pl.pallas_call(
         functools.partial(_forward_kernel, scale=scale),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=grid, in_specs=in_specs, out_specs=out_specs,
+            num_scalar_prefetch=2, grid=grid, in_specs=[q_spec, kv_spec, kv_spec, *vector_specs],
+            out_specs=[q_spec, row_spec],
             scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
                             pltpu.VMEM((bq, LANES), jnp.float32),
                             pltpu.VMEM((bq, d), jnp.float32)]),
@@ -159,7 +172,7 @@ def block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, scale: float,
                    jax.ShapeDtypeStruct((b, h, t, LANES), jnp.float32)],
         compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(q_last, k_first, q, k, v, q_pos, k_pos, q_seg, k_seg)
+    )(*bounds, q, k, v, *vectors)
     return out, lse[..., 0]
 
 
@@ -229,28 +242,19 @@ def block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, do, lse, delta, *, scale
                    interpret: bool = False):
     """Gradients of the block (float32): dq [b, h, t, d], dk and dv [b, kv, s, d], given the
     rows' global log-sum-exp `lse` and D = rowsum(dO * O) `delta`, both [b, h, t], and dO."""
-    b, h, t, d = q.shape
-    kv, s = k.shape[1], k.shape[2]
+    (b, h, t, d), kv, s = q.shape, k.shape[1], k.shape[2]
     group = h // kv
-    bq, bk = _tile(t, block_q or BLOCK_Q, SUBLANES), _tile(s, block_k or BLOCK_K, LANES)
-    q_last, k_first = _bounds(q_pos, k_pos, bq, bk)
-    q_pos, k_pos, q_seg, k_seg = _vectors(q_pos, k_pos, q_seg, k_seg)
+    bq, bk, bounds, vectors = _prepare(q_pos, k_pos, q_seg, k_seg, block_q, block_k)
     lse, delta = (jnp.broadcast_to(a[..., None], (*a.shape, LANES)) for a in (lse, delta))
-    args = (q_last, k_first, q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg)
+    args = (*bounds, q, k, v, do, lse, delta, *vectors)
 
     # dq: grid (b, h, query tiles, key tiles), the key tiles reduced.
-    q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j, *_: (b_, h_, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d), lambda b_, h_, i, j, *_: (b_, jax.lax.div(h_, group), j, 0))
-    row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b_, h_, i, j, *_: (b_, h_, i, 0))
+    q_spec, kv_spec, row_spec, vector_specs = _row_grid_specs(bq, bk, d, group)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(b, h, t // bq, s // bk),
-            in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                      pl.BlockSpec((bq, LANES), lambda b_, h_, i, j, *_: (i, 0)),
-                      pl.BlockSpec((SUBLANES, bk), lambda b_, h_, i, j, *_: (0, j)),
-                      pl.BlockSpec((None, bq, LANES), lambda b_, h_, i, j, *_: (b_, i, 0)),
-                      pl.BlockSpec((None, SUBLANES, bk), lambda b_, h_, i, j, *_: (b_, 0, j))],
+            in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *vector_specs],
             out_specs=q_spec, scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct((b, h, t, d), jnp.float32),
         compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),

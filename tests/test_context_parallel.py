@@ -77,11 +77,16 @@ def _context_parallel(strategy, shards):
 ], ids=str)
 def test_attention_matches_float64_reference(strategy, mesh, group, rows):
     """Values, and gradients as directional derivatives of the reference."""
+    check_against_reference(_context_parallel(strategy, mesh["sequence"]), mesh, group, rows)
+
+
+def check_against_reference(attend, mesh, group, rows):
+    """`attend` (q, k, v, segment ids in the original order) under `mesh`, 2 kv heads of
+    `group` query heads each, against the float64 reference: values and gradients."""
     n_kv = 2
     q, k, v, seg = _inputs(n_kv * group, n_kv, rows)
     segments = seg if seg is not None else np.ones((2, LENGTH), np.int32)
     weights = np.random.default_rng(1).standard_normal(q.shape)
-    attend = _context_parallel(strategy, mesh["sequence"])
     seg_arg = None if seg is None else jnp.asarray(seg)
 
     def objective(q, k, v):

@@ -8,8 +8,7 @@ import pytest
 
 from jaxlm import context_parallel as cp
 from jaxlm import ring_kernels as rk
-from support import assert_attention_matches_reference
-from test_context_parallel import LENGTH, _inputs, _sharded
+from test_context_parallel import _inputs, _sharded, check_against_reference
 
 
 def _reference_block(q, k, v, q_pos, k_pos, q_seg, k_seg, scale):
@@ -70,20 +69,7 @@ def test_ring_with_kernel_blocks_matches_float64_reference(monkeypatch, mesh, gr
     monkeypatch.setattr(cp, "RING_KERNEL", True)
     monkeypatch.setattr(rk, "BLOCK_Q", 8)
     monkeypatch.setattr(rk, "BLOCK_K", 8)
-    q, k, v, seg = _inputs(2 * group, 2, rows)
-    segments = seg if seg is not None else np.ones((2, LENGTH), np.int32)
-    weights = np.random.default_rng(1).standard_normal(q.shape)
-    attend = _kernel_ring(mesh["sequence"])
-    seg_arg = None if seg is None else jnp.asarray(seg)
-
-    def objective(q, k, v):
-        out = attend(q, k, v, seg_arg)
-        return jnp.sum(out * weights), out
-
-    args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
-    (_, out), grads = _sharded(jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True),
-                               mesh)(*args)
-    assert_attention_matches_reference(out, grads, q, k, v, segments, weights, 1e-5, 1e-4)
+    check_against_reference(_kernel_ring(mesh["sequence"]), mesh, group, rows)
 
 
 def test_bfloat16_kernel_ring_equals_xla_ring_within_rounding(monkeypatch):
