@@ -12,6 +12,7 @@ import pytest
 from jaxlm import attention as attention_lib
 from jaxlm import config as config_lib
 from jaxlm import context_parallel as cp
+from jaxlm import ring_kernels
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 from support import (assert_attention_matches_reference, assert_directional_derivatives,
@@ -60,11 +61,13 @@ def _sharded(fn, mesh_shape):
     return run
 
 
-def _context_parallel(strategy, shards):
-    """Attention over rows in the original order: balance, attend over shards, restore."""
+def _context_parallel(strategy, shards, block_impl="xla"):
+    """Attention over rows in the original order: balance, attend over shards, restore.
+    `block_impl` "splash": the TPU kernels (splash, the ring's Pallas blocks) interpreted."""
     def attend(q, k, v, seg):
         b = lambda a: None if a is None else cp.balance(a, shards)  # noqa: E731
-        return cp.restore(cp.attention(b(q), b(k), b(v), b(seg), strategy), shards)
+        return cp.restore(cp.attention(b(q), b(k), b(v), b(seg), strategy, block_impl,
+                                       splash_interpret=True), shards)
     return attend
 
 
@@ -137,9 +140,12 @@ def test_ring_autodiff_backward_equals_custom_vjp(monkeypatch, mesh, group, rows
         (q, k, v), results["autodiff"][1], np.random.default_rng(3), tries=1, tol=1e-4)
 
 
-def test_bfloat16_strategies_stay_within_rounding_of_float32():
+def test_bfloat16_strategies_stay_within_rounding_of_float32(monkeypatch):
     """In bfloat16 the strategies round at different points (the ring rescales float32
-    partial sums); each stays within bfloat16 rounding of the float32 computation."""
+    partial sums); each stays within bfloat16 rounding of the float32 computation, the ring
+    with its Pallas blocks (jaxlm.ring_kernels, interpreted; 8-query tiles) too."""
+    monkeypatch.setattr(cp, "RING_KERNEL", True)
+    monkeypatch.setattr(ring_kernels, "BLOCK_Q", 8)
     q, k, v, seg = _inputs(4, 2, "packed")
     q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
     seg = jnp.asarray(seg)
@@ -151,8 +157,9 @@ def test_bfloat16_strategies_stay_within_rounding_of_float32():
 
     exact = jax.jit(loss_and_grads(attention_lib.xla_attention))(
         *(a.astype(jnp.float32) for a in (q, k, v)))
-    for strategy in cp.STRATEGIES:
-        got = _sharded(loss_and_grads(_context_parallel(strategy, 4)), dict(sequence=4))(q, k, v)
+    for strategy, block_impl in [(s, "xla") for s in cp.STRATEGIES] + [("ring", "splash")]:
+        got = _sharded(loss_and_grads(_context_parallel(strategy, 4, block_impl)),
+                       dict(sequence=4))(q, k, v)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(exact)):
             scale = float(np.max(np.abs(b)))
             np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=1e-2 * scale, rtol=0)

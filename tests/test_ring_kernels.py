@@ -1,14 +1,14 @@
 """The ring's Pallas block kernels (jaxlm.ring_kernels) in Pallas' interpreter on CPU: one
-block against float64 NumPy, and the whole ring with them against the float64 reference."""
+block against float64 NumPy, and the whole ring with them against the float64 reference
+(in bfloat16: tests/test_context_parallel.py)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxlm import context_parallel as cp
 from jaxlm import ring_kernels as rk
-from test_context_parallel import _inputs, _sharded, check_against_reference
+from test_context_parallel import _context_parallel, check_against_reference
 
 
 def _reference_block(q, k, v, q_pos, k_pos, q_seg, k_seg, scale):
@@ -50,14 +50,6 @@ def test_block_forward_matches_float64_with_rows_that_see_nothing():
                                np.where(np.isfinite(want_lse), want_lse, 0), atol=1e-5)
 
 
-def _kernel_ring(shards):
-    def attend(q, k, v, seg):
-        b = lambda a: None if a is None else cp.balance(a, shards)  # noqa: E731
-        return cp.restore(cp.attention(b(q), b(k), b(v), b(seg), "ring", "splash",
-                                       splash_interpret=True), shards)
-    return attend
-
-
 @pytest.mark.parametrize("mesh, group, rows", [
     (dict(sequence=2), 1, "packed"),
     (dict(sequence=4), 2, "causal"),
@@ -69,30 +61,5 @@ def test_ring_with_kernel_blocks_matches_float64_reference(monkeypatch, mesh, gr
     monkeypatch.setattr(cp, "RING_KERNEL", True)
     monkeypatch.setattr(rk, "BLOCK_Q", 8)
     monkeypatch.setattr(rk, "BLOCK_K", 8)
-    check_against_reference(_kernel_ring(mesh["sequence"]), mesh, group, rows)
-
-
-def test_bfloat16_kernel_ring_equals_xla_ring_within_rounding(monkeypatch):
-    """In bfloat16 the kernel blocks and the XLA blocks round at the same points (bf16
-    matmul inputs, float32 accumulation): loss and gradients agree to bfloat16 rounding."""
-    q, k, v, seg = _inputs(4, 2, "packed")
-    q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
-    seg = jnp.asarray(seg)
-
-    def loss_and_grads(attend):
-        return jax.value_and_grad(
-            lambda q, k, v: jnp.sum(attend(q, k, v, seg).astype(jnp.float32) ** 2),
-            argnums=(0, 1, 2))
-
-    monkeypatch.setattr(cp, "RING_KERNEL", True)
-    monkeypatch.setattr(rk, "BLOCK_Q", 8)
-    monkeypatch.setattr(rk, "BLOCK_K", 16)
-    got = _sharded(loss_and_grads(_kernel_ring(2)), dict(sequence=2))(q, k, v)
-    want = _sharded(loss_and_grads(
-        lambda q, k, v, seg: cp.restore(cp.attention(*(cp.balance(a, 2) for a in (q, k, v, seg)),
-                                                     "ring"), 2)), dict(sequence=2))(q, k, v)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        assert a.dtype == b.dtype
-        scale = float(np.max(np.abs(np.asarray(b, np.float32))))
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   atol=1e-2 * scale, rtol=0)
+    check_against_reference(_context_parallel("ring", mesh["sequence"], "splash"), mesh, group,
+                            rows)
