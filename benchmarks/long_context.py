@@ -25,6 +25,7 @@ from absl import app, flags
 
 from benchmarks import results_table
 from jaxlm import aot
+from jaxlm import context_parallel as cp
 
 _gib = results_table.gib
 
@@ -51,8 +52,11 @@ def run_row(topology: aot.Topology, shards: int, strategy: str, tokens_per_chip:
     start = time.perf_counter()
     report = aot.compile_for(config, topology, programs=("train_step",),
                              loop_correction=False)[0]
+    attention = aot.attention_impl(config, aot.topology_devices(topology))
+    if shards > 1 and strategy == "ring" and attention == "splash":
+        attention = "ring_kernels" if cp.RING_KERNEL else "xla"  # the ring's own blocks
     return {"sequence": shards, "strategy": strategy if shards > 1 else "-",
-            "attention": aot.attention_impl(config, aot.topology_devices(topology)),
+            "attention": attention,
             "seq_len": config.data.seq_len,
             "rows": config.train.global_batch_size, "tokens_per_chip": tokens_per_chip,
             "wall_s": time.perf_counter() - start, **json.loads(report.line())}

@@ -454,9 +454,12 @@ def _program_report(config, derived, topology, spec, devices, program, compiled,
     extra = 0.0
     if attention_impl(config, devices) == "splash":
         extra = splash_attention_flops(config, derived, rows, train) / n
-        note += ("; splash attention (a Pallas kernel the cost model counts as ~0) added by "
-                 "formula" + ("" if not train or _saves_attention(config.model.remat)
-                              else ", with its remat recompute"))
+        ring = (derived.mesh_shape["sequence"] > 1
+                and config.model.context_parallel == "ring")  # jaxlm.ring_kernels' blocks
+        note += (f"; {'the ring' if ring else 'splash'} attention (Pallas kernels the cost model "
+                 "counts as ~0) added by formula"
+                 + ("" if not train or _saves_attention(config.model.remat)
+                    else ", with its remat recompute"))
     micro_s, source = estimate_seconds(cost, spec, extra)
     if compiled.out_of_memory:
         micro_s, source = float("nan"), f"none: {compiled.out_of_memory}"

@@ -474,11 +474,19 @@ def check_splash(config: ml_collections.ConfigDict, mesh_shape: dict) -> None:
     at every length of the schedule.
 
     With a split sequence the kernel runs per shard against gathered keys
-    (context_parallel="all_gather"): query tiles then divide one shard's queries."""
+    (context_parallel="all_gather"): query tiles then divide one shard's queries. The ring
+    runs its blocks in jaxlm.ring_kernels instead, whose key tiles need shards of whole
+    128-token lanes."""
     m, final, shards = config.model, config.data.seq_len, mesh_shape["sequence"]
-    _require(shards == 1 or m.context_parallel == "all_gather", "model.context_parallel",
-             m.context_parallel, "'all_gather' for splash attention over a split sequence "
-             "(the ring strategy runs its blocks in XLA ops); or use model.attention='xla'")
+    if shards > 1 and m.context_parallel == "ring":
+        for seq_len in sorted({length for _, length in seq_len_stages(config)}, reverse=True):
+            ok = (seq_len // shards) % 128 == 0
+            field, value = (("data.seq_len", final) if seq_len == final else
+                            ("data.seq_len_schedule", config.data.seq_len_schedule))
+            _require(ok, field, value, f"row lengths whose shards (length / mesh.sequence="
+                     f"{shards}) are multiples of 128 for the ring's Pallas blocks (length "
+                     f"{seq_len} is not); or use model.attention='xla'")
+        return
     for seq_len in sorted({length for _, length in seq_len_stages(config)}, reverse=True):
         length = seq_len // shards  # one shard's queries
         for field in ("splash_block_q", "splash_block_kv"):

@@ -16,7 +16,18 @@ sequence ("length"), with one of two strategies (`model.context_parallel`):
 - `ring`: keys and values travel round the shards with `lax.ppermute` while each shard keeps a
   running softmax (max, sum, output); no shard ever holds more than two shards' K/V, and the
   backward pass (a custom VJP) rotates them again with their gradients. Memory grows with l/n
-  rather than l; each step's transfer can overlap the block's compute. Blocks run in XLA ops.
+  rather than l; each step's transfer can overlap the block's compute. The blocks run in our
+  Pallas flash kernels on TPU (jaxlm.ring_kernels: a block's output and log-sum-exp forward,
+  dq and dk/dv backward from the global log-sum-exp; splash's public API has no such block
+  backward), in XLA ops on CPU and GPU (query tiles of QUERY_TILE, additive-bias masks, only
+  the half of an off-diagonal block that has allowed pairs).
+
+  Why a custom VJP rather than autodiff of the forward loop (RING_BACKWARD="autodiff", kept
+  for the comparison; each query tile under jax.checkpoint so no scores are kept): autodiff
+  keeps every step's K/V block (and each tile's inputs) for the backward, where the custom VJP keeps
+  only q, k, v, the output and the log-sum-exp and rotates K/V again. Compiled for v5p-16 (7B,
+  32k rows over 4 shards, benchmarks/ring_variants.py, results/ring-variants.md) autodiff
+  needs 0.70 GiB more temporaries per chip and XLA estimates its layer 3% slower.
 
 Packed rows: segment ids travel with the keys, so a document may span shards.
 """
@@ -32,6 +43,7 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
+from jaxlm import ring_kernels
 from jaxlm import sharding as sharding_lib
 
 STRATEGIES = ("all_gather", "ring")
@@ -202,9 +214,11 @@ def _put(full, part, where: slice, axis: int):
     return jnp.concatenate([p for p in pieces if p.shape[axis]], axis=axis)
 
 
-def _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols):
+def _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols,
+                    remat: bool = False):
     """Online-softmax update of the running (max, sum, out) rows `rows` by keys `cols`, a
-    tile of queries at a time (each row's update is independent of the others)."""
+    tile of queries at a time (each row's update is independent of the others). `remat`:
+    for autodiff, each tile's scores are recomputed in the backward rather than kept."""
     m, l, o = state
     kc, vc, kic = k[:, cols], v[:, cols], k_index[cols]
     ksc = None if k_seg is None else k_seg[:, cols]
@@ -213,7 +227,9 @@ def _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols):
         # An additive bias [b, 1, 1, t, s]: a boolean mask broadcast over the heads by
         # jnp.where was kept per tile by XLA (2 GiB at 7B, 32k rows, 4 shards).
         s = _scores(qt, kc) + jnp.where(_mask(qit, kic, qst, ksc), 0.0, -jnp.inf)
-        m_new = jnp.maximum(m_old, jnp.max(s, axis=-1))
+        # The running max only keeps exp() in range; the result does not depend on it, so
+        # autodiff need not see it (and a fully masked row's -inf would give NaN through it).
+        m_new = jax.lax.stop_gradient(jnp.maximum(m_old, jnp.max(s, axis=-1)))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - m_safe[..., None])
         alpha = jnp.exp(m_old - m_safe)
@@ -222,6 +238,8 @@ def _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols):
                         preferred_element_type=jnp.float32)
         return m_new, l_new, jnp.moveaxis(alpha, -1, 1)[..., None] * o_old + pv
 
+    if remat:
+        update = jax.checkpoint(update)
     row_args = (q[:, rows], q_index[rows], None if q_seg is None else q_seg[:, rows],
                 m[..., rows], l[..., rows], o[:, rows])
     axes = (1, 0, 1, -1, -1, 1)
@@ -235,8 +253,10 @@ def _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols):
     return _put(m, m_new, rows, -1), _put(l, l_new, rows, -1), _put(o, o_new, rows, 1)
 
 
-def _ring_forward(q, k, v, q_seg, axes, shards):
-    """q [b, 2c, kv, g, d] grouped; returns out (q's dtype) and the log-sum-exp [b, kv, g, 2c]."""
+def _ring_forward(q, k, v, q_seg, axes, shards, remat: bool = False):
+    """q [b, 2c, kv, g, d] grouped; returns out (q's dtype) and the log-sum-exp [b, kv, g, 2c].
+    `remat`: differentiable by autodiff with each query tile's scores recomputed (see
+    RING_BACKWARD)."""
     length = q.shape[1] * shards
     index = jnp.asarray(original_index(length, shards)).reshape(shards, -1)
     me = jax.lax.axis_index(axes)
@@ -248,7 +268,8 @@ def _ring_forward(q, k, v, q_seg, axes, shards):
     for step in range(shards):
         k_index = index[(me - step) % shards]
         def update(state, rows, cols, k=k, v=v, k_index=k_index, k_seg=k_seg):
-            return _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols)
+            return _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols,
+                                   remat)
 
         if step == 0:
             state = update(state, slice(None), slice(None))
@@ -350,8 +371,98 @@ def _ring_bwd(axes, shards, residuals, do):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
+# How the ring's backward pass is had: "custom_vjp" (_ring_backward rotates K/V again with
+# their gradients) or "autodiff" (JAX differentiates the forward loop, each query tile under
+# jax.checkpoint). Private: benchmarks/ring_variants.py measures both; see the module doc.
+RING_BACKWARD = "custom_vjp"
+RING_BACKWARDS = ("custom_vjp", "autodiff")
+# Whether the ring's blocks run in jaxlm.ring_kernels' Pallas kernels where attention would
+# be splash (TPU; Pallas' interpreter elsewhere when asked), rather than in XLA ops.
+RING_KERNEL = True
+
+
 def _ring_xla(q, k, v, seg, axes, shards):
-    return _ring(_group(q, k.shape[2]), k, v, seg, axes, shards).reshape(q.shape)
+    if RING_BACKWARD not in RING_BACKWARDS:
+        raise ValueError(f"RING_BACKWARD={RING_BACKWARD!r}; use one of {RING_BACKWARDS}")
+    grouped = _group(q, k.shape[2])
+    if RING_BACKWARD == "autodiff":
+        out = _ring_forward(grouped, k, v, seg, axes, shards, remat=True)[0]
+    else:
+        out = _ring(grouped, k, v, seg, axes, shards)
+    return out.reshape(q.shape)
+
+
+# ---------------------------------------------------------------- ring, Pallas blocks
+
+
+def _ring_kernel_forward(q, k, v, seg, axes, shards, interpret):
+    """Kernel layout: q [b, h, 2c, d], k, v [b, kv, 2c, d], seg [b, 2c]. Each step's block
+    comes from jaxlm.ring_kernels (which skips the tiles the mask empties) and is added to
+    the running (out, log-sum-exp). Returns float32 out and lse [b, h, 2c]."""
+    index = jnp.asarray(original_index(q.shape[2] * shards, shards)).reshape(shards, -1)
+    me = jax.lax.axis_index(axes)
+    block = functools.partial(ring_kernels.block_forward, scale=q.shape[-1] ** -0.5,
+                              interpret=interpret)
+    k_seg = seg
+    for step in range(shards):
+        out_b, lse_b = block(q, k, v, index[me], index[(me - step) % shards], seg, k_seg)
+        if step == 0:  # the diagonal block: every row sees itself, so lse is finite after it
+            out, lse = out_b, lse_b
+        else:
+            new = jnp.logaddexp(lse, lse_b)
+            out = (out * jnp.exp(lse - new)[..., None] + out_b * jnp.exp(lse_b - new)[..., None])
+            lse = new
+        if step < shards - 1:
+            k, v, k_seg = (jax.lax.ppermute(a, axes, _ring_steps(shards)) for a in (k, v, k_seg))
+    return out, lse
+
+
+def _ring_kernel_backward(q, k, v, seg, out, lse, do, axes, shards, interpret):
+    index = jnp.asarray(original_index(q.shape[2] * shards, shards)).reshape(shards, -1)
+    me = jax.lax.axis_index(axes)
+    block = functools.partial(ring_kernels.block_backward, scale=q.shape[-1] ** -0.5,
+                              interpret=interpret)
+    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    k_seg = seg
+    for step in range(shards):
+        pq, pk, pv = block(q, k, v, index[me], index[(me - step) % shards], seg, k_seg, do,
+                           lse, delta)
+        dq, dk, dv = dq + pq, dk + pk, dv + pv
+        # The key block's gradients travel with it; one more hop after the last step.
+        dk, dv = (jax.lax.ppermute(a, axes, _ring_steps(shards)) for a in (dk, dv))
+        if step < shards - 1:
+            k, v, k_seg = (jax.lax.ppermute(a, axes, _ring_steps(shards)) for a in (k, v, k_seg))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _ring_kernel(q, k, v, seg, axes, shards, interpret):
+    return _ring_kernel_forward(q, k, v, seg, axes, shards, interpret)[0].astype(q.dtype)
+
+
+def _ring_kernel_fwd(q, k, v, seg, axes, shards, interpret):
+    out, lse = _ring_kernel_forward(q, k, v, seg, axes, shards, interpret)
+    out = out.astype(q.dtype)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _ring_kernel_bwd(axes, shards, interpret, residuals, do):
+    q, k, v, seg, out, lse = residuals
+    return (*_ring_kernel_backward(q, k, v, seg, out, lse, do, axes, shards, interpret), None)
+
+
+_ring_kernel.defvjp(_ring_kernel_fwd, _ring_kernel_bwd)
+
+
+def _ring_pallas(q, k, v, seg, axes, shards, interpret):
+    """The ring with jaxlm.ring_kernels' blocks: q [b, 2c, h, d], k, v [b, 2c, kv, d]."""
+    if seg is None:
+        seg = jnp.ones(q.shape[:2], jnp.int32)
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # heads first, as the kernels want
+    return jnp.swapaxes(_ring_kernel(q, k, v, seg.astype(jnp.int32), axes, shards, interpret),
+                        1, 2)
 
 
 # ---------------------------------------------------------------- entry point
@@ -362,8 +473,10 @@ def attention(q, k, v, segment_ids, strategy: str = "all_gather", block_impl: st
     """Causal GQA attention of rows in the balanced order, split over the traced mesh.
 
     q [b, l, h, d], k, v [b, l, kv, d], segment_ids [b, l] or None, all in the balanced order
-    (`balance`) and sharded as ("batch", "length", heads). `block_impl` "splash" runs the
-    all_gather strategy's block in the splash kernel (`splash_blocks`: its BlockSizes).
+    (`balance`) and sharded as ("batch", "length", heads). `block_impl` "splash" (what the
+    model passes on TPU) runs the all_gather strategy's block in the splash kernel
+    (`splash_blocks`: its BlockSizes) and the ring's blocks in jaxlm.ring_kernels; both in
+    Pallas' interpreter with `splash_interpret`. "xla": XLA ops.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown context-parallel strategy {strategy!r}; use one of {STRATEGIES}")
@@ -393,6 +506,8 @@ def attention(q, k, v, segment_ids, strategy: str = "all_gather", block_impl: st
         )(kernel, q, k, v, segment_ids)
         return jnp.swapaxes(out, 1, 2)
     block = _all_gather_xla if strategy == "all_gather" else _ring_xla
+    if strategy == "ring" and block_impl == "splash" and RING_KERNEL:
+        block = functools.partial(_ring_pallas, interpret=splash_interpret)
     seg_spec = () if segment_ids is None else (P(rows, length_axes),)
 
     def per_shard(q, k, v, *seg):

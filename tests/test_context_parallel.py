@@ -12,6 +12,7 @@ import pytest
 from jaxlm import attention as attention_lib
 from jaxlm import config as config_lib
 from jaxlm import context_parallel as cp
+from jaxlm import ring_kernels
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 from support import (assert_attention_matches_reference, assert_directional_derivatives,
@@ -60,11 +61,13 @@ def _sharded(fn, mesh_shape):
     return run
 
 
-def _context_parallel(strategy, shards):
-    """Attention over rows in the original order: balance, attend over shards, restore."""
+def _context_parallel(strategy, shards, block_impl="xla"):
+    """Attention over rows in the original order: balance, attend over shards, restore.
+    `block_impl` "splash": the TPU kernels (splash, the ring's Pallas blocks) interpreted."""
     def attend(q, k, v, seg):
         b = lambda a: None if a is None else cp.balance(a, shards)  # noqa: E731
-        return cp.restore(cp.attention(b(q), b(k), b(v), b(seg), strategy), shards)
+        return cp.restore(cp.attention(b(q), b(k), b(v), b(seg), strategy, block_impl,
+                                       splash_interpret=True), shards)
     return attend
 
 
@@ -77,11 +80,16 @@ def _context_parallel(strategy, shards):
 ], ids=str)
 def test_attention_matches_float64_reference(strategy, mesh, group, rows):
     """Values, and gradients as directional derivatives of the reference."""
+    check_against_reference(_context_parallel(strategy, mesh["sequence"]), mesh, group, rows)
+
+
+def check_against_reference(attend, mesh, group, rows):
+    """`attend` (q, k, v, segment ids in the original order) under `mesh`, 2 kv heads of
+    `group` query heads each, against the float64 reference: values and gradients."""
     n_kv = 2
     q, k, v, seg = _inputs(n_kv * group, n_kv, rows)
     segments = seg if seg is not None else np.ones((2, LENGTH), np.int32)
     weights = np.random.default_rng(1).standard_normal(q.shape)
-    attend = _context_parallel(strategy, mesh["sequence"])
     seg_arg = None if seg is None else jnp.asarray(seg)
 
     def objective(q, k, v):
@@ -102,9 +110,42 @@ def test_ring_in_query_tiles_matches_float64_reference(monkeypatch, tile):
     test_attention_matches_float64_reference("ring", dict(sequence=2), 2, "packed")
 
 
-def test_bfloat16_strategies_stay_within_rounding_of_float32():
+@pytest.mark.parametrize("mesh, group, rows", [
+    (dict(sequence=2), 2, "packed"),
+    (dict(sequence=4, tensor=2), 1, "causal"),
+], ids=str)
+def test_ring_autodiff_backward_equals_custom_vjp(monkeypatch, mesh, group, rows):
+    """The ring's backward by autodiff through the forward loop (query tiles rematerialized)
+    gives the custom VJP's loss and gradients, and the reference's."""
+    monkeypatch.setattr(cp, "QUERY_TILE", 8)  # several tiles per block: the remat'ed loop
+    q, k, v, seg = _inputs(2 * group, 2, rows)
+    seg_arg = None if seg is None else jnp.asarray(seg)
+    weights = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.float32)
+    attend = _context_parallel("ring", mesh["sequence"])
+    run = _sharded(jax.value_and_grad(
+        lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, seg_arg)) * weights), argnums=(0, 1, 2)),
+        mesh)
+    args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+    results = {}
+    for backward in cp.RING_BACKWARDS:
+        monkeypatch.setattr(cp, "RING_BACKWARD", backward)
+        results[backward] = run(*args)
+    for a, b in zip(jax.tree.leaves(results["autodiff"]), jax.tree.leaves(results["custom_vjp"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    segments = seg if seg is not None else np.ones((2, LENGTH), np.int32)
+    w = np.asarray(weights, np.float64)
+    assert_directional_derivatives(
+        lambda q, k, v: sum(np.sum(np.sin(ref_attention(q[b], k[b], v[b], segments[b])) * w[b])
+                            for b in range(q.shape[0])),
+        (q, k, v), results["autodiff"][1], np.random.default_rng(3), tries=1, tol=1e-4)
+
+
+def test_bfloat16_strategies_stay_within_rounding_of_float32(monkeypatch):
     """In bfloat16 the strategies round at different points (the ring rescales float32
-    partial sums); each stays within bfloat16 rounding of the float32 computation."""
+    partial sums); each stays within bfloat16 rounding of the float32 computation, the ring
+    with its Pallas blocks (jaxlm.ring_kernels, interpreted; 8-query tiles) too."""
+    monkeypatch.setattr(cp, "RING_KERNEL", True)
+    monkeypatch.setattr(ring_kernels, "BLOCK_Q", 8)
     q, k, v, seg = _inputs(4, 2, "packed")
     q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
     seg = jnp.asarray(seg)
@@ -116,8 +157,9 @@ def test_bfloat16_strategies_stay_within_rounding_of_float32():
 
     exact = jax.jit(loss_and_grads(attention_lib.xla_attention))(
         *(a.astype(jnp.float32) for a in (q, k, v)))
-    for strategy in cp.STRATEGIES:
-        got = _sharded(loss_and_grads(_context_parallel(strategy, 4)), dict(sequence=4))(q, k, v)
+    for strategy, block_impl in [(s, "xla") for s in cp.STRATEGIES] + [("ring", "splash")]:
+        got = _sharded(loss_and_grads(_context_parallel(strategy, 4, block_impl)),
+                       dict(sequence=4))(q, k, v)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(exact)):
             scale = float(np.max(np.abs(b)))
             np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=1e-2 * scale, rtol=0)
@@ -210,5 +252,7 @@ def test_config_errors_name_the_field():
     config = small_config(sequence=2, fsdp=4)
     config.data.seq_len, config.model.attention = 512, "splash"
     config.model.context_parallel = "ring"
-    with pytest.raises(config_lib.ConfigError, match=re.escape("model.context_parallel")):
+    config_lib.validate(config, 8)  # the ring's Pallas blocks: shards of 256 tokens
+    config.data.seq_len = 320  # shards of 160: not whole 128-token lanes
+    with pytest.raises(config_lib.ConfigError, match=re.escape("data.seq_len")):
         config_lib.validate(config, 8)

@@ -136,8 +136,8 @@ def test_remat_policy_keeps_the_forward_inside_shard_map():
 
 
 @pytest.mark.parametrize("changes, field", [
-    (dict(mesh={"sequence": 2, "fsdp": -1}, model={"context_parallel": "ring"}),
-     "model.context_parallel"),
+    (dict(mesh={"sequence": 4, "fsdp": -1}, model={"context_parallel": "ring"}),
+     "data.seq_len"),  # the ring's Pallas blocks: shards of 64 tokens are not 128 lanes
     (dict(mesh={"sequence": 4, "fsdp": -1}, model={"splash_block_q": 48}),
      "model.splash_block_q"),  # divides the row (256), not a shard's 64 queries
     (dict(model={"splash_block_kv": 96}), "model.splash_block_kv"),
@@ -162,12 +162,15 @@ def test_auto_picks_splash_on_tpu_where_it_applies():
     config.data.seq_len, config.model.attention = 256, "auto"
     one_device = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}
     assert config_lib.attention_impl(config, one_device, "tpu") == "splash"
-    # A split sequence: splash per shard under all_gather; the ring runs XLA blocks, so
-    # "auto" falls back and an explicit ask fails.
+    # A split sequence: splash per shard under all_gather; the ring's own Pallas blocks
+    # (jaxlm.ring_kernels) where its shards are whole 128-token lanes, else "auto" falls
+    # back to XLA blocks and an explicit ask fails.
     split = {**one_device, "sequence": 2}
     assert config_lib.attention_impl(config, split, "tpu") == "splash"
     config.model.context_parallel = "ring"
-    assert config_lib.attention_impl(config, split, "tpu") == "xla"
+    assert config_lib.attention_impl(config, split, "tpu") == "splash"
+    split4 = {**one_device, "sequence": 4}
+    assert config_lib.attention_impl(config, split4, "tpu") == "xla"
     config.model.attention = "splash"
-    with pytest.raises(config_lib.ConfigError, match="model.context_parallel"):
-        config_lib.attention_impl(config, split, "tpu")
+    with pytest.raises(config_lib.ConfigError, match="data.seq_len"):
+        config_lib.attention_impl(config, split4, "tpu")

@@ -1,0 +1,113 @@
+"""The ring strategy's variants, from the TPU compiler: how the backward is had and what runs
+the blocks.
+
+    ALLOW_MULTIPLE_LIBTPU_LOAD=1 python -m benchmarks.ring_variants   # v5p-16, 32k rows / 4
+
+For each variant (`backward:blocks`: backward "custom_vjp" or "autodiff", see
+jaxlm.context_parallel.RING_BACKWARD; blocks "xla" or "pallas", jaxlm.ring_kernels) two
+programs of configs/7b.py's train step with model.context_parallel="ring" are compiled:
+
+- memory: the whole step (32 layers, scanned) at --tokens_per_chip, mesh.sequence=--shards,
+  as benchmarks.long_context compiles it: per-chip arguments and temporaries;
+- time: XLA's estimated seconds (`cost_analysis()['optimal_seconds']`) and FLOPs of a
+  program with no loops, so that the cost model counts every op once: one layer unrolled,
+  one loss chunk, --cost_tokens_per_chip, and the ring's query tile as large as a block.
+  XLA's cost model counts a Pallas kernel as ~0 FLOPs, so for "pallas" it is a lower bound
+  that says nothing of the kernel's own time.
+
+Results go to benchmarks/results/ring-variants.md (and .jsonl), with host and versions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+from absl import app, flags
+
+from benchmarks import long_context, results_table
+from jaxlm import aot
+from jaxlm import context_parallel as cp
+
+# --topology, --tokens_per_chip (the memory program's) and --results: benchmarks.long_context's.
+_TOPOLOGY, _TOKENS, _RESULTS = long_context._TOPOLOGY, long_context._TOKENS, long_context._RESULTS
+_SHARDS = flags.DEFINE_integer("ring_shards", 4, "mesh.sequence.")
+_COST_TOKENS = flags.DEFINE_integer("cost_tokens_per_chip", 2048,
+                                    "Tokens per chip, loop-free time program.")
+_VARIANTS = flags.DEFINE_list("variants", ["custom_vjp:xla", "autodiff:xla"],
+                              "backward:blocks pairs.")
+
+
+def _set_variant(variant: str) -> None:
+    backward, blocks = variant.split(":")
+    cp.RING_BACKWARD = backward
+    cp.RING_KERNEL = blocks == "pallas"
+
+
+def run_variant(topology: aot.Topology, variant: str) -> dict:
+    _set_variant(variant)
+    devices = aot.topology_devices(topology)
+    config = long_context.config_for(topology.chips, _SHARDS.value, "ring", _TOKENS.value)
+    memory = aot.compile_program(config, devices, topology, "train_step")
+    small = long_context.config_for(topology.chips, _SHARDS.value, "ring", _COST_TOKENS.value)
+    small.model.n_layers, small.model.scan_unroll, small.train.loss_chunks = 1, 1, 1
+    tile = cp.QUERY_TILE
+    cp.QUERY_TILE = small.data.seq_len  # one tile per block: no loop in the ring
+    try:
+        cost = aot.compile_program(small, devices, topology, "train_step")
+    finally:
+        cp.QUERY_TILE = tile
+    return {"variant": variant, "topology": topology.name, "sequence": _SHARDS.value,
+            "seq_len": config.data.seq_len, "cost_seq_len": small.data.seq_len,
+            "argument_bytes": memory.argument_bytes, "temp_bytes": memory.temp_bytes,
+            "total_bytes": memory.argument_bytes + memory.temp_bytes
+            + memory.output_bytes - memory.alias_bytes,
+            "memory_compile_s": memory.compile_seconds,
+            "layer_optimal_seconds": cost.optimal_seconds, "layer_flops": cost.flops,
+            "layer_temp_bytes": cost.temp_bytes, "cost_compile_s": cost.compile_seconds,
+            "out_of_memory": memory.out_of_memory or cost.out_of_memory}
+
+
+def to_markdown(rows: list[dict], header: str) -> str:
+    gib = results_table.gib
+    lines = [header, "",
+             "| backward:blocks | row length | arguments GiB | temporaries GiB | total GiB | "
+             "1-layer row | 1-layer est. ms | 1-layer TFLOPs (XLA count) | compile s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['seq_len']:,} | {gib(r['argument_bytes'])} | "
+            f"{gib(r['temp_bytes'])} | {gib(r['total_bytes'])} | {r['cost_seq_len']:,} | "
+            f"{1e3 * r['layer_optimal_seconds']:.2f} | {r['layer_flops'] / 1e12:.3f} | "
+            f"{r['memory_compile_s'] + r['cost_compile_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    topology = aot.parse_topology(_TOPOLOGY.value)
+    rows = []
+    for variant in _VARIANTS.value:
+        row = run_variant(topology, variant)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    cpu = results_table.cpu()
+    header = (
+        f"# The ring's variants ({time.strftime('%Y-%m-%d')})\n\n"
+        f"`python -m benchmarks.ring_variants --topology={_TOPOLOGY.value} "
+        f"--ring_shards={_SHARDS.value} --tokens_per_chip={_TOKENS.value} "
+        f"--cost_tokens_per_chip={_COST_TOKENS.value} --variants={','.join(_VARIANTS.value)}`: "
+        f"configs/7b.py's train step, model.context_parallel='ring', mesh.sequence="
+        f"{_SHARDS.value} on {topology.name} ({topology.chips} chips). Memory: the whole step "
+        f"(32 layers, remat full, loss_chunks 8), per chip. Time: XLA's optimal_seconds of a "
+        f"loop-free program (1 layer unrolled, 1 loss chunk, one query tile per ring block; an "
+        f"estimate, and one that counts a Pallas kernel as ~0 FLOPs). Compiled on {cpu[0]} "
+        f"({cpu[1]}), jax {jax.__version__}, libtpu {results_table.package_version('libtpu')}; "
+        f"no TPU ran.")
+    results_table.write(_RESULTS.value, "ring-variants", to_markdown(rows, header), rows)
+    print(to_markdown(rows, header))
+
+
+if __name__ == "__main__":
+    app.run(main)
