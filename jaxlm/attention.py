@@ -36,11 +36,12 @@ def _attend(q, k, v, mask, scores_dtype=jnp.float32, kv_layout: str = "bskd"):
     """Softmax attention of grouped queries q [b, q, kv, group, d] over k, v laid out as
     `kv_layout` says: [b, s, kv, d] ("bskd") or, a decode cache's, [b, kv, s, d] ("bksd").
 
-    Scores and softmax in `scores_dtype` (float32 unless a config asks for the compute
+    Scores, max and exp in `scores_dtype` (float32 unless a config asks for the compute
     dtype). The softmax is normalised after the PV product, on the [q, d] output, instead of
-    on the [q, k] probabilities: one pass less over the score-sized arrays, forward and
-    backward. The 7B step on v5p-64 (libtpu's estimate, XLA attention) went 6.207 -> 6.030 s
-    (benchmarks/results/NOTES.md, session 11).
+    on the [q, k] probabilities, and by the sum of the weights as PV uses them (rounded to
+    v's dtype), so they sum to exactly 1: fewer and narrower passes over the score-sized
+    arrays, forward and backward. The 7B step on v5p-64 (libtpu's estimate, XLA attention,
+    bf16 compute) went 6.207 -> 5.871 s (benchmarks/results/NOTES.md, session 11).
     """
     if kv_layout == "bksd":
         # keys first: with queries first, XLA's CPU backend copied a batch-1 key cache
@@ -52,9 +53,9 @@ def _attend(q, k, v, mask, scores_dtype=jnp.float32, kv_layout: str = "bskd"):
     scores = jnp.where(mask, scores, jnp.finfo(scores_dtype).min)
     # Every query sees at least its own key, so each row's sum is at least exp(0) = 1.
     top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-    weights = jnp.exp(scores - top)
+    weights = jnp.exp(scores - top).astype(v.dtype)
     total = jnp.sum(weights, axis=-1, dtype=jnp.float32)  # [b, kv, group, q]
-    out = jnp.einsum(f"bkgqs,{kv_layout}->bqkgd", weights.astype(v.dtype), v,
+    out = jnp.einsum(f"bkgqs,{kv_layout}->bqkgd", weights, v,
                      preferred_element_type=jnp.float32)
     return (out / jnp.moveaxis(total, -1, 1)[..., None]).astype(v.dtype)
 
