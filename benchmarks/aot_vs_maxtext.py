@@ -2,7 +2,8 @@
 
     python -m benchmarks.aot_vs_maxtext [--topology=v5p-64] [--attention=xla,splash]
         [--per_chip_batch=8] [--seq=4096] [--layers=32] [--no_extrapolate]
-        [--maxtext_variants="xla:float32_logits=true"]
+        [--maxtext_variants="xla:float32_qk_product=true+float32_logits=true"]
+        [--jaxlm_variants="xla:model.float32_attention_scores=false"]
         [--cache_dir=~/.cache/jaxlm-peers] [--results=benchmarks/results] [--lock=/tmp/cpu.lock]
 
 No TPU is needed: `jax.experimental.topologies.get_topology_desc` describes the slice's chips

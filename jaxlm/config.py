@@ -148,7 +148,7 @@ def default_config() -> ml_collections.ConfigDict:
     # one of ATTENTION_IMPLS; "auto": splash on TPU, cuDNN on GPU in 16-bit, else xla
     m.attention = "auto"
     # XLA attention's scores and softmax: float32 (True), or the compute dtype (False, MaxText's
-    # default: on TPU the 7B step's estimate is 11% shorter, benchmarks/results/NOTES.md).
+    # default: the 7B step's TPU estimate is 10% shorter, benchmarks/results/NOTES.md).
     m.float32_attention_scores = True
     # Splash attention's tiles (query rows x keys), clipped to data.seq_len; keys a multiple of
     # 128, query rows of 8.
