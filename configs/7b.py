@@ -7,9 +7,9 @@ mesh); about 1M tokens per optimizer step. On TPU, attention "auto" is splash.
 
 Compiled with the TPU compiler (python -m jaxlm.aot / benchmarks.tpu_aot; jax 0.10.2,
 libtpu 0.0.42), train step per chip, arguments + temporaries + unaliased outputs:
-  v5p-128 (64 chips, 4 rows each), splash: 12.4 of 95 GiB (XLA attention: 20.7 GiB)
-  v5e-256 (256 chips, 1 row each), splash:  3.8 of 16 GiB
-  v6e-256 (256 chips, 1 row each), splash:  3.9 of 32 GiB
+  v5p-128 (64 chips, 4 rows each), splash: 12.3 of 95 GiB (XLA attention: 20.2 GiB)
+  v5e-256 (256 chips, 1 row each), splash:  4.0 of 16 GiB
+  v6e-256 (256 chips, 1 row each), splash:  3.8 of 32 GiB
 """
 
 from jaxlm.config import default_config

@@ -10,7 +10,7 @@ float32 logits of one row 4 GiB, so the LM head and loss run in 4 slices
 
 Compiled with the TPU compiler (benchmarks.tpu_aot; jax 0.10.2, libtpu 0.0.42), train step
 per chip, arguments + temporaries + unaliased outputs:
-  v5p-128 (64 chips, 2 rows each), splash: 14.5 of 95 GiB
+  v5p-128 (64 chips, 2 rows each), splash: 14.7 of 95 GiB
 """
 
 from jaxlm.config import default_config
