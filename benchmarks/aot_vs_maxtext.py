@@ -192,10 +192,9 @@ def jaxlm_config(args):
     config.data.seq_len = args.seq
     config.train.global_batch_size = args.per_chip_batch * args.chips
     config.train.grad_accum_steps = 1
-    for override in filter(None, (args.overrides or "").split("+")):
-        key, value = override.split("=", 1)
+    for key, value in _overrides(args).items():
         section, field = key.split(".")
-        config[section][field] = _value(value)
+        config[section][field] = value
     return config
 
 
@@ -207,6 +206,12 @@ def _value(text: str):
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+def _overrides(args) -> dict:
+    """This jaxlm compile's extra config fields (--overrides), {"section.field": value}."""
+    pairs = (o.split("=", 1) for o in (args.overrides or "").split("+") if o)
+    return {key: _value(value) for key, value in pairs}
 
 
 def keep_remat_recompute() -> None:
@@ -261,8 +266,7 @@ def worker_jaxlm(args) -> dict:
                           "model.n_layers": args.layers, "model.scan_unroll":
                           config.model.scan_unroll, "data.seq_len": args.seq,
                           "train.global_batch_size": config.train.global_batch_size,
-                          **{k: _value(v) for k, v in (o.split("=", 1) for o in filter(
-                              None, (args.overrides or "").split("+")))}}}
+                          **_overrides(args)}}
 
 
 def run_worker(args) -> None:

@@ -162,6 +162,13 @@ def _all_gather_splash(kernel, q, k, v, seg, axes):
 # ---------------------------------------------------------------- ring
 
 
+def _ring_positions(shard_length: int, shards: int, axes):
+    """The original positions of every shard's rows [shards, shard_length] and this shard's
+    number: at ring step s a shard holds the keys of shard (me - s) % shards."""
+    index = original_index(shard_length * shards, shards).reshape(shards, shard_length)
+    return jnp.asarray(index), jax.lax.axis_index(axes)
+
+
 def _ring_steps(shards):
     """ppermute pairs passing each shard's block to the next shard."""
     return [(i, (i + 1) % shards) for i in range(shards)]
@@ -257,9 +264,7 @@ def _ring_forward(q, k, v, q_seg, axes, shards, remat: bool = False):
     """q [b, 2c, kv, g, d] grouped; returns out (q's dtype) and the log-sum-exp [b, kv, g, 2c].
     `remat`: differentiable by autodiff with each query tile's scores recomputed (see
     RING_BACKWARD)."""
-    length = q.shape[1] * shards
-    index = jnp.asarray(original_index(length, shards)).reshape(shards, -1)
-    me = jax.lax.axis_index(axes)
+    index, me = _ring_positions(q.shape[1], shards, axes)
     q_index = index[me]
     b, t, kv, g, d = q.shape
     state = (jnp.full((b, kv, g, t), -jnp.inf), jnp.zeros((b, kv, g, t)),
@@ -318,9 +323,7 @@ def _partial_grads(q, k, v, do, delta, lse, q_index, k_index, q_seg, k_seg, rows
 
 
 def _ring_backward(q, k, v, q_seg, out, lse, do, axes, shards):
-    length = q.shape[1] * shards
-    index = jnp.asarray(original_index(length, shards)).reshape(shards, -1)
-    me = jax.lax.axis_index(axes)
+    index, me = _ring_positions(q.shape[1], shards, axes)
     q_index = index[me]
     delta = jnp.einsum("btkgd,btkgd->bkgt", do.astype(jnp.float32), out.astype(jnp.float32))
     dq = jnp.zeros(q.shape, jnp.float32)
@@ -399,8 +402,7 @@ def _ring_kernel_forward(q, k, v, seg, axes, shards, interpret):
     """Kernel layout: q [b, h, 2c, d], k, v [b, kv, 2c, d], seg [b, 2c]. Each step's block
     comes from jaxlm.ring_kernels (which skips the tiles the mask empties) and is added to
     the running (out, log-sum-exp). Returns float32 out and lse [b, h, 2c]."""
-    index = jnp.asarray(original_index(q.shape[2] * shards, shards)).reshape(shards, -1)
-    me = jax.lax.axis_index(axes)
+    index, me = _ring_positions(q.shape[2], shards, axes)
     block = functools.partial(ring_kernels.block_forward, scale=q.shape[-1] ** -0.5,
                               interpret=interpret)
     k_seg = seg
@@ -418,8 +420,7 @@ def _ring_kernel_forward(q, k, v, seg, axes, shards, interpret):
 
 
 def _ring_kernel_backward(q, k, v, seg, out, lse, do, axes, shards, interpret):
-    index = jnp.asarray(original_index(q.shape[2] * shards, shards)).reshape(shards, -1)
-    me = jax.lax.axis_index(axes)
+    index, me = _ring_positions(q.shape[2], shards, axes)
     block = functools.partial(ring_kernels.block_backward, scale=q.shape[-1] ** -0.5,
                               interpret=interpret)
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
