@@ -20,16 +20,13 @@ from jaxlm import attention as attention_lib
 from jaxlm import context_parallel
 from jaxlm import model as model_lib
 from jaxlm.data import sft
+from jaxlm.errors import ConfigError  # also jaxlm.config.ConfigError, as before
 
 REMAT_POLICIES = ("none", *model_lib.REMAT_POLICIES)
 ATTENTION_IMPLS = attention_lib.IMPLEMENTATIONS
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 NONFINITE_POLICIES = ("raise", "skip")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field and the fix."""
 
 
 def parse_flags(argv: list[str]) -> list[str]:
