@@ -41,6 +41,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxlm import cli
 from jaxlm import config as config_lib
 from jaxlm import metrics
 from jaxlm import step as step_lib
@@ -907,4 +908,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=config_lib.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import cli
 from jaxlm import config as config_lib
 from jaxlm import files
 from jaxlm import lora as lora_lib
@@ -385,4 +386,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_lib.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)
