@@ -27,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import results_table, synthetic
-from jaxlm import config as config_lib
+from jaxlm import cli
 from jaxlm import metrics as metrics_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
@@ -172,4 +172,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_lib.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

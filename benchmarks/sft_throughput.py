@@ -139,6 +139,6 @@ def record(row: dict) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-    from jaxlm import config as config_lib
+    from jaxlm import cli
 
-    app.run(main, flags_parser=config_lib.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -41,9 +41,11 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxlm import cli
 from jaxlm import config as config_lib
 from jaxlm import metrics
 from jaxlm import step as step_lib
+from jaxlm.errors import TopologyError
 
 INSTALL_TPU = "pip install -e '.[tpu]'"
 USAGE_EXIT, NO_FIT_EXIT = 2, 3
@@ -59,9 +61,6 @@ _DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}  # torus dimensions
 # make the estimate's arithmetic run. Labelled "nominal" wherever printed.
 _CPU_NOMINAL = {"peak_flops": 100e9, "hbm_bytes_per_s": 20e9, "ici_bytes_per_s": 10e9}
 
-
-class TopologyError(ValueError):
-    """A topology name that names no slice, or no compiler to compile for it."""
 
 
 # ---------------------------------------------------------------------------- topologies
@@ -909,4 +908,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=config_lib.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

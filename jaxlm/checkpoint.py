@@ -21,10 +21,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxlm import files
-
-
-class CheckpointError(RuntimeError):
-    """The checkpoint directory cannot be written or read; the message says what to do."""
+from jaxlm.errors import CheckpointError
 
 
 def probe_writable(directory: epath.Path) -> None:

@@ -2,16 +2,14 @@
 
 Every config file under `configs/` starts from `default_config()` and changes fields; no
 other fields exist. `validate()` runs before anything is compiled and raises `ConfigError`
-naming the field, the value and what would be valid.
+naming the field, the value and what would be valid. Reading a config from the command
+line (`--config=FILE`, its overrides, their errors) is `jaxlm.cli`'s job.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
 import math
-import os
 
 import jax.numpy as jnp
 import ml_collections
@@ -20,102 +18,13 @@ from jaxlm import attention as attention_lib
 from jaxlm import context_parallel
 from jaxlm import model as model_lib
 from jaxlm.data import sft
+from jaxlm.errors import ConfigError  # also jaxlm.config.ConfigError, as before
 
 REMAT_POLICIES = ("none", *model_lib.REMAT_POLICIES)
 ATTENTION_IMPLS = attention_lib.IMPLEMENTATIONS
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 NONFINITE_POLICIES = ("raise", "skip")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field and the fix."""
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing (pass as `app.run(main, flags_parser=parse_flags)`), with an
-    override of a field that does not exist, `--config.train.stepz=3`, reported in one line
-    instead of ml_collections' traceback."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    if "config" in flags.FLAGS:
-        given = _config_argument(argv)
-        path = given or config_flags.get_config_filename(flags.FLAGS["config"])
-        problem = config_file_problem(path.split(":", 1)[0])
-        if problem:
-            default = "" if given else " (the default)"
-            raise SystemExit(f"config error: --config={path}{default}: {problem}")
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError):
-        for arg in argv[1:]:
-            if arg.startswith("--config."):
-                unknown = _unknown_field(arg[len("--config."):].split("=")[0])
-                if unknown:
-                    raise SystemExit(f"config error: {arg.split('=')[0]}: {unknown}") from None
-        raise
-
-
-def _config_argument(argv: list[str]) -> str | None:
-    """The value of the last --config=PATH (or --config PATH) in argv, if any."""
-    value = None
-    for i, arg in enumerate(argv[1:], 1):
-        name, has_value, rest = arg.lstrip("-").partition("=")
-        if arg.startswith("-") and name == "config":
-            value = rest if has_value else (argv[i + 1] if i + 1 < len(argv) else None)
-    return value
-
-
-def config_file_problem(path: str) -> str:
-    """Why the config file at `path` cannot load (missing, not Python, no get_config), or "".
-
-    Checked before ml_collections executes it, so each problem is one line, not its
-    traceback. An error raised inside get_config() itself still shows its traceback: that
-    points at the user's own line.
-    """
-    where = f" (relative to {os.getcwd()})" if not os.path.isabs(path) else ""
-    if not os.path.exists(path):
-        return (f"no such file{where}; give a config file, e.g. --config=configs/tiny.py "
-                "from the repository root")
-    if not os.path.isfile(path):
-        return "is not a file; give a config file such as configs/tiny.py"
-    try:
-        with open(path, "rb") as f:
-            tree = ast.parse(f.read(), filename=path)
-    except SyntaxError as e:
-        return f"syntax error at line {e.lineno}: {e.msg}; fix the file"
-    except (OSError, ValueError) as e:
-        return f"cannot read it ({e}); check the file"
-    names = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            names.add(node.name)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            if any(alias.name == "*" for alias in node.names):
-                return ""  # may bring get_config in; ml_collections will tell
-            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names.update(t.id for t in targets if isinstance(t, ast.Name))
-    if "get_config" not in names:
-        return ("defines no get_config(); a config file defines get_config() returning "
-                "an ml_collections.ConfigDict (see configs/tiny.py)")
-    return ""
-
-
-def _unknown_field(path: str) -> str:
-    """Why `path` (e.g. "train.stepz") names no field of the schema, or "" if it does."""
-    node = default_config()
-    for depth, key in enumerate(path.split(".")):
-        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-            where = ".".join(path.split(".")[:depth]) or "config"
-            known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f'did you mean "{close[0]}"?' if close else f"its fields: {', '.join(known)}"
-            return f'{where} has no field "{key}"; {hint}'
-        node = node[key]
-    return ""
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -41,12 +41,10 @@ from etils import epath
 from jaxlm import files
 from jaxlm import generate as gen
 from jaxlm import model as model_lib
+from jaxlm.errors import EvalError
 
 LOGITS_BUDGET = 1 << 27  # float32 logits held at once, per device (512 MiB)
 
-
-class EvalError(ValueError):
-    """An evaluation input that cannot work; the message names it and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +183,8 @@ def read_texts(pattern: str, text_key: str = "text") -> tuple[list[str], list[st
 
 def prepared_documents(run: gen.Run, root: str, split: str):
     """The token documents of a prepared dataset's split, checked to share the run's tokenizer."""
-    from jaxlm.config import ConfigError
     from jaxlm.data import prepared
+    from jaxlm.errors import ConfigError
 
     try:
         dataset = prepared.PreparedDataset(root, field="--data")

@@ -12,6 +12,8 @@ import os
 
 from etils import epath
 
+from jaxlm.errors import PathError
+
 
 def is_local(path: epath.PathLike) -> bool:
     return "://" not in os.fspath(path)
@@ -22,9 +24,6 @@ def path(value: epath.PathLike) -> epath.Path:
     p = epath.Path(value)
     return p.expanduser().absolute() if is_local(p) else p
 
-
-class PathError(ValueError):
-    """A path given on the command line cannot be used; the message names the flag and the fix."""
 
 
 def make_dir(value: epath.PathLike, flag: str) -> epath.Path:

@@ -35,13 +35,11 @@ from etils import epath
 
 from jaxlm import files
 from jaxlm import model as model_lib
+from jaxlm.errors import GenerateError
 
 CACHE_ROUND = 128  # cache slots are a multiple of this (or the whole context)
 MIN_BUCKET = 16  # the shortest prompt bucket
 
-
-class GenerateError(ValueError):
-    """A generation request that cannot work; the message says which input and why."""
 
 
 def bucket_length(length: int, max_len: int) -> int:

@@ -8,9 +8,7 @@ field, rather than producing a model that silently computes something else.
 
 from __future__ import annotations
 
-
-class ConvertError(ValueError):
-    """A checkpoint that cannot be converted; the message names the field and why."""
+from jaxlm.errors import ConvertError
 
 
 def _field(hf: dict, name: str, default=None):

@@ -15,7 +15,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 from jaxlm.model import LORA_INPUT_AXES, LORA_SUFFIXES
 
 TARGETS = tuple(LORA_INPUT_AXES)

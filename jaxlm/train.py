@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import cli
 from jaxlm import config as config_lib
 from jaxlm import files
 from jaxlm import lora as lora_lib
@@ -33,6 +34,7 @@ from jaxlm import optim
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 from jaxlm.data import pipeline
+from jaxlm.errors import NonFiniteError, Preempted
 
 PREEMPTED_EXIT_CODE = 42  # checkpoint saved after SIGTERM: start the same command again
 
@@ -40,16 +42,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "A config
 _WORKDIR = flags.DEFINE_string("workdir", "", "Run directory; default runs/<config name>.")
 
 
-class NonFiniteError(FloatingPointError):
-    """Training produced a non-finite loss or gradient; nothing bad was applied or saved."""
-
-
-class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint of `step` was saved."""
-
-    def __init__(self, step: int):
-        super().__init__(f"preempted: checkpoint saved at step {step}")
-        self.step = step
 
 
 class _Console:
@@ -394,4 +386,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_lib.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

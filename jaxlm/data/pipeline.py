@@ -39,10 +39,10 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxlm.config import ConfigError
 from jaxlm.data import corpus, prepare, prepared, sft, tfds_source
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.documents import TOKEN_DTYPE, Documents, InMemoryDocuments
+from jaxlm.errors import ConfigError
 
 FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 ARRAYRECORD = "arrayrecord:"

@@ -22,8 +22,8 @@ import numpy as np
 from etils import epath
 
 from jaxlm import files
-from jaxlm.config import ConfigError
 from jaxlm.data.documents import ArrayRecordDocuments
+from jaxlm.errors import ConfigError
 
 FORMAT = "jaxlm-prepared-v1"
 METADATA = "metadata.json"

@@ -31,18 +31,12 @@ from collections.abc import Callable
 import numpy as np
 
 from jaxlm.data.documents import TOKEN_DTYPE
+from jaxlm.errors import BadRecord
 
 ROLES = ("system", "user", "assistant")
 OVERFLOW_POLICIES = ("drop", "truncate_left")
 BOS, EOS = "bos", "eos"  # the tokenizer's own begin / end of sequence
 
-
-class BadRecord(ValueError):
-    """A record that cannot be trained on; `reason` is a key of readers.SKIP_REASONS."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
