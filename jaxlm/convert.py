@@ -41,6 +41,7 @@ from jaxlm import files
 from jaxlm import hf_config
 from jaxlm import lora as lora_lib
 from jaxlm import model as model_lib
+from jaxlm import platforms
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.hf_config import ConvertError
 
@@ -435,6 +436,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> None:
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.from_hf:

@@ -35,6 +35,7 @@ import time
 import tqdm
 from etils import epath
 
+from jaxlm import platforms
 from jaxlm.data import pieces as pieces_lib
 from jaxlm.data import prepared, readers, sft, tfds_source
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -278,6 +279,7 @@ def run(args: Settings) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         prepare(**vars(args))
