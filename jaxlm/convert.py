@@ -36,6 +36,7 @@ from safetensors.numpy import save_file
 
 import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import cli
 from jaxlm import config as config_lib
 from jaxlm import files
 from jaxlm import hf_config
@@ -424,6 +425,7 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=sorted(set(DTYPES.values())),
                    help="with --to_hf: the tensors' dtype (default: the params')")
     args = p.parse_args(argv)
+    args.max_shard_size = cli.size_in_bytes(args.max_shard_size, "--max_shard_size")
     if bool(args.from_hf) == bool(args.from_run):
         p.error("give --from_hf=DIR --to=RUN_DIR, or --from_run=RUN_DIR --to_hf=DIR")
     if args.from_hf and not args.to:
