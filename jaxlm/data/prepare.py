@@ -107,7 +107,8 @@ def prepare(inputs: str | list[str], output: str | os.PathLike, *, tokenizer: st
         inputs=(inputs,) if isinstance(inputs, str) else tuple(inputs), output=os.fspath(output),
         tokenizer=os.fspath(tokenizer) if tokenizer else None, train_tokenizer=train_tokenizer,
         vocab_size=vocab_size, tokenizer_sample_chars=tokenizer_sample_chars, text_key=text_key,
-        txt_mode=txt_mode, input_format=input_format, val_fraction=val_fraction, max_document_chars=max_document_chars,
+        txt_mode=txt_mode, input_format=input_format, val_fraction=val_fraction,
+        max_document_chars=max_document_chars,
         tfds_records_per_piece=tfds_records_per_piece, workers=workers or os.cpu_count() or 1,
         sft=sft, chat_template=chat_template)
     settings.check()
