@@ -74,6 +74,7 @@ import time
 
 from benchmarks import results_table
 from benchmarks import vs_peers
+from jaxlm import platforms
 
 REPO = vs_peers.REPO
 GiB = 2 ** 30
@@ -553,6 +554,7 @@ def _chip(compiles: dict) -> tuple[float | None, int | None]:
 
 
 def main() -> None:
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--topology", default="v5p-64", help="a slice name of MaxText's accelerator map")
     p.add_argument("--attention", default="xla,splash", help="xla and/or splash, in this order")

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import platforms
 from jaxlm.attention import attention
 
 
@@ -36,6 +37,7 @@ def _time(fn, *args, repeats=20):
 
 
 def main(batch=8, length=2048, heads=32, kv_heads=4, head_dim=64):
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (batch, length, heads, head_dim), jnp.float32)
     k = jax.random.normal(keys[1], (batch, length, kv_heads, head_dim), jnp.float32)

@@ -27,6 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import results_table
+from jaxlm import platforms
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/125m.py", "Config whose data "
                                           "shape (seq_len, batch) and model are measured.")
@@ -130,6 +131,7 @@ def record(row: dict) -> pathlib.Path:
 
 
 def main(argv):
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     del argv
     config = _CONFIG.value
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,6 +27,7 @@ from benchmarks import results_table
 from jaxlm import config as config_lib
 from jaxlm import generate as gen
 from jaxlm import model as model_lib
+from jaxlm import platforms
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -64,6 +65,7 @@ def timed(params, cfg, prompts, new_tokens, max_len, sampling) -> tuple[float, f
 
 
 def main():
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/125m.py")
     parser.add_argument("--dtype", default="float32", help="compute dtype ('' = the config's)")

@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from benchmarks import results_table
+from jaxlm import platforms
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 ENGINES = ("jaxlm", "transformers")
@@ -159,6 +160,7 @@ def measure(args, engine: str, batch: int) -> list[dict]:
 
 
 def main() -> None:
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/125m.py")
     parser.add_argument("--batch", default="1,8")

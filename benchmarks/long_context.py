@@ -26,6 +26,7 @@ from absl import app, flags
 from benchmarks import results_table
 from jaxlm import aot
 from jaxlm import context_parallel as cp
+from jaxlm import platforms
 
 _gib = results_table.gib
 
@@ -77,6 +78,7 @@ def to_markdown(rows: list[dict], header: str) -> str:
 
 
 def main(argv):
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     del argv
     topology = aot.parse_topology(_TOPOLOGY.value)
     rows = []

@@ -29,6 +29,7 @@ from ml_collections import config_flags
 from benchmarks import results_table, synthetic
 from jaxlm import cli
 from jaxlm import metrics as metrics_lib
+from jaxlm import platforms
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 
@@ -86,6 +87,7 @@ def record(results_dir: str, row: dict) -> pathlib.Path:
 
 
 def main(argv):
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     del argv
     config = _CONFIG.value
     devices = jax.devices()

@@ -29,6 +29,7 @@ from absl import app, flags
 from benchmarks import long_context, results_table
 from jaxlm import aot
 from jaxlm import context_parallel as cp
+from jaxlm import platforms
 
 # --topology, --tokens_per_chip (the memory program's) and --results: benchmarks.long_context's.
 _TOPOLOGY, _TOKENS, _RESULTS = long_context._TOPOLOGY, long_context._TOKENS, long_context._RESULTS
@@ -85,6 +86,7 @@ def to_markdown(rows: list[dict], header: str) -> str:
 
 
 def main(argv):
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     del argv
     topology = aot.parse_topology(_TOPOLOGY.value)
     rows = []

@@ -31,6 +31,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import results_table
+from jaxlm import platforms
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Model, batch, seq_len.")
 _STEPS = flags.DEFINE_integer("steps", 6, "Timed train steps per round and kind.")
@@ -63,6 +64,7 @@ def _masked_fraction(rows, n: int = 200) -> float:
 
 
 def main(argv):
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     del argv
     from jaxlm import sharding as sharding_lib
     from jaxlm import step as step_lib

@@ -21,6 +21,7 @@ from absl import app, flags
 
 from benchmarks import results_table
 from jaxlm import aot
+from jaxlm import platforms
 
 _gib = results_table.gib
 
@@ -65,6 +66,7 @@ def to_markdown(rows: list[dict], header: str) -> str:
 
 
 def main(argv):
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     del argv
     rows = []
     for row in ROWS:

@@ -44,6 +44,7 @@ from ml_collections import config_flags
 from jaxlm import cli
 from jaxlm import config as config_lib
 from jaxlm import metrics
+from jaxlm import platforms
 from jaxlm import step as step_lib
 from jaxlm.errors import TopologyError
 
@@ -878,6 +879,7 @@ def _fail(message: str) -> int:
 
 
 def main(argv) -> int:
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     if len(argv) > 1:
         return _fail(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS

@@ -1,7 +1,8 @@
 """Command-line flags the CLIs share: `--config=FILE` and its `--config.a.b=value` overrides.
 
 absl and ml_collections report a config file that cannot load, or an override of a field that
-does not exist, as a traceback; here each becomes one line naming the flag and the fix.
+does not exist, or a value of the wrong type (`--config.train.steps=abc`), as a traceback;
+here each becomes one line naming the flag and the fix.
 `python -m jaxlm.train`, `jaxlm.aot` and the benchmarks parse their flags with `parse_flags`.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ast
 import difflib
 import os
+import re
 
 import ml_collections
 from absl import flags
@@ -20,8 +22,9 @@ from jaxlm import config as config_lib
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (pass as `app.run(main, flags_parser=parse_flags)`), with an
-    override of a field that does not exist, `--config.train.stepz=3`, reported in one line
-    instead of ml_collections' traceback."""
+    override of a field that does not exist, `--config.train.stepz=3`, or of a value its field
+    cannot take, `--config.train.steps=abc`, reported in one line instead of ml_collections'
+    traceback."""
     if "config" in flags.FLAGS:
         given = _config_argument(argv)
         path = given or config_flags.get_config_filename(flags.FLAGS["config"])
@@ -31,12 +34,19 @@ def parse_flags(argv: list[str]) -> list[str]:
             raise SystemExit(f"config error: --config={path}{default}: {problem}")
     try:
         return flags.FLAGS(argv)
-    except (AttributeError, KeyError):
-        for arg in argv[1:]:
-            if arg.startswith("--config."):
-                unknown = _unknown_field(arg[len("--config."):].split("=")[0])
-                if unknown:
-                    raise SystemExit(f"config error: {arg.split('=')[0]}: {unknown}") from None
+    except (AttributeError, KeyError, flags.Error) as e:
+        overrides = [arg for arg in argv[1:] if arg.startswith("--config.")]
+        for arg in overrides:
+            unknown = _unknown_field(arg[len("--config."):].split("=")[0])
+            if unknown:
+                raise SystemExit(f"config error: {arg.split('=')[0]}: {unknown}") from None
+        named = re.search(r"flag --(config\.[\w.]+)=", str(e))
+        for arg in overrides:
+            name, _, value = arg[2:].partition("=")
+            if named and name == named.group(1):
+                raise SystemExit(f"config error: --{name}={value}: {_expected(name)}") from None
+        if isinstance(e, flags.Error):  # any other flag: absl's own message is one line
+            raise SystemExit(f"error: {e}; see --helpshort") from None
         raise
 
 
@@ -99,3 +109,39 @@ def _unknown_field(path: str) -> str:
             return f'{where} has no field "{key}"; {hint}'
         node = node[key]
     return ""
+
+
+_WHAT_TYPES_TAKE = {bool: "true or false", int: "a whole number", float: "a number",
+                    str: "text", tuple: "a tuple"}
+
+
+def _expected(path: str) -> str:
+    """What the field at `path` (e.g. "config.train.steps") takes, in words, with its default."""
+    section, _, key = path[len("config."):].rpartition(".")
+    node = config_lib.default_config()
+    for part in filter(None, section.split(".")):
+        node = node[part]
+    kind = node.get_type(key)
+    words = _WHAT_TYPES_TAKE.get(kind, kind.__name__)
+    return f"{path[len('config.'):]} takes {words} (the default is {node[key]!r})"
+
+
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def size_in_bytes(value: str, flag: str) -> int:
+    """A size such as "5GB" or "500MB" in bytes (decimal units, read as Hugging Face reads them).
+
+    A value that is no size exits with one line naming `flag` and what it takes, instead of
+    the traceback the Hugging Face library would raise deep inside the export.
+    """
+    text = value.strip()
+    unit, number = text[-2:].upper(), text[:-2].strip()
+    try:
+        size = int(float(number) * _SIZE_UNITS[unit])
+    except (KeyError, ValueError, OverflowError):
+        size = 0
+    if size <= 0:
+        raise SystemExit(f"error: {flag}={value}: give a positive size in KB, MB, GB or TB, "
+                         f"e.g. {flag}=5GB or {flag}=500MB")
+    return size

@@ -36,11 +36,13 @@ from safetensors.numpy import save_file
 
 import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import cli
 from jaxlm import config as config_lib
 from jaxlm import files
 from jaxlm import hf_config
 from jaxlm import lora as lora_lib
 from jaxlm import model as model_lib
+from jaxlm import platforms
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.hf_config import ConvertError
 
@@ -423,6 +425,7 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=sorted(set(DTYPES.values())),
                    help="with --to_hf: the tensors' dtype (default: the params')")
     args = p.parse_args(argv)
+    args.max_shard_size = cli.size_in_bytes(args.max_shard_size, "--max_shard_size")
     if bool(args.from_hf) == bool(args.from_run):
         p.error("give --from_hf=DIR --to=RUN_DIR, or --from_run=RUN_DIR --to_hf=DIR")
     if args.from_hf and not args.to:
@@ -435,6 +438,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> None:
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.from_hf:

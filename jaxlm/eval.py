@@ -41,6 +41,7 @@ from etils import epath
 from jaxlm import files
 from jaxlm import generate as gen
 from jaxlm import model as model_lib
+from jaxlm import platforms
 from jaxlm.errors import EvalError
 
 LOGITS_BUDGET = 1 << 27  # float32 logits held at once, per device (512 MiB)
@@ -282,6 +283,7 @@ def score_choices(run: gen.Run, items: Sequence[Item], batch_size: int = 16) -> 
 
 
 def main(argv):
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     from absl import flags
 
     f = flags.FLAGS

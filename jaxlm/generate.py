@@ -35,6 +35,7 @@ from etils import epath
 
 from jaxlm import files
 from jaxlm import model as model_lib
+from jaxlm import platforms
 from jaxlm.errors import GenerateError
 
 CACHE_ROUND = 128  # cache slots are a multiple of this (or the whole context)
@@ -444,6 +445,7 @@ def run_prompts(run: Run, prompts: list[str], batch_size: int, printer=None, **s
 
 
 def main(argv):
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     from absl import flags
 
     f = flags.FLAGS

@@ -31,6 +31,7 @@ from jaxlm import files
 from jaxlm import lora as lora_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import optim
+from jaxlm import platforms
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 from jaxlm.data import pipeline
@@ -365,6 +366,7 @@ def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
 
 
 def main(argv):
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # orbax and XLA are chatty at INFO

@@ -301,3 +301,35 @@ def test_bad_data_config_is_reported_before_compiling(data_dir, tmp_path):
         pipeline.build(_train_config(f"arrayrecord:{tmp_path}"), tmp_path)
     with pytest.raises(config_lib.ConfigError, match=r"data.source.*'arrayrecord:DIR'"):
         config_lib.validate(_train_config("arrayrecord:"), 8)
+
+
+def _decoded_train_documents(output):
+    sp = spm.SentencePieceProcessor(model_file=str(output / prepared.TOKENIZER))
+    docs = prepared.PreparedDataset(output).documents("train")
+    return sorted(sp.decode(docs[i][1:-1].tolist()) for i in range(len(docs)))
+
+
+def test_source_files_prepare_as_text_one_document_per_file(data_dir, tmp_path):
+    rng = random.Random(1)
+    texts = {name: _text(rng, 30) for name in ("a.py", "b.c", "c.rs", "README.md")}
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text)
+    prepare.main([f"--input={tmp_path}/*.*", f"--output={tmp_path / 'out'}", "--workers=1",
+                  f"--tokenizer={data_dir / prepared.TOKENIZER}", "--val_fraction=0"])
+    assert _decoded_train_documents(tmp_path / "out") == sorted(texts.values())
+
+
+def test_format_text_reads_any_extension_and_without_it_the_error_names_the_flag(
+        data_dir, tmp_path):
+    text = _text(random.Random(2), 30)
+    (tmp_path / "notes.weird").write_text(text)
+    args = [f"--input={tmp_path}/notes.weird", f"--output={tmp_path / 'out'}", "--workers=1",
+            f"--tokenizer={data_dir / prepared.TOKENIZER}", "--val_fraction=0"]
+    with pytest.raises(SystemExit, match=r"notes.weird: unknown input format.*--format=text") as e:
+        prepare.main(args)
+    assert "\n" not in str(e.value.code)  # one line
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    prepare.main([*args, "--format=text"])
+    assert _decoded_train_documents(tmp_path / "out") == [text]
+    meta = json.loads((tmp_path / "out" / prepared.METADATA).read_text())
+    assert meta["input_format"] == "text"

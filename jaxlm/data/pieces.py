@@ -58,9 +58,10 @@ def list_pieces(inputs: list[str], records_per_piece: int) -> list[dict]:
     return pieces
 
 
-def read_conversations(path: str, max_chars: int, skipped: readers.Skipped):
+def read_conversations(path: str, max_chars: int, skipped: readers.Skipped,
+                       input_format: str = "auto"):
     """(messages, where) for each usable SFT record of a JSONL file; the rest to `skipped`."""
-    if readers.format_of(path) != "jsonl":
+    if readers.format_of(path, input_format) != "jsonl":
         raise ValueError(f"{path}: SFT records are read from .jsonl files (optionally .gz/.zst)")
     for record, where in readers.json_records(path, skipped):
         try:
@@ -77,11 +78,12 @@ def read_conversations(path: str, max_chars: int, skipped: readers.Skipped):
 def read_piece(piece: dict, args: Settings, skipped: readers.Skipped):
     """(text, where) for each usable document of the piece; (messages, where) with sft."""
     if "file" in piece and args.sft:
-        yield from read_conversations(piece["file"], args.max_document_chars, skipped)
+        yield from read_conversations(piece["file"], args.max_document_chars, skipped,
+                                      args.input_format)
         return
     if "file" in piece:
         yield from readers.read(piece["file"], args.text_key, args.txt_mode,
-                                args.max_document_chars, skipped)
+                                args.max_document_chars, skipped, args.input_format)
         return
     source = tfds_source.open_split(piece["tfds"], piece["tfds_split"])
     for i in range(piece["start"], piece["stop"]):
@@ -147,6 +149,8 @@ def piece_options(args: Settings, tokenizer_path) -> dict:
                "tokenizer_sha256": prepared.file_sha256(tokenizer_path)}
     if args.sft:
         options["chat_template"] = args.chat_template
+    if args.input_format != "auto":  # only then: earlier runs' markers stay valid
+        options["input_format"] = args.input_format
     return options
 
 

@@ -35,6 +35,7 @@ import time
 import tqdm
 from etils import epath
 
+from jaxlm import platforms
 from jaxlm.data import pieces as pieces_lib
 from jaxlm.data import prepared, readers, sft, tfds_source
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -55,6 +56,7 @@ class Settings:
     tokenizer_sample_chars: int = 100_000_000
     text_key: str = "text"
     txt_mode: str = "file"
+    input_format: str = "auto"
     val_fraction: float = 0.01
     max_document_chars: int = 5_000_000
     tfds_records_per_piece: int = 100_000
@@ -76,6 +78,9 @@ class Settings:
         if self.txt_mode not in readers.TXT_MODES:
             raise ValueError(f"txt_mode={self.txt_mode!r} (--txt_mode): use one of "
                              f"{readers.TXT_MODES}")
+        if self.input_format not in readers.FORMATS:
+            raise ValueError(f"input_format={self.input_format!r} (--format): use one of "
+                             f"{readers.FORMATS}")
         if self.sft and self.chat_template not in sft.TEMPLATES:
             raise ValueError(f"chat_template={self.chat_template!r} (--chat_template): with sft, "
                              f"name the layout of the conversations: one of "
@@ -87,12 +92,13 @@ class Settings:
 def prepare(inputs: str | list[str], output: str | os.PathLike, *, tokenizer: str | None = None,
             train_tokenizer: bool = False, vocab_size: int = 32000,
             tokenizer_sample_chars: int = 100_000_000, text_key: str = "text",
-            txt_mode: str = "file", val_fraction: float = 0.01,
+            txt_mode: str = "file", input_format: str = "auto", val_fraction: float = 0.01,
             max_document_chars: int = 5_000_000, tfds_records_per_piece: int = 100_000,
             workers: int | None = None, sft: bool = False, chat_template: str = "") -> dict:
     """Prepare (or finish preparing) `output` from `inputs`; return the metadata written.
 
-    inputs: globs of .txt/.jsonl files (optionally .gz/.zst) or tfds:NAME; tokenizer: a
+    inputs: globs of .txt/.jsonl/source files (optionally .gz/.zst) or tfds:NAME, read by
+    their extension unless input_format says "text" or "jsonl"; tokenizer: a
     sentencepiece .model or a Hugging Face tokenizer.json, or train_tokenizer (vocab_size
     pieces, on tokenizer_sample_chars characters of the input); sft: the inputs are chat /
     prompt-completion records, laid out by chat_template. Bad arguments: ValueError.
@@ -101,7 +107,8 @@ def prepare(inputs: str | list[str], output: str | os.PathLike, *, tokenizer: st
         inputs=(inputs,) if isinstance(inputs, str) else tuple(inputs), output=os.fspath(output),
         tokenizer=os.fspath(tokenizer) if tokenizer else None, train_tokenizer=train_tokenizer,
         vocab_size=vocab_size, tokenizer_sample_chars=tokenizer_sample_chars, text_key=text_key,
-        txt_mode=txt_mode, val_fraction=val_fraction, max_document_chars=max_document_chars,
+        txt_mode=txt_mode, input_format=input_format, val_fraction=val_fraction,
+        max_document_chars=max_document_chars,
         tfds_records_per_piece=tfds_records_per_piece, workers=workers or os.cpu_count() or 1,
         sft=sft, chat_template=chat_template)
     settings.check()
@@ -113,8 +120,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxlm.data.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", dest="inputs", action="append", required=True,
-                   help="glob of .txt/.jsonl files (optionally .gz/.zst), or tfds:NAME; "
-                        "repeat the flag for several")
+                   help="glob of .txt/.jsonl or source files (.py, .md, ...; optionally "
+                        ".gz/.zst), or tfds:NAME; repeat the flag for several")
     p.add_argument("--output", required=True, help="directory to write the prepared dataset to")
     p.add_argument("--tokenizer", help="sentencepiece .model (LLaMA's works as is) or Hugging "
                                        "Face tokenizer.json to tokenize with")
@@ -126,6 +133,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--text_key", default="text", help="JSONL / TFDS field holding the text")
     p.add_argument("--txt_mode", choices=readers.TXT_MODES, default="file",
                    help=".txt files: one document per file, or per blank-line-separated block")
+    p.add_argument("--format", dest="input_format", choices=readers.FORMATS, default="auto",
+                   help="how to read the input files: by their extension (.txt and source files "
+                        "as text, .jsonl), or all as text (any extension) or all as JSONL")
     p.add_argument("--val_fraction", type=float, default=0.01,
                    help="share of documents held out for validation (by a hash of the text)")
     p.add_argument("--max_document_chars", type=int, default=5_000_000,
@@ -205,6 +215,9 @@ def run(args: Settings) -> dict:
     pieces = pieces_lib.list_pieces(list(args.inputs), args.tfds_records_per_piece)
     if not pieces:
         raise ValueError(f"--input={list(args.inputs)}: no input")
+    for piece in pieces:  # an unreadable kind of file fails now, not in a worker
+        if "file" in piece:
+            readers.format_of(piece["file"], args.input_format)
     tokenizer_path = tokenizer_for(args, pieces)
     sp = tokenizer_lib.load(tokenizer_path)
     if args.sft:  # the template's special tokens exist, before any worker starts
@@ -261,6 +274,8 @@ def run(args: Settings) -> dict:
     }
     if args.sft:
         metadata["chat_template"] = args.chat_template
+    if args.input_format != "auto":
+        metadata["input_format"] = args.input_format
     prepared.write_json_atomic(root / prepared.METADATA, metadata)
 
     for split, s in splits.items():
@@ -278,6 +293,7 @@ def run(args: Settings) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         prepare(**vars(args))

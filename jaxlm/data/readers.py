@@ -1,4 +1,6 @@
-"""Text documents out of the files a user has: .txt, .jsonl, each optionally .gz or .zst.
+"""Text documents out of the files a user has: .txt, .jsonl, source code and markup (one
+document per file, as .txt), each optionally .gz or .zst; any other text file by
+`--format=text`.
 
 Every document comes with where it came from (`file:line`), and every document that
 cannot be used is counted under a reason with its first few locations, so `prepare` can
@@ -34,6 +36,18 @@ SKIP_REASONS = {
 }
 EXAMPLES_KEPT = 5
 TXT_MODES = ("file", "blank_line")
+# How a file is read: "auto" by its extension, "text" like a .txt, "jsonl" a JSON object a line.
+FORMATS = ("auto", "text", "jsonl")
+# Read as text (like .txt) by their extension: prose, markup and source code, whose usual
+# corpus unit is the file. Anything else needs --format=text (e.g. a Makefile).
+TEXT_EXTENSIONS = (
+    ".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org", ".adoc",
+    ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".cxx", ".hh", ".hpp", ".hxx", ".cu", ".cuh",
+    ".java", ".kt", ".scala", ".js", ".jsx", ".mjs", ".ts", ".tsx", ".go", ".rs", ".rb", ".php",
+    ".swift", ".cs", ".hs", ".ml", ".lua", ".pl", ".r", ".jl", ".sh", ".bash", ".sql",
+    ".html", ".css", ".xml", ".yaml", ".yml", ".toml", ".proto", ".zig", ".dart", ".ex",
+    ".erl", ".clj", ".el", ".f90", ".v", ".sv",
+)
 
 
 @dataclasses.dataclass
@@ -89,13 +103,20 @@ def _open_binary(path: str) -> IO[bytes]:
     return open(path, "rb")
 
 
-def format_of(path: str) -> str:
-    name = path.removesuffix(".gz").removesuffix(".zst")
+def format_of(path: str, input_format: str = "auto") -> str:
+    """"txt" or "jsonl": how `path` is read, by `input_format` or else by its extension."""
+    if input_format not in FORMATS:
+        raise ValueError(f"--format={input_format!r}; use one of {FORMATS}")
+    if input_format != "auto":
+        return "txt" if input_format == "text" else input_format
+    name = path.removesuffix(".gz").removesuffix(".zst").lower()
     if name.endswith((".jsonl", ".json")):
         return "jsonl"
-    if name.endswith(".txt"):
+    if name.endswith(TEXT_EXTENSIONS):
         return "txt"
-    raise ValueError(f"{path}: unknown input format; use .txt or .jsonl (optionally .gz or .zst)")
+    raise ValueError(f"{path}: unknown input format; use .txt, .jsonl or a source file such as "
+                     ".py or .md (optionally .gz or .zst), or read any text file with "
+                     "--format=text")
 
 
 def _decode(raw: bytes, path: str, line: int, skipped: Skipped) -> str | None:
@@ -134,12 +155,14 @@ def json_records(path: str, skipped: Skipped) -> Iterator[tuple[dict, str]]:
 
 
 def read(path: str, text_key: str = "text", txt_mode: str = "file",
-         max_chars: int = 10_000_000, skipped: Skipped | None = None) -> Iterator[tuple[str, str]]:
-    """(text, 'file:line') for each usable document of `path`; the rest go to `skipped`."""
+         max_chars: int = 10_000_000, skipped: Skipped | None = None,
+         input_format: str = "auto") -> Iterator[tuple[str, str]]:
+    """(text, 'file:line') for each usable document of `path`; the rest go to `skipped`.
+    `input_format` (see FORMATS) overrides what the extension says."""
     skipped = skipped if skipped is not None else Skipped()
     if txt_mode not in TXT_MODES:
         raise ValueError(f"--txt_mode={txt_mode!r}; use one of {TXT_MODES}")
-    kind, any_bytes = format_of(path), False
+    kind, any_bytes = format_of(path, input_format), False
 
     def usable(text: str | None, where: str) -> bool:
         if text is None:
