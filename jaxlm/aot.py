@@ -2,12 +2,11 @@
 
 Compiles the real train and eval steps for a named TPU slice on any host (libtpu's compiler
 runs on the CPU; no TPU needed; slice names are jaxlm.topology's), or for `cpu:N` simulated
-devices, and reports per device:
-memory (arguments, temporaries, outputs not aliased, against the chip's HBM), FLOPs per
-step (DESIGN.md's formula, and the compiler's own count with its loops corrected), and an
-estimated step time with the tokens/s and MFU it implies. `--plan` searches remat policy,
-gradient accumulation, loss chunks and the mesh split for the fastest setup that fits
-(jaxlm.plan).
+devices, and reports per device: memory (arguments, temporaries, outputs not aliased,
+against the chip's HBM), FLOPs per step (DESIGN.md's formula, and the compiler's own count
+with its loops corrected), and an estimated step time with the tokens/s and MFU it implies.
+`--plan` (jaxlm.plan) searches remat policy, gradient accumulation, loss chunks and the mesh
+split for the fastest setup that fits.
 
 As a library: `compile_for(config, "v5p-128")` returns one `Report` per program;
 `jaxlm.plan.plan()` returns the ranked candidates. Exit codes: 0 fits, 3 does not fit, 2 a
