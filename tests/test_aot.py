@@ -1,5 +1,6 @@
-"""jaxlm.aot, jaxlm.topology and jaxlm.plan: slice names, the CLI's reports and exit codes,
-the loop-corrected FLOPs, the planner, and memory under remat with the layer stack unrolled.
+"""jaxlm.aot (with jaxlm.topology, jaxlm.program_cost, jaxlm.plan): slice names, the CLI's
+reports and exit codes, the loop-corrected FLOPs, the planner, and memory under remat with
+the layer stack unrolled.
 
 CPU compiles use the 8 simulated devices (`cpu:8`); TPU compiles need libtpu (the compiler
 only, no TPU) and are marked slow.
@@ -12,7 +13,7 @@ import sys
 import pytest
 
 from configs import tiny
-from jaxlm import aot, metrics, plan
+from jaxlm import aot, metrics, plan, program_cost
 from jaxlm import config as config_lib
 from jaxlm import topology as topology_lib
 
@@ -151,14 +152,14 @@ def test_loop_corrected_flops_agree_with_the_formula():
     assert report.tokens_per_step == 16 * 64 and "x 2 microbatches" in report.estimate_source
     topology = topology_lib.parse_topology("cpu:8")
     devices = topology_lib.topology_devices(topology)
-    raw = aot.compile_program(config, devices, topology, "train_step")
+    raw = program_cost.compile_program(config, devices, topology, "train_step")
     assert 2 * raw.flops < 0.75 * report.flops
 
 
 def test_the_tpu_compilers_out_of_memory_refusal_is_a_program_that_does_not_fit():
     message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
                "HLO temporaries (128.88G) exceeds available HBM (95.74G).")
-    compiled = aot._out_of_memory(message, 1.0)
+    compiled = program_cost._out_of_memory(message, 1.0)
     assert compiled.temp_bytes == int(128.88 * 2**30) and "128.88G" in compiled.out_of_memory
 
 
@@ -228,5 +229,6 @@ def test_remat_bounds_memory_with_the_layers_unrolled():
         config = small_config(n_layers=8, d_model=256, d_ff=768, vocab_size=1024,
                               dtype="bfloat16", remat=remat, scan_unroll=8)
         config.data.seq_len = 1024
-        temps[remat] = aot.compile_program(config, devices, topology, "train_step").temp_bytes
+        compiled = program_cost.compile_program(config, devices, topology, "train_step")
+        temps[remat] = compiled.temp_bytes
     assert temps["full"] <= 0.25 * temps["none"], temps
