@@ -428,16 +428,10 @@ def print_table(cells: list[list[str]]) -> None:
 
 def record(directory: pathlib.Path, run: dict, cells: list[list[str]]) -> pathlib.Path:
     """Append the run to tpu-aot-vs-maxtext.jsonl and a section to tpu-aot-vs-maxtext.md."""
-    base = directory / "tpu-aot-vs-maxtext"
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(base.with_suffix(".jsonl"), "a") as f:
-        f.write(json.dumps(run) + "\n")
-    md = base.with_suffix(".md")
-    if not md.exists():
-        md.write_text("# jaxlm vs MaxText, compiled ahead of time for a TPU slice\n\n"
-                      "`python -m benchmarks.aot_vs_maxtext`: what libtpu's compiler reports "
-                      "per chip for each side's whole train step (see the script's docstring "
-                      "for how every number is obtained). No TPU ran.\n")
+    title = ("# jaxlm vs MaxText, compiled ahead of time for a TPU slice\n\n"
+             "`python -m benchmarks.aot_vs_maxtext`: what libtpu's compiler reports "
+             "per chip for each side's whole train step (see the script's docstring "
+             "for how every number is obtained). No TPU ran.\n")
     v = run["versions"]
     lines = [
         f"\n## {run['date']} — {run['topology']} ({run.get('chips', '?')} chips), "
@@ -471,14 +465,9 @@ def record(directory: pathlib.Path, run: dict, cells: list[list[str]]) -> pathli
         f"({_f(run.get('attention_floor_s'), '.3f')} s), for a Pallas kernel the cost model may "
         "not count (compare TFLOP per layer with the xla rows). Ratios use the last estimate "
         "column.",
-        "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-        *("| " + " | ".join(c) + " |" for c in cells),
     ]
-    with open(md, "a") as f:
-        f.write("\n".join(lines) + "\n")
-    return md
+    return results_table.record(directory / "tpu-aot-vs-maxtext", [run], "\n".join(lines),
+                                COLUMNS, cells, mode="section", title=title)
 
 
 def checkout_state() -> str:

@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from benchmarks import results_table
+
 D, FF, HEADS, VOCAB = 4096, 11008, 32, 32000
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -128,39 +130,37 @@ def main() -> None:
 
 
 def write_results(rows: list[dict], host: str) -> None:
-    RESULTS.mkdir(exist_ok=True)
     history = RESULTS / f"convert-{host}.jsonl"
-    with open(history, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    before = history.read_text().splitlines() if history.exists() else []
     # The table holds every size ever measured here (the newest row of each).
-    latest = {r["layers"]: r for r in map(json.loads, history.read_text().splitlines())}
-    rows = [latest[n] for n in sorted(latest)]
-    partial = [r for r in rows if r["layers"] < 32]
+    latest = {r["layers"]: r for r in [*map(json.loads, before), *rows]}
+    table_rows = [latest[n] for n in sorted(latest)]
+    partial = [r for r in table_rows if r["layers"] < 32]
     size = np.array([r["model_bytes"] for r in partial], float)
     full = 2 * sum(int(np.prod(s)) for s in llama_shapes(32).values())
-    lines = ["# Peak host RSS of python -m jaxlm.convert (Llama-2-7B shapes, bfloat16)", "",
-             f"Host: {host}. Measured by benchmarks/convert_memory.py (ru_maxrss of a fresh "
-             "process per conversion).", "",
-             "| layers | model GB | import peak GB | import / model | export peak GB | "
-             "export / model |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        gb = r["model_bytes"] / 1e9
-        lines.append(f"| {r['layers']} | {gb:.2f} | {r['import_peak_rss'] / 1e9:.2f} | "
-                     f"{r['import_peak_rss'] / r['model_bytes']:.2f} | "
-                     f"{r['export_peak_rss'] / 1e9:.2f} | "
-                     f"{r['export_peak_rss'] / r['model_bytes']:.2f} |")
+    cells = [[r["layers"], f"{r['model_bytes'] / 1e9:.2f}", f"{r['import_peak_rss'] / 1e9:.2f}",
+              f"{r['import_peak_rss'] / r['model_bytes']:.2f}",
+              f"{r['export_peak_rss'] / 1e9:.2f}",
+              f"{r['export_peak_rss'] / r['model_bytes']:.2f}"] for r in table_rows]
+    footer = []
     if len(partial) > 1:
-        lines += ["", f"Extrapolated (a least-squares line peak = fixed + slope * model bytes "
-                  f"over the rows under 32 layers) to 32 layers, {full / 1e9:.1f} GB, to "
-                  "compare with the 32-layer row where there is one:", ""]
+        footer += ["", f"Extrapolated (a least-squares line peak = fixed + slope * model bytes "
+                   f"over the rows under 32 layers) to 32 layers, {full / 1e9:.1f} GB, to "
+                   "compare with the 32-layer row where there is one:", ""]
         for way in ("import", "export"):
             slope, fixed = np.polyfit(size, [r[f"{way}_peak_rss"] for r in partial], 1)
             peak = fixed + slope * full
-            lines.append(f"- {way}: fixed {fixed / 1e9:.2f} GB + {slope:.2f} x model -> "
-                         f"{peak / 1e9:.1f} GB at 7B = {peak / full:.2f} x the model "
-                         "(extrapolated, not measured)")
-    (RESULTS / f"convert-{host}.md").write_text("\n".join(lines) + "\n")
+            footer.append(f"- {way}: fixed {fixed / 1e9:.2f} GB + {slope:.2f} x model -> "
+                          f"{peak / 1e9:.1f} GB at 7B = {peak / full:.2f} x the model "
+                          "(extrapolated, not measured)")
+    results_table.record(
+        RESULTS / f"convert-{host}", rows,
+        "# Peak host RSS of python -m jaxlm.convert (Llama-2-7B shapes, bfloat16)\n\n"
+        f"Host: {host}. Measured by benchmarks/convert_memory.py (ru_maxrss of a fresh "
+        "process per conversion).",
+        ["layers", "model GB", "import peak GB", "import / model", "export peak GB",
+         "export / model"], cells, mode="replace",
+        footer="\n".join(footer) + "\n" if footer else "")
 
 
 if __name__ == "__main__":

@@ -116,8 +116,8 @@ def measure_model(config) -> dict:
 
 
 def record(row: dict) -> pathlib.Path:
-    return results_table.append(
-        pathlib.Path(_RESULTS.value) / f"data-{row['machine']}", row,
+    return results_table.record(
+        pathlib.Path(_RESULTS.value) / f"data-{row['machine']}", [row],
         f"# Data throughput on {row['machine']}\n\n`python -m benchmarks.data_throughput`; "
         "see its docstring for what each column measures.",
         ["date", "config", "prepare tok/s (workers)", "pipeline tok/s (batch x seq, threads)",

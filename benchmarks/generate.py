@@ -107,8 +107,8 @@ def main():
                "decode_ms_per_step_median": 1e3 * decode_s / (args.new_tokens - 1),
                "decode_tokens_per_second": tokens_per_s, "repeats": args.repeats,
                "jax_version": jax.__version__, "note": args.note}
-        table = results_table.append(
-            RESULTS / f"generate-{slug}", row,
+        table = results_table.record(
+            RESULTS / f"generate-{slug}", [row],
             "# Generation speed (python -m benchmarks.generate)\n\nRandom weights; prompts of "
             "prompt_len tokens, every row generates new_tokens (no EOS); medians of "
             "the repeats after one untimed run that compiles. TTFT: call to first token on the "

@@ -214,8 +214,8 @@ def main() -> None:
                    "decode_speedup": speedup, "same_greedy_tokens": float(same),
                    "note": args.note}
             j, t = summary["jaxlm"], summary["transformers"]
-            table = results_table.append(
-                RESULTS / f"generate-vs-hf-{slug}", row,
+            table = results_table.record(
+                RESULTS / f"generate-vs-hf-{slug}", [row],
                 "# Generation: jaxlm vs transformers.generate "
                 "(python -m benchmarks.generate_vs_hf)\n\nSame random float32 weights, same "
                 "random prompts, greedy, every row makes all new tokens. Each figure is the "

@@ -27,10 +27,11 @@ from benchmarks import results_table
 from jaxlm import aot
 from jaxlm import context_parallel as cp
 from jaxlm import platforms
+from jaxlm import topology as topology_lib
 
 _gib = results_table.gib
 
-_TOPOLOGY = flags.DEFINE_string("topology", "v5p-16", "The slice (see jaxlm.aot).")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-16", "The slice (see jaxlm.topology).")
 _TOKENS = flags.DEFINE_integer("tokens_per_chip", 8192, "Tokens each chip holds per step.")
 _SHARDS = flags.DEFINE_list("shards", ["1", "2", "4", "8"], "mesh.sequence values.")
 _STRATEGIES = flags.DEFINE_list("strategies", ["all_gather", "ring"],
@@ -48,12 +49,13 @@ def config_for(chips: int, shards: int, strategy: str, tokens_per_chip: int):
     return config
 
 
-def run_row(topology: aot.Topology, shards: int, strategy: str, tokens_per_chip: int) -> dict:
+def run_row(topology: topology_lib.Topology, shards: int, strategy: str,
+            tokens_per_chip: int) -> dict:
     config = config_for(topology.chips, shards, strategy, tokens_per_chip)
     start = time.perf_counter()
     report = aot.compile_for(config, topology, programs=("train_step",),
                              loop_correction=False)[0]
-    attention = aot.attention_impl(config, aot.topology_devices(topology))
+    attention = aot.attention_impl(config, topology_lib.topology_devices(topology))
     if shards > 1 and strategy == "ring" and attention == "splash":
         attention = "ring_kernels" if cp.RING_KERNEL else "xla"  # the ring's own blocks
     return {"sequence": shards, "strategy": strategy if shards > 1 else "-",
@@ -63,24 +65,20 @@ def run_row(topology: aot.Topology, shards: int, strategy: str, tokens_per_chip:
             "wall_s": time.perf_counter() - start, **json.loads(report.line())}
 
 
-def to_markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "",
-             "| mesh.sequence | strategy | block kernel | row length | rows per step | "
-             "arguments GiB | temporaries GiB | total GiB | HBM GiB | fits | compile s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(
-            f"| {r['sequence']} | {r['strategy']} | {r['attention']} | {r['seq_len']:,} | "
-            f"{r['rows']} | {_gib(r['argument_bytes'])} | {_gib(r['temp_bytes'])} | "
-            f"{_gib(r['total_bytes'])} | {_gib(r['hbm_bytes'])} | "
-            f"{'yes' if r['fits'] else 'NO'} | {r['wall_s']:.0f} |")
-    return "\n".join(lines) + "\n"
+COLUMNS = ["mesh.sequence", "strategy", "block kernel", "row length", "rows per step",
+           "arguments GiB", "temporaries GiB", "total GiB", "HBM GiB", "fits", "compile s"]
+
+
+def table_cells(r: dict) -> list:
+    return [r["sequence"], r["strategy"], r["attention"], f"{r['seq_len']:,}", r["rows"],
+            _gib(r["argument_bytes"]), _gib(r["temp_bytes"]), _gib(r["total_bytes"]),
+            _gib(r["hbm_bytes"]), "yes" if r["fits"] else "NO", f"{r['wall_s']:.0f}"]
 
 
 def main(argv):
     platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     del argv
-    topology = aot.parse_topology(_TOPOLOGY.value)
+    topology = topology_lib.parse_topology(_TOPOLOGY.value)
     rows = []
     for shards in map(int, _SHARDS.value):
         for strategy in (_STRATEGIES.value if shards > 1 else _STRATEGIES.value[:1]):
@@ -101,8 +99,10 @@ def main(argv):
         f"compiler reports it (arguments + temporaries + unaliased outputs); compiled on "
         f"{cpu[0]} ({cpu[1]}), jax {jax.__version__}, libtpu "
         f"{results_table.package_version('libtpu')}; no TPU ran.")
-    results_table.write(_RESULTS.value, "long-context", to_markdown(rows, header), rows)
-    print(to_markdown(rows, header))
+    table = results_table.record(f"{_RESULTS.value}/long-context", rows, header, COLUMNS,
+                                 [table_cells(r) for r in rows], mode="replace",
+                                 spaced_rule=True)
+    print(table.read_text())
 
 
 if __name__ == "__main__":

@@ -80,8 +80,8 @@ def record(results_dir: str, row: dict) -> pathlib.Path:
              f"{row['tokens_per_second_per_device']:,.0f}", f"{row['tflops_per_device']:.1f}",
              f"{100 * row['mfu_causal']:.1f}%", f"{100 * row['mfu_full_square']:.1f}%",
              f"{row['peak_memory_bytes'] / 2**30:.1f}", row["jax_version"], row["note"]]
-    return results_table.append(
-        pathlib.Path(results_dir) / slug, row,
+    return results_table.record(
+        pathlib.Path(results_dir) / slug, [row],
         f"# {row['device_kind']}\n\nRows appended by `python -m benchmarks.mfu`; "
         "MFU uses DESIGN.md's FLOPs formula.", columns, [cells])
 

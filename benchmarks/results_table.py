@@ -1,4 +1,6 @@
-"""Where every benchmark leaves its numbers: a JSON line with everything, and a Markdown row.
+"""Where every benchmark leaves its numbers: a JSON line with everything, and a Markdown table.
+
+`record()` is the one writer; a results file is extended, replaced, or given a section per run.
 
 Standard library only: benchmarks.vs_peers imports it from the peers' interpreters too.
 """
@@ -14,22 +16,52 @@ import platform
 import re
 
 
-def append(base: pathlib.Path, row: dict, preamble: str, columns: list[str],
-           table_rows: list[list]) -> pathlib.Path:
-    """Append `row` to <base>.jsonl and `table_rows` to <base>.md.
+def markdown_table(columns: list[str], cells: list[list], spaced_rule: bool = False) -> str:
+    """A Markdown table, header first, each line ending in a newline. `spaced_rule` writes the
+    header's rule as `| --- |` (the whole-file tables), else `|---|` (the appended ones):
+    each results file keeps the form it was first written in."""
+    rule = ("| " + " | ".join(["---"] * len(columns)) + " |" if spaced_rule
+            else "|" + "---|" * len(columns))
+    return ("| " + " | ".join(columns) + " |\n" + rule + "\n"
+            + "".join(_table_row(row) for row in cells))
 
-    A new table starts with `preamble` (a title and what the columns measure) and a header.
+
+def _table_row(cells: list) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |\n"
+
+
+def record(base: str | os.PathLike, rows: list[dict], preamble: str, columns: list[str],
+           cells: list[list], *, mode: str = "extend", title: str = "", footer: str = "",
+           spaced_rule: bool = False) -> pathlib.Path:
+    """Append every row to <base>.jsonl and the table of `cells` to <base>.md, returned; one of:
+
+    - "extend": the file holds one table that every run extends; a new file starts with
+      `preamble` (a title and what the columns measure) and the header.
+    - "replace": the file is this run's: `preamble`, the table, then `footer`.
+    - "section": the file is `title`, then a section per run: `preamble` (its heading and
+      settings) and its own table.
     """
+    if mode not in ("extend", "replace", "section"):
+        raise ValueError(f"mode={mode!r}: one of 'extend', 'replace', 'section'")
+    base = pathlib.Path(base)
     base.parent.mkdir(parents=True, exist_ok=True)
     with open(base.with_suffix(".jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
     table = base.with_suffix(".md")
-    if not table.exists():
-        table.write_text(preamble + "\n\n| " + " | ".join(columns) + " |\n|"
-                         + "---|" * len(columns) + "\n")
-    with open(table, "a") as f:
-        for cells in table_rows:
-            f.write("| " + " | ".join(str(c) for c in cells) + " |\n")
+    whole = preamble + "\n\n" + markdown_table(columns, cells, spaced_rule)
+    if mode == "replace":
+        table.write_text(whole + footer)
+    elif mode == "section":
+        if not table.exists():
+            table.write_text(title)
+        with open(table, "a") as f:
+            f.write(whole)
+    elif not table.exists():
+        table.write_text(whole)
+    else:
+        with open(table, "a") as f:
+            f.write("".join(_table_row(row) for row in cells))
     return table
 
 
@@ -52,13 +84,3 @@ def package_version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def write(results_dir: str, stem: str, markdown: str, rows: list[dict]) -> None:
-    """The table as `stem`.md (replaced) and every row appended to `stem`.jsonl."""
-    out = pathlib.Path(results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.md").write_text(markdown)
-    with open(out / f"{stem}.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")

@@ -70,19 +70,16 @@ def run_variant(topology: aot.Topology, variant: str) -> dict:
             "out_of_memory": memory.out_of_memory or cost.out_of_memory}
 
 
-def to_markdown(rows: list[dict], header: str) -> str:
+COLUMNS = ["backward:blocks", "row length", "arguments GiB", "temporaries GiB", "total GiB",
+           "1-layer row", "1-layer est. ms", "1-layer TFLOPs (XLA count)", "compile s"]
+
+
+def table_cells(r: dict) -> list:
     gib = results_table.gib
-    lines = [header, "",
-             "| backward:blocks | row length | arguments GiB | temporaries GiB | total GiB | "
-             "1-layer row | 1-layer est. ms | 1-layer TFLOPs (XLA count) | compile s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(
-            f"| {r['variant']} | {r['seq_len']:,} | {gib(r['argument_bytes'])} | "
-            f"{gib(r['temp_bytes'])} | {gib(r['total_bytes'])} | {r['cost_seq_len']:,} | "
-            f"{1e3 * r['layer_optimal_seconds']:.2f} | {r['layer_flops'] / 1e12:.3f} | "
-            f"{r['memory_compile_s'] + r['cost_compile_s']:.0f} |")
-    return "\n".join(lines) + "\n"
+    return [r["variant"], f"{r['seq_len']:,}", gib(r["argument_bytes"]), gib(r["temp_bytes"]),
+            gib(r["total_bytes"]), f"{r['cost_seq_len']:,}",
+            f"{1e3 * r['layer_optimal_seconds']:.2f}", f"{r['layer_flops'] / 1e12:.3f}",
+            f"{r['memory_compile_s'] + r['cost_compile_s']:.0f}"]
 
 
 def main(argv):
@@ -107,8 +104,10 @@ def main(argv):
         f"estimate, and one that counts a Pallas kernel as ~0 FLOPs). Compiled on {cpu[0]} "
         f"({cpu[1]}), jax {jax.__version__}, libtpu {results_table.package_version('libtpu')}; "
         f"no TPU ran.")
-    results_table.write(_RESULTS.value, "ring-variants", to_markdown(rows, header), rows)
-    print(to_markdown(rows, header))
+    table = results_table.record(f"{_RESULTS.value}/ring-variants", rows, header, COLUMNS,
+                                 [table_cells(r) for r in rows], mode="replace",
+                                 spaced_rule=True)
+    print(table.read_text())
 
 
 if __name__ == "__main__":

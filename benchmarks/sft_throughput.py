@@ -127,8 +127,8 @@ def _cell(kind: dict) -> str:
 
 def record(row: dict) -> pathlib.Path:
     p, s = row["pretrain"], row["sft"]
-    return results_table.append(
-        pathlib.Path(_RESULTS.value) / f"sft-{row['machine']}", row,
+    return results_table.record(
+        pathlib.Path(_RESULTS.value) / f"sft-{row['machine']}", [row],
         f"# SFT vs pre-training throughput on {row['machine']}\n\n`python -m "
         "benchmarks.sft_throughput`; see its docstring for what each column measures "
         "(positions/s counts padding; trained = positions the loss mask counts).",

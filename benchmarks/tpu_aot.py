@@ -50,19 +50,17 @@ def run_row(config_name: str, slice_name: str, attention: str) -> dict:
             "wall_s": time.perf_counter() - start, **json.loads(report.line())}
 
 
-def to_markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "",
-             "| config | slice | attention | remat | batch x seq | arguments GiB | temporaries GiB "
-             "| total GiB | HBM GiB | fits | est. step s | est. MFU | estimate from |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(
-            f"| {r['config']} | {r['slice']} ({r['topology_name']}) | {r['attention']} | "
-            f"{r['remat']} | {r['batch x seq']} | {_gib(r['argument_bytes'])} | "
-            f"{_gib(r['temp_bytes'])} | {_gib(r['total_bytes'])} | {_gib(r['hbm_bytes'])} | "
-            f"{'yes' if r['fits'] else 'NO'} | {r['estimated_step_seconds']:.2f} | "
-            f"{100 * r['mfu']:.0f}% | {r['estimate_source']} |")
-    return "\n".join(lines) + "\n"
+COLUMNS = ["config", "slice", "attention", "remat", "batch x seq", "arguments GiB",
+           "temporaries GiB", "total GiB", "HBM GiB", "fits", "est. step s", "est. MFU",
+           "estimate from"]
+
+
+def table_cells(r: dict) -> list:
+    return [r["config"], f"{r['slice']} ({r['topology_name']})", r["attention"], r["remat"],
+            r["batch x seq"], _gib(r["argument_bytes"]), _gib(r["temp_bytes"]),
+            _gib(r["total_bytes"]), _gib(r["hbm_bytes"]), "yes" if r["fits"] else "NO",
+            f"{r['estimated_step_seconds']:.2f}", f"{100 * r['mfu']:.0f}%",
+            r["estimate_source"]]
 
 
 def main(argv):
@@ -86,8 +84,10 @@ def main(argv):
               "step, arguments + temporaries + outputs not aliased to donated arguments. Step "
               "times are the compiler's cost model (estimates, not measurements; jaxlm.aot "
               "says how loops and Pallas kernels are counted).")
-    results_table.write(_RESULTS.value, "tpu-aot", to_markdown(rows, header), rows)
-    print(to_markdown(rows, header))
+    table = results_table.record(f"{_RESULTS.value}/tpu-aot", rows, header, COLUMNS,
+                                 [table_cells(r) for r in rows], mode="replace",
+                                 spaced_rule=True)
+    print(table.read_text())
 
 
 if __name__ == "__main__":

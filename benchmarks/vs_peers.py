@@ -329,8 +329,8 @@ def record(directory: pathlib.Path, slug: str, row: dict) -> pathlib.Path:
                       ", ".join(_tps(r) for r in info["rounds"]) or info.get("error", ""),
                       _tps(info["median"] and {"tokens_per_s": info["median"]}),
                       f"{ratio:.2f}x" if ratio else "-", info["settings"] + tunables])
-    return results_table.append(
-        directory / f"vs_peers-{slug}", row,
+    return results_table.record(
+        directory / f"vs_peers-{slug}", [row],
         f"# jaxlm vs MaxText vs PyTorch on {slug}\n\n`python -m benchmarks.vs_peers`; tokens/s = "
         "batch x seq / median step time after warmup, each side in a fresh process per round, "
         "sides alternating.",

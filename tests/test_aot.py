@@ -1,5 +1,6 @@
-"""jaxlm.aot: slice names, the CLI's reports and exit codes, the loop-corrected FLOPs, the
-planner, and memory under remat with the layer stack unrolled.
+"""jaxlm.aot (with jaxlm.topology, jaxlm.program_cost, jaxlm.plan): slice names, the CLI's
+reports and exit codes, the loop-corrected FLOPs, the planner, and memory under remat with
+the layer stack unrolled.
 
 CPU compiles use the 8 simulated devices (`cpu:8`); TPU compiles need libtpu (the compiler
 only, no TPU) and are marked slow.
@@ -12,9 +13,9 @@ import sys
 import pytest
 
 from configs import tiny
-from jaxlm import aot
+from jaxlm import aot, metrics, plan, program_cost
 from jaxlm import config as config_lib
-from jaxlm import metrics
+from jaxlm import topology as topology_lib
 
 
 def _needs_libtpu():
@@ -55,12 +56,12 @@ def run_cli(repo, *args, timeout=600):
     ("cpu:8", "cpu:8", 8),
 ])
 def test_slice_names(name, topology_name, chips):
-    topology = aot.parse_topology(name)
+    topology = topology_lib.parse_topology(name)
     assert (topology.topology_name, topology.chips) == (topology_name, chips)
 
 
 def test_num_slices_multiplies_chips():
-    assert aot.parse_topology("v5e-256", num_slices=2).chips == 512
+    assert topology_lib.parse_topology("v5e-256", num_slices=2).chips == 512
 
 
 def test_multi_slice_compiles_with_data_across_slices(repo):
@@ -79,26 +80,27 @@ def test_multi_slice_compiles_with_data_across_slices(repo):
 
 @pytest.mark.parametrize("name", ["v7-8", "v5p-3", "tpu", "v5e:2x2x2"])
 def test_unknown_topology_lists_the_known_forms(name):
-    with pytest.raises(aot.TopologyError) as e:
-        aot.parse_topology(name)
+    with pytest.raises(topology_lib.TopologyError) as e:
+        topology_lib.parse_topology(name)
     for form in ("v5p-N", "v5e-N", "v5p:4x4x4", "cpu:N"):
         assert form in str(e.value)
 
 
 def test_missing_libtpu_names_the_install_command(monkeypatch):
-    real = aot.importlib.util.find_spec
-    monkeypatch.setattr(aot.importlib.util, "find_spec",
+    real = topology_lib.importlib.util.find_spec
+    monkeypatch.setattr(topology_lib.importlib.util, "find_spec",
                         lambda name, *a: None if name == "libtpu" else real(name, *a))
-    with pytest.raises(aot.TopologyError, match=r"pip install -e '\.\[tpu\]'"):
-        aot.topology_devices(aot.parse_topology("v5p-8"))
+    with pytest.raises(topology_lib.TopologyError, match=r"pip install -e '\.\[tpu\]'"):
+        topology_lib.topology_devices(topology_lib.parse_topology("v5p-8"))
 
 
 def test_tpu_figures_come_from_one_table():
-    spec = aot.device_spec(aot.parse_topology("v5p-128"), 64)
+    spec = topology_lib.device_spec(topology_lib.parse_topology("v5p-128"), 64)
     assert spec.hbm_bytes == 95 * 2**30 and spec.peak_flops == 459e12
     assert spec.hbm_bytes_per_s == metrics.TPU_CHIP_SPECS["v5p"]["hbm_bytes_per_s"]
     # compile-only v4 devices are TensorCores: half a chip each
-    assert aot.device_spec(aot.parse_topology("v4-8"), 8).hbm_bytes == 16 * 2**30
+    v4 = topology_lib.parse_topology("v4-8")
+    assert topology_lib.device_spec(v4, 8).hbm_bytes == 16 * 2**30
 
 
 @pytest.mark.slow
@@ -148,15 +150,16 @@ def test_loop_corrected_flops_agree_with_the_formula():
     report, = aot.compile_for(config, "cpu:8", programs=("train_step",))
     assert 1.0 <= report.flops / report.flops_formula < 1.15, report
     assert report.tokens_per_step == 16 * 64 and "x 2 microbatches" in report.estimate_source
-    topology = aot.parse_topology("cpu:8")
-    raw = aot.compile_program(config, aot.topology_devices(topology), topology, "train_step")
+    topology = topology_lib.parse_topology("cpu:8")
+    devices = topology_lib.topology_devices(topology)
+    raw = program_cost.compile_program(config, devices, topology, "train_step")
     assert 2 * raw.flops < 0.75 * report.flops
 
 
 def test_the_tpu_compilers_out_of_memory_refusal_is_a_program_that_does_not_fit():
     message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
                "HLO temporaries (128.88G) exceeds available HBM (95.74G).")
-    compiled = aot._out_of_memory(message, 1.0)
+    compiled = program_cost._out_of_memory(message, 1.0)
     assert compiled.temp_bytes == int(128.88 * 2**30) and "128.88G" in compiled.out_of_memory
 
 
@@ -175,16 +178,16 @@ def test_splash_attention_flops_by_formula():
 def test_plan_ranks_compiled_setups_and_prints_a_train_command():
     config = small_config(remat="full")
     lines = []
-    cands = aot.plan(config, "cpu:8", max_compiles=1, log=lines.append)
+    cands = plan.plan(config, "cpu:8", max_compiles=1, log=lines.append)
     assert cands and cands[0].report is not None and cands[0].fits
-    text = aot.format_plan(cands, "configs/tiny.py")
+    text = plan.format_plan(cands, "configs/tiny.py")
     assert "python -m jaxlm.train --config=configs/tiny.py --config.model.remat=" in text
 
 
 def test_plan_says_plainly_when_nothing_fits():
-    cands = aot.plan(small_config(), "cpu:8", hbm_bytes=1024, log=lambda s: None)
+    cands = plan.plan(small_config(), "cpu:8", hbm_bytes=1024, log=lambda s: None)
     assert not any(c.fits for c in cands)
-    assert "NOTHING FITS" in aot.format_plan(cands, "configs/tiny.py")
+    assert "NOTHING FITS" in plan.format_plan(cands, "configs/tiny.py")
 
 
 @pytest.mark.slow
@@ -219,12 +222,13 @@ def test_remat_bounds_memory_with_the_layers_unrolled():
     against about 650 without remat; with prevent_cse for unrolled stacks 88.5 MiB against
     654 (libtpu 0.0.42, TPU forms of attention: 8 query blocks)."""
     _needs_libtpu()
-    topology = aot.parse_topology("v5e:2x2")
-    devices = aot.topology_devices(topology)
+    topology = topology_lib.parse_topology("v5e:2x2")
+    devices = topology_lib.topology_devices(topology)
     temps = {}
     for remat in ("none", "full"):
         config = small_config(n_layers=8, d_model=256, d_ff=768, vocab_size=1024,
                               dtype="bfloat16", remat=remat, scan_unroll=8)
         config.data.seq_len = 1024
-        temps[remat] = aot.compile_program(config, devices, topology, "train_step").temp_bytes
+        compiled = program_cost.compile_program(config, devices, topology, "train_step")
+        temps[remat] = compiled.temp_bytes
     assert temps["full"] <= 0.25 * temps["none"], temps
