@@ -368,7 +368,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
              f"{shape['fsdp'] * shape['sequence']} (weights are split over both along d_model)")
     _require(d.seq_len % (2 * shape["sequence"]) == 0 or shape["sequence"] == 1, "data.seq_len",
              d.seq_len, f"must be divisible by 2 * mesh.sequence={2 * shape['sequence']} (a row is "
-             "cut into two chunks per sequence shard, jaxlm.attention.balance)")
+             "cut into two chunks per sequence shard, jaxlm.attention.balanced_order)")
     _require((d.seq_len // t.loss_chunks) % shape["sequence"] == 0, "train.loss_chunks",
              t.loss_chunks, f"each loss slice (data.seq_len / train.loss_chunks = "
              f"{d.seq_len // t.loss_chunks} positions) must be divisible by "

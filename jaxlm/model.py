@@ -249,7 +249,7 @@ class Transformer(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         # A sequence split over devices is reordered so causal attention costs every shard
-        # the same (jaxlm.attention.balance); the order is restored before the head.
+        # the same (jaxlm.attention.balanced_order); the order is restored before the head.
         if shards > 1:
             tokens, positions, segment_ids = (None if a is None else attention.balance(a, shards)
                                               for a in (tokens, positions, segment_ids))

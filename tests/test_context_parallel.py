@@ -14,7 +14,7 @@ from jaxlm import attention as attention_lib
 from jaxlm import config as config_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
-from jaxlm.attention import balance as balance_lib
+from jaxlm.attention import balanced_order as balance_lib
 from jaxlm.attention import context_parallel as cp
 from jaxlm.attention import ring_kernels, ring_xla
 from support import (assert_attention_matches_reference, assert_directional_derivatives,

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.attention import context_parallel
-from jaxlm.attention.balance import balance, original_index, restore, sequence_shards
+from jaxlm.attention.balanced_order import balance, original_index, restore, sequence_shards
 from jaxlm.attention.context_parallel import STRATEGIES
 from jaxlm.attention.cudnn import cudnn_attention
 from jaxlm.attention.remat import REMAT_POLICIES

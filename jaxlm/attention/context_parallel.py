@@ -1,6 +1,6 @@
 """Context parallelism: causal attention over a sequence split across devices (`mesh.sequence`).
 
-Rows arrive in the balanced order (jaxlm.attention.balance). Attention runs in one
+Rows arrive in the balanced order (jaxlm.attention.balanced_order). Attention runs in one
 `jax.shard_map` over rows ("batch"), heads ("act_heads") and the sequence ("length"), with
 one of two strategies (`model.context_parallel`):
 
@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlm import mesh_axes
 from jaxlm.attention import ring, ring_kernels, ring_xla, splash
-from jaxlm.attention.balance import original_index
+from jaxlm.attention.balanced_order import original_index
 from jaxlm.attention.xla import causal_mask, group_heads, grouped_scores
 
 STRATEGIES = ("all_gather", "ring")

@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxlm.attention.balance import original_index
+from jaxlm.attention.balanced_order import original_index
 
 
 def _positions(shard_length: int, shards: int, axes):

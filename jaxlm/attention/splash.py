@@ -15,7 +15,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
 from jaxlm import mesh_axes
-from jaxlm.attention.balance import original_index
+from jaxlm.attention.balanced_order import original_index
 
 
 def splash_block_sizes(length: int, block_q: int, block_kv: int) -> splash.BlockSizes:
