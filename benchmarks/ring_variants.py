@@ -5,7 +5,8 @@ the blocks.
 
 For each variant (`backward:blocks`: backward "custom_vjp" (jaxlm.attention.ring) or
 "autodiff" (benchmarks.ring_autodiff); blocks "xla" (model.attention="xla") or "pallas"
-(jaxlm.attention.ring_kernels, what splash attention runs the ring with)) two programs of configs/7b.py's train step with model.context_parallel="ring" are compiled:
+(jaxlm.attention.ring_kernels, what splash attention runs the ring with)) two programs of
+configs/7b.py's train step with model.context_parallel="ring" are compiled:
 
 - memory: the whole step (32 layers, scanned) at --tokens_per_chip, mesh.sequence=--shards,
   as benchmarks.long_context compiles it: per-chip arguments and temporaries;
