@@ -19,7 +19,12 @@ def causal_mask(q_pos, k_pos, q_seg, k_seg) -> jax.Array:
     mask = (k_pos[None, :] <= q_pos[:, None])[None, None, None]
     if q_seg is None:
         return mask
-    return mask & (q_seg[:, None, None, :, None] == k_seg[:, None, None, None, :])
+    return mask & same_segment(q_seg, k_seg)
+
+
+def same_segment(q_seg, k_seg) -> jax.Array:
+    """[batch, 1, 1, q, k] boolean: are query i and key j in the same segment?"""
+    return q_seg[:, None, None, :, None] == k_seg[:, None, None, None, :]
 
 
 def grouped_scores(q, k):
@@ -36,10 +41,10 @@ def group_heads(q, n_kv: int):
 
 def _block_mask(q_start: int, q_len: int, k_len: int, segment_ids) -> jax.Array:
     """`causal_mask` of queries q_start .. q_start + q_len against keys 0 .. k_len."""
-    q_seg = k_seg = None
-    if segment_ids is not None:
-        q_seg, k_seg = segment_ids[:, q_start:q_start + q_len], segment_ids[:, :k_len]
-    return causal_mask(jnp.arange(q_start, q_start + q_len), jnp.arange(k_len), q_seg, k_seg)
+    mask = causal_mask(jnp.arange(q_start, q_start + q_len), jnp.arange(k_len), None, None)
+    if segment_ids is None:
+        return mask
+    return mask & same_segment(segment_ids[:, q_start:q_start + q_len], segment_ids[:, :k_len])
 
 
 def _attend(q, k, v, mask, scores_dtype=jnp.float32, kv_layout: str = "bskd"):
