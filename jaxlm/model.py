@@ -36,7 +36,7 @@ class ModelConfig:
     dtype: jnp.dtype = jnp.float32  # compute
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"  # "none" or a key of jaxlm.attention.REMAT_POLICIES
-    attention: attention.Settings = attention.Settings()  # how attention is computed
+    attention: attention.Settings = dataclasses.field(default_factory=attention.Settings)
     rotary_table: bool = True  # False: sin/cos inline, as on TPU (see `apply_rotary`)
     scan_unroll: int = 1  # layers per scan iteration (n_layers: no loop at all)
     # False: one module per layer (params layers_0 .. layers_{n-1}), for decoding, where a
