@@ -3,7 +3,7 @@
     python -m benchmarks.attention_check
 
 For unpacked rows (causal only) and packed rows (causal + segment mask), compares the
-outputs and input gradients of `jaxlm.attention` with impl="cudnn" and impl="xla" in
+outputs and input gradients of `jaxlm.attention.attend` with impl="cudnn" and impl="xla" in
 bfloat16 against a float32 XLA reference, and times forward+backward of each.
 """
 
@@ -16,7 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import platforms
-from jaxlm.attention import attention
+from jaxlm.attention import Settings, attend
+
+
+def attention(q, k, v, segment_ids, impl):
+    return attend(q, k, v, segment_ids, Settings(impl=impl))
 
 
 def _loss_and_grads(impl, q, k, v, segment_ids, cotangent):

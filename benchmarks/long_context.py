@@ -25,7 +25,6 @@ from absl import app, flags
 
 from benchmarks import results_table
 from jaxlm import aot
-from jaxlm import context_parallel as cp
 from jaxlm import platforms
 from jaxlm import topology as topology_lib
 
@@ -57,7 +56,7 @@ def run_row(topology: topology_lib.Topology, shards: int, strategy: str,
                              loop_correction=False)[0]
     attention = aot.attention_impl(config, topology_lib.topology_devices(topology))
     if shards > 1 and strategy == "ring" and attention == "splash":
-        attention = "ring_kernels" if cp.RING_KERNEL else "xla"  # the ring's own blocks
+        attention = "ring_kernels"  # the ring's own Pallas blocks
     return {"sequence": shards, "strategy": strategy if shards > 1 else "-",
             "attention": attention,
             "seq_len": config.data.seq_len,

@@ -133,7 +133,7 @@ def main(argv):
     summary = metrics_lib.throughput(times, t.global_batch_size * seq_len, causal, full, peak,
                                      len(devices))
     memory, memory_source = peak_memory_bytes()
-    attention = factory.model.cfg.attention  # what "auto" became on these devices
+    attention = factory.model.cfg.attention.impl  # what "auto" became on these devices
     if m.attention == "auto":
         attention = f"auto: {attention}"
     row = {

@@ -3,9 +3,10 @@ the blocks.
 
     ALLOW_MULTIPLE_LIBTPU_LOAD=1 python -m benchmarks.ring_variants   # v5p-16, 32k rows / 4
 
-For each variant (`backward:blocks`: backward "custom_vjp" or "autodiff", see
-jaxlm.context_parallel.RING_BACKWARD; blocks "xla" or "pallas", jaxlm.ring_kernels) two
-programs of configs/7b.py's train step with model.context_parallel="ring" are compiled:
+For each variant (`backward:blocks`: backward "custom_vjp" (jaxlm.attention.ring) or
+"autodiff" (benchmarks.ring_autodiff); blocks "xla" (model.attention="xla") or "pallas"
+(jaxlm.attention.ring_kernels, what splash attention runs the ring with)) two programs of
+configs/7b.py's train step with model.context_parallel="ring" are compiled:
 
 - memory: the whole step (32 layers, scanned) at --tokens_per_chip, mesh.sequence=--shards,
   as benchmarks.long_context compiles it: per-chip arguments and temporaries;
@@ -20,16 +21,18 @@ Results go to benchmarks/results/ring-variants.md (and .jsonl), with host and ve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
 import jax
 from absl import app, flags
 
-from benchmarks import long_context, results_table
+from benchmarks import long_context, results_table, ring_autodiff
 from jaxlm import aot
-from jaxlm import context_parallel as cp
-from jaxlm import platforms
+from jaxlm import platforms, program_cost
+from jaxlm import topology as topology_lib
+from jaxlm.attention import ring_xla
 
 # --topology, --tokens_per_chip (the memory program's) and --results: benchmarks.long_context's.
 _TOPOLOGY, _TOKENS, _RESULTS = long_context._TOPOLOGY, long_context._TOKENS, long_context._RESULTS
@@ -40,25 +43,25 @@ _VARIANTS = flags.DEFINE_list("variants", ["custom_vjp:xla", "autodiff:xla"],
                               "backward:blocks pairs.")
 
 
-def _set_variant(variant: str) -> None:
+BACKWARDS = {"custom_vjp": contextlib.nullcontext, "autodiff": ring_autodiff.autodiff_backward}
+BLOCKS = {"xla": "xla", "pallas": "splash"}  # model.attention: splash runs the Pallas blocks
+
+
+def run_variant(topology: topology_lib.Topology, variant: str) -> dict:
     backward, blocks = variant.split(":")
-    cp.RING_BACKWARD = backward
-    cp.RING_KERNEL = blocks == "pallas"
-
-
-def run_variant(topology: aot.Topology, variant: str) -> dict:
-    _set_variant(variant)
-    devices = aot.topology_devices(topology)
+    devices = topology_lib.topology_devices(topology)
     config = long_context.config_for(topology.chips, _SHARDS.value, "ring", _TOKENS.value)
-    memory = aot.compile_program(config, devices, topology, "train_step")
     small = long_context.config_for(topology.chips, _SHARDS.value, "ring", _COST_TOKENS.value)
     small.model.n_layers, small.model.scan_unroll, small.train.loss_chunks = 1, 1, 1
-    tile = cp.QUERY_TILE
-    cp.QUERY_TILE = small.data.seq_len  # one tile per block: no loop in the ring
-    try:
-        cost = aot.compile_program(small, devices, topology, "train_step")
-    finally:
-        cp.QUERY_TILE = tile
+    config.model.attention = small.model.attention = BLOCKS[blocks]
+    with BACKWARDS[backward]():
+        memory = program_cost.compile_program(config, devices, topology, "train_step")
+        tile = ring_xla.QUERY_TILE
+        ring_xla.QUERY_TILE = small.data.seq_len  # one tile per block: no loop in the ring
+        try:
+            cost = program_cost.compile_program(small, devices, topology, "train_step")
+        finally:
+            ring_xla.QUERY_TILE = tile
     return {"variant": variant, "topology": topology.name, "sequence": _SHARDS.value,
             "seq_len": config.data.seq_len, "cost_seq_len": small.data.seq_len,
             "argument_bytes": memory.argument_bytes, "temp_bytes": memory.temp_bytes,
@@ -85,7 +88,7 @@ def table_cells(r: dict) -> list:
 def main(argv):
     platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     del argv
-    topology = aot.parse_topology(_TOPOLOGY.value)
+    topology = topology_lib.parse_topology(_TOPOLOGY.value)
     rows = []
     for variant in _VARIANTS.value:
         row = run_variant(topology, variant)

@@ -2,7 +2,7 @@
 
     python -m jaxlm.train --config=configs/7b_32k.py --workdir=runs/7b_32k
 
-Context parallelism (jaxlm.context_parallel): mesh.sequence=4 puts a quarter of every row on
+Context parallelism (jaxlm.attention): mesh.sequence=4 puts a quarter of every row on
 each device, in the load-balanced order; attention gathers keys and values per layer
 ("all_gather", splash per shard on TPU). Weights are sharded over fsdp and sequence together.
 32 rows x 32,768 tokens = 1M tokens per optimizer step, as configs/7b.py; RoPE theta raised to

@@ -165,7 +165,7 @@ def _program_report(config, derived, topology, spec, devices, program,
     if attention_impl(config, devices) == "splash":
         extra = splash_attention_flops(config, derived, rows, train) / n
         ring = (derived.mesh_shape["sequence"] > 1
-                and config.model.context_parallel == "ring")  # jaxlm.ring_kernels' blocks
+                and config.model.context_parallel == "ring")  # jaxlm.attention.ring_kernels
         note += (f"; {'the ring' if ring else 'splash'} attention (Pallas kernels the cost model "
                  "counts as ~0) added by formula"
                  + ("" if not train or _saves_attention(config.model.remat)

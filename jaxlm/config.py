@@ -11,16 +11,16 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from jaxlm import attention as attention_lib
-from jaxlm import context_parallel
 from jaxlm import model as model_lib
 from jaxlm.data import sft
 from jaxlm.errors import ConfigError  # also jaxlm.config.ConfigError, as before
 
-REMAT_POLICIES = ("none", *model_lib.REMAT_POLICIES)
+REMAT_POLICIES = ("none", *attention_lib.REMAT_POLICIES)
 ATTENTION_IMPLS = attention_lib.IMPLEMENTATIONS
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
@@ -65,7 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.splash_block_kv = 512
     # Attention over a sequence split across devices (mesh.sequence > 1): "all_gather" (each
     # device gathers all keys and values) or "ring" (they travel round the devices and no device
-    # holds them all); see jaxlm.context_parallel.
+    # holds them all); see jaxlm.attention.context_parallel.
     m.context_parallel = "all_gather"
     # Layers per iteration of the layer scan: 1 compiles fastest; n_layers unrolls the whole
     # stack (no loop and no stacked per-layer residual buffers; same parameters either way).
@@ -225,8 +225,8 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
              "model.float32_attention_scores", m.float32_attention_scores,
              f"only XLA attention has a choice (model.attention={m.attention!r} keeps its "
              "own); set it True, or model.attention='xla'")
-    _require(m.context_parallel in context_parallel.STRATEGIES, "model.context_parallel",
-             m.context_parallel, f"one of {context_parallel.STRATEGIES}")
+    _require(m.context_parallel in attention_lib.STRATEGIES, "model.context_parallel",
+             m.context_parallel, f"one of {attention_lib.STRATEGIES}")
     for field in ("dtype", "param_dtype"):
         _require(m[field] in DTYPES, f"model.{field}", m[field], f"one of {DTYPES}")
 
@@ -277,7 +277,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
              f"{shape['fsdp'] * shape['sequence']} (weights are split over both along d_model)")
     _require(d.seq_len % (2 * shape["sequence"]) == 0 or shape["sequence"] == 1, "data.seq_len",
              d.seq_len, f"must be divisible by 2 * mesh.sequence={2 * shape['sequence']} (a row is "
-             "cut into two chunks per sequence shard, jaxlm.context_parallel)")
+             "cut into two chunks per sequence shard, jaxlm.attention.balanced_order)")
     _require((d.seq_len // t.loss_chunks) % shape["sequence"] == 0, "train.loss_chunks",
              t.loss_chunks, f"each loss slice (data.seq_len / train.loss_chunks = "
              f"{d.seq_len // t.loss_chunks} positions) must be divisible by "
@@ -384,7 +384,7 @@ def check_splash(config: ml_collections.ConfigDict, mesh_shape: dict) -> None:
 
     With a split sequence the kernel runs per shard against gathered keys
     (context_parallel="all_gather"): query tiles then divide one shard's queries. The ring
-    runs its blocks in jaxlm.ring_kernels instead, whose key tiles need shards of whole
+    runs its blocks in jaxlm.attention.ring_kernels instead, whose key tiles need shards of whole
     128-token lanes."""
     m, final, shards = config.model, config.data.seq_len, mesh_shape["sequence"]
     if shards > 1 and m.context_parallel == "ring":
@@ -430,18 +430,23 @@ def attention_impl(config: ml_collections.ConfigDict, mesh_shape: dict, platform
     return impl
 
 
-def model_config(config: ml_collections.ConfigDict, derived: Derived) -> model_lib.ModelConfig:
-    """The model's own frozen config, from a validated ConfigDict."""
+def model_config(config: ml_collections.ConfigDict, derived: Derived,
+                 platform: str | None = None) -> model_lib.ModelConfig:
+    """The model's own frozen config, from a validated ConfigDict, for `platform` (default:
+    the default backend's): the `model.*` fields of ModelConfig's names, the attention ones
+    in its `attention` settings, the platform's forms of the same arithmetic decided here."""
     m = config.model
-    return model_lib.ModelConfig(
-        vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
-        n_kv_heads=m.n_kv_heads, head_dim=derived.head_dim, d_ff=m.d_ff,
-        rope_theta=m.rope_theta, rope_scaling=rope_scaling(m), norm_eps=m.norm_eps,
-        tie_embeddings=m.tie_embeddings,
-        init_std=m.init_std, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-        remat=m.remat, attention=m.attention, scan_unroll=int(m.scan_unroll),
-        float32_attention_scores=bool(m.float32_attention_scores),
-        context_parallel=m.context_parallel,
+    platform = platform or jax.default_backend()
+    own = {f.name: m[f.name] for f in dataclasses.fields(model_lib.ModelConfig)
+           if f.name in m and f.name != "attention"}
+    attention = attention_lib.Settings(
+        impl=m.attention, float32_scores=bool(m.float32_attention_scores),
         splash_block_q=int(m.splash_block_q), splash_block_kv=int(m.splash_block_kv),
-        lora_rank=int(config.train.lora_rank), lora_alpha=float(config.train.lora_alpha),
-        lora_targets=tuple(config.train.lora_targets))
+        context_parallel=m.context_parallel, platform=platform)
+    return model_lib.ModelConfig(**{
+        **own, "head_dim": derived.head_dim, "rope_scaling": rope_scaling(m),
+        "dtype": jnp.dtype(m.dtype), "param_dtype": jnp.dtype(m.param_dtype),
+        "scan_unroll": int(m.scan_unroll), "attention": attention,
+        "rotary_table": platform != "tpu",  # inline sin/cos on TPU (model.apply_rotary)
+        "lora_rank": int(config.train.lora_rank), "lora_alpha": float(config.train.lora_alpha),
+        "lora_targets": tuple(config.train.lora_targets)})

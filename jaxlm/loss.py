@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxlm import sharding as sharding_lib
+from jaxlm import mesh_axes
 
 
 def token_cross_entropy(logits, targets):
@@ -48,6 +48,33 @@ def token_cross_entropy(logits, targets):
     vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
     target_logit = jnp.sum(jnp.where(vocab == targets[..., None], shifted, 0.0), axis=-1)
     return jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)) - target_logit
+
+
+@jax.custom_vjp
+def logits_dot(x, head):
+    """x [b, l, d] @ head [d, v] -> float32 logits, with the backward in x's dtype.
+
+    The forward accumulates and returns float32. Plain autodiff would then carry the float32
+    cotangent into both backward matmuls, running them as float32 GEMMs (measured slower on
+    an H100, benchmarks/results/NOTES.md); casting the cotangent to the compute dtype first
+    runs them as bf16 GEMMs, as the rest of the model's backward already does.
+    """
+    return jnp.einsum("bld,dv->blv", x, head, preferred_element_type=jnp.float32)
+
+
+def _logits_dot_fwd(x, head):
+    return logits_dot(x, head), (x, head)
+
+
+def _logits_dot_bwd(residuals, grad):
+    x, head = residuals
+    grad = grad.astype(x.dtype)
+    grad_x = jnp.einsum("blv,dv->bld", grad, head)
+    grad_head = jnp.einsum("bld,blv->dv", x, grad, preferred_element_type=jnp.float32)
+    return grad_x, grad_head.astype(head.dtype)
+
+
+logits_dot.defvjp(_logits_dot_fwd, _logits_dot_bwd)
 
 
 def _slices(a, chunks: int):
@@ -101,7 +128,7 @@ def _slice_loss(x, head, targets, weights, with_grads: bool, vocab: tuple = ()):
         return loss, None, None
     probs = exp / total[..., None]
     one_hot = jax.nn.one_hot(targets, shard, dtype=jnp.float32)  # all zero where not held
-    # Both matmuls take inputs in the compute dtype, as jaxlm.model.logits_dot's backward
+    # Both matmuls take inputs in the compute dtype, as `logits_dot`'s backward
     # runs them, and give float32: the backward scales and rounds them once.
     grad_logits = ((probs - one_hot) * weights[..., None]).astype(x.dtype)
     grad_x = jnp.einsum("btv,dv->btd", grad_logits, head, preferred_element_type=jnp.float32)
@@ -134,7 +161,7 @@ def vocab_axes() -> tuple:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return ()
-    axes = sharding_lib.mesh_axes(nn.logical_to_mesh_axes(("act_vocab",))[0])
+    axes = mesh_axes.spec_axes(nn.logical_to_mesh_axes(("act_vocab",))[0])
     return tuple(a for a in axes if mesh.shape[a] > 1)
 
 
@@ -148,11 +175,11 @@ def _vocab_parallel(x, head, targets, weights, chunks: int, with_grads: bool, vo
     """
     mesh = jax.sharding.get_abstract_mesh()
     batch, length = nn.logical_to_mesh_axes(("batch", "length"))
-    rows = tuple(a for a in sharding_lib.mesh_axes(batch) + sharding_lib.mesh_axes(length)
+    rows = tuple(a for a in mesh_axes.spec_axes(batch) + mesh_axes.spec_axes(length)
                  if mesh.shape[a] > 1)
     embed = nn.logical_to_mesh_axes(("embed",))[0]  # alone: one call gives each axis out once
-    scatter = tuple(a for a in sharding_lib.mesh_axes(embed) if a in rows)
-    if head.shape[0] % sharding_lib.axes_size(mesh, scatter):
+    scatter = tuple(a for a in mesh_axes.spec_axes(embed) if a in rows)
+    if head.shape[0] % mesh_axes.axes_size(mesh, scatter):
         scatter = ()
     summed = tuple(a for a in rows if a not in scatter)
 
@@ -179,7 +206,7 @@ def _loss_and_grads(x, head, targets, weights, chunks: int, with_grads: bool):
     split = 1  # devices along the sequence, when the shard_map sees only its part of a row
     if vocab:
         mesh = jax.sharding.get_abstract_mesh()
-        split = sharding_lib.axes_size(mesh, nn.logical_to_mesh_axes(("length",))[0])
+        split = mesh_axes.axes_size(mesh, nn.logical_to_mesh_axes(("length",))[0])
     if x.shape[1] % (split * chunks):
         raise ValueError(f"sequence length {x.shape[1]} ({x.shape[1] // split} positions on each "
                          f"of {split} devices along it) does not split into {chunks} loss chunks; "

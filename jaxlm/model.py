@@ -14,44 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm import attention as attention_lib
-from jaxlm import context_parallel
-
-
-def _fused_attention(prim, *args, **params) -> bool:
-    """The fused attention kernel's forward (cuDNN): its output and softmax statistics.
-
-    A custom call is no `dot_general`, so the dot policies drop it and the backward pass
-    runs the whole attention forward again (measured on an H100: ~17 ms of a 486 ms step
-    of configs/1b.py). Saving it costs batch * length * heads * (head_dim + 1) per layer.
-    """
-    return "dot_product_attention" in prim.name
-
-
-def _splash_forward(prim, *args, **params) -> bool:
-    """The splash kernel's forward (a Pallas call): its output and log-sum-exp.
-
-    Inside the kernel's custom VJP a `checkpoint_name` is invisible to the remat policy, so,
-    as for cuDNN, the kernel is recognised by its primitive and kernel name.
-    """
-    if prim.name != "pallas_call":
-        return False
-    name = params.get("name") or getattr(params.get("name_and_src_info"), "name", "")
-    return str(name).startswith("splash") and "_fwd" in str(name)
-
-
-_policies = jax.checkpoint_policies
-# The attention kernel's forward, whichever kernel it is: cuDNN's or splash's.
-_save_attention = _policies.save_from_both_policies(_fused_attention, _splash_forward)
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing inside a block, recompute it all in the backward pass
-    "save_attention": _save_attention,  # only the attention kernel's forward (splash, cuDNN)
-    "save_dots": _policies.checkpoint_dots,
-    "save_dots_no_batch": _policies.checkpoint_dots_with_no_batch_dims,
-    "save_dots_and_attention": _policies.save_from_both_policies(
-        _policies.checkpoint_dots_with_no_batch_dims, _save_attention),
-}
+from jaxlm import attention
+from jaxlm.loss import logits_dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,35 +35,18 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32  # compute
     param_dtype: jnp.dtype = jnp.float32
-    remat: str = "none"  # "none" or a key of REMAT_POLICIES
-    attention: str = "xla"  # see jaxlm.attention.attention
-    # False: `xla` attention's scores and softmax in the compute dtype (MaxText's default)
-    float32_attention_scores: bool = True
-    splash_block_q: int = 512  # splash kernel tiles (clipped to the row length)
-    splash_block_kv: int = 512
-    splash_interpret: bool | None = None  # None: interpret unless the default backend is TPU
-    context_parallel: str = "all_gather"  # attention over a split sequence: see context_parallel
+    remat: str = "none"  # "none" or a key of jaxlm.attention.REMAT_POLICIES
+    attention: attention.Settings = dataclasses.field(default_factory=attention.Settings)
+    rotary_table: bool = True  # False: sin/cos inline, as on TPU (see `apply_rotary`)
     scan_unroll: int = 1  # layers per scan iteration (n_layers: no loop at all)
-    # False: one module per layer (params layers_0 .. layers_{n-1}, unstacked), for decoding,
-    # where a scanned layer's weights would be sliced out of the stack, a copy, every step.
+    # False: one module per layer (params layers_0 .. layers_{n-1}), for decoding, where a
+    # scanned layer's weights would be sliced out of the stack, a copy, every step.
     scan_layers: bool = True
-    # The platform compiled for ("cpu", "gpu", "tpu"); None: the default backend. jaxlm.step
-    # sets it from its devices, which may be a TPU slice described on a CPU host (jaxlm.aot).
-    # It picks platform-tuned forms of the same arithmetic (see `on_tpu`).
-    platform: str | None = None
     # LoRA: rank 0 is off; else each kernel named in lora_targets gets a trained low-rank
     # update (lora_alpha / lora_rank) * x A B beside it (see `_project`).
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple = ()
-
-
-def on_tpu(cfg: ModelConfig) -> bool:
-    """Is the model compiled for TPU? There the rotary sin/cos are computed inline rather than
-    gathered from a table, causal XLA attention runs in 8 query blocks rather than 4, and the
-    loss picks the target logit with a select rather than a gather: the same values, fewer
-    bytes moved on TPU, slower on a CPU (measurements in the functions' docstrings)."""
-    return (cfg.platform or jax.default_backend()) == "tpu"
 
 
 def _init(std: float, names: tuple):
@@ -122,9 +69,9 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(half: int, theta: float, scaling: tuple | None = None):
     """theta^(-i/half), i < half; with Llama-3 scaling (factor, low_freq_factor,
-    high_freq_factor, original_context), wavelengths longer than original_context /
-    low_freq_factor are stretched by factor, shorter than original_context /
-    high_freq_factor kept, and those between interpolated, as Llama 3.1 was trained."""
+    high_freq_factor, original_context), wavelengths longer than original_context / low are
+    stretched by factor, shorter than original_context / high kept, and those between
+    interpolated, as Llama 3.1 was trained."""
     inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     if not scaling:
         return inv_freq
@@ -141,21 +88,12 @@ def apply_rotary(x, positions, theta: float, max_position: int | None = None,
     """Rotate pairs (i, i + head_dim/2) of x [b, l, h, d] by position-dependent angles.
 
     With `table`, sin and cos are computed once per position into a [max_position, d/2] table
-    and gathered by `positions`, which must lie in [0, max_position) (default: the row length,
-    which holds for training rows, whose positions restart at 0 for every packed document; a
-    position outside it gives NaN, which the train step's non-finite guard catches). Computed
-    inline, XLA's CPU backend fuses and repeats them for every head and every use of each
-    element: 20 of the 23 ms a [8, 512, 8, 64] rotation forward and backward took on a 2-core
-    CPU. On TPU the gather costs more than the inline sin/cos (`table=False`): the LLaMA-2-7B
-    q and k rotations of 8 x 4096 tokens per v5p chip, forward, remat forward and backward,
-    compiled by libtpu: 14.0 GB moved with the table, 13.3 GB inline, est. 5.97 vs 5.65 ms
-    (benchmarks/results/NOTES.md). Both compute the same float32 angles position * inv_freq.
-
-    The rotation itself multiplies in x's dtype, by sin and cos rounded to it, as
-    `transformers` and MaxText do. In float32 it changes nothing; in bfloat16 a float32
-    rotation made XLA write the q and k projections out in float32 and convert them back in
-    the backward: the 7B step on v5p-64 (libtpu's estimate, splash) took 4.442 s, 4.378 s in
-    bfloat16 (benchmarks/results/NOTES.md, session 11).
+    and gathered by `positions` in [0, max_position) (default: the row length; outside it,
+    NaN, which the train step's non-finite guard catches). Inline, XLA's CPU backend repeats
+    them for every head; on TPU the gather costs more (`table=False`). Both compute the same
+    float32 angles position * inv_freq (benchmarks/results/NOTES.md). The rotation multiplies
+    in x's dtype, by sin and cos rounded to it, as `transformers` and MaxText do: a float32
+    rotation of bfloat16 q, k measured slower on TPU (NOTES.md, session 11).
     """
     half = x.shape[-1] // 2
     inv_freq = rope_frequencies(half, theta, scaling)
@@ -219,56 +157,35 @@ class Attention(nn.Module):
         written into `layer` at the slots their positions name."""
         c = self.cfg
         d, h, kv, hd = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
-        out_std = c.init_std / (2 * c.n_layers) ** 0.5
-        q = nn.with_logical_constraint(
-            _project(self, "q", "bld,dhk->blhk", x, (d, h, hd), ("embed", "heads", "head_dim"),
-                     c.init_std), ("batch", "length", "act_heads", None))
-        k = nn.with_logical_constraint(
-            _project(self, "k", "bld,dhk->blhk", x, (d, kv, hd),
-                     ("embed", "kv_heads", "head_dim"), c.init_std),
-            ("batch", "length", "act_kv_heads", None))
-        v = nn.with_logical_constraint(
-            _project(self, "v", "bld,dhk->blhk", x, (d, kv, hd),
-                     ("embed", "kv_heads", "head_dim"), c.init_std),
-            ("batch", "length", "act_kv_heads", None))
+
+        def heads(name, n, axis):  # x -> [b, l, n, hd], n query or kv heads
+            y = _project(self, name, "bld,dhk->blhk", x, (d, n, hd), ("embed", axis, "head_dim"),
+                         c.init_std)
+            return nn.with_logical_constraint(y, ("batch", "length", "act_" + axis, None))
+
+        q, k, v = heads("q", h, "heads"), heads("k", kv, "kv_heads"), heads("v", kv, "kv_heads")
         wo = functools.partial(_project, self, "o", "blhk,hkd->bld", shape=(h, hd, d),
-                               names=("heads", "head_dim", "embed"), std=out_std)
+                               names=("heads", "head_dim", "embed"),
+                               std=c.init_std / (2 * c.n_layers) ** 0.5)
         if cache is not None:
             return self._cached(q, k, v, positions, cache, layer, wo)
-        tpu = on_tpu(c)
-        q = apply_rotary(q, positions, c.rope_theta, table=not tpu, scaling=c.rope_scaling)
-        k = apply_rotary(k, positions, c.rope_theta, table=not tpu, scaling=c.rope_scaling)
-        if context_parallel.sequence_shards() > 1:
-            platform = c.platform or jax.default_backend()
-            splash = attention_lib.resolve(c.attention, platform, c.dtype) == "splash"
-            out = context_parallel.attention(
-                q, k, v, segment_ids, c.context_parallel,
-                block_impl="splash" if splash else "xla",
-                splash_blocks=attention_lib.splash_block_sizes(
-                    q.shape[1] // context_parallel.sequence_shards(), c.splash_block_q,
-                    c.splash_block_kv) if splash else None,
-                splash_interpret=(c.splash_interpret if c.splash_interpret is not None
-                                  else platform != "tpu"))
-        else:
-            out = attention_lib.attention(
-                q, k, v, segment_ids, c.attention, splash_block_q=c.splash_block_q,
-                splash_block_kv=c.splash_block_kv, splash_interpret=c.splash_interpret,
-                max_query_blocks=attention_lib.TPU_MAX_QUERY_BLOCKS if tpu else None,
-                float32_scores=c.float32_attention_scores)
+        q, k = (apply_rotary(a, positions, c.rope_theta, table=c.rotary_table,
+                             scaling=c.rope_scaling) for a in (q, k))
+        out = attention.attend(q, k, v, segment_ids, c.attention)
         return wo(nn.with_logical_constraint(out, ("batch", "length", "act_heads", None)))
 
     def _cached(self, q, k, v, positions, cache, layer, wo):
         """Decoding: rotary angles up to the cache's length, then attention over the cache."""
-        slots = cache["k"].shape[3]
-        q = apply_rotary(q, positions, self.cfg.rope_theta, slots, scaling=self.cfg.rope_scaling)
-        k = apply_rotary(k, positions, self.cfg.rope_theta, slots, scaling=self.cfg.rope_scaling)
+        c, slots = self.cfg, cache["k"].shape[3]
+        q, k = (apply_rotary(a, positions, c.rope_theta, slots, scaling=c.rope_scaling)
+                for a in (q, k))
         rows = jnp.arange(q.shape[0])[:, None]
         # new [b, l, kv, hd] into slots `positions` of cache [layers, b, kv, slots, hd]
         cache = {name: nn.with_logical_constraint(
                      cache[name].at[layer, rows, :, positions].set(new.astype(cache[name].dtype)),
                      ("layers", "batch", "act_kv_heads", None, None))
                  for name, new in (("k", k), ("v", v))}
-        out = attention_lib.cached_attention(q, cache["k"][layer], cache["v"][layer], positions)
+        out = attention.cached_attention(q, cache["k"][layer], cache["v"][layer], positions)
         return wo(nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))), cache
 
 
@@ -277,20 +194,17 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        c = self.cfg
-        out_std = c.init_std / (2 * c.n_layers) ** 0.5
-        up_shape, up_names = (c.d_model, c.d_ff), ("embed", "mlp")
+        c, up_shape, up_names = self.cfg, (self.cfg.d_model, self.cfg.d_ff), ("embed", "mlp")
         gate = _project(self, "gate", "bld,df->blf", x, up_shape, up_names, c.init_std)
         up = _project(self, "up", "bld,df->blf", x, up_shape, up_names, c.init_std)
         h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
         return _project(self, "down", "blf,fd->bld", h, (c.d_ff, c.d_model), ("mlp", "embed"),
-                        out_std)
+                        c.init_std / (2 * c.n_layers) ** 0.5)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; scan-shaped: (carry, *broadcast, layer index) -> (carry,
-    None). The carry is x, or when decoding (x, the whole KV cache) with the layer index
-    naming this block's slice of it."""
+    """Pre-norm residual block; scan-shaped: (carry, *broadcast, layer) -> (carry, None). The
+    carry is x, or when decoding (x, the whole KV cache), `layer` naming this block's slice."""
 
     cfg: ModelConfig
 
@@ -310,33 +224,6 @@ class Block(nn.Module):
         return (x if cache is None else (x, cache)), None
 
 
-@jax.custom_vjp
-def logits_dot(x, head):
-    """x [b, l, d] @ head [d, v] -> float32 logits, with the backward in x's dtype.
-
-    The forward accumulates and returns float32. Plain autodiff would then carry the float32
-    cotangent into both backward matmuls, running them as float32 GEMMs (measured on an H100:
-    30 ms of a 504 ms step of configs/1b.py); casting the cotangent to the compute dtype
-    first runs them as bf16 GEMMs, as the rest of the model's backward already does.
-    """
-    return jnp.einsum("bld,dv->blv", x, head, preferred_element_type=jnp.float32)
-
-
-def _logits_dot_fwd(x, head):
-    return logits_dot(x, head), (x, head)
-
-
-def _logits_dot_bwd(residuals, grad):
-    x, head = residuals
-    grad = grad.astype(x.dtype)
-    grad_x = jnp.einsum("blv,dv->bld", grad, head)
-    grad_head = jnp.einsum("bld,blv->dv", x, grad, preferred_element_type=jnp.float32)
-    return grad_x, grad_head.astype(head.dtype)
-
-
-logits_dot.defvjp(_logits_dot_fwd, _logits_dot_bwd)
-
-
 class Transformer(nn.Module):
     """tokens [batch, length] -> float32 logits [batch, length, vocab].
 
@@ -351,24 +238,21 @@ class Transformer(nn.Module):
                  cache=None):
         """Logits, or with `head_inputs` the final hidden states [b, l, d] and the LM head
         [d, vocab] in the compute dtype, for a loss that applies the head itself (jaxlm.loss).
-
         With a KV `cache` {"k", "v"} [layers, b, kv_heads, slots, head_dim] (decoding, see
-        jaxlm.generate; `positions` required, `segment_ids` unused; without scan_layers a list
-        of one {"k", "v"} [1, b, kv_heads, slots, head_dim] per layer) it returns (that output,
-        the updated cache)."""
+        jaxlm.generate; `positions` required; without scan_layers a list of one per layer,
+        [1, b, ...]) it returns (that output, the updated cache)."""
         c = self.cfg
-        if cache is not None and (positions is None or context_parallel.sequence_shards() > 1):
+        shards = attention.sequence_shards()
+        if cache is not None and (positions is None or shards > 1):
             raise ValueError("decoding with a cache needs positions and an unsplit sequence "
                              "(the logical axis 'length' on no mesh axis)")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         # A sequence split over devices is reordered so causal attention costs every shard
-        # the same (jaxlm.context_parallel); the order is restored before the head.
-        shards = context_parallel.sequence_shards()
+        # the same (jaxlm.attention.balanced_order); the order is restored before the head.
         if shards > 1:
-            tokens, positions = (context_parallel.balance(a, shards) for a in (tokens, positions))
-            if segment_ids is not None:
-                segment_ids = context_parallel.balance(segment_ids, shards)
+            tokens, positions, segment_ids = (None if a is None else attention.balance(a, shards)
+                                              for a in (tokens, positions, segment_ids))
         embedding = self.param("embedding", _init(c.init_std, ("vocab", "embed")),
                                (c.vocab_size, c.d_model), c.param_dtype)
         x = jnp.take(embedding, tokens, axis=0).astype(c.dtype)
@@ -379,7 +263,7 @@ class Transformer(nn.Module):
             # With no loop between forward and backward (unrolled layers; a 1-layer scan, which
             # XLA removes) XLA would merge the recomputation with the forward and undo remat.
             unrolled = c.scan_unroll > 1 or c.n_layers == 1 or not c.scan_layers
-            block = nn.remat(Block, prevent_cse=unrolled, policy=REMAT_POLICIES[c.remat])
+            block = nn.remat(Block, prevent_cse=unrolled, policy=attention.REMAT_POLICIES[c.remat])
         if not c.scan_layers:
             cache = None if cache is None else list(cache)
             for i in range(c.n_layers):
@@ -401,14 +285,12 @@ class Transformer(nn.Module):
                 (x, cache), _ = layers((x, cache), positions, segment_ids, jnp.arange(c.n_layers))
         x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x)
         if shards > 1:
-            x = nn.with_logical_constraint(context_parallel.restore(x, shards),
+            x = nn.with_logical_constraint(attention.restore(x, shards),
                                            ("batch", "length", "act_embed"))
 
-        if c.tie_embeddings:
-            head = embedding.T
-        else:
-            head = self.param("head", _init(c.init_std, ("embed", "vocab")),
-                              (c.d_model, c.vocab_size), c.param_dtype)
+        head = embedding.T if c.tie_embeddings else self.param(
+            "head", _init(c.init_std, ("embed", "vocab")), (c.d_model, c.vocab_size),
+            c.param_dtype)
         if head_inputs:
             out = x, head.astype(c.dtype)
         else:

@@ -14,7 +14,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding
 
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+from jaxlm.mesh_axes import MESH_AXES, axes_size  # noqa: F401  (re-exported)
+from jaxlm.mesh_axes import spec_axes as mesh_axes  # noqa: F401  (re-exported)
 
 DEFAULT_RULES = (
     # activations
@@ -68,18 +69,6 @@ def make_mesh(shape: dict, devices=None) -> jax.sharding.Mesh:
     across = tuple(slices if a == "data" else 1 for a in MESH_AXES)
     grid = mesh_utils.create_hybrid_device_mesh(per_slice, across, devices)
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
-
-
-def mesh_axes(spec_entry) -> tuple:
-    """The mesh axes of one PartitionSpec entry: None, an axis name, or several."""
-    if spec_entry is None:
-        return ()
-    return tuple(spec_entry) if isinstance(spec_entry, (tuple, list)) else (spec_entry,)
-
-
-def axes_size(mesh, spec_entry) -> int:
-    """How many devices one PartitionSpec entry splits over (1 for None)."""
-    return int(np.prod([mesh.shape[a] for a in mesh_axes(spec_entry)]))
 
 
 def logical_sharding(mesh, rules, names) -> NamedSharding:

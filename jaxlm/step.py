@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlm import attention as attention_lib
 from jaxlm import config as config_lib
 from jaxlm import lora as lora_lib
 from jaxlm import loss as loss_lib
@@ -47,7 +48,8 @@ def loss_sum_and_count(model, params, batch, loss_chunks: int = 1):
         logits = forward(model, params, batch)
         # Same values either way; the select form moves fewer bytes on TPU, the gather is
         # faster on CPU (jaxlm.loss.token_cross_entropy).
-        cross_entropy = (loss_lib.token_cross_entropy if model_lib.on_tpu(model.cfg)
+        on_tpu = attention_lib.platform(model.cfg.attention) == "tpu"
+        cross_entropy = (loss_lib.token_cross_entropy if on_tpu
                          else optax.softmax_cross_entropy_with_integer_labels)
         losses = cross_entropy(logits, batch["targets"])
         return jnp.sum(losses * mask), jnp.sum(mask)
@@ -135,13 +137,14 @@ def build(config, devices=None) -> tuple[StateFactory, config_lib.Derived]:
     """Validate `config` for `devices` (default: all) and wire model, optimizer and mesh."""
     devices = list(devices if devices is not None else jax.devices())
     derived = config_lib.validate(config, len(devices))
-    model_cfg = config_lib.model_config(config, derived)
-    # The devices decide "auto" and whether splash is interpreted: they may be a TPU slice
-    # described on a CPU host (jaxlm.aot), where the default backend would mislead.
+    # The devices decide the platform's forms, "auto" and whether splash is interpreted: they
+    # may be a TPU slice described on a CPU host (jaxlm.aot), where the default backend would
+    # mislead.
     platform = devices[0].platform
-    model_cfg = dataclasses.replace(
-        model_cfg, attention=config_lib.attention_impl(config, derived.mesh_shape, platform),
-        splash_interpret=platform != "tpu", platform=platform)
+    model_cfg = config_lib.model_config(config, derived, platform)
+    model_cfg = dataclasses.replace(model_cfg, attention=dataclasses.replace(
+        model_cfg.attention, impl=config_lib.attention_impl(config, derived.mesh_shape, platform),
+        splash_interpret=platform != "tpu"))
     model = model_lib.Transformer(model_cfg)
     factory = StateFactory(model, optim.make_optimizer(config.train),
                            sharding_lib.make_mesh(derived.mesh_shape, devices),

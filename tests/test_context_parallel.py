@@ -1,4 +1,4 @@
-"""Context parallelism (jaxlm.context_parallel) on simulated devices: the balanced order,
+"""Context parallelism (jaxlm.attention.context_parallel) on simulated devices: the balanced order,
 attention against a float64 NumPy reference, and the whole model against one device."""
 
 import re
@@ -9,12 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import ring_autodiff
 from jaxlm import attention as attention_lib
 from jaxlm import config as config_lib
-from jaxlm import context_parallel as cp
-from jaxlm import ring_kernels
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
+from jaxlm.attention import balanced_order as balance_lib
+from jaxlm.attention import context_parallel as cp
+from jaxlm.attention import ring_kernels, ring_xla
 from support import (assert_attention_matches_reference, assert_directional_derivatives,
                      factory_for, one_document_batch, packed_batch, ref_attention, small_config)
 
@@ -25,9 +27,10 @@ LENGTH, HEAD_DIM = 64, 16
 def test_balanced_order_round_trips_and_gives_shard_i_chunks_i_and_mirror(shards):
     length = 4 * shards * 3
     x = np.arange(2 * length).reshape(2, length)
-    balanced = np.asarray(cp.balance(jnp.asarray(x), shards))
-    np.testing.assert_array_equal(np.asarray(cp.restore(jnp.asarray(balanced), shards)), x)
-    np.testing.assert_array_equal(balanced[0], cp.original_index(length, shards))
+    balanced = np.asarray(balance_lib.balance(jnp.asarray(x), shards))
+    np.testing.assert_array_equal(np.asarray(balance_lib.restore(jnp.asarray(balanced), shards)),
+                                  x)
+    np.testing.assert_array_equal(balanced[0], balance_lib.original_index(length, shards))
     c = length // (2 * shards)
     for i, shard in enumerate(np.split(balanced[0], shards)):
         want = np.concatenate([np.arange(i * c, (i + 1) * c),
@@ -65,9 +68,9 @@ def _context_parallel(strategy, shards, block_impl="xla"):
     """Attention over rows in the original order: balance, attend over shards, restore.
     `block_impl` "splash": the TPU kernels (splash, the ring's Pallas blocks) interpreted."""
     def attend(q, k, v, seg):
-        b = lambda a: None if a is None else cp.balance(a, shards)  # noqa: E731
-        return cp.restore(cp.attention(b(q), b(k), b(v), b(seg), strategy, block_impl,
-                                       splash_interpret=True), shards)
+        b = lambda a: None if a is None else balance_lib.balance(a, shards)  # noqa: E731
+        return balance_lib.restore(cp.attention(b(q), b(k), b(v), b(seg), strategy, block_impl,
+                                                splash_interpret=True), shards)
     return attend
 
 
@@ -106,7 +109,7 @@ def check_against_reference(attend, mesh, group, rows):
 def test_ring_in_query_tiles_matches_float64_reference(monkeypatch, tile):
     """The ring's blocks run a tile of queries at a time (here 4, or 8 where 12 does not
     divide a shard's 32 or 16 rows): the tiled blocks give the same values and gradients."""
-    monkeypatch.setattr(cp, "QUERY_TILE", tile)
+    monkeypatch.setattr(ring_xla, "QUERY_TILE", tile)
     test_attention_matches_float64_reference("ring", dict(sequence=2), 2, "packed")
 
 
@@ -117,7 +120,7 @@ def test_ring_in_query_tiles_matches_float64_reference(monkeypatch, tile):
 def test_ring_autodiff_backward_equals_custom_vjp(monkeypatch, mesh, group, rows):
     """The ring's backward by autodiff through the forward loop (query tiles rematerialized)
     gives the custom VJP's loss and gradients, and the reference's."""
-    monkeypatch.setattr(cp, "QUERY_TILE", 8)  # several tiles per block: the remat'ed loop
+    monkeypatch.setattr(ring_xla, "QUERY_TILE", 8)  # several tiles per block: the remat'ed loop
     q, k, v, seg = _inputs(2 * group, 2, rows)
     seg_arg = None if seg is None else jnp.asarray(seg)
     weights = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.float32)
@@ -126,10 +129,9 @@ def test_ring_autodiff_backward_equals_custom_vjp(monkeypatch, mesh, group, rows
         lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, seg_arg)) * weights), argnums=(0, 1, 2)),
         mesh)
     args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
-    results = {}
-    for backward in cp.RING_BACKWARDS:
-        monkeypatch.setattr(cp, "RING_BACKWARD", backward)
-        results[backward] = run(*args)
+    results = {"custom_vjp": run(*args)}
+    with ring_autodiff.autodiff_backward():
+        results["autodiff"] = run(*args)
     for a, b in zip(jax.tree.leaves(results["autodiff"]), jax.tree.leaves(results["custom_vjp"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     segments = seg if seg is not None else np.ones((2, LENGTH), np.int32)
@@ -143,8 +145,7 @@ def test_ring_autodiff_backward_equals_custom_vjp(monkeypatch, mesh, group, rows
 def test_bfloat16_strategies_stay_within_rounding_of_float32(monkeypatch):
     """In bfloat16 the strategies round at different points (the ring rescales float32
     partial sums); each stays within bfloat16 rounding of the float32 computation, the ring
-    with its Pallas blocks (jaxlm.ring_kernels, interpreted; 8-query tiles) too."""
-    monkeypatch.setattr(cp, "RING_KERNEL", True)
+    with its Pallas blocks (jaxlm.attention.ring_kernels, interpreted; 8-query tiles) too."""
     monkeypatch.setattr(ring_kernels, "BLOCK_Q", 8)
     q, k, v, seg = _inputs(4, 2, "packed")
     q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
@@ -176,9 +177,9 @@ def test_splash_block_under_all_gather_matches_reference():
     blocks = attention_lib.splash_block_sizes(length // 2, 128, 128)
 
     def attend(q, k, v, seg):
-        b = lambda a: cp.balance(a, 2)  # noqa: E731
-        return cp.restore(cp.attention(b(q), b(k), b(v), b(seg), "all_gather", "splash",
-                                       blocks, splash_interpret=True), 2)
+        b = lambda a: balance_lib.balance(a, 2)  # noqa: E731
+        return balance_lib.restore(cp.attention(b(q), b(k), b(v), b(seg), "all_gather", "splash",
+                                                blocks, splash_interpret=True), 2)
 
     args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
     out, grads = _sharded(jax.value_and_grad(

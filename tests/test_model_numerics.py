@@ -224,7 +224,7 @@ def test_tpu_query_blocks_match_the_reference():
     args = [jnp.asarray(a) for a in (q, k, v, segments)]
     got = attention_lib.xla_attention(*args, blocks=attention_lib.TPU_MAX_QUERY_BLOCKS)
     np.testing.assert_allclose(np.asarray(got)[0], want, rtol=1e-5, atol=1e-5)
-    got = attention_lib.attention(*args, "xla", max_query_blocks=8)  # 16 tokens: 1 block
+    got = attention_lib.attend(*args, attention_lib.Settings(platform="tpu"))  # 16 tokens: 1 block
     np.testing.assert_allclose(np.asarray(got)[0], want, rtol=1e-5, atol=1e-5)
 
 
@@ -275,7 +275,7 @@ def test_remat_and_unrolling_change_nothing_but_speed_and_memory(changes):
 
 def test_save_dots_and_attention_keeps_the_fused_attention_kernel():
     """On GPU the cuDNN forward (a custom call, traced as this primitive) is saved, not rerun."""
-    policy = model_lib.REMAT_POLICIES["save_dots_and_attention"]
+    policy = attention_lib.REMAT_POLICIES["save_dots_and_attention"]
     cudnn_forward = types.SimpleNamespace(name="dot_product_attention_fwd_wrapper")
     assert policy(cudnn_forward)
     assert not policy(jax.lax.exp_p, jax.ShapeDtypeStruct((4,), jnp.float32))

@@ -1,4 +1,4 @@
-"""The ring's Pallas block kernels (jaxlm.ring_kernels) in Pallas' interpreter on CPU: one
+"""The ring's Pallas block kernels (jaxlm.attention.ring_kernels) in Pallas' interpreter on CPU: one
 block against float64 NumPy, and the whole ring with them against the float64 reference
 (in bfloat16: tests/test_context_parallel.py)."""
 
@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import context_parallel as cp
-from jaxlm import ring_kernels as rk
+from jaxlm.attention import ring_kernels as rk
 from test_context_parallel import _context_parallel, check_against_reference
 
 
@@ -57,8 +56,8 @@ def test_block_forward_matches_float64_with_rows_that_see_nothing():
 ], ids=str)
 def test_ring_with_kernel_blocks_matches_float64_reference(monkeypatch, mesh, group, rows):
     """Values, and gradients as directional derivatives of the reference, with 8 x 8 tiles
-    (several per block, some skipped by the mask)."""
-    monkeypatch.setattr(cp, "RING_KERNEL", True)
+    (several per block, some skipped by the mask); block_impl "splash" runs the ring's
+    blocks in these kernels."""
     monkeypatch.setattr(rk, "BLOCK_Q", 8)
     monkeypatch.setattr(rk, "BLOCK_K", 8)
     check_against_reference(_context_parallel("ring", mesh["sequence"], "splash"), mesh, group,

@@ -83,7 +83,11 @@ def test_sharded_over_devices_equals_unsharded(mesh):
 
 
 MODEL = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-             d_ff=48, init_std=0.2, splash_block_q=BLOCK, splash_block_kv=BLOCK)
+             d_ff=48, init_std=0.2)
+
+
+def _attention(impl):
+    return attention_lib.Settings(impl=impl, splash_block_q=BLOCK, splash_block_kv=BLOCK)
 
 
 def _forward_kernels(fn, *args) -> int:
@@ -102,8 +106,8 @@ def test_model_with_splash_under_scan_and_remat_equals_xla_attention(remat):
     positions = jnp.asarray(np.stack([np.concatenate([np.arange(n) for n in PACKED_LENGTHS]),
                                       np.arange(LENGTH)]))
     segments = jnp.asarray(segments)
-    splash_model = Transformer(ModelConfig(**MODEL, attention="splash", remat=remat))
-    xla_model = Transformer(ModelConfig(**MODEL, attention="xla"))
+    splash_model = Transformer(ModelConfig(**MODEL, attention=_attention("splash"), remat=remat))
+    xla_model = Transformer(ModelConfig(**MODEL, attention=_attention("xla")))
     params = nn.unbox(xla_model.init(jax.random.key(0), tokens))["params"]
 
     def loss(model, p):
@@ -126,8 +130,8 @@ def test_remat_policy_keeps_the_forward_inside_shard_map():
                                   jax.devices()[:4])
     counts = {}
     for remat in ("full", "save_attention"):
-        model = Transformer(ModelConfig(**{**MODEL, "vocab_size": 96}, attention="splash",
-                                        remat=remat))
+        model = Transformer(ModelConfig(**{**MODEL, "vocab_size": 96},
+                                        attention=_attention("splash"), remat=remat))
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.axis_rules()):
             params = nn.unbox(model.init(jax.random.key(0), tokens))["params"]
             counts[remat] = _forward_kernels(
@@ -163,7 +167,7 @@ def test_auto_picks_splash_on_tpu_where_it_applies():
     one_device = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}
     assert config_lib.attention_impl(config, one_device, "tpu") == "splash"
     # A split sequence: splash per shard under all_gather; the ring's own Pallas blocks
-    # (jaxlm.ring_kernels) where its shards are whole 128-token lanes, else "auto" falls
+    # (jaxlm.attention.ring_kernels) where its shards are whole 128-token lanes, else "auto" falls
     # back to XLA blocks and an explicit ask fails.
     split = {**one_device, "sequence": 2}
     assert config_lib.attention_impl(config, split, "tpu") == "splash"

@@ -1,4 +1,5 @@
-"""Flash-attention block kernels in Pallas (TPU) for the ring strategy of jaxlm.context_parallel.
+"""Flash-attention block kernels in Pallas (TPU) for the ring (jaxlm.attention.ring), and the
+ring's block backend that runs them (`PallasBlocks`).
 
 A ring step attends one shard's queries to the key/value block it holds, and the ring adds the
 blocks up with their log-sum-exp. Splash's public API has no block backward that takes an
@@ -21,6 +22,7 @@ Layouts: q [b, h, t, d], k, v [b, kv, s, d]; positions int32 [t] and [s]; segmen
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -286,3 +288,52 @@ def block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, do, lse, delta, *, scale
         interpret=interpret,
     )(*args)
     return dq, dk, dv
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasBlocks:
+    """The ring's block backend in these kernels (see jaxlm.attention.ring); `interpret`
+    runs them in Pallas' interpreter. Layout: q [b, h, t, d], k, v [b, kv, s, d], segment
+    ids int32 [b, t] (all ones for unpacked rows)."""
+
+    interpret: bool = False
+
+    def enter(self, q, k, v, seg):
+        if seg is None:
+            seg = jnp.ones(q.shape[:2], jnp.int32)
+        q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # heads first, as the kernels want
+        return q, k, v, seg.astype(jnp.int32)
+
+    def leave(self, out, shape):
+        return jnp.swapaxes(out, 1, 2)
+
+    def rows(self, q):
+        return q.shape[2]
+
+    def start(self, q):
+        return None
+
+    def forward(self, state, q, k, v, q_index, k_index, q_seg, k_seg, diagonal: bool):
+        """The block's (out, lse) added to the running ones by log-sum-exp weights."""
+        out_b, lse_b = block_forward(q, k, v, q_index, k_index, q_seg, k_seg,
+                                     scale=q.shape[-1] ** -0.5, interpret=self.interpret)
+        if diagonal:  # the diagonal block: every row sees itself, so lse is finite after it
+            return out_b, lse_b
+        out, lse = state
+        new = jnp.logaddexp(lse, lse_b)
+        out = (out * jnp.exp(lse - new)[..., None] + out_b * jnp.exp(lse_b - new)[..., None])
+        return out, new
+
+    def finish(self, state, q):
+        out, lse = state
+        return out.astype(q.dtype), lse
+
+    def delta(self, do, out):
+        return jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+    def backward(self, grads, q, k, v, do, delta, lse, q_index, k_index, q_seg, k_seg,
+                 diagonal: bool):
+        pq, pk, pv = block_backward(q, k, v, q_index, k_index, q_seg, k_seg, do, lse, delta,
+                                    scale=q.shape[-1] ** -0.5, interpret=self.interpret)
+        dq, dk, dv = grads
+        return dq + pq, dk + pk, dv + pv
