@@ -28,6 +28,7 @@ from jaxlm import config as config_lib
 from jaxlm import generate as gen
 from jaxlm import model as model_lib
 from jaxlm import platforms
+from jaxlm import param_layout
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -82,7 +83,7 @@ def main():
     sampling = dict(temperature=args.temperature, top_p=args.top_p)
     params = jax.jit(lambda: nn.unbox(model_lib.Transformer(cfg).init(
         jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))()
-    params, cfg = gen.for_decoding(params, cfg, free=True)  # as load_run gives them
+    params, cfg = param_layout.for_decoding(params, cfg, free=True)  # as run.load gives them
     model, cores, slug = results_table.cpu() if jax.default_backend() == "cpu" else (
         jax.devices()[0].device_kind, 0, jax.devices()[0].device_kind.lower().replace(" ", "-"))
     for batch in [int(b) for b in args.batch.split(",")]:

@@ -81,11 +81,12 @@ def run_jaxlm(config, hf_dir: pathlib.Path, batch: int, length: int, new_tokens:
     from jaxlm import config as config_lib
     from jaxlm import convert
     from jaxlm import generate as gen
+    from jaxlm import param_layout
 
     derived = config_lib.validate(config, 1)
     cfg = config_lib.model_config(config, derived)
     fields = dict(config.model, head_dim=derived.head_dim)
-    params, cfg = gen.for_decoding(
+    params, cfg = param_layout.for_decoding(
         jax.device_put(convert.read_hf_params(hf_dir, fields, "float32")), cfg, free=True)
     tokens = prompts(cfg.vocab_size, batch, length).tolist()
     outputs = []

@@ -29,7 +29,6 @@ import jax
 from absl import app, flags
 
 from benchmarks import long_context, results_table, ring_autodiff
-from jaxlm import aot
 from jaxlm import platforms, program_cost
 from jaxlm import topology as topology_lib
 from jaxlm.attention import ring_xla

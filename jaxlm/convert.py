@@ -27,7 +27,6 @@ import json
 import pathlib
 import sys
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -35,16 +34,16 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import jaxlm
-from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import cli
 from jaxlm import config as config_lib
 from jaxlm import files
 from jaxlm import hf_config
-from jaxlm import lora as lora_lib
-from jaxlm import model as model_lib
+from jaxlm import param_layout
 from jaxlm import platforms
+from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.hf_config import ConvertError
+from jaxlm.param_layout import get_path, set_path
 
 DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -52,52 +51,32 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed by both
 
 
+HF_NAMES = {  # jaxlm path -> Hugging Face name ({}: the layer)
+    ("layers", "attn", "q"): "model.layers.{}.self_attn.q_proj.weight",
+    ("layers", "attn", "k"): "model.layers.{}.self_attn.k_proj.weight",
+    ("layers", "attn", "v"): "model.layers.{}.self_attn.v_proj.weight",
+    ("layers", "attn", "o"): "model.layers.{}.self_attn.o_proj.weight",
+    ("layers", "mlp", "gate"): "model.layers.{}.mlp.gate_proj.weight",
+    ("layers", "mlp", "up"): "model.layers.{}.mlp.up_proj.weight",
+    ("layers", "mlp", "down"): "model.layers.{}.mlp.down_proj.weight",
+    ("layers", "attn_norm", "scale"): "model.layers.{}.input_layernorm.weight",
+    ("layers", "mlp_norm", "scale"): "model.layers.{}.post_attention_layernorm.weight",
+    ("embedding",): "model.embed_tokens.weight",
+    ("final_norm", "scale"): "model.norm.weight",
+    ("head",): "lm_head.weight",
+}
+
+
 def tensor_layout(m: dict) -> list[tuple[tuple, str, tuple, tuple, bool]]:
     """(jaxlm path, Hugging Face name with {} for the layer, jaxlm shape of one layer,
-    Hugging Face shape, transposed) for every parameter of config.model fields `m`."""
-    d, h, kv, hd, ff, v = (m["d_model"], m["n_heads"], m["n_kv_heads"], m["head_dim"],
-                           m["d_ff"], m["vocab_size"])
-    layer = "model.layers.{}."
-    rows = [
-        (("layers", "attn", "q"), layer + "self_attn.q_proj.weight", (d, h, hd), (h * hd, d),
-         True),
-        (("layers", "attn", "k"), layer + "self_attn.k_proj.weight", (d, kv, hd), (kv * hd, d),
-         True),
-        (("layers", "attn", "v"), layer + "self_attn.v_proj.weight", (d, kv, hd), (kv * hd, d),
-         True),
-        (("layers", "attn", "o"), layer + "self_attn.o_proj.weight", (h, hd, d), (d, h * hd),
-         True),
-        (("layers", "mlp", "gate"), layer + "mlp.gate_proj.weight", (d, ff), (ff, d), True),
-        (("layers", "mlp", "up"), layer + "mlp.up_proj.weight", (d, ff), (ff, d), True),
-        (("layers", "mlp", "down"), layer + "mlp.down_proj.weight", (ff, d), (d, ff), True),
-        (("layers", "attn_norm", "scale"), layer + "input_layernorm.weight", (d,), (d,), False),
-        (("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", (d,), (d,),
-         False),
-        (("embedding",), "model.embed_tokens.weight", (v, d), (v, d), False),
-        (("final_norm", "scale"), "model.norm.weight", (d,), (d,), False),
-    ]
-    if not m["tie_embeddings"]:
-        rows.append((("head",), "lm_head.weight", (d, v), (v, d), True))
+    Hugging Face shape, transposed) for every parameter of config.model fields `m`. A matmul
+    kernel is stored transposed there, [out, in], its input and output axes flattened."""
+    rows = []
+    for path, shape, n_in in param_layout.params(m):
+        hf_shape = ((int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in]))) if n_in
+                    else shape)
+        rows.append((path, HF_NAMES[path], shape, hf_shape, bool(n_in)))
     return rows
-
-
-def _model_fields(model_cfg) -> dict:
-    """config.model as a dict with head_dim resolved (0 means d_model // n_heads)."""
-    m = dict(model_cfg)
-    m["head_dim"] = int(m["head_dim"]) or m["d_model"] // m["n_heads"]
-    return m
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: dict, path: tuple):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 # --- Hugging Face -> jaxlm ----------------------------------------------------------------------
@@ -154,14 +133,14 @@ def read_hf_params(hf_dir: pathlib.Path, m: dict, dtype: str) -> dict:
     transposed = {}
     for path, name, shape, hf_shape, flip in layout:
         stacked = path[0] == "layers"
-        _set(params, path, np.empty(((m["n_layers"],) if stacked else ()) + shape, dtype))
+        set_path(params, path, np.empty(((m["n_layers"],) if stacked else ()) + shape, dtype))
         for i in range(m["n_layers"] if stacked else 1):
             transposed[name.format(i)] = flip
     for i in range(m["n_layers"]):
-        _read_into(files, [(name.format(i), (_get(params, path)[i], hf_shape))
+        _read_into(files, [(name.format(i), (get_path(params, path)[i], hf_shape))
                            for path, name, _, hf_shape, _ in layout if path[0] == "layers"],
                    transposed)
-    _read_into(files, [(name, (_get(params, path), hf_shape))
+    _read_into(files, [(name, (get_path(params, path), hf_shape))
                        for path, name, _, hf_shape, _ in layout if path[0] != "layers"],
                transposed)
     extra = [n for n in files if n not in transposed and not n.endswith(IGNORED)
@@ -229,7 +208,7 @@ def import_hf(hf_dir, run_dir, param_dtype: str | None = None) -> epath.Path:
         raise ConvertError(f"--from_hf={str(hf_dir)!r} has no config.json")
     m = hf_config.to_jaxlm(json.loads((hf_dir / "config.json").read_text()))
     dtype = param_dtype or _source_dtype(_weight_files(hf_dir))
-    if (run_dir / "checkpoints").exists():
+    if run_lib.checkpoints_dir(run_dir).exists():
         raise ConvertError(f"--to={str(run_dir)!r} already has checkpoints/; choose a new dir")
     files.make_dir(run_dir, "--to")
     tokenizer = _copy_tokenizer(hf_dir, run_dir)
@@ -244,83 +223,32 @@ def import_hf(hf_dir, run_dir, param_dtype: str | None = None) -> epath.Path:
     config.model.param_dtype = dtype
     config.data.tokenizer = tokenizer
     params = read_hf_params(hf_dir, m, dtype)
-    save_params(run_dir / "checkpoints", params, {
+    save_params(run_lib.checkpoints_dir(run_dir), params, {
         "step": 0, "config": config.to_dict(), "jaxlm_version": jaxlm.__version__,
         "tokenizer": tokenizer, "converted_from": str(hf_dir.absolute())})
     del params
     config_path = run_dir / "config.py"
-    config_path.write_text(_config_file(m, dtype, tokenizer, str(run_dir / "checkpoints"),
+    config_path.write_text(_config_file(m, dtype, tokenizer,
+                                        str(run_lib.checkpoints_dir(run_dir)),
                                         str(hf_dir)))
     return config_path
 
 
 # --- jaxlm -> Hugging Face ----------------------------------------------------------------------
 
-def _locate(run) -> tuple[epath.Path, int | None]:
-    """(checkpoints dir, step or None for the latest) from RUN_DIR[/checkpoints[/STEP]]."""
-    path = files.path(run)
-    if not (path / "state").is_dir() and (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    return checkpoint_lib.split_step(path)
-
-
-def _restore_host(manager, step: int, target: dict) -> dict:
-    """The params of `target`'s layout (NumPy arrays) from one checkpoint step, to host."""
-    restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args={"params": restore_args},
-        partial_restore=True)))["state"]["params"]
-
-
-def _adapter_target(m: dict, t: dict) -> dict:
-    """Empty NumPy arrays shaped as a LoRA run's adapters (config.model `m`, config.train `t`)."""
-    rank, target = int(t["lora_rank"]), {}
-    for path, _, shape, _, _ in tensor_layout(m):
-        if path[0] == "layers" and path[-1] in t["lora_targets"]:
-            n_in = model_lib.LORA_INPUT_AXES[path[-1]]
-            a, b = model_lib.LORA_SUFFIXES
-            layers = (m["n_layers"],)
-            _set(target, path[:-1] + (path[-1] + a,),
-                 np.empty(layers + shape[:n_in] + (rank,), np.float32))
-            _set(target, path[:-1] + (path[-1] + b,),
-                 np.empty(layers + (rank,) + shape[n_in:], np.float32))
-    return target
-
-
 def read_run(run) -> tuple[dict, dict, int]:
-    """(the params as NumPy arrays, the checkpoint's JSON record, its step) of a jaxlm run;
-    of a LoRA run, its base model's params with the adapters merged in."""
-    manager, step = checkpoint_lib.open_read_only(*_locate(run))
-    if step is None:
-        raise ConvertError(f"--from_run={str(run)!r}: no checkpoint there; give a run directory, "
-                           "its checkpoints/ or one step inside it")
-    meta = checkpoint_lib.read_meta(manager, step)
-    m = _model_fields(meta["config"]["model"])
-    base = meta.get("lora_base")
-    if base:
-        t = meta["config"]["train"]
-        adapters = _restore_host(manager, step, _adapter_target(m, t))
-        manager.close()
-        base_step = pathlib.Path(base["path"]) / str(base["step"])
-        if not (base_step / "state").is_dir():
-            raise ConvertError(f"{str(run)!r} is a LoRA run whose adapters were trained beside "
-                               f"the base checkpoint {base_step}, which is not there; put it back")
-        params = lora_lib.merge(lora_lib.join(adapters, read_run(base_step)[0]),
-                                int(t["lora_rank"]), float(t["lora_alpha"]))
-        return params, meta, step
-    target: dict = {}
-    for path, _, shape, _, _ in tensor_layout(m):
-        stacked = (m["n_layers"],) if path[0] == "layers" else ()
-        _set(target, path, np.empty(stacked + shape, m["param_dtype"]))
-    params = _restore_host(manager, step, target)
-    manager.close()
-    return params, meta, step
+    """(the params as NumPy arrays, the checkpoint's JSON record, its step) of a jaxlm run
+    (jaxlm.run's `host_params`: a LoRA run's adapters merged into its base)."""
+    try:
+        return run_lib.host_params(run)
+    except run_lib.RunError as e:
+        raise ConvertError(str(e)) from None
 
 
 def merge_lora(run, out_run) -> pathlib.Path:
     """Write a LoRA run's adapters merged into its base as a plain run; return its checkpoints/."""
     out = pathlib.Path(out_run).absolute()
-    if (out / "checkpoints").exists():
+    if run_lib.checkpoints_dir(out).exists():
         raise ConvertError(f"--to={str(out_run)!r} already has checkpoints/; choose a new dir")
     params, meta, step = read_run(run)
     if not meta.get("lora_base"):
@@ -330,19 +258,19 @@ def merge_lora(run, out_run) -> pathlib.Path:
     config = copy.deepcopy(meta["config"])
     config["train"]["lora_rank"] = 0
     config["checkpoint"]["init_from"] = ""
-    save_params(out / "checkpoints", params, {
+    save_params(run_lib.checkpoints_dir(out), params, {
         "step": 0, "config": config, "jaxlm_version": jaxlm.__version__,
         "tokenizer": meta.get("tokenizer", ""),
-        "merged_from": {"run": str(_locate(run)[0]), "step": step,
+        "merged_from": {"run": str(run_lib.locate(run)[0]), "step": step,
                         "lora_base": meta["lora_base"]}})
-    return out / "checkpoints"
+    return pathlib.Path(run_lib.checkpoints_dir(out))
 
 
 def hf_tensors(params: dict, m: dict, dtype: str):
     """(name, shape, nbytes, make) of each Hugging Face tensor; make() builds it then."""
     itemsize = np.dtype(dtype).itemsize
     for path, name, _, hf_shape, flip in tensor_layout(m):
-        source = _get(params, path)
+        source = get_path(params, path)
         for i in range(m["n_layers"] if path[0] == "layers" else 1):
             one = source[i] if path[0] == "layers" else source
 
@@ -386,7 +314,7 @@ def export_hf(run, out_dir, max_shard_size: str | int = "5GB", dtype: str | None
 
     out = pathlib.Path(files.make_dir(out_dir, "--to_hf"))  # before the long read
     params, meta, step = read_run(run)
-    m = _model_fields(meta["config"]["model"])
+    m = param_layout.model_fields(meta["config"]["model"])
     dtype = dtype or m["param_dtype"]
     tensors = {name: (size, make) for name, _, size, make in hf_tensors(params, m, dtype)}
     split = split_state_dict_into_shards_factory(
@@ -443,7 +371,7 @@ def main(argv=None) -> None:
     try:
         if args.from_hf:
             config_path = import_hf(args.from_hf, args.to, args.param_dtype)
-            print(f"wrote {files.path(args.to) / 'checkpoints'} and {config_path}; train with "
+            print(f"wrote {run_lib.checkpoints_dir(args.to)} and {config_path}; train with "
                   f"python -m jaxlm.train --config={config_path} --workdir=runs/NAME")
         elif args.merge_lora:
             directory = merge_lora(args.from_run, args.to)

@@ -43,6 +43,7 @@ from jaxlm import generate as gen
 from jaxlm import model as model_lib
 from jaxlm import platforms
 from jaxlm.errors import EvalError
+from jaxlm import run as run_lib
 
 LOGITS_BUDGET = 1 << 27  # float32 logits held at once, per device (512 MiB)
 
@@ -87,13 +88,13 @@ def _token_scores(cfg: model_lib.ModelConfig, rules: tuple, chunk: int, params, 
         return logprob.swapaxes(0, 1).reshape(b, length), greedy.swapaxes(0, 1).reshape(b, length)
 
 
-def _rows_per_batch(run: gen.Run, batch_size: int) -> int:
+def _rows_per_batch(run: run_lib.Run, batch_size: int) -> int:
     """`batch_size` rounded up to a multiple of the devices the rows are split over."""
     ways = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
     return -(-batch_size // ways) * ways
 
 
-def score(run: gen.Run, requests: Sequence[Request], batch_size: int = 16) -> list[Score]:
+def score(run: run_lib.Run, requests: Sequence[Request], batch_size: int = 16) -> list[Score]:
     """A Score for each request, in order. A request longer than the context keeps its last
     `max_len` inputs (the continuation's end), as the harness does."""
     rows = _rows_per_batch(run, batch_size)
@@ -146,7 +147,7 @@ def masked_requests(tokens: np.ndarray, mask: np.ndarray) -> list[Request]:
             if start > 0]
 
 
-def score_documents(run: gen.Run, documents: Iterable[np.ndarray], batch_size: int = 16,
+def score_documents(run: run_lib.Run, documents: Iterable[np.ndarray], batch_size: int = 16,
                     n_bytes: int | None = None) -> dict:
     """Loss (mean NLL per predicted token, nats), perplexity, token and document counts; with
     the texts' UTF-8 byte count, bits per byte as well. A [2, n] document (tokens and loss
@@ -182,7 +183,7 @@ def read_texts(pattern: str, text_key: str = "text") -> tuple[list[str], list[st
     return texts, skipped.report()
 
 
-def prepared_documents(run: gen.Run, root: str, split: str):
+def prepared_documents(run: run_lib.Run, root: str, split: str):
     """The token documents of a prepared dataset's split, checked to share the run's tokenizer."""
     from jaxlm.data import prepared
     from jaxlm.errors import ConfigError
@@ -263,7 +264,7 @@ def choice_requests(tokenizer, item: Item) -> list[Request]:
     return requests
 
 
-def score_choices(run: gen.Run, items: Sequence[Item], batch_size: int = 16) -> dict:
+def score_choices(run: run_lib.Run, items: Sequence[Item], batch_size: int = 16) -> dict:
     """Accuracy (acc), length-normalised accuracy (acc_norm) and each item's log-likelihoods."""
     requests = [r for item in items for r in choice_requests(run.tokenizer, item)]
     scores = iter(score(run, requests, batch_size))
@@ -297,7 +298,7 @@ def main(argv):
     results = {}
     try:
         output = files.output_file(f.output, "--output") if f.output else None
-        run = gen.load_run(f["from"].value, f.tokenizer, f.step, f.tensor, shard_rows=True,
+        run = run_lib.load(f["from"].value, f.tokenizer, f.step, f.tensor, shard_rows=True,
                            unstack=False)
         print(f"{f['from'].value} step {run.step} on {run.mesh.devices.size} devices "
               f"({dict(run.mesh.shape)}), context {run.max_len}", flush=True)
@@ -324,7 +325,7 @@ def main(argv):
             r = results["choices"]
             print(f"choices: acc {r['acc']:.4f} | acc_norm {r['acc_norm']:.4f} | "
                   f"{r['items']} items")
-    except (EvalError, gen.GenerateError, files.PathError, FileNotFoundError) as e:
+    except (EvalError, run_lib.RunError, files.PathError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     if output:
         output.write_text(json.dumps({"from": f["from"].value, "step": run.step, **results},
@@ -346,4 +347,4 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    gen.run_cli(_define_flags, main)
+    run_lib.cli(_define_flags, main)

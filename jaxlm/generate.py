@@ -36,6 +36,7 @@ from etils import epath
 from jaxlm import files
 from jaxlm import model as model_lib
 from jaxlm import platforms
+from jaxlm import run as run_lib
 from jaxlm.errors import GenerateError
 
 CACHE_ROUND = 128  # cache slots are a multiple of this (or the whole context)
@@ -66,28 +67,6 @@ def init_cache(cfg: model_lib.ModelConfig, batch: int, slots: int) -> dict | lis
         return {name: nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype), names)
                 for name in ("k", "v")}
     return one() if cfg.scan_layers else [one() for _ in range(cfg.n_layers)]
-
-
-def for_decoding(params: dict, config: model_lib.ModelConfig, free: bool = False):
-    """(params, config) as decoding runs fastest: a module per layer, its weights unstacked
-    from training's [layers, ...] arrays (a scanned layer's weights are sliced out of the
-    stack at every step: a copy of every weight per token, on CPU). With `free`, each stacked
-    array is deleted once split, so the weights are held about once, not twice."""
-    if not config.scan_layers:
-        return params, config
-    params = dict(params)
-    leaves, treedef = jax.tree.flatten(params.pop("layers"))
-    layers = [[] for _ in range(config.n_layers)]
-    for leaf in leaves:
-        pieces = [leaf[n] for n in range(config.n_layers)]
-        for layer, piece in zip(layers, pieces):
-            layer.append(piece)
-        if free and isinstance(leaf, jax.Array):
-            jax.block_until_ready(pieces)
-            leaf.delete()
-    for n, layer in enumerate(layers):
-        params[f"layers_{n}"] = jax.tree.unflatten(treedef, layer)
-    return params, dataclasses.replace(config, scan_layers=False)
 
 
 def sample(logits, key, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
@@ -223,7 +202,7 @@ def generate(params, config: model_lib.ModelConfig, prompts_tokens: Sequence[Seq
              **kwargs) -> list[list[int]]:
     """The new tokens of each prompt (a list of token-id lists, any lengths), EOS left out.
 
-    `params` are the Transformer's (as restored by `load_run`, or any other); `config` its
+    `params` are the Transformer's (as restored by jaxlm.run's `load`, or any other); `config` its
     ModelConfig. Keyword arguments as for `stream`: max_len (required: the context),
     max_new_tokens, temperature (0: greedy), top_k (0: off), top_p (1: off), seed, eos_id,
     mesh, rules. The same seed and prompts give the same tokens.
@@ -233,132 +212,6 @@ def generate(params, config: model_lib.ModelConfig, prompts_tokens: Sequence[Seq
         for i in np.flatnonzero(emitted):
             completions[i].append(int(tokens[i]))
     return completions
-
-
-# ---------------------------------------------------------------- a run's checkpoint
-
-
-@dataclasses.dataclass
-class Run:
-    """What generating from a training run needs: its params (on `mesh`), model config,
-    context length, tokenizer, and the logical rules the params are sharded by."""
-
-    params: dict
-    config: model_lib.ModelConfig
-    max_len: int
-    tokenizer: object
-    mesh: jax.sharding.Mesh
-    rules: tuple
-    step: int
-    tokenizer_path: str = ""
-
-    def kwargs(self) -> dict:
-        """The keyword arguments of `generate` / `stream` this run fixes."""
-        return dict(max_len=self.max_len, eos_id=self.tokenizer.eos_id(), mesh=self.mesh,
-                    rules=self.rules)
-
-
-def _config_from_json(saved: dict):
-    """The run's ConfigDict from the dict its checkpoint recorded (JSON turned tuples into
-    lists: put them back where the schema has tuples)."""
-    from jaxlm import config as config_lib
-
-    def merge(node, values, where):
-        for key, value in values.items():
-            if key not in node:
-                raise GenerateError(f"the checkpoint's config has a field {where}{key} this "
-                                    "jaxlm does not know; generate with the jaxlm that trained it")
-            if hasattr(node[key], "keys"):
-                merge(node[key], value, f"{where}{key}.")
-            else:
-                node[key] = _tuples(value) if isinstance(node[key], tuple) else value
-
-    config = config_lib.default_config()
-    merge(config, saved, "config.")
-    return config
-
-
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def _tokenizer(run_dir: epath.Path, recorded: str, given: str | None):
-    """(the tokenizer, its file)."""
-    from jaxlm.data import tokenizer as tokenizer_lib
-
-    if given:
-        return tokenizer_lib.load(given, field="--tokenizer"), str(given)
-    for candidate in (recorded, run_dir / "tokenizer.model"):
-        if candidate and epath.Path(candidate).is_file():
-            return tokenizer_lib.load(candidate, field="the run's tokenizer"), str(candidate)
-    raise GenerateError(
-        f"{run_dir} has no tokenizer: its checkpoint records {recorded or 'none'!r}, which is "
-        f"not a file, and there is no {run_dir / 'tokenizer.model'}; pass --tokenizer=PATH to "
-        "the sentencepiece model it was trained with")
-
-
-def load_run(run_dir: epath.PathLike, tokenizer: str | None = None, step: int | None = None,
-             tensor: int | None = None, devices=None, shard_rows: bool = False,
-             unstack: bool = True) -> Run:
-    """A training run's newest (or `step`'s) params, restored onto a generation mesh over
-    `devices` (default: all): tensor-parallel `tensor` ways (default: as the run trained, if
-    that divides the devices) and FSDP over the rest. Weights keep their training layout.
-    Rows are split over the FSDP devices with `shard_rows` (scoring many rows, jaxlm.eval),
-    else not (a generation batch is small). With `unstack` (for generating) the layers'
-    weights are unstacked, see `for_decoding`; without, they stay as training scans them."""
-    from jaxlm import checkpoint as checkpoint_lib
-    from jaxlm import config as config_lib
-    from jaxlm import sharding as sharding_lib
-
-    run_dir = files.path(run_dir)
-    directory = run_dir / "checkpoints"
-    if not directory.is_dir():
-        raise GenerateError(f"--from={str(run_dir)!r}: no checkpoints/ directory there; give "
-                            "a run directory (python -m jaxlm.train --workdir=...)")
-    manager, step = checkpoint_lib.open_read_only(directory, step)
-    if step is None or step not in manager.all_steps():
-        raise GenerateError(f"{directory} has no checkpoint {step if step is not None else ''}"
-                            f"(it has {list(manager.all_steps())})")
-    meta = checkpoint_lib.read_meta(manager, step)
-    manager.close()
-    if meta.get("lora_base"):
-        raise GenerateError(f"{run_dir} is a LoRA run (its checkpoints hold adapters only); "
-                            f"merge it first: python -m jaxlm.convert --from_run={run_dir} "
-                            "--merge_lora --to=NEW_RUN, then --from=NEW_RUN")
-    sp, tokenizer_path = _tokenizer(run_dir, meta.get("tokenizer", ""), tokenizer)
-
-    config = _config_from_json(meta["config"])
-    devices = list(devices if devices is not None else jax.devices())
-    if tensor is None:
-        tensor = config.mesh.tensor if len(devices) % config.mesh.tensor == 0 else 1
-    # The cached path has its own attention: the training kernel and remat do not matter.
-    config.mesh.update(dict(data=1, fsdp=-1, tensor=tensor, sequence=1))
-    config.model.update(dict(attention="xla", remat="none"))
-    config.data.seq_len_schedule = ()
-    config.train.update(dict(global_batch_size=len(devices), grad_accum_steps=1, loss_chunks=1))
-    try:
-        derived = config_lib.validate(config, len(devices))
-    except config_lib.ConfigError as e:
-        raise GenerateError(f"cannot generate from {run_dir} on {len(devices)} devices with "
-                            f"tensor={tensor}: {e}") from e
-    cfg = config_lib.model_config(config, derived)
-    if sp.vocab_size() > cfg.vocab_size:
-        raise GenerateError(f"the tokenizer has {sp.vocab_size()} pieces but the model only "
-                            f"{cfg.vocab_size}: it is not the run's tokenizer")
-    mesh = sharding_lib.make_mesh(derived.mesh_shape, devices)
-    rows = () if shard_rows else (("batch", None),)
-    rules = sharding_lib.axis_rules(tuple(config.mesh.rules) + rows + (("length", None),))
-    model = model_lib.Transformer(cfg)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                                  jnp.zeros((1, 8), jnp.int32))["params"])
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            nn.unbox(boxed), shardings)
-    params, step = checkpoint_lib.restore_params(directory / str(step), abstract)
-    if unstack:
-        params, cfg = for_decoding(params, cfg, free=True)
-    return Run(params, cfg, int(config.data.seq_len), sp, mesh, rules, step, tokenizer_path)
 
 
 # ---------------------------------------------------------------- command line
@@ -421,7 +274,7 @@ class _Printer:
         self.out.flush()
 
 
-def run_prompts(run: Run, prompts: list[str], batch_size: int, printer=None, **sampling):
+def run_prompts(run: run_lib.Run, prompts: list[str], batch_size: int, printer=None, **sampling):
     """Completions (dicts for JSONL) of text prompts, `batch_size` at a time."""
     sp, results = run.tokenizer, []
     for start in range(0, len(prompts), batch_size):
@@ -459,36 +312,14 @@ def main(argv):
             raise GenerateError(f"--batch_size={f.batch_size} is invalid: at least 1")
         sampling = dict(max_new_tokens=f.max_new_tokens, temperature=f.temperature,
                         top_k=f.top_k, top_p=f.top_p, seed=f.seed)
-        run = load_run(f["from"].value, f.tokenizer, f.step, f.tensor)
+        run = run_lib.load(f["from"].value, f.tokenizer, f.step, f.tensor)
         printer = None if f.output else functools.partial(_Printer, run.tokenizer)
         results = run_prompts(run, prompts, f.batch_size, printer, **sampling)
-    except (GenerateError, files.PathError, FileNotFoundError) as e:
+    except (GenerateError, run_lib.RunError, files.PathError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     if output:
         output.write_text("".join(json.dumps(row) + "\n" for row in results))
         print(f"wrote {len(results)} completions to {output}")
-
-
-def define_run_flags():
-    """The flags that pick a run's checkpoint and its mesh (jaxlm.generate, jaxlm.eval)."""
-    from absl import flags
-
-    flags.DEFINE_string("from", None, "A run directory (python -m jaxlm.train --workdir).")
-    flags.DEFINE_string("tokenizer", None, "Tokenizer file, a sentencepiece .model or a "
-                        "tokenizer.json (default: the run's).")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-    flags.DEFINE_integer("tensor", None, "Tensor-parallel ways (default: the run's).")
-    flags.mark_flag_as_required("from")
-
-
-def run_cli(define_flags, main) -> None:
-    """`python -m` entry of a command that reads a run: its own flags, the run flags, main."""
-    from absl import app, logging
-
-    define_run_flags()
-    define_flags()
-    logging.set_verbosity(logging.ERROR)  # orbax warns about every read-only checkpoint
-    app.run(main)
 
 
 def _define_flags():
@@ -506,4 +337,4 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    run_cli(_define_flags, main)
+    run_lib.cli(_define_flags, main)

@@ -13,6 +13,7 @@ import numpy as np
 from etils import epath
 
 from jaxlm import files
+from jaxlm import param_layout
 
 # Dense bf16 peak FLOP/s per device, from vendor spec sheets (DESIGN.md). Matched by
 # substring against jax.Device.device_kind, most specific first.
@@ -54,10 +55,9 @@ def flops_per_token(m, head_dim: int, seq_len: int, causal: bool = True, lora_ra
     6 * rank * (in + out) for A [in, rank] and B [rank, out].
     """
     d_attn = m.n_heads * head_dim
-    d_kv = m.n_kv_heads * head_dim
-    sizes = {"q": (m.d_model, d_attn), "k": (m.d_model, d_kv), "v": (m.d_model, d_kv),
-             "o": (d_attn, m.d_model), "gate": (m.d_model, m.d_ff), "up": (m.d_model, m.d_ff),
-             "down": (m.d_ff, m.d_model)}
+    sizes = param_layout.matmul_sizes({"d_model": m.d_model, "n_heads": m.n_heads,
+                                       "n_kv_heads": m.n_kv_heads, "head_dim": head_dim,
+                                       "d_ff": m.d_ff})  # (fan in, fan out) of each kernel
     block_matmuls = m.n_layers * sum(a * b for a, b in sizes.values())
     attention = 6 * m.n_layers * seq_len * d_attn * (1 if causal else 2)
     weights = 4 if lora_rank else 6
@@ -118,6 +118,53 @@ def throughput(step_seconds: list[float], tokens_per_step: int, flops_causal: fl
         "mfu_causal": mfu(flops_causal, tokens_per_second, peak_total),
         "mfu_full_square": mfu(flops_full_square, tokens_per_second, peak_total),
     }
+
+
+class Throughput:
+    """Tokens per second and MFU of the steps since the last logged row. Timed from the end of
+    this process's first step (which compiles); a step that compiles again (the first of each
+    later seq_len stage) and evaluations are left out. The caller syncs the device (blocks on
+    the state) before `pause` and `resume`, so the host's clock measures the device's work."""
+
+    def __init__(self, peak_total: float):
+        self.peak = peak_total
+        self.start, self.tokens, self.flops = None, 0, 0.0
+        self._untimed_from = 0.0
+
+    @property
+    def started(self) -> bool:
+        return self.start is not None
+
+    def pause(self) -> None:
+        """What follows until `resume` is not training time (a step that compiles)."""
+        self._untimed_from = time.perf_counter()
+
+    def resume(self) -> None:
+        """After a compiling step: the first starts the clock, a later one is left out."""
+        if self.start is None:
+            self.start = time.perf_counter()
+        else:
+            self.start += time.perf_counter() - self._untimed_from
+
+    def add(self, tokens_per_call: int, calls: int, flops_per_token: float) -> None:
+        self.tokens += tokens_per_call * calls
+        self.flops += flops_per_token * tokens_per_call * calls
+
+    def leave_out_since(self, since: float) -> None:
+        """The time from perf_counter() value `since` to now was not training (evaluation)."""
+        self.start += time.perf_counter() - since
+
+    def rates(self) -> dict:
+        """{"tokens_per_second", "mfu"} of the timed steps, {} when none was timed."""
+        if not self.tokens:
+            return {}
+        tokens_per_second = self.tokens / (time.perf_counter() - self.start)
+        return {"tokens_per_second": tokens_per_second,
+                "mfu": mfu(self.flops / self.tokens, tokens_per_second, self.peak)}
+
+    def restart(self) -> None:
+        """A row was logged: the next one times the steps from here on."""
+        self.start, self.tokens, self.flops = time.perf_counter(), 0, 0.0
 
 
 # Fields of a metrics row that time the run: they differ between any two runs. Every other

@@ -68,6 +68,15 @@ def join_trained(model, trained: dict, frozen: dict) -> dict:
     return lora_lib.join(trained, frozen) if model.cfg.lora_rank else trained
 
 
+def sharded_shapes(boxed, mesh, rules):
+    """(shardings, abstract arrays) of a tree of logically-partitioned shapes (the
+    jax.eval_shape of a linen init) laid out on `mesh` by the logical `rules`."""
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            nn.unbox(boxed), shardings)
+    return shardings, abstract
+
+
 class StateFactory:
     """Builds the abstract state, its shardings, and the real state on the mesh; carries what
     the train and eval steps take from the config (loss_chunks)."""
@@ -80,10 +89,7 @@ class StateFactory:
         # a CPU host, jaxlm.aot) cannot take.
         with self.context():
             self.boxed = jax.eval_shape(lambda: self._init_boxed(jax.random.key(0)))
-        self.shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(self.boxed), mesh, rules)
-        self.abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            nn.unbox(self.boxed), self.shardings)
+        self.shardings, self.abstract = sharded_shapes(self.boxed, mesh, rules)
 
     @property
     def lora(self) -> bool:

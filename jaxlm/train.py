@@ -28,10 +28,10 @@ from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import cli
 from jaxlm import config as config_lib
 from jaxlm import files
-from jaxlm import lora as lora_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import optim
 from jaxlm import platforms
+from jaxlm import run as run_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 from jaxlm.data import pipeline
@@ -130,39 +130,6 @@ def _keep_metrics_before(path: epath.Path, first_step: int) -> None:
     files.write_atomically(path, "".join(line + "\n" for line in kept))
 
 
-def _initial_state(config, factory, checkpoints, console):
-    """(step, checkpoint record or {}, state, LoRA base reference or None): resumed,
-    fine-tuned from init_from, or fresh."""
-    lora_lib.check_same_settings(config.train, checkpoints)  # before a mismatch reads as damage
-    resumed = checkpoints.restore_latest_readable(factory.trained(factory.abstract))
-    if resumed:
-        step, trained, meta = resumed
-        console.print(f"resumed from {checkpoints.path(step)}")
-        base = meta.get("lora_base")
-        if base:
-            trained = factory.assemble(trained, lora_lib.restore_base(
-                base, factory.frozen_params(factory.abstract), step))
-            console.print(f"LoRA adapters beside the frozen base {base['path']} (step "
-                          f"{base['step']}), as when this run started")
-        return step, meta, trained, base
-    rng = jax.random.fold_in(jax.random.key(config.seed), 0)
-    if factory.lora:
-        frozen, source_step = checkpoint_lib.restore_params(
-            config.checkpoint.init_from, factory.frozen_params(factory.abstract))
-        base = {"path": str(checkpoint_lib.split_step(
-            files.path(config.checkpoint.init_from))[0]), "step": source_step}
-        console.print(f"LoRA rank {config.train.lora_rank} on {','.join(config.train.lora_targets)}"
-                      f" beside the frozen base {base['path']} (step {source_step})")
-        return 0, {}, factory.assemble(factory.create_trained(rng), frozen), base
-    state = factory.create(rng)
-    if config.checkpoint.init_from:
-        params, source_step = checkpoint_lib.restore_params(config.checkpoint.init_from,
-                                                            factory.abstract["params"])
-        state["params"] = params
-        console.print(f"initialised params from {config.checkpoint.init_from} (step {source_step})")
-    return 0, {}, state, None
-
-
 def _bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -218,20 +185,17 @@ def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
     is_main = jax.process_index() == 0
     if is_main:
         files.make_dir(workdir, "--workdir")
-    checkpoints = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
-                                              keep_every=config.checkpoint.keep_every,
-                                              probe=is_main)
-    if t.lora_rank and not config.checkpoint.init_from:
-        raise config_lib.ConfigError(
-            f"config.train.lora_rank={t.lora_rank} needs config.checkpoint.init_from: the base "
-            "model the adapters train beside (a run's checkpoints/, or a model imported with "
-            "python -m jaxlm.convert --from_hf); or set train.lora_rank=0")
+    checkpoints = checkpoint_lib.Checkpointer(
+        run_lib.checkpoints_dir(workdir), keep=config.checkpoint.keep,
+        keep_every=config.checkpoint.keep_every, probe=is_main)
     console = _Console(t.steps, 0, enabled=is_main)
-    start, resumed_meta, state, lora_base = _initial_state(config, factory, checkpoints, console)
-    data_state = resumed_meta.get("data")
+    begin = run_lib.initial_state(config, factory, checkpoints, console.print)
+    start, state = begin.step, begin.state
     # Checkpoints written before the log window was saved resume with an empty one.
-    window = metrics_lib.LogWindow(resumed_meta.get("log_window"))
-    data = pipeline.build(config, workdir)
+    window = metrics_lib.LogWindow(begin.record.get("log_window"))
+    init_tokenizer = ("" if d.tokenizer or not config.checkpoint.init_from
+                      else run_lib.recorded_tokenizer(config.checkpoint.init_from))
+    data = pipeline.build(config, workdir, init_tokenizer)
     # The first step this run logs: 0 afresh (its val_loss), else the one after the checkpoint.
     # Both logs forget what an earlier run logged from there on.
     first_logged = start + 1 if start else 0
@@ -242,115 +206,55 @@ def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
 
     train_step = step_lib.make_train_step(factory)
     eval_step = step_lib.make_eval_step(factory)
-    train_batches = pipeline.train_batches(data.train_rows, derived.micro_batch_size, config)
-    if data_state:
-        train_batches.set_state(data_state["iterator"])
-        if data_state["fingerprint"] != data.fingerprint:
-            console.print(f"warning: the data ({d.source}, seq_len, seed) differs from the "
-                          "checkpoint's; continuing at the saved batch index of the new data")
-    console.print(f"data: {d.source}, train: {data.train_rows.describe()}")
+    train_batches = _train_batches(config, derived, data, begin.record.get("data"), console)
     eval_batches = pipeline.eval_dataset(data.val_rows, derived.micro_batch_size, d.eval_batches)
-    batch_sharding = factory.batch_sharding
 
-    peak, peak_source = metrics_lib.peak_flops_total(jax.devices())
-    stages = config_lib.seq_len_stages(config)
-    tokens_per_microbatch = derived.micro_batch_size * d.seq_len  # the same in every stage
-    schedule = optim.schedule(t)
-    console.print(f"jaxlm {jaxlm.__version__}: {derived.n_params / 1e6:.1f}M params, "
-                  f"{jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
-                  f"{derived.mesh_shape}; {t.global_batch_size} x {d.seq_len} tokens per step; "
-                  f"peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
-    console.print(_memory_per_device(factory))
+    def validation_loss():
+        return evaluate(eval_step, state["params"], eval_batches, factory.batch_sharding)
 
-    def save(step):
-        console.print(f"step {step}/{t.steps} | saving checkpoint {checkpoints.path(step)}")
-        writer.flush()  # the rows up to `step` are on disk before the checkpoint can be
-        checkpoints.save(step, factory.trained(state), {
-            "step": step, "config": config.to_dict(), "jaxlm_version": jaxlm.__version__,
-            "tokenizer": data.tokenizer_path,
-            "data": {"iterator": train_batches.get_state(), "fingerprint": data.fingerprint},
-            "rng": {"seed": config.seed}, "log_window": window.state(),
-            # A LoRA checkpoint holds adapters only: the base they were trained beside.
-            **({"lora_base": lora_base} if lora_base else {})})
-
+    throughput = metrics_lib.Throughput(_announce_run(config, derived, factory, console))
+    stages = _Stages(config, derived, console, writer)
+    nonfinite = _NonFinitePolicy(t, console, window)
     last = {}
     if start == 0:  # where validation loss starts, so a run shows what it learned
-        writer.write(0, {"val_loss": evaluate(eval_step, state["params"], eval_batches, batch_sharding)})
-    # Throughput is timed from the end of this process's first step (which compiles); the
-    # first step of each later stage compiles too, and its time is left out.
-    timer_start, timed_tokens, timed_flops = None, 0, 0.0
-    stage = None
-    nonfinite = _NonFinitePolicy(t, console, window)
+        writer.write(0, {"val_loss": validation_loss()})
     try:
         with factory.context():
             for step in range(start + 1, t.steps + 1):
-                compiles = timer_start is None
-                if stage != config_lib.stage_at(stages, step):
-                    if stage is not None:  # this step compiles for the new length: not timed
+                compiles = not throughput.started
+                if stages.stage != stages.at(step):
+                    if stages.stage is not None:  # this step compiles for the new length
                         jax.block_until_ready(state)
-                        compiles, untimed_from = True, time.perf_counter()
-                    stage = config_lib.stage_at(stages, step)
-                    seq_len = stages[stage][1]
-                    flops_per_token = metrics_lib.flops_per_token(
-                        config.model, derived.head_dim, seq_len, lora_rank=t.lora_rank,
-                        lora_targets=tuple(t.lora_targets))
-                    _announce_stage(stages, stage, step, t, console, writer)
-                # One optimizer update: grad_accum_steps finite microbatches. A non-finite
-                # one changes nothing; with nonfinite="skip" another microbatch replaces it.
-                applied = calls = 0
-                while applied < t.grad_accum_steps:
-                    results = []
-                    for _ in range(t.grad_accum_steps - applied):
-                        rows = pipeline.cut_rows(next(train_batches), seq_len)
-                        batch = sharding_lib.global_batch(rows, batch_sharding)
-                        state, metrics = train_step(state, batch)
-                        calls += 1
-                        results.append(metrics)
-                    for result in jax.device_get(results):
-                        window.add(result["loss"])
-                        if nonfinite.applied(result, step):
-                            applied, grad_norm = applied + 1, float(result["grad_norm"])
+                        compiles = True
+                        throughput.pause()
+                    stages.enter(step)
+                state, calls, grad_norm = _update(train_step, state, train_batches,
+                                                  stages.seq_len, factory.batch_sharding, t,
+                                                  window, nonfinite, step)
                 if compiles:
                     jax.block_until_ready(state)
-                    if timer_start is None:
-                        timer_start = time.perf_counter()
-                    else:
-                        timer_start += time.perf_counter() - untimed_from
+                    throughput.resume()
                 else:
-                    timed_tokens += tokens_per_microbatch * calls
-                    timed_flops += flops_per_token * tokens_per_microbatch * calls
+                    throughput.add(derived.micro_batch_size * d.seq_len, calls,
+                                   stages.flops_per_token)
 
                 if step % t.log_every == 0 or step == t.steps:
-                    last = {"loss": window.mean_loss(),
-                            "lr": float(schedule(step - 1)),
-                            "grad_norm": grad_norm}
-                    line = (f"step {step}/{t.steps} | loss {last['loss']:.4f} | lr {last['lr']:.2e}"
-                            f" | grad_norm {last['grad_norm']:.3f}")
-                    if window.skipped_total:
-                        last["skipped_microbatches"] = window.skipped_total
-                        line += f" | skipped {window.skipped_total}"
-                    if timed_tokens:
-                        last["tokens_per_second"] = timed_tokens / (time.perf_counter() - timer_start)
-                        last["mfu"] = metrics_lib.mfu(timed_flops / timed_tokens,
-                                                      last["tokens_per_second"], peak)
-                        line += (f" | tokens/s {last['tokens_per_second']:,.0f}"
-                                 f" | MFU {100 * last['mfu']:.1f}%")
-                    writer.write(step, last)
-                    console.print(line)
-                    window.reset()
-                    timer_start, timed_tokens, timed_flops = time.perf_counter(), 0, 0.0
+                    last = _log(step, t, window, throughput, grad_norm, writer, console)
 
                 if step % t.eval_every == 0 or step == t.steps:
                     eval_start = time.perf_counter()
-                    val_loss = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
-                    last["val_loss"] = val_loss
+                    last["val_loss"] = val_loss = validation_loss()
                     writer.write(step, {"val_loss": val_loss})
                     console.print(f"step {step}/{t.steps} | validation loss {val_loss:.4f}")
-                    timer_start += time.perf_counter() - eval_start  # not training time
+                    throughput.leave_out_since(eval_start)  # not training time
 
                 preempted = sigterm.agreed()
                 if step % config.checkpoint.every == 0 or step == t.steps or preempted:
-                    save(step)
+                    console.print(f"step {step}/{t.steps} | saving checkpoint "
+                                  f"{checkpoints.path(step)}")
+                    writer.flush()  # the rows up to `step` are on disk before the checkpoint
+                    checkpoints.save(step, factory.trained(state), _record(
+                        config, step, data, train_batches, window, begin.lora_base))
                 console.bar.update(1)
                 if preempted and step < t.steps:
                     raise Preempted(step)
@@ -363,6 +267,106 @@ def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
     console.print(f"done: metrics {writer.path}, TensorBoard {workdir / 'tensorboard'}, "
                   f"checkpoint {checkpoints.path(final) if final else 'none'}")
     return last
+
+
+def _train_batches(config, derived, data, data_state, console) -> pipeline.Batches:
+    """The training batches, where the resumed checkpoint left them (`data_state`)."""
+    d = config.data
+    batches = pipeline.train_batches(data.train_rows, derived.micro_batch_size, config)
+    if data_state:
+        batches.set_state(data_state["iterator"])
+        if data_state["fingerprint"] != data.fingerprint:
+            console.print(f"warning: the data ({d.source}, seq_len, seed) differs from the "
+                          "checkpoint's; continuing at the saved batch index of the new data")
+    console.print(f"data: {d.source}, train: {data.train_rows.describe()}")
+    return batches
+
+
+def _announce_run(config, derived, factory, console) -> float:
+    """Print what runs where (version, params, devices, mesh, memory); the devices' peak
+    FLOP/s, which MFU is measured against."""
+    t, d = config.train, config.data
+    peak, peak_source = metrics_lib.peak_flops_total(jax.devices())
+    console.print(f"jaxlm {jaxlm.__version__}: {derived.n_params / 1e6:.1f}M params, "
+                  f"{jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
+                  f"{derived.mesh_shape}; {t.global_batch_size} x {d.seq_len} tokens per step; "
+                  f"peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+    console.print(_memory_per_device(factory))
+    return peak
+
+
+class _Stages:
+    """Which stage of data.seq_len_schedule a step is in: its row length and FLOPs per token."""
+
+    def __init__(self, config, derived, console, writer):
+        self.config, self.derived, self.console, self.writer = config, derived, console, writer
+        self.stages = config_lib.seq_len_stages(config)
+        self.stage = self.seq_len = self.flops_per_token = None
+
+    def at(self, step: int) -> int:
+        return config_lib.stage_at(self.stages, step)
+
+    def enter(self, step: int) -> None:
+        """Move to `step`'s stage and announce it."""
+        t = self.config.train
+        self.stage = self.at(step)
+        self.seq_len = self.stages[self.stage][1]
+        self.flops_per_token = metrics_lib.flops_per_token(
+            self.config.model, self.derived.head_dim, self.seq_len, lora_rank=t.lora_rank,
+            lora_targets=tuple(t.lora_targets))
+        _announce_stage(self.stages, self.stage, step, t, self.console, self.writer)
+
+
+def _update(train_step, state, batches, seq_len, batch_sharding, t, window, nonfinite, step):
+    """One optimizer update: grad_accum_steps finite microbatches. A non-finite one changes
+    nothing; with nonfinite="skip" another microbatch replaces it. (state, train_step calls,
+    the update's gradient norm)."""
+    applied = calls = 0
+    while applied < t.grad_accum_steps:
+        results = []
+        for _ in range(t.grad_accum_steps - applied):
+            rows = pipeline.cut_rows(next(batches), seq_len)
+            batch = sharding_lib.global_batch(rows, batch_sharding)
+            state, metrics = train_step(state, batch)
+            calls += 1
+            results.append(metrics)
+        for result in jax.device_get(results):
+            window.add(result["loss"])
+            if nonfinite.applied(result, step):
+                applied, grad_norm = applied + 1, float(result["grad_norm"])
+    return state, calls, grad_norm
+
+
+def _log(step, t, window, throughput, grad_norm, writer, console) -> dict:
+    """The metrics row of the steps since the last one, written and printed."""
+    last = {"loss": window.mean_loss(), "lr": float(optim.schedule(t)(step - 1)),
+            "grad_norm": grad_norm}
+    line = (f"step {step}/{t.steps} | loss {last['loss']:.4f} | lr {last['lr']:.2e}"
+            f" | grad_norm {last['grad_norm']:.3f}")
+    if window.skipped_total:
+        last["skipped_microbatches"] = window.skipped_total
+        line += f" | skipped {window.skipped_total}"
+    rates = throughput.rates()
+    if rates:
+        last.update(rates)
+        line += (f" | tokens/s {last['tokens_per_second']:,.0f}"
+                 f" | MFU {100 * last['mfu']:.1f}%")
+    writer.write(step, last)
+    console.print(line)
+    window.reset()
+    throughput.restart()
+    return last
+
+
+def _record(config, step, data, train_batches, window, lora_base) -> dict:
+    """A checkpoint's JSON record: what resuming, generating and converting read back."""
+    return {
+        "step": step, "config": config.to_dict(), "jaxlm_version": jaxlm.__version__,
+        "tokenizer": data.tokenizer_path,
+        "data": {"iterator": train_batches.get_state(), "fingerprint": data.fingerprint},
+        "rng": {"seed": config.seed}, "log_window": window.state(),
+        # A LoRA checkpoint holds adapters only: the base they were trained beside.
+        **({"lora_base": lora_base} if lora_base else {})}
 
 
 def main(argv):

@@ -268,12 +268,13 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
     """A converted model decodes (KV cache, jaxlm.generate) the same greedy tokens as
     transformers' own generate(do_sample=False), for prompts of different lengths in a batch."""
     from jaxlm import generate as generate_lib
+    from jaxlm import run as run_lib
 
     model = hf_model(seed=3, vocab=300, kv=2, rope_scaling=LLAMA3)  # room for the tokenizer
     model.save_pretrained(tmp_path / "hf")
     _json_tokenizer(tmp_path / "hf")
     convert.import_hf(tmp_path / "hf", tmp_path / "run")
-    run = generate_lib.load_run(tmp_path / "run")
+    run = run_lib.load(tmp_path / "run")
     prompts = [list(tokens_for(300, length=n, rows=1, seed=n)[0]) for n in (5, 11)]
     got = generate_lib.generate(run.params, run.config, prompts, max_new_tokens=12,
                                 temperature=0.0, **{**run.kwargs(), "eos_id": None})

@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 from jaxlm import convert  # noqa: E402
 from jaxlm import eval as eval_lib  # noqa: E402
 from jaxlm import generate as gen  # noqa: E402
+from jaxlm import run as run_lib  # noqa: E402
 
 CONTEXT = 64
 TEXTS = [
@@ -71,7 +72,7 @@ def reference_document_nll(hf, tokens):
 
 
 def test_document_loss_and_perplexity_match_transformers(run_dir, hf):
-    run = gen.load_run(run_dir, shard_rows=True)
+    run = run_lib.load(run_dir, shard_rows=True)
     sp = run.tokenizer
     docs = [[sp.bos_id()] + sp.encode(t) + [sp.eos_id()] for t in TEXTS]
     assert max(map(len, docs)) > 2 * CONTEXT  # several windows
@@ -87,7 +88,7 @@ def test_document_loss_and_perplexity_match_transformers(run_dir, hf):
 
 
 def test_sft_documents_are_scored_on_their_responses(run_dir, hf):
-    run = gen.load_run(run_dir, shard_rows=True)
+    run = run_lib.load(run_dir, shard_rows=True)
     tokens = np.asarray([run.tokenizer.bos_id()] + run.tokenizer.encode(TEXTS[1])[:50])
     mask = np.zeros_like(tokens)
     mask[10:20] = mask[30:45] = 1  # two responses
@@ -108,7 +109,7 @@ def harness_split(sp, context, choice):
 
 
 def test_multiple_choice_log_likelihoods_and_accuracy_match_transformers(run_dir, hf, tmp_path):
-    run = gen.load_run(run_dir, shard_rows=True)
+    run = run_lib.load(run_dir, shard_rows=True)
     sp = run.tokenizer
     want = []
     for item in ITEMS:
@@ -134,7 +135,7 @@ def test_multiple_choice_log_likelihoods_and_accuracy_match_transformers(run_dir
 
 
 def test_the_models_own_greedy_continuation_is_greedy(run_dir):
-    run = gen.load_run(run_dir)
+    run = run_lib.load(run_dir)
     context = [run.tokenizer.bos_id()] + run.tokenizer.encode("def main(")
     greedy = gen.generate(run.params, run.config, [context], max_new_tokens=4, temperature=0.0,
                           **{**run.kwargs(), "eos_id": None})[0]
@@ -147,8 +148,8 @@ def test_the_models_own_greedy_continuation_is_greedy(run_dir):
 
 def test_every_mesh_scores_the_same(run_dir):
     """8 devices (rows over fsdp 4, vocab and heads over tensor 2) = one device."""
-    sharded = gen.load_run(run_dir, shard_rows=True)
-    single = gen.load_run(run_dir, tensor=1, devices=jax.devices()[:1], shard_rows=True)
+    sharded = run_lib.load(run_dir, shard_rows=True)
+    single = run_lib.load(run_dir, tensor=1, devices=jax.devices()[:1], shard_rows=True)
     assert sharded.mesh.devices.size == 8 and dict(sharded.mesh.shape)["tensor"] == 2
     sp = single.tokenizer
     docs = [np.asarray([sp.bos_id()] + sp.encode(t) + [sp.eos_id()]) for t in TEXTS * 3]
@@ -179,7 +180,7 @@ def test_cli_scores_texts_a_prepared_split_and_choices(run_dir, tmp_path, repo, 
     assert "skipped 1 x not a JSON object" in done.stdout
     assert f"perplexity {out['documents']['perplexity']:.3f}" in done.stdout
     assert out["documents"]["documents"] == len(TEXTS) and out["choices"]["items"] == len(ITEMS)
-    run = gen.load_run(run_dir, shard_rows=True)
+    run = run_lib.load(run_dir, shard_rows=True)
     sp = run.tokenizer
     want = eval_lib.score_documents(
         run, [np.asarray([sp.bos_id()] + sp.encode(t) + [sp.eos_id()]) for t in TEXTS])

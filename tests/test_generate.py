@@ -9,6 +9,8 @@ import jax.numpy as jnp
 
 from jaxlm import generate as gen
 from jaxlm import model as model_lib
+from jaxlm import param_layout
+from jaxlm import run as run_lib
 
 # Weights large enough that logits are far from ties: argmax comparisons are meaningful.
 CFG = model_lib.ModelConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -35,8 +37,8 @@ def full_logits(params, tokens):
 @pytest.mark.parametrize("unstacked", [False, True], ids=["scanned", "unstacked"])
 def test_cached_greedy_is_argmax_of_the_full_forward_at_every_step(params, unstacked):
     """Decoding with the layers scanned (cache in the carry) and with one module per layer
-    (gen.for_decoding, as load_run gives) against training's scanned full forward."""
-    decode_params, cfg = gen.for_decoding(params, CFG) if unstacked else (params, CFG)
+    (param_layout.for_decoding, as run.load gives) against training's scanned full forward."""
+    decode_params, cfg = param_layout.for_decoding(params, CFG) if unstacked else (params, CFG)
     assert cfg.scan_layers != unstacked and ("layers_1" in decode_params) == unstacked
     prompt = prompts([5])[0]
     out = gen.generate(decode_params, cfg, [prompt], max_len=MAX_LEN, max_new_tokens=20,
@@ -175,7 +177,7 @@ def run_dir(small_run):
 
 
 def test_a_run_generates_on_its_mesh_as_the_full_forward_says(run_dir):
-    run = gen.load_run(run_dir)
+    run = run_lib.load(run_dir)
     assert run.max_len == 64 and run.step == 2 and dict(run.mesh.shape)["tensor"] == 2
     assert not run.config.scan_layers  # unstacked for decoding, training's layout kept
     up = run.params["layers_1"]["mlp"]["up"]  # [d, ff]: FSDP 4 ways, tensor 2 ways
@@ -200,11 +202,11 @@ def test_a_run_without_a_tokenizer_is_a_clear_error(run_dir, tmp_path):
     meta = copy / "checkpoints" / "2" / "meta" / "metadata"
     recorded = json.loads(meta.read_text())
     meta.write_text(json.dumps({**recorded, "tokenizer": str(tmp_path / "gone.model")}))
-    with pytest.raises(gen.GenerateError, match="has no tokenizer.*--tokenizer=PATH"):
-        gen.load_run(copy)
-    assert gen.load_run(copy, tokenizer=recorded["tokenizer"]).step == 2
-    with pytest.raises(gen.GenerateError, match="no checkpoints/"):
-        gen.load_run(tmp_path / "nothing")
+    with pytest.raises(run_lib.RunError, match="has no tokenizer.*--tokenizer=PATH"):
+        run_lib.load(copy)
+    assert run_lib.load(copy, tokenizer=recorded["tokenizer"]).step == 2
+    with pytest.raises(run_lib.RunError, match="no checkpoints/"):
+        run_lib.load(tmp_path / "nothing")
 
 
 @pytest.mark.slow  # subprocesses

@@ -13,9 +13,9 @@ from safetensors.numpy import load_file
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import convert
-from jaxlm import generate
 from jaxlm import lora as lora_lib
 from jaxlm import metrics
+from jaxlm import run as run_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 from jaxlm import train as train_lib
@@ -251,8 +251,8 @@ def test_lora_mistakes_are_named(runs, tmp_path, capsys):
         train_lib.train(lora_run_config(config.data.tokenizer, root / "unbroken", 2), tmp_path / "b")
     with pytest.raises(convert.ConvertError, match="is not a LoRA run"):
         convert.merge_lora(root / "base", tmp_path / "c")
-    with pytest.raises(generate.GenerateError, match="is a LoRA run .* --merge_lora"):
-        generate.load_run(root / "unbroken")
+    with pytest.raises(run_lib.RunError, match="is a LoRA run .* --merge_lora"):
+        run_lib.load(root / "unbroken")
 
     (root / "base").rename(root / "base-moved")  # the base is gone
     try:
