@@ -77,28 +77,39 @@ from benchmarks import vs_peers
 from jaxlm import platforms
 
 REPO = vs_peers.REPO
-GiB = 2 ** 30
+GiB = 2**30
 MAXTEXT_ATTENTION = {"xla": "dot_product", "splash": "flash"}
 MAXTEXT_MODEL = "llama2-7b"
 JAXLM_CONFIG = "configs.7b"
 # What jaxlm's step imports; all ship with MaxText's requirements, checked anyway. PyPI names.
-JAXLM_STEP_DEPS = {"flax": "flax", "optax": "optax", "ml_collections": "ml-collections",
-                   "absl": "absl-py", "numpy": "numpy"}
+JAXLM_STEP_DEPS = {
+    "flax": "flax",
+    "optax": "optax",
+    "ml_collections": "ml-collections",
+    "absl": "absl-py",
+    "numpy": "numpy",
+}
 EXTRAS_MARK = ".aot-extras"
 # Environment of every compile. Compiling takes no chip, so a libtpu already loaded by another
 # process on this host (its /tmp/libtpu_lockfile) must not stop this one.
-WORKER_ENV = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "DECOUPLE_GCLOUD": "TRUE",
-              "TPU_WORKER_HOSTNAMES": "localhost"}
+WORKER_ENV = {
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    "DECOUPLE_GCLOUD": "TRUE",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+}
 # For the 1- and 2-layer estimate compiles only, on both sides: no windowed einsums. The SPMD
 # partitioner turns some fsdp all-gather/reduce-scatter + matmul pairs into loops over the
 # shards, and the cost model counts a loop body once, so which matmuls got windowed (it
 # differs from program to program: 16 such loops in jaxlm's 1-layer splash step, 15 in its
 # 2-layer one) would decide the FLOPs more than the model does.
-ESTIMATE_LIBTPU_ARGS = ("--xla_tpu_enable_windowed_einsum_for_all_gather=false "
-                        "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false")
+ESTIMATE_LIBTPU_ARGS = (
+    "--xla_tpu_enable_windowed_einsum_for_all_gather=false "
+    "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false"
+)
 
 
 # ---------------------------------------------------------------- workers (MaxText's venv)
+
 
 def topology_kwargs(topology: str) -> dict:
     """`get_topology_desc` arguments for a slice name like v5p-64, from MaxText's own
@@ -106,10 +117,14 @@ def topology_kwargs(topology: str) -> dict:
     from maxtext.utils import accelerator_to_spec_map
 
     spec = accelerator_to_spec_map.get_system_characteristics(topology)
-    return dict(platform=spec.platform, topology_name=spec.topology_name,
-                chip_config_name=spec.chip_config_name,
-                chips_per_host_bounds=tuple(spec.chips_per_host_bounds), num_slices=1,
-                wrap=tuple(spec.wrap))
+    return dict(
+        platform=spec.platform,
+        topology_name=spec.topology_name,
+        chip_config_name=spec.chip_config_name,
+        chips_per_host_bounds=tuple(spec.chips_per_host_bounds),
+        num_slices=1,
+        wrap=tuple(spec.wrap),
+    )
 
 
 def compiled_stats(compiled) -> dict:
@@ -117,12 +132,17 @@ def compiled_stats(compiled) -> dict:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return {"argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
-            "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
-            "code_bytes": mem.generated_code_size_in_bytes,
-            "flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed"),
-            "transcendentals": cost.get("transcendentals"),
-            "optimal_seconds": cost.get("optimal_seconds")}
+    return {
+        "argument_bytes": mem.argument_size_in_bytes,
+        "output_bytes": mem.output_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,
+        "code_bytes": mem.generated_code_size_in_bytes,
+        "flops": cost.get("flops"),
+        "bytes_accessed": cost.get("bytes accessed"),
+        "transcendentals": cost.get("transcendentals"),
+        "optimal_seconds": cost.get("optimal_seconds"),
+    }
 
 
 def versions() -> dict:
@@ -142,15 +162,23 @@ def maxtext_argv(args, out_dir: str) -> list[str]:
     from maxtext.configs import pyconfig
 
     base_yml = pathlib.Path(pyconfig.__file__).parent / "base.yml"
-    argv = ["train_compile", str(base_yml),
-            f"compile_topology={args.topology}", "compile_topology_num_slices=1",
-            f"model_name={MAXTEXT_MODEL}", f"per_device_batch_size={args.per_chip_batch}",
-            f"max_target_length={args.seq}", "remat_policy=full",
-            f"attention={MAXTEXT_ATTENTION[args.attention]}",
-            f"scan_layers={'true' if args.scanned else 'false'}",
-            "dataset_type=synthetic", "enable_checkpointing=false",
-            "skip_jax_distributed_system=true", "run_name=aot_vs_jaxlm",
-            f"base_output_directory={out_dir}"]
+    argv = [
+        "train_compile",
+        str(base_yml),
+        f"compile_topology={args.topology}",
+        "compile_topology_num_slices=1",
+        f"model_name={MAXTEXT_MODEL}",
+        f"per_device_batch_size={args.per_chip_batch}",
+        f"max_target_length={args.seq}",
+        "remat_policy=full",
+        f"attention={MAXTEXT_ATTENTION[args.attention]}",
+        f"scan_layers={'true' if args.scanned else 'false'}",
+        "dataset_type=synthetic",
+        "enable_checkpointing=false",
+        "skip_jax_distributed_system=true",
+        "run_name=aot_vs_jaxlm",
+        f"base_output_directory={out_dir}",
+    ]
     if args.layers != args.full_layers:
         argv += ["override_model_config=true", f"base_num_decoder_layers={args.layers}"]
     return argv + [o for o in (args.overrides or "").split("+") if o]
@@ -257,17 +285,25 @@ def worker_jaxlm(args) -> dict:
     seconds = time.perf_counter() - start
     chip = "TPU " + args.topology.split("-")[0]
     peak = next((p for name, p in metrics_lib.PEAK_FLOPS if name.lower() == chip.lower()), None)
-    return {**compiled_stats(compiled), "compile_s": round(seconds, 1),
-            "topology_kwargs": {k: list(v) if isinstance(v, tuple) else v
-                                for k, v in kwargs.items()},
-            "chips": len(devices), "device_kind": devices[0].device_kind,
-            "peak_flops_per_chip": peak, "mesh": dict(derived.mesh_shape),
-            "d_attn": config.model.n_heads * derived.head_dim,
-            "overrides": {"model.remat": "full", "model.attention": args.attention,
-                          "model.n_layers": args.layers, "model.scan_unroll":
-                          config.model.scan_unroll, "data.seq_len": args.seq,
-                          "train.global_batch_size": config.train.global_batch_size,
-                          **_overrides(args)}}
+    return {
+        **compiled_stats(compiled),
+        "compile_s": round(seconds, 1),
+        "topology_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
+        "chips": len(devices),
+        "device_kind": devices[0].device_kind,
+        "peak_flops_per_chip": peak,
+        "mesh": dict(derived.mesh_shape),
+        "d_attn": config.model.n_heads * derived.head_dim,
+        "overrides": {
+            "model.remat": "full",
+            "model.attention": args.attention,
+            "model.n_layers": args.layers,
+            "model.scan_unroll": config.model.scan_unroll,
+            "data.seq_len": args.seq,
+            "train.global_batch_size": config.train.global_batch_size,
+            **_overrides(args),
+        },
+    }
 
 
 def run_worker(args) -> None:
@@ -277,6 +313,7 @@ def run_worker(args) -> None:
 
 # ---------------------------------------------------------------- the venv both sides share
 
+
 def ensure_extras(python: str, directory: pathlib.Path) -> None:
     """On top of vs_peers' MaxText venv: the libtpu its jax pins (`jax[tpu]==<its jax>`; the
     decoupled requirements leave accelerator plugins out) and whatever jaxlm's step imports
@@ -285,9 +322,11 @@ def ensure_extras(python: str, directory: pathlib.Path) -> None:
     if mark.exists():
         return
     log = directory / "build.log"
-    probe = ("import importlib.util as u, importlib.metadata as m; "
-             f"print(m.version('jax')); print(*[n for n in {list(JAXLM_STEP_DEPS)!r} "
-             "if u.find_spec(n) is None])")
+    probe = (
+        "import importlib.util as u, importlib.metadata as m; "
+        f"print(m.version('jax')); print(*[n for n in {list(JAXLM_STEP_DEPS)!r} "
+        "if u.find_spec(n) is None])"
+    )
     out = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
     jax_version, *missing = out.stdout.split("\n")
     packages = [f"jax[tpu]=={jax_version.strip()}"]
@@ -305,23 +344,39 @@ def shared_python(cache: pathlib.Path) -> str:
 
 # ---------------------------------------------------------------- orchestrator
 
-def compile_once(python: str, side: str, attention: str, layers: int, scanned: bool,
-                 args, overrides: str = "") -> dict:
+
+def compile_once(
+    python: str, side: str, attention: str, layers: int, scanned: bool, args, overrides: str = ""
+) -> dict:
     """One compile in a fresh process of the shared venv; its RESULT line, or an error.
     `overrides`: more key=value settings of that side (MaxText's base.yml keys, or jaxlm's
     config fields such as model.float32_attention_scores), joined by '+'."""
-    cmd = [python, "-m", "benchmarks.aot_vs_maxtext", f"--worker={side}",
-           f"--attention={attention}", f"--worker_layers={layers}",
-           f"--scanned={int(scanned)}", f"--topology={args.topology}",
-           f"--per_chip_batch={args.per_chip_batch}", f"--seq={args.seq}",
-           f"--layers={args.layers}", f"--overrides={overrides}"]
-    env = {**os.environ, **WORKER_ENV,
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [
+        python,
+        "-m",
+        "benchmarks.aot_vs_maxtext",
+        f"--worker={side}",
+        f"--attention={attention}",
+        f"--worker_layers={layers}",
+        f"--scanned={int(scanned)}",
+        f"--topology={args.topology}",
+        f"--per_chip_batch={args.per_chip_batch}",
+        f"--seq={args.seq}",
+        f"--layers={args.layers}",
+        f"--overrides={overrides}",
+    ]
+    env = {
+        **os.environ,
+        **WORKER_ENV,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     if not scanned:
         env["LIBTPU_INIT_ARGS"] = f"{env.get('LIBTPU_INIT_ARGS', '')} {ESTIMATE_LIBTPU_ARGS}"
-    what = f"{side} {attention}{' ' + overrides if overrides else ''} " \
-           f"{layers} layer{'s' * (layers > 1)} " \
-           f"{'scanned' if scanned else 'unrolled'}"
+    what = (
+        f"{side} {attention}{' ' + overrides if overrides else ''} "
+        f"{layers} layer{'s' * (layers > 1)} "
+        f"{'scanned' if scanned else 'unrolled'}"
+    )
     print(f"  compiling {what} ...", end="", flush=True)
     start = time.perf_counter()
     with vs_peers.cpu_lock(args.lock):
@@ -354,19 +409,31 @@ def attention_floor_s(args, peak: float | None, d_attn: int | None) -> float | N
     return 4 * forward * args.layers / peak
 
 
-def summarise(side: str, attention: str, runs: dict, args, peak: float | None,
-              d_attn: int | None, variant: str = "") -> dict:
+def summarise(
+    side: str,
+    attention: str,
+    runs: dict,
+    args,
+    peak: float | None,
+    d_attn: int | None,
+    variant: str = "",
+) -> dict:
     """One table row from a side's full compile and (optional) 1- and 2-layer compiles."""
     full, one, two = runs.get("full", {}), runs.get("one", {}), runs.get("two", {})
     row = {"side": side, "attention": attention, "variant": variant, "error": full.get("error")}
     if "temp_bytes" in full:
         live = full["argument_bytes"] + full["output_bytes"] - full["alias_bytes"]
-        row.update(arguments_gib=full["argument_bytes"] / GiB, temp_gib=full["temp_bytes"] / GiB,
-                   total_gib=(live + full["temp_bytes"]) / GiB,
-                   raw_s=full["optimal_seconds"], raw_flops=full["flops"],
-                   compile_s=full["compile_s"])
-    row["corrected_s"] = extrapolate(one.get("optimal_seconds"), two.get("optimal_seconds"),
-                                     args.layers)
+        row.update(
+            arguments_gib=full["argument_bytes"] / GiB,
+            temp_gib=full["temp_bytes"] / GiB,
+            total_gib=(live + full["temp_bytes"]) / GiB,
+            raw_s=full["optimal_seconds"],
+            raw_flops=full["flops"],
+            compile_s=full["compile_s"],
+        )
+    row["corrected_s"] = extrapolate(
+        one.get("optimal_seconds"), two.get("optimal_seconds"), args.layers
+    )
     row["corrected_flops"] = extrapolate(one.get("flops"), two.get("flops"), args.layers)
     if "flops" in one and "flops" in two:
         row["layer_flops"] = two["flops"] - one["flops"]
@@ -404,20 +471,41 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
         label = r["attention"] if r["side"] == "jaxlm" else MAXTEXT_ATTENTION[r["attention"]]
         if r.get("variant"):
             label += " " + r["variant"].replace("+", " ")
-        cells.append([r["side"], label,
-                      _f(r.get("arguments_gib"), ".2f"), _f(r.get("temp_gib"), ".2f"),
-                      _f(r.get("total_gib"), ".2f"), _f(r.get("raw_s"), ".3f"),
-                      _f(r.get("corrected_s"), ".3f"), _f(r.get(best), ".3f"),
-                      _f(r.get("layer_flops") and r["layer_flops"] / 1e12, ".2f"),
-                      _f(mem_ratio, ".3f"), _f(time_ratio, ".3f"),
-                      _f(r.get("compile_s"), ".0f"), (r.get("error") or "").replace("|", "/")])
+        cells.append(
+            [
+                r["side"],
+                label,
+                _f(r.get("arguments_gib"), ".2f"),
+                _f(r.get("temp_gib"), ".2f"),
+                _f(r.get("total_gib"), ".2f"),
+                _f(r.get("raw_s"), ".3f"),
+                _f(r.get("corrected_s"), ".3f"),
+                _f(r.get(best), ".3f"),
+                _f(r.get("layer_flops") and r["layer_flops"] / 1e12, ".2f"),
+                _f(mem_ratio, ".3f"),
+                _f(time_ratio, ".3f"),
+                _f(r.get("compile_s"), ".0f"),
+                (r.get("error") or "").replace("|", "/"),
+            ]
+        )
     return cells
 
 
-COLUMNS = ["side", "attention", "arguments GiB", "temporaries GiB", "total GiB",
-           "est. step s (raw)", "est. step s (scan-corrected)",
-           "est. step s (corrected + attention floor)", "TFLOP per layer per chip",
-           "jaxlm/MaxText memory", "jaxlm/MaxText step", "compile s", "error"]
+COLUMNS = [
+    "side",
+    "attention",
+    "arguments GiB",
+    "temporaries GiB",
+    "total GiB",
+    "est. step s (raw)",
+    "est. step s (scan-corrected)",
+    "est. step s (corrected + attention floor)",
+    "TFLOP per layer per chip",
+    "jaxlm/MaxText memory",
+    "jaxlm/MaxText step",
+    "compile s",
+    "error",
+]
 
 
 def print_table(cells: list[list[str]]) -> None:
@@ -428,10 +516,12 @@ def print_table(cells: list[list[str]]) -> None:
 
 def record(directory: pathlib.Path, run: dict, cells: list[list[str]]) -> pathlib.Path:
     """Append the run to tpu-aot-vs-maxtext.jsonl and a section to tpu-aot-vs-maxtext.md."""
-    title = ("# jaxlm vs MaxText, compiled ahead of time for a TPU slice\n\n"
-             "`python -m benchmarks.aot_vs_maxtext`: what libtpu's compiler reports "
-             "per chip for each side's whole train step (see the script's docstring "
-             "for how every number is obtained). No TPU ran.\n")
+    title = (
+        "# jaxlm vs MaxText, compiled ahead of time for a TPU slice\n\n"
+        "`python -m benchmarks.aot_vs_maxtext`: what libtpu's compiler reports "
+        "per chip for each side's whole train step (see the script's docstring "
+        "for how every number is obtained). No TPU ran.\n"
+    )
     v = run["versions"]
     lines = [
         f"\n## {run['date']} — {run['topology']} ({run.get('chips', '?')} chips), "
@@ -466,15 +556,24 @@ def record(directory: pathlib.Path, run: dict, cells: list[list[str]]) -> pathli
         "not count (compare TFLOP per layer with the xla rows). Ratios use the last estimate "
         "column.",
     ]
-    return results_table.record(directory / "tpu-aot-vs-maxtext", [run], "\n".join(lines),
-                                COLUMNS, cells, mode="section", title=title)
+    return results_table.record(
+        directory / "tpu-aot-vs-maxtext",
+        [run],
+        "\n".join(lines),
+        COLUMNS,
+        cells,
+        mode="section",
+        title=title,
+    )
 
 
 def checkout_state() -> str:
     """The jaxlm commit compiled, and which of its files had uncommitted changes."""
+
     def git(*cmd):
         proc = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True)
         return proc.stdout.strip() if proc.returncode == 0 else ""
+
     head = git("rev-parse", "--short", "HEAD") or "?"
     dirty = git("status", "--short", "--untracked-files=no", "--", "jaxlm", "configs").split("\n")
     dirty = [line.split()[-1] for line in dirty if line.strip()]
@@ -490,55 +589,86 @@ def compare(args) -> None:
     if args.extrapolate:
         shapes += [("one", 1, False), ("two", 2, False)]
     compiles = {}
+
     def variants(flag):
         return [v.split(":", 1) for v in (flag or "").split(",") if v]
 
     for attention in args.attention.split(","):
-        for side, overrides in [("maxtext", ""),
-                                *(("maxtext", o) for a, o in variants(args.maxtext_variants)
-                                  if a == attention),
-                                ("jaxlm", ""),
-                                *(("jaxlm", o) for a, o in variants(args.jaxlm_variants)
-                                  if a == attention)]:
+        for side, overrides in [
+            ("maxtext", ""),
+            *(("maxtext", o) for a, o in variants(args.maxtext_variants) if a == attention),
+            ("jaxlm", ""),
+            *(("jaxlm", o) for a, o in variants(args.jaxlm_variants) if a == attention),
+        ]:
             compiles[f"{side}/{attention}" + (f"/{overrides}" if overrides else "")] = {
                 name: compile_once(python, side, attention, layers, scanned, args, overrides)
-                for name, layers, scanned in shapes}
+                for name, layers, scanned in shapes
+            }
     rows = []
     for key, runs in compiles.items():
         side, attention, *variant = key.split("/", 2)
-        rows.append(summarise(side, attention, runs, args, *_chip(compiles),
-                              variant=variant[0] if variant else ""))
+        rows.append(
+            summarise(
+                side, attention, runs, args, *_chip(compiles), variant=variant[0] if variant else ""
+            )
+        )
     cells = table_rows(rows)
-    print(f"\n{args.topology}, {args.per_chip_batch} sequences of {args.seq} per chip, "
-          f"remat full, {args.layers} layers scanned; per chip:", flush=True)
+    print(
+        f"\n{args.topology}, {args.per_chip_batch} sequences of {args.seq} per chip, "
+        f"remat full, {args.layers} layers scanned; per chip:",
+        flush=True,
+    )
     print_table(cells)
-    jaxlm_full = next((r["full"] for k, r in compiles.items()
-                       if k.startswith("jaxlm/") and "chips" in r["full"]), {})
-    maxtext_full = next((r["full"] for k, r in compiles.items()
-                         if k.startswith("maxtext/") and k.count("/") == 1
-                         and "argv" in r["full"]), {})
-    any_result = next((r for runs in compiles.values() for r in runs.values()
-                       if "versions" in r), {})
+    jaxlm_full = next(
+        (r["full"] for k, r in compiles.items() if k.startswith("jaxlm/") and "chips" in r["full"]),
+        {},
+    )
+    maxtext_full = next(
+        (
+            r["full"]
+            for k, r in compiles.items()
+            if k.startswith("maxtext/") and k.count("/") == 1 and "argv" in r["full"]
+        ),
+        {},
+    )
+    any_result = next(
+        (r for runs in compiles.values() for r in runs.values() if "versions" in r), {}
+    )
     wall = time.perf_counter() - start
-    run = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": model,
-           "cores": cores, "topology": args.topology, "chips": jaxlm_full.get("chips"),
-           "topology_kwargs": jaxlm_full.get("topology_kwargs"),
-           "device_kind": jaxlm_full.get("device_kind"),
-           "per_chip_batch": args.per_chip_batch, "seq": args.seq, "layers": args.layers,
-           "global_batch": args.per_chip_batch * (jaxlm_full.get("chips") or 0),
-           "versions": any_result.get("versions", {}), "maxtext_argv": maxtext_full.get("argv"),
-           "jaxlm_overrides": jaxlm_full.get("overrides"), "jaxlm_checkout": checkout_state(),
-           "attention_floor_s": attention_floor_s(args, *_chip(compiles)),
-           "wall_s": wall, "rows": rows, "compiles": compiles}
-    print(f"\nscript wall time {wall / 60:.1f} min; appended to "
-          f"{record(pathlib.Path(args.results), run, cells)}", flush=True)
+    run = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": model,
+        "cores": cores,
+        "topology": args.topology,
+        "chips": jaxlm_full.get("chips"),
+        "topology_kwargs": jaxlm_full.get("topology_kwargs"),
+        "device_kind": jaxlm_full.get("device_kind"),
+        "per_chip_batch": args.per_chip_batch,
+        "seq": args.seq,
+        "layers": args.layers,
+        "global_batch": args.per_chip_batch * (jaxlm_full.get("chips") or 0),
+        "versions": any_result.get("versions", {}),
+        "maxtext_argv": maxtext_full.get("argv"),
+        "jaxlm_overrides": jaxlm_full.get("overrides"),
+        "jaxlm_checkout": checkout_state(),
+        "attention_floor_s": attention_floor_s(args, *_chip(compiles)),
+        "wall_s": wall,
+        "rows": rows,
+        "compiles": compiles,
+    }
+    print(
+        f"\nscript wall time {wall / 60:.1f} min; appended to "
+        f"{record(pathlib.Path(args.results), run, cells)}",
+        flush=True,
+    )
 
 
 def _chip(compiles: dict) -> tuple[float | None, int | None]:
     """The chip's peak FLOP/s as jaxlm.metrics knows it, and the model's attention width
     (heads x head_dim), both reported by a jaxlm worker."""
-    found = next((r for runs in compiles.values() for r in runs.values()
-                  if r.get("peak_flops_per_chip")), {})
+    found = next(
+        (r for runs in compiles.values() for r in runs.values() if r.get("peak_flops_per_chip")), {}
+    )
     return found.get("peak_flops_per_chip"), found.get("d_attn")
 
 
@@ -547,20 +677,32 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--topology", default="v5p-64", help="a slice name of MaxText's accelerator map")
     p.add_argument("--attention", default="xla,splash", help="xla and/or splash, in this order")
-    p.add_argument("--per_chip_batch", type=int, default=8,
-                   help="sequences per chip (8 x 32 chips = configs/7b.py's 256)")
+    p.add_argument(
+        "--per_chip_batch",
+        type=int,
+        default=8,
+        help="sequences per chip (8 x 32 chips = configs/7b.py's 256)",
+    )
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--layers", type=int, default=32, help="the model's layers (llama2-7b: 32)")
-    p.add_argument("--maxtext_variants",
-                   default="xla:float32_qk_product=true+float32_logits=true",
-                   help="extra MaxText rows: attention:key=value[+key=value...], comma-separated "
-                        "('' for none)")
-    p.add_argument("--jaxlm_variants", default="xla:model.float32_attention_scores=false",
-                   help="extra jaxlm rows: attention:section.field=value[+...], comma-separated "
-                        "('' for none)")
+    p.add_argument(
+        "--maxtext_variants",
+        default="xla:float32_qk_product=true+float32_logits=true",
+        help="extra MaxText rows: attention:key=value[+key=value...], comma-separated "
+        "('' for none)",
+    )
+    p.add_argument(
+        "--jaxlm_variants",
+        default="xla:model.float32_attention_scores=false",
+        help="extra jaxlm rows: attention:section.field=value[+...], comma-separated ('' for none)",
+    )
     p.add_argument("--overrides", default="", help=argparse.SUPPRESS)
-    p.add_argument("--no_extrapolate", dest="extrapolate", action="store_false",
-                   help="skip the 1- and 2-layer compiles (raw estimates only)")
+    p.add_argument(
+        "--no_extrapolate",
+        dest="extrapolate",
+        action="store_false",
+        help="skip the 1- and 2-layer compiles (raw estimates only)",
+    )
     p.add_argument("--cache_dir", default="~/.cache/jaxlm-peers", help="MaxText's venv")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--lock", help="flock this file while each compile runs")

@@ -37,16 +37,26 @@ print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def llama_shapes(layers: int) -> dict:
-    shapes = {"model.embed_tokens.weight": (VOCAB, D), "model.norm.weight": (D,),
-              "lm_head.weight": (VOCAB, D)}
+    shapes = {
+        "model.embed_tokens.weight": (VOCAB, D),
+        "model.norm.weight": (D,),
+        "lm_head.weight": (VOCAB, D),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (D, D), p + "self_attn.k_proj.weight": (D, D),
-            p + "self_attn.v_proj.weight": (D, D), p + "self_attn.o_proj.weight": (D, D),
-            p + "mlp.gate_proj.weight": (FF, D), p + "mlp.up_proj.weight": (FF, D),
-            p + "mlp.down_proj.weight": (D, FF), p + "input_layernorm.weight": (D,),
-            p + "post_attention_layernorm.weight": (D,)})
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (D, D),
+                p + "self_attn.k_proj.weight": (D, D),
+                p + "self_attn.v_proj.weight": (D, D),
+                p + "self_attn.o_proj.weight": (D, D),
+                p + "mlp.gate_proj.weight": (FF, D),
+                p + "mlp.up_proj.weight": (FF, D),
+                p + "mlp.down_proj.weight": (D, FF),
+                p + "input_layernorm.weight": (D,),
+                p + "post_attention_layernorm.weight": (D,),
+            }
+        )
     return shapes
 
 
@@ -80,25 +90,43 @@ def write_checkpoint(directory: pathlib.Path, layers: int, shard_bytes: int = 1 
         total += sum(t.nbytes for t in tensors.values())
         weight_map.update({name: filename for name in names})
         del tensors
-    (directory / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (directory / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB,
-        "hidden_size": D, "intermediate_size": FF, "num_hidden_layers": layers,
-        "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "hidden_act": "silu",
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16"}))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    (directory / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"],
+                "vocab_size": VOCAB,
+                "hidden_size": D,
+                "intermediate_size": FF,
+                "num_hidden_layers": layers,
+                "num_attention_heads": HEADS,
+                "num_key_value_heads": HEADS,
+                "hidden_act": "silu",
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0,
+                "tie_word_embeddings": False,
+                "torch_dtype": "bfloat16",
+            }
+        )
+    )
     return total
 
 
 def peak_rss(args: list[str]) -> tuple[int, float]:
     """(peak RSS bytes, seconds) of one conversion in a fresh process."""
     repo = pathlib.Path(__file__).resolve().parent.parent
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", _MEASURE, *args], capture_output=True,
-                            text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *args], capture_output=True, text=True, env=env
+    )
     seconds = time.perf_counter() - start
     if result.returncode:
         raise RuntimeError(result.stderr[-3000:])
@@ -118,11 +146,17 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         model_bytes = write_checkpoint(work / "hf", layers)
         imported, t_in = peak_rss([f"--from_hf={work / 'hf'}", f"--to={work / 'run'}"])
-        exported, t_out = peak_rss([f"--from_run={work / 'run'}", f"--to_hf={work / 'out'}",
-                                    "--max_shard_size=1GB"])
-        row = {"layers": layers, "model_bytes": model_bytes, "import_peak_rss": imported,
-               "import_seconds": round(t_in, 1), "export_peak_rss": exported,
-               "export_seconds": round(t_out, 1)}
+        exported, t_out = peak_rss(
+            [f"--from_run={work / 'run'}", f"--to_hf={work / 'out'}", "--max_shard_size=1GB"]
+        )
+        row = {
+            "layers": layers,
+            "model_bytes": model_bytes,
+            "import_peak_rss": imported,
+            "import_seconds": round(t_in, 1),
+            "export_peak_rss": exported,
+            "export_seconds": round(t_out, 1),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     shutil.rmtree(work, ignore_errors=True)
@@ -138,29 +172,52 @@ def write_results(rows: list[dict], host: str) -> None:
     partial = [r for r in table_rows if r["layers"] < 32]
     size = np.array([r["model_bytes"] for r in partial], float)
     full = 2 * sum(int(np.prod(s)) for s in llama_shapes(32).values())
-    cells = [[r["layers"], f"{r['model_bytes'] / 1e9:.2f}", f"{r['import_peak_rss'] / 1e9:.2f}",
-              f"{r['import_peak_rss'] / r['model_bytes']:.2f}",
-              f"{r['export_peak_rss'] / 1e9:.2f}",
-              f"{r['export_peak_rss'] / r['model_bytes']:.2f}"] for r in table_rows]
+    cells = [
+        [
+            r["layers"],
+            f"{r['model_bytes'] / 1e9:.2f}",
+            f"{r['import_peak_rss'] / 1e9:.2f}",
+            f"{r['import_peak_rss'] / r['model_bytes']:.2f}",
+            f"{r['export_peak_rss'] / 1e9:.2f}",
+            f"{r['export_peak_rss'] / r['model_bytes']:.2f}",
+        ]
+        for r in table_rows
+    ]
     footer = []
     if len(partial) > 1:
-        footer += ["", f"Extrapolated (a least-squares line peak = fixed + slope * model bytes "
-                   f"over the rows under 32 layers) to 32 layers, {full / 1e9:.1f} GB, to "
-                   "compare with the 32-layer row where there is one:", ""]
+        footer += [
+            "",
+            f"Extrapolated (a least-squares line peak = fixed + slope * model bytes "
+            f"over the rows under 32 layers) to 32 layers, {full / 1e9:.1f} GB, to "
+            "compare with the 32-layer row where there is one:",
+            "",
+        ]
         for way in ("import", "export"):
             slope, fixed = np.polyfit(size, [r[f"{way}_peak_rss"] for r in partial], 1)
             peak = fixed + slope * full
-            footer.append(f"- {way}: fixed {fixed / 1e9:.2f} GB + {slope:.2f} x model -> "
-                          f"{peak / 1e9:.1f} GB at 7B = {peak / full:.2f} x the model "
-                          "(extrapolated, not measured)")
+            footer.append(
+                f"- {way}: fixed {fixed / 1e9:.2f} GB + {slope:.2f} x model -> "
+                f"{peak / 1e9:.1f} GB at 7B = {peak / full:.2f} x the model "
+                "(extrapolated, not measured)"
+            )
     results_table.record(
-        RESULTS / f"convert-{host}", rows,
+        RESULTS / f"convert-{host}",
+        rows,
         "# Peak host RSS of python -m jaxlm.convert (Llama-2-7B shapes, bfloat16)\n\n"
         f"Host: {host}. Measured by benchmarks/convert_memory.py (ru_maxrss of a fresh "
         "process per conversion).",
-        ["layers", "model GB", "import peak GB", "import / model", "export peak GB",
-         "export / model"], cells, mode="replace",
-        footer="\n".join(footer) + "\n" if footer else "")
+        [
+            "layers",
+            "model GB",
+            "import peak GB",
+            "import / model",
+            "export peak GB",
+            "export / model",
+        ],
+        cells,
+        mode="replace",
+        footer="\n".join(footer) + "\n" if footer else "",
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ from ml_collections import config_flags
 from benchmarks import results_table
 from jaxlm import platforms
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/125m.py", "Config whose data "
-                                          "shape (seq_len, batch) and model are measured.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/125m.py", "Config whose data shape (seq_len, batch) and model are measured."
+)
 _BATCHES = flags.DEFINE_integer("batches", 50, "Global batches timed through the pipeline.")
 _WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "prepare worker processes.")
 _MODEL_STEPS = flags.DEFINE_integer("model_steps", 3, "Timed train steps of the model.")
@@ -40,6 +41,7 @@ _RESULTS = flags.DEFINE_string("results", "benchmarks/results", "Where rows are 
 
 def write_corpus(directory: pathlib.Path, files: int = 8) -> int:
     from jaxlm.data import corpus
+
     docs = corpus.builtin_documents("train", 0.05)
     for i in range(files):
         with open(directory / f"part-{i}.jsonl", "w") as f:
@@ -51,23 +53,32 @@ def write_corpus(directory: pathlib.Path, files: int = 8) -> int:
 def measure_prepare(work: pathlib.Path, vocab_size: int) -> dict:
     from jaxlm.data import corpus, prepare
     from jaxlm.data import tokenizer as tokenizer_lib
+
     chars = write_corpus(work)
     tokenizer = work / "tokenizer.model"
     tokenizer_lib.train(corpus.builtin_documents("train", 0.05), vocab_size, tokenizer)
     start = time.perf_counter()
-    metadata = prepare.prepare(f"{work}/*.jsonl", work / "prepared", tokenizer=tokenizer,
-                               workers=_WORKERS.value)
+    metadata = prepare.prepare(
+        f"{work}/*.jsonl", work / "prepared", tokenizer=tokenizer, workers=_WORKERS.value
+    )
     seconds = time.perf_counter() - start
     tokens = sum(s["tokens"] for s in metadata["splits"].values())
-    return {"prepare_tokens": tokens, "prepare_chars": chars, "prepare_seconds": seconds,
-            "prepare_tokens_per_s": tokens / seconds, "prepare_workers": _WORKERS.value}
+    return {
+        "prepare_tokens": tokens,
+        "prepare_chars": chars,
+        "prepare_seconds": seconds,
+        "prepare_tokens_per_s": tokens / seconds,
+        "prepare_workers": _WORKERS.value,
+    }
 
 
 def measure_pipeline(config, data_dir: pathlib.Path) -> dict:
     from jaxlm.data import pipeline, prepared
+
     d, batch = config.data, config.train.global_batch_size // config.train.grad_accum_steps
-    rows = pipeline.PackedRows(prepared.PreparedDataset(data_dir).documents("train"),
-                               d.seq_len, config.seed)
+    rows = pipeline.PackedRows(
+        prepared.PreparedDataset(data_dir).documents("train"), d.seq_len, config.seed
+    )
     batches = pipeline.train_batches(rows, batch, config)
     next(batches)  # threads started, first rows read
     start = time.perf_counter()
@@ -75,9 +86,16 @@ def measure_pipeline(config, data_dir: pathlib.Path) -> dict:
         next(batches)
     seconds = time.perf_counter() - start
     tokens = _BATCHES.value * batch * d.seq_len
-    return {"pipeline_batch": batch, "seq_len": d.seq_len, "pipeline_batches": _BATCHES.value,
-            "pipeline_seconds": seconds, "pipeline_tokens_per_s": tokens / seconds,
-            "epoch_rows": len(rows), "num_threads": d.num_threads, "prefetch": d.prefetch}
+    return {
+        "pipeline_batch": batch,
+        "seq_len": d.seq_len,
+        "pipeline_batches": _BATCHES.value,
+        "pipeline_seconds": seconds,
+        "pipeline_tokens_per_s": tokens / seconds,
+        "epoch_rows": len(rows),
+        "num_threads": d.num_threads,
+        "prefetch": d.prefetch,
+    }
 
 
 def measure_model(config) -> dict:
@@ -88,6 +106,7 @@ def measure_model(config) -> dict:
     from jaxlm import metrics as metrics_lib
     from jaxlm import sharding as sharding_lib
     from jaxlm import step as step_lib
+
     if jax.default_backend() == "cpu":
         config.model.dtype = "float32"  # CPUs have no fast bf16 matmul; f32 is faster here
     config.train.global_batch_size, config.train.grad_accum_steps = _MODEL_BATCH.value, 1
@@ -96,7 +115,8 @@ def measure_model(config) -> dict:
     state = factory.create(jax.random.key(0))
     batch = sharding_lib.global_batch(
         synthetic.token_batch(_MODEL_BATCH.value, config.data.seq_len, config.model.vocab_size),
-        factory.batch_sharding)
+        factory.batch_sharding,
+    )
     times = []
     with factory.context():
         for i in range(_MODEL_STEPS.value + 1):  # the first compiles
@@ -108,26 +128,43 @@ def measure_model(config) -> dict:
     tokens = _MODEL_BATCH.value * config.data.seq_len
     peak, peak_source = metrics_lib.peak_flops_total(jax.devices())
     flops = metrics_lib.flops_per_token(config.model, derived.head_dim, config.data.seq_len)
-    return {"model_tokens_per_s": tokens / statistics.median(times),
-            "model_ceiling_tokens_per_s": peak / flops, "peak_flops": peak,
-            "peak_source": peak_source, "model_dtype": config.model.dtype,
-            "model_params": derived.n_params, "devices": f"{jax.device_count()} x "
-            f"{jax.devices()[0].device_kind}"}
+    return {
+        "model_tokens_per_s": tokens / statistics.median(times),
+        "model_ceiling_tokens_per_s": peak / flops,
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "model_dtype": config.model.dtype,
+        "model_params": derived.n_params,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    }
 
 
 def record(row: dict) -> pathlib.Path:
     return results_table.record(
-        pathlib.Path(_RESULTS.value) / f"data-{row['machine']}", [row],
+        pathlib.Path(_RESULTS.value) / f"data-{row['machine']}",
+        [row],
         f"# Data throughput on {row['machine']}\n\n`python -m benchmarks.data_throughput`; "
         "see its docstring for what each column measures.",
-        ["date", "config", "prepare tok/s (workers)", "pipeline tok/s (batch x seq, threads)",
-         "model tok/s (ceiling)", "pipeline / model"],
-        [[row["date"], row["config"],
-          f"{row['prepare_tokens_per_s']:,.0f} ({row['prepare_workers']})",
-          f"{row['pipeline_tokens_per_s']:,.0f} ({row['pipeline_batch']} x {row['seq_len']}, "
-          f"{row['num_threads']})",
-          f"{row['model_tokens_per_s']:,.0f} ({row['model_ceiling_tokens_per_s']:,.0f})",
-          f"{row['ratio']:,.0f}x"]])
+        [
+            "date",
+            "config",
+            "prepare tok/s (workers)",
+            "pipeline tok/s (batch x seq, threads)",
+            "model tok/s (ceiling)",
+            "pipeline / model",
+        ],
+        [
+            [
+                row["date"],
+                row["config"],
+                f"{row['prepare_tokens_per_s']:,.0f} ({row['prepare_workers']})",
+                f"{row['pipeline_tokens_per_s']:,.0f} ({row['pipeline_batch']} x {row['seq_len']}, "
+                f"{row['num_threads']})",
+                f"{row['model_tokens_per_s']:,.0f} ({row['model_ceiling_tokens_per_s']:,.0f})",
+                f"{row['ratio']:,.0f}x",
+            ]
+        ],
+    )
 
 
 def main(argv):
@@ -136,22 +173,33 @@ def main(argv):
     config = _CONFIG.value
     with tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp)
-        row = {"machine": results_table.cpu()[2], "date": time.strftime("%Y-%m-%d"),
-               "config": flags.FLAGS["config"].config_filename}
+        row = {
+            "machine": results_table.cpu()[2],
+            "date": time.strftime("%Y-%m-%d"),
+            "config": flags.FLAGS["config"].config_filename,
+        }
         row.update(measure_prepare(work, min(config.model.vocab_size, 8000)))
-        print(f"prepare: {row['prepare_tokens']:,} tokens in {row['prepare_seconds']:.1f} s = "
-              f"{row['prepare_tokens_per_s']:,.0f} tokens/s ({row['prepare_workers']} workers)")
+        print(
+            f"prepare: {row['prepare_tokens']:,} tokens in {row['prepare_seconds']:.1f} s = "
+            f"{row['prepare_tokens_per_s']:,.0f} tokens/s ({row['prepare_workers']} workers)"
+        )
         row.update(measure_pipeline(config, work / "prepared"))
-    print(f"pipeline: {row['pipeline_batches']} batches of {row['pipeline_batch']} x "
-          f"{row['seq_len']} in {row['pipeline_seconds']:.2f} s = "
-          f"{row['pipeline_tokens_per_s']:,.0f} tokens/s")
+    print(
+        f"pipeline: {row['pipeline_batches']} batches of {row['pipeline_batch']} x "
+        f"{row['seq_len']} in {row['pipeline_seconds']:.2f} s = "
+        f"{row['pipeline_tokens_per_s']:,.0f} tokens/s"
+    )
     row.update(measure_model(config))
     row["ratio"] = row["pipeline_tokens_per_s"] / row["model_tokens_per_s"]
-    print(f"model ({row['model_params'] / 1e6:.0f}M params, {row['model_dtype']}, "
-          f"{row['devices']}): {row['model_tokens_per_s']:,.0f} tokens/s measured, "
-          f"{row['model_ceiling_tokens_per_s']:,.0f} at peak ({row['peak_source']})")
-    print(f"pipeline / model = {row['ratio']:,.0f}x (pipeline / ceiling = "
-          f"{row['pipeline_tokens_per_s'] / row['model_ceiling_tokens_per_s']:,.0f}x)")
+    print(
+        f"model ({row['model_params'] / 1e6:.0f}M params, {row['model_dtype']}, "
+        f"{row['devices']}): {row['model_tokens_per_s']:,.0f} tokens/s measured, "
+        f"{row['model_ceiling_tokens_per_s']:,.0f} at peak ({row['peak_source']})"
+    )
+    print(
+        f"pipeline / model = {row['ratio']:,.0f}x (pipeline / ceiling = "
+        f"{row['pipeline_tokens_per_s'] / row['model_ceiling_tokens_per_s']:,.0f}x)"
+    )
     print(f"recorded in {record(row)}")
 
 

@@ -58,8 +58,9 @@ def timed(params, cfg, prompts, new_tokens, max_len, sampling) -> tuple[float, f
     """(seconds to the first token, seconds from the first token to the last)."""
     start = time.perf_counter()
     first = None
-    for step, _ in enumerate(gen.stream(params, cfg, prompts, max_len=max_len,
-                                        max_new_tokens=new_tokens, **sampling)):
+    for step, _ in enumerate(
+        gen.stream(params, cfg, prompts, max_len=max_len, max_new_tokens=new_tokens, **sampling)
+    ):
         if step == 0:
             first = time.perf_counter()
     return first - start, time.perf_counter() - first
@@ -81,50 +82,109 @@ def main():
 
     cfg, max_len, n_params = model_config(args.config, args.dtype or None)
     sampling = dict(temperature=args.temperature, top_p=args.top_p)
-    params = jax.jit(lambda: nn.unbox(model_lib.Transformer(cfg).init(
-        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))()
+    params = jax.jit(
+        lambda: nn.unbox(
+            model_lib.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))[
+                "params"
+            ]
+        )
+    )()
     params, cfg = param_layout.for_decoding(params, cfg, free=True)  # as run.load gives them
-    model, cores, slug = results_table.cpu() if jax.default_backend() == "cpu" else (
-        jax.devices()[0].device_kind, 0, jax.devices()[0].device_kind.lower().replace(" ", "-"))
+    model, cores, slug = (
+        results_table.cpu()
+        if jax.default_backend() == "cpu"
+        else (
+            jax.devices()[0].device_kind,
+            0,
+            jax.devices()[0].device_kind.lower().replace(" ", "-"),
+        )
+    )
     for batch in [int(b) for b in args.batch.split(",")]:
-        prompts = np.random.default_rng(0).integers(
-            4, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+        prompts = (
+            np.random.default_rng(0).integers(4, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+        )
         compile_start = time.perf_counter()
         timed(params, cfg, prompts, args.new_tokens, max_len, sampling)  # compiles
         compile_s = time.perf_counter() - compile_start
-        runs = [timed(params, cfg, prompts, args.new_tokens, max_len, sampling)
-                for _ in range(args.repeats)]
+        runs = [
+            timed(params, cfg, prompts, args.new_tokens, max_len, sampling)
+            for _ in range(args.repeats)
+        ]
         ttft = statistics.median(r[0] for r in runs)
         decode_s = statistics.median(r[1] for r in runs)
         tokens_per_s = batch * (args.new_tokens - 1) / decode_s
-        sampling_name = ("greedy" if args.temperature == 0
-                         else f"T {args.temperature} top_p {args.top_p}")
-        row = {"date": datetime.date.today().isoformat(), "config": args.config,
-               "params": n_params, "dtype": str(jnp.dtype(cfg.dtype)), "batch": batch,
-               **sampling, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-               "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
-               "host": f"{model} ({cores} cores)" if cores else model,
-               "first_run_s_with_compile": compile_s, "ttft_ms_median": 1e3 * ttft,
-               "decode_ms_per_step_median": 1e3 * decode_s / (args.new_tokens - 1),
-               "decode_tokens_per_second": tokens_per_s, "repeats": args.repeats,
-               "jax_version": jax.__version__, "note": args.note}
+        sampling_name = (
+            "greedy" if args.temperature == 0 else f"T {args.temperature} top_p {args.top_p}"
+        )
+        row = {
+            "date": datetime.date.today().isoformat(),
+            "config": args.config,
+            "params": n_params,
+            "dtype": str(jnp.dtype(cfg.dtype)),
+            "batch": batch,
+            **sampling,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+            "host": f"{model} ({cores} cores)" if cores else model,
+            "first_run_s_with_compile": compile_s,
+            "ttft_ms_median": 1e3 * ttft,
+            "decode_ms_per_step_median": 1e3 * decode_s / (args.new_tokens - 1),
+            "decode_tokens_per_second": tokens_per_s,
+            "repeats": args.repeats,
+            "jax_version": jax.__version__,
+            "note": args.note,
+        }
         table = results_table.record(
-            RESULTS / f"generate-{slug}", [row],
+            RESULTS / f"generate-{slug}",
+            [row],
             "# Generation speed (python -m benchmarks.generate)\n\nRandom weights; prompts of "
             "prompt_len tokens, every row generates new_tokens (no EOS); medians of "
             "the repeats after one untimed run that compiles. TTFT: call to first token on the "
             "host. Decode tokens/s: all rows' tokens after the first over the time from the "
             "first token to the last.",
-            ["date", "config", "params", "dtype", "device", "batch", "sampling", "prompt",
-             "new tokens", "first run s (compiles)", "TTFT ms", "decode ms/step",
-             "decode tokens/s", "jax", "note"],
-            [[row["date"], args.config, f"{n_params / 1e6:.0f}M", row["dtype"], row["device"],
-              batch, sampling_name, args.prompt_len, args.new_tokens, f"{compile_s:.1f}",
-              f"{1e3 * ttft:.0f}",
-              f"{row['decode_ms_per_step_median']:.1f}", f"{tokens_per_s:.1f}",
-              jax.__version__, args.note]])
-        print(f"batch {batch}: TTFT {1e3 * ttft:.0f} ms, decode {tokens_per_s:.1f} tokens/s "
-              f"({row['decode_ms_per_step_median']:.1f} ms/step) -> {table}", flush=True)
+            [
+                "date",
+                "config",
+                "params",
+                "dtype",
+                "device",
+                "batch",
+                "sampling",
+                "prompt",
+                "new tokens",
+                "first run s (compiles)",
+                "TTFT ms",
+                "decode ms/step",
+                "decode tokens/s",
+                "jax",
+                "note",
+            ],
+            [
+                [
+                    row["date"],
+                    args.config,
+                    f"{n_params / 1e6:.0f}M",
+                    row["dtype"],
+                    row["device"],
+                    batch,
+                    sampling_name,
+                    args.prompt_len,
+                    args.new_tokens,
+                    f"{compile_s:.1f}",
+                    f"{1e3 * ttft:.0f}",
+                    f"{row['decode_ms_per_step_median']:.1f}",
+                    f"{tokens_per_s:.1f}",
+                    jax.__version__,
+                    args.note,
+                ]
+            ],
+        )
+        print(
+            f"batch {batch}: TTFT {1e3 * ttft:.0f} ms, decode {tokens_per_s:.1f} tokens/s "
+            f"({row['decode_ms_per_step_median']:.1f} ms/step) -> {table}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -87,13 +87,20 @@ def run_jaxlm(config, hf_dir: pathlib.Path, batch: int, length: int, new_tokens:
     cfg = config_lib.model_config(config, derived)
     fields = dict(config.model, head_dim=derived.head_dim)
     params, cfg = param_layout.for_decoding(
-        jax.device_put(convert.read_hf_params(hf_dir, fields, "float32")), cfg, free=True)
+        jax.device_put(convert.read_hf_params(hf_dir, fields, "float32")), cfg, free=True
+    )
     tokens = prompts(cfg.vocab_size, batch, length).tolist()
     outputs = []
     for _ in range(runs + 1):
         start, stamps, out = time.perf_counter(), [], []
-        for new, _, _ in gen.stream(params, cfg, tokens, max_len=config.data.seq_len,
-                                    max_new_tokens=new_tokens, temperature=0.0):
+        for new, _, _ in gen.stream(
+            params,
+            cfg,
+            tokens,
+            max_len=config.data.seq_len,
+            max_new_tokens=new_tokens,
+            temperature=0.0,
+        ):
             stamps.append(time.perf_counter())
             out.append(new)
         outputs.append((start, stamps, np.stack(out, 1)))
@@ -119,16 +126,24 @@ def run_transformers(hf_dir: pathlib.Path, batch: int, length: int, new_tokens: 
 
     torch.set_num_threads(os.cpu_count())
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+        hf_dir, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
     ids = torch.tensor(prompts(model.config.vocab_size, batch, length))
     outputs = []
     for _ in range(runs + 1):
         clock = Clock()
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           eos_token_id=None, pad_token_id=0, streamer=clock)
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                eos_token_id=None,
+                pad_token_id=0,
+                streamer=clock,
+            )
         outputs.append((start, clock.stamps[1:], np.stack(clock.tokens[1:], 1)))
     return outputs[1:]
 
@@ -136,24 +151,48 @@ def run_transformers(hf_dir: pathlib.Path, batch: int, length: int, new_tokens: 
 def worker(args) -> None:
     hf_dir = pathlib.Path(args.hf_dir)
     if args.engine == "jaxlm":
-        runs = run_jaxlm(load_config(args.config), hf_dir, args.worker_batch, args.prompt_len,
-                         args.new_tokens, args.repeats)
+        runs = run_jaxlm(
+            load_config(args.config),
+            hf_dir,
+            args.worker_batch,
+            args.prompt_len,
+            args.new_tokens,
+            args.repeats,
+        )
     else:
-        runs = run_transformers(hf_dir, args.worker_batch, args.prompt_len, args.new_tokens,
-                                args.repeats)
+        runs = run_transformers(
+            hf_dir, args.worker_batch, args.prompt_len, args.new_tokens, args.repeats
+        )
     for start, stamps, tokens in runs:
-        print(json.dumps({"ttft_s": stamps[0] - start, "decode_s": stamps[-1] - stamps[0],
-                          "steps": len(stamps), "tokens": tokens.tolist()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "ttft_s": stamps[0] - start,
+                    "decode_s": stamps[-1] - stamps[0],
+                    "steps": len(stamps),
+                    "tokens": tokens.tolist(),
+                }
+            ),
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------- the comparison
 
 
 def measure(args, engine: str, batch: int) -> list[dict]:
-    command = [sys.executable, "-m", "benchmarks.generate_vs_hf", f"--engine={engine}",
-               f"--hf_dir={args.hf_dir}", f"--worker_batch={batch}", f"--config={args.config}",
-               f"--prompt_len={args.prompt_len}", f"--new_tokens={args.new_tokens}",
-               f"--repeats={args.repeats}"]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.generate_vs_hf",
+        f"--engine={engine}",
+        f"--hf_dir={args.hf_dir}",
+        f"--worker_batch={batch}",
+        f"--config={args.config}",
+        f"--prompt_len={args.prompt_len}",
+        f"--new_tokens={args.new_tokens}",
+        f"--repeats={args.repeats}",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         sys.exit(f"{engine} at batch {batch} failed:\n{done.stderr[-3000:]}")
@@ -191,32 +230,51 @@ def main() -> None:
             for r in range(args.rounds):
                 for engine in ENGINES if r % 2 == 0 else ENGINES[::-1]:
                     results[engine] += measure(args, engine, batch)
-                    print(f"batch {batch} round {r} {engine}: "
-                          f"{results[engine][-1]['decode_s']:.2f} s decode", flush=True)
+                    print(
+                        f"batch {batch} round {r} {engine}: "
+                        f"{results[engine][-1]['decode_s']:.2f} s decode",
+                        flush=True,
+                    )
             summary = {}
             for engine, runs in results.items():
                 decode_s = statistics.median(run["decode_s"] for run in runs)
                 summary[engine] = {
                     "ttft_ms": 1e3 * statistics.median(run["ttft_s"] for run in runs),
                     "decode_tokens_per_second": batch * (args.new_tokens - 1) / decode_s,
-                    "runs": len(runs)}
+                    "runs": len(runs),
+                }
             # Random weights give near-flat logits, so float32 rounding may flip a greedy choice
             # late in a row; the share of equal tokens shows both decode the same model.
-            same = np.mean(np.array(results["jaxlm"][0]["tokens"])
-                           == np.array(results["transformers"][0]["tokens"]))
-            speedup = (summary["jaxlm"]["decode_tokens_per_second"]
-                       / summary["transformers"]["decode_tokens_per_second"])
-            row = {"date": datetime.date.today().isoformat(), "config": args.config,
-                   "params": n_params, "dtype": "float32", "batch": batch,
-                   "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                   "host": f"{host} ({cores} cores)", "load_average_at_start": load,
-                   "jax": jax.__version__, "torch": torch.__version__,
-                   "transformers": transformers.__version__, "engines": summary,
-                   "decode_speedup": speedup, "same_greedy_tokens": float(same),
-                   "note": args.note}
+            same = np.mean(
+                np.array(results["jaxlm"][0]["tokens"])
+                == np.array(results["transformers"][0]["tokens"])
+            )
+            speedup = (
+                summary["jaxlm"]["decode_tokens_per_second"]
+                / summary["transformers"]["decode_tokens_per_second"]
+            )
+            row = {
+                "date": datetime.date.today().isoformat(),
+                "config": args.config,
+                "params": n_params,
+                "dtype": "float32",
+                "batch": batch,
+                "prompt_len": args.prompt_len,
+                "new_tokens": args.new_tokens,
+                "host": f"{host} ({cores} cores)",
+                "load_average_at_start": load,
+                "jax": jax.__version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "engines": summary,
+                "decode_speedup": speedup,
+                "same_greedy_tokens": float(same),
+                "note": args.note,
+            }
             j, t = summary["jaxlm"], summary["transformers"]
             table = results_table.record(
-                RESULTS / f"generate-vs-hf-{slug}", [row],
+                RESULTS / f"generate-vs-hf-{slug}",
+                [row],
                 "# Generation: jaxlm vs transformers.generate "
                 "(python -m benchmarks.generate_vs_hf)\n\nSame random float32 weights, same "
                 "random prompts, greedy, every row makes all new tokens. Each figure is the "
@@ -224,19 +282,50 @@ def main() -> None:
                 "engines' processes alternating. TTFT: call to the first new token on the host. "
                 "Decode tokens/s: batch * (new_tokens - 1) / (first new token to last). "
                 "transformers: eager PyTorch, default dynamic cache, sdpa attention.",
-                ["date", "config", "host", "load avg", "batch", "prompt", "new tokens",
-                 "jaxlm TTFT ms", "transformers TTFT ms", "jaxlm decode tok/s",
-                 "transformers decode tok/s", "speedup", "same greedy tokens", "versions",
-                 "note"],
-                [[row["date"], args.config, row["host"], f"{load:.1f}", batch, args.prompt_len,
-                  args.new_tokens, f"{j['ttft_ms']:.0f}", f"{t['ttft_ms']:.0f}",
-                  f"{j['decode_tokens_per_second']:.1f}",
-                  f"{t['decode_tokens_per_second']:.1f}", f"{speedup:.2f}x", f"{same:.0%}",
-                  f"jax {jax.__version__}, torch {torch.__version__}, transformers "
-                  f"{transformers.__version__}", args.note]])
-            print(f"batch {batch}: jaxlm {j['decode_tokens_per_second']:.1f} tok/s, TTFT "
-                  f"{j['ttft_ms']:.0f} ms | transformers {t['decode_tokens_per_second']:.1f} "
-                  f"tok/s, TTFT {t['ttft_ms']:.0f} ms | {speedup:.2f}x -> {table}", flush=True)
+                [
+                    "date",
+                    "config",
+                    "host",
+                    "load avg",
+                    "batch",
+                    "prompt",
+                    "new tokens",
+                    "jaxlm TTFT ms",
+                    "transformers TTFT ms",
+                    "jaxlm decode tok/s",
+                    "transformers decode tok/s",
+                    "speedup",
+                    "same greedy tokens",
+                    "versions",
+                    "note",
+                ],
+                [
+                    [
+                        row["date"],
+                        args.config,
+                        row["host"],
+                        f"{load:.1f}",
+                        batch,
+                        args.prompt_len,
+                        args.new_tokens,
+                        f"{j['ttft_ms']:.0f}",
+                        f"{t['ttft_ms']:.0f}",
+                        f"{j['decode_tokens_per_second']:.1f}",
+                        f"{t['decode_tokens_per_second']:.1f}",
+                        f"{speedup:.2f}x",
+                        f"{same:.0%}",
+                        f"jax {jax.__version__}, torch {torch.__version__}, transformers "
+                        f"{transformers.__version__}",
+                        args.note,
+                    ]
+                ],
+            )
+            print(
+                f"batch {batch}: jaxlm {j['decode_tokens_per_second']:.1f} tok/s, TTFT "
+                f"{j['ttft_ms']:.0f} ms | transformers {t['decode_tokens_per_second']:.1f} "
+                f"tok/s, TTFT {t['ttft_ms']:.0f} ms | {speedup:.2f}x -> {table}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ _gib = results_table.gib
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-16", "The slice (see jaxlm.topology).")
 _TOKENS = flags.DEFINE_integer("tokens_per_chip", 8192, "Tokens each chip holds per step.")
 _SHARDS = flags.DEFINE_list("shards", ["1", "2", "4", "8"], "mesh.sequence values.")
-_STRATEGIES = flags.DEFINE_list("strategies", ["all_gather", "ring"],
-                                "model.context_parallel values (for sequence > 1).")
+_STRATEGIES = flags.DEFINE_list(
+    "strategies", ["all_gather", "ring"], "model.context_parallel values (for sequence > 1)."
+)
 _RESULTS = flags.DEFINE_string("results", "benchmarks/results", "Where the table goes.")
 
 
@@ -48,30 +49,56 @@ def config_for(chips: int, shards: int, strategy: str, tokens_per_chip: int):
     return config
 
 
-def run_row(topology: topology_lib.Topology, shards: int, strategy: str,
-            tokens_per_chip: int) -> dict:
+def run_row(
+    topology: topology_lib.Topology, shards: int, strategy: str, tokens_per_chip: int
+) -> dict:
     config = config_for(topology.chips, shards, strategy, tokens_per_chip)
     start = time.perf_counter()
-    report = aot.compile_for(config, topology, programs=("train_step",),
-                             loop_correction=False)[0]
+    report = aot.compile_for(config, topology, programs=("train_step",), loop_correction=False)[0]
     attention = aot.attention_impl(config, topology_lib.topology_devices(topology))
     if shards > 1 and strategy == "ring" and attention == "splash":
         attention = "ring_kernels"  # the ring's own Pallas blocks
-    return {"sequence": shards, "strategy": strategy if shards > 1 else "-",
-            "attention": attention,
-            "seq_len": config.data.seq_len,
-            "rows": config.train.global_batch_size, "tokens_per_chip": tokens_per_chip,
-            "wall_s": time.perf_counter() - start, **json.loads(report.line())}
+    return {
+        "sequence": shards,
+        "strategy": strategy if shards > 1 else "-",
+        "attention": attention,
+        "seq_len": config.data.seq_len,
+        "rows": config.train.global_batch_size,
+        "tokens_per_chip": tokens_per_chip,
+        "wall_s": time.perf_counter() - start,
+        **json.loads(report.line()),
+    }
 
 
-COLUMNS = ["mesh.sequence", "strategy", "block kernel", "row length", "rows per step",
-           "arguments GiB", "temporaries GiB", "total GiB", "HBM GiB", "fits", "compile s"]
+COLUMNS = [
+    "mesh.sequence",
+    "strategy",
+    "block kernel",
+    "row length",
+    "rows per step",
+    "arguments GiB",
+    "temporaries GiB",
+    "total GiB",
+    "HBM GiB",
+    "fits",
+    "compile s",
+]
 
 
 def table_cells(r: dict) -> list:
-    return [r["sequence"], r["strategy"], r["attention"], f"{r['seq_len']:,}", r["rows"],
-            _gib(r["argument_bytes"]), _gib(r["temp_bytes"]), _gib(r["total_bytes"]),
-            _gib(r["hbm_bytes"]), "yes" if r["fits"] else "NO", f"{r['wall_s']:.0f}"]
+    return [
+        r["sequence"],
+        r["strategy"],
+        r["attention"],
+        f"{r['seq_len']:,}",
+        r["rows"],
+        _gib(r["argument_bytes"]),
+        _gib(r["temp_bytes"]),
+        _gib(r["total_bytes"]),
+        _gib(r["hbm_bytes"]),
+        "yes" if r["fits"] else "NO",
+        f"{r['wall_s']:.0f}",
+    ]
 
 
 def main(argv):
@@ -80,12 +107,15 @@ def main(argv):
     topology = topology_lib.parse_topology(_TOPOLOGY.value)
     rows = []
     for shards in map(int, _SHARDS.value):
-        for strategy in (_STRATEGIES.value if shards > 1 else _STRATEGIES.value[:1]):
+        for strategy in _STRATEGIES.value if shards > 1 else _STRATEGIES.value[:1]:
             row = run_row(topology, shards, strategy, _TOKENS.value)
             rows.append(row)
-            print(f"sequence={shards} {row['strategy']}: row {row['seq_len']}, total "
-                  f"{_gib(row['total_bytes'])} GiB (temporaries {_gib(row['temp_bytes'])}), "
-                  f"{row['wall_s']:.0f} s to compile", flush=True)
+            print(
+                f"sequence={shards} {row['strategy']}: row {row['seq_len']}, total "
+                f"{_gib(row['total_bytes'])} GiB (temporaries {_gib(row['temp_bytes'])}), "
+                f"{row['wall_s']:.0f} s to compile",
+                flush=True,
+            )
     cpu = results_table.cpu()
     header = (
         f"# Long context: memory per chip as the sequence axis grows "
@@ -97,10 +127,17 @@ def main(argv):
         "with the sequence axis, the rows per step shrink. Train step per chip as the "
         f"compiler reports it (arguments + temporaries + unaliased outputs); compiled on "
         f"{cpu[0]} ({cpu[1]}), jax {jax.__version__}, libtpu "
-        f"{results_table.package_version('libtpu')}; no TPU ran.")
-    table = results_table.record(f"{_RESULTS.value}/long-context", rows, header, COLUMNS,
-                                 [table_cells(r) for r in rows], mode="replace",
-                                 spaced_rule=True)
+        f"{results_table.package_version('libtpu')}; no TPU ran."
+    )
+    table = results_table.record(
+        f"{_RESULTS.value}/long-context",
+        rows,
+        header,
+        COLUMNS,
+        [table_cells(r) for r in rows],
+        mode="replace",
+        spaced_rule=True,
+    )
     print(table.read_text())
 
 

@@ -20,19 +20,37 @@ def markdown_table(columns: list[str], cells: list[list], spaced_rule: bool = Fa
     """A Markdown table, header first, each line ending in a newline. `spaced_rule` writes the
     header's rule as `| --- |` (the whole-file tables), else `|---|` (the appended ones):
     each results file keeps the form it was first written in."""
-    rule = ("| " + " | ".join(["---"] * len(columns)) + " |" if spaced_rule
-            else "|" + "---|" * len(columns))
-    return ("| " + " | ".join(columns) + " |\n" + rule + "\n"
-            + "".join(_table_row(row) for row in cells))
+    rule = (
+        "| " + " | ".join(["---"] * len(columns)) + " |"
+        if spaced_rule
+        else "|" + "---|" * len(columns)
+    )
+    return (
+        "| "
+        + " | ".join(columns)
+        + " |\n"
+        + rule
+        + "\n"
+        + "".join(_table_row(row) for row in cells)
+    )
 
 
 def _table_row(cells: list) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |\n"
 
 
-def record(base: str | os.PathLike, rows: list[dict], preamble: str, columns: list[str],
-           cells: list[list], *, mode: str = "extend", title: str = "", footer: str = "",
-           spaced_rule: bool = False) -> pathlib.Path:
+def record(
+    base: str | os.PathLike,
+    rows: list[dict],
+    preamble: str,
+    columns: list[str],
+    cells: list[list],
+    *,
+    mode: str = "extend",
+    title: str = "",
+    footer: str = "",
+    spaced_rule: bool = False,
+) -> pathlib.Path:
     """Append every row to <base>.jsonl and the table of `cells` to <base>.md, returned; one of:
 
     - "extend": the file holds one table that every run extends; a new file starts with
@@ -69,8 +87,9 @@ def cpu() -> tuple[str, int, str]:
     """This host's CPU model, its core count, and the slug that names its results files."""
     model = platform.processor() or "cpu"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                     model)
+        model = next(
+            (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model
+        )
     cores = os.cpu_count()
     return model, cores, re.sub(r"[^a-z0-9]+", "-", f"{model} {cores}c".lower()).strip("-")
 

@@ -36,10 +36,12 @@ from jaxlm.attention import ring_xla
 # --topology, --tokens_per_chip (the memory program's) and --results: benchmarks.long_context's.
 _TOPOLOGY, _TOKENS, _RESULTS = long_context._TOPOLOGY, long_context._TOKENS, long_context._RESULTS
 _SHARDS = flags.DEFINE_integer("ring_shards", 4, "mesh.sequence.")
-_COST_TOKENS = flags.DEFINE_integer("cost_tokens_per_chip", 2048,
-                                    "Tokens per chip, loop-free time program.")
-_VARIANTS = flags.DEFINE_list("variants", ["custom_vjp:xla", "autodiff:xla"],
-                              "backward:blocks pairs.")
+_COST_TOKENS = flags.DEFINE_integer(
+    "cost_tokens_per_chip", 2048, "Tokens per chip, loop-free time program."
+)
+_VARIANTS = flags.DEFINE_list(
+    "variants", ["custom_vjp:xla", "autodiff:xla"], "backward:blocks pairs."
+)
 
 
 BACKWARDS = {"custom_vjp": contextlib.nullcontext, "autodiff": ring_autodiff.autodiff_backward}
@@ -61,27 +63,53 @@ def run_variant(topology: topology_lib.Topology, variant: str) -> dict:
             cost = program_cost.compile_program(small, devices, topology, "train_step")
         finally:
             ring_xla.QUERY_TILE = tile
-    return {"variant": variant, "topology": topology.name, "sequence": _SHARDS.value,
-            "seq_len": config.data.seq_len, "cost_seq_len": small.data.seq_len,
-            "argument_bytes": memory.argument_bytes, "temp_bytes": memory.temp_bytes,
-            "total_bytes": memory.argument_bytes + memory.temp_bytes
-            + memory.output_bytes - memory.alias_bytes,
-            "memory_compile_s": memory.compile_seconds,
-            "layer_optimal_seconds": cost.optimal_seconds, "layer_flops": cost.flops,
-            "layer_temp_bytes": cost.temp_bytes, "cost_compile_s": cost.compile_seconds,
-            "out_of_memory": memory.out_of_memory or cost.out_of_memory}
+    return {
+        "variant": variant,
+        "topology": topology.name,
+        "sequence": _SHARDS.value,
+        "seq_len": config.data.seq_len,
+        "cost_seq_len": small.data.seq_len,
+        "argument_bytes": memory.argument_bytes,
+        "temp_bytes": memory.temp_bytes,
+        "total_bytes": memory.argument_bytes
+        + memory.temp_bytes
+        + memory.output_bytes
+        - memory.alias_bytes,
+        "memory_compile_s": memory.compile_seconds,
+        "layer_optimal_seconds": cost.optimal_seconds,
+        "layer_flops": cost.flops,
+        "layer_temp_bytes": cost.temp_bytes,
+        "cost_compile_s": cost.compile_seconds,
+        "out_of_memory": memory.out_of_memory or cost.out_of_memory,
+    }
 
 
-COLUMNS = ["backward:blocks", "row length", "arguments GiB", "temporaries GiB", "total GiB",
-           "1-layer row", "1-layer est. ms", "1-layer TFLOPs (XLA count)", "compile s"]
+COLUMNS = [
+    "backward:blocks",
+    "row length",
+    "arguments GiB",
+    "temporaries GiB",
+    "total GiB",
+    "1-layer row",
+    "1-layer est. ms",
+    "1-layer TFLOPs (XLA count)",
+    "compile s",
+]
 
 
 def table_cells(r: dict) -> list:
     gib = results_table.gib
-    return [r["variant"], f"{r['seq_len']:,}", gib(r["argument_bytes"]), gib(r["temp_bytes"]),
-            gib(r["total_bytes"]), f"{r['cost_seq_len']:,}",
-            f"{1e3 * r['layer_optimal_seconds']:.2f}", f"{r['layer_flops'] / 1e12:.3f}",
-            f"{r['memory_compile_s'] + r['cost_compile_s']:.0f}"]
+    return [
+        r["variant"],
+        f"{r['seq_len']:,}",
+        gib(r["argument_bytes"]),
+        gib(r["temp_bytes"]),
+        gib(r["total_bytes"]),
+        f"{r['cost_seq_len']:,}",
+        f"{1e3 * r['layer_optimal_seconds']:.2f}",
+        f"{r['layer_flops'] / 1e12:.3f}",
+        f"{r['memory_compile_s'] + r['cost_compile_s']:.0f}",
+    ]
 
 
 def main(argv):
@@ -105,10 +133,17 @@ def main(argv):
         f"loop-free program (1 layer unrolled, 1 loss chunk, one query tile per ring block; an "
         f"estimate, and one that counts a Pallas kernel as ~0 FLOPs). Compiled on {cpu[0]} "
         f"({cpu[1]}), jax {jax.__version__}, libtpu {results_table.package_version('libtpu')}; "
-        f"no TPU ran.")
-    table = results_table.record(f"{_RESULTS.value}/ring-variants", rows, header, COLUMNS,
-                                 [table_cells(r) for r in rows], mode="replace",
-                                 spaced_rule=True)
+        f"no TPU ran."
+    )
+    table = results_table.record(
+        f"{_RESULTS.value}/ring-variants",
+        rows,
+        header,
+        COLUMNS,
+        [table_cells(r) for r in rows],
+        mode="replace",
+        spaced_rule=True,
+    )
     print(table.read_text())
 
 

@@ -45,15 +45,24 @@ def _rows(config, work: pathlib.Path):
     from jaxlm.data import corpus, pipeline, prepare, prepared
     from jaxlm.data import tokenizer as tokenizer_lib
     from jaxlm.data.documents import InMemoryDocuments
+
     docs = corpus.builtin_documents("train", config.data.val_fraction)
     tokenizer = work / "tokenizer.model"
     sp = tokenizer_lib.train(docs, config.model.vocab_size, tokenizer, seed=config.seed)
-    text_rows = pipeline.PackedRows(InMemoryDocuments(pipeline.tokenize(sp, docs)),
-                                    config.data.seq_len, config.seed)
+    text_rows = pipeline.PackedRows(
+        InMemoryDocuments(pipeline.tokenize(sp, docs)), config.data.seq_len, config.seed
+    )
     config.data.source = "sft:builtin"
     source = pipeline.write_builtin_instructions(work)
-    prepare.prepare(source, work / "sft", tokenizer=tokenizer, sft=True, chat_template="plain",
-                    val_fraction=0.0, workers=1)
+    prepare.prepare(
+        source,
+        work / "sft",
+        tokenizer=tokenizer,
+        sft=True,
+        chat_template="plain",
+        val_fraction=0.0,
+        workers=1,
+    )
     sft_docs = prepared.PreparedDataset(work / "sft").documents("train")
     return text_rows, pipeline.rows_for(sft_docs, config)
 
@@ -69,20 +78,24 @@ def main(argv):
     from jaxlm import sharding as sharding_lib
     from jaxlm import step as step_lib
     from jaxlm.data import pipeline
+
     config = _CONFIG.value
     factory, derived = step_lib.build(config)
     train_step = step_lib.make_train_step(factory)
     with tempfile.TemporaryDirectory() as tmp:
         kinds = dict(zip(("pretrain", "sft"), _rows(config, pathlib.Path(tmp))))
-        batches = {k: pipeline.train_batches(rows, derived.micro_batch_size, config)
-                   for k, rows in kinds.items()}
+        batches = {
+            k: pipeline.train_batches(rows, derived.micro_batch_size, config)
+            for k, rows in kinds.items()
+        }
         state = factory.create(jax.random.key(0))
         seconds = {k: [] for k in kinds}
         trained = {k: [] for k in kinds}
         with factory.context():
             for k in kinds:  # compile (the same program for both) and warm the readers
-                state, _ = train_step(state, sharding_lib.global_batch(
-                    next(batches[k]), factory.batch_sharding))
+                state, _ = train_step(
+                    state, sharding_lib.global_batch(next(batches[k]), factory.batch_sharding)
+                )
             jax.block_until_ready(state)
             for _ in range(_ROUNDS.value):
                 for k in kinds:
@@ -90,54 +103,87 @@ def main(argv):
                     for _ in range(_STEPS.value):
                         batch = next(batches[k])
                         counted += float(batch["loss_mask"].sum())
-                        state, _ = train_step(state, sharding_lib.global_batch(
-                            batch, factory.batch_sharding))
+                        state, _ = train_step(
+                            state, sharding_lib.global_batch(batch, factory.batch_sharding)
+                        )
                     jax.block_until_ready(state)
                     seconds[k].append((time.perf_counter() - start) / _STEPS.value)
                     trained[k].append(counted / _STEPS.value)
         model, cores, machine = results_table.cpu()
         positions = derived.micro_batch_size * config.data.seq_len
-        row = {"machine": machine, "cpu": model, "cores": cores, "note": _NOTE.value,
-               "date": time.strftime("%Y-%m-%d"), "config": flags.FLAGS["config"].config_filename,
-               "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-               "batch": derived.micro_batch_size, "seq_len": config.data.seq_len,
-               "steps": _STEPS.value, "rounds": _ROUNDS.value}
+        row = {
+            "machine": machine,
+            "cpu": model,
+            "cores": cores,
+            "note": _NOTE.value,
+            "date": time.strftime("%Y-%m-%d"),
+            "config": flags.FLAGS["config"].config_filename,
+            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "batch": derived.micro_batch_size,
+            "seq_len": config.data.seq_len,
+            "steps": _STEPS.value,
+            "rounds": _ROUNDS.value,
+        }
         for k, rows in kinds.items():
             step_s = statistics.median(seconds[k])
             padding = rows.padding_fraction
-            row[k] = {"step_s": step_s, "positions_per_s": positions / step_s,
-                      "real_tokens_per_s": positions * (1 - padding) / step_s,
-                      "trained_tokens_per_s": statistics.median(trained[k]) / step_s,
-                      "padding_fraction": padding, "masked_fraction": _masked_fraction(rows),
-                      "rows": len(rows)}
-            print(f"{k:8s}: {row[k]['positions_per_s']:,.0f} positions/s "
-                  f"({step_s:.3f} s/step), {row[k]['real_tokens_per_s']:,.0f} real tokens/s, "
-                  f"{row[k]['trained_tokens_per_s']:,.0f} trained tokens/s; padding "
-                  f"{100 * padding:.2f}%, masked-token fraction {100 * row[k]['masked_fraction']:.1f}%"
-                  f" ({len(rows):,} rows)")
-        print(f"SFT / pre-training: positions/s {row['sft']['positions_per_s'] / row['pretrain']['positions_per_s']:.2f}x, "
-              f"trained tokens/s {row['sft']['trained_tokens_per_s'] / row['pretrain']['trained_tokens_per_s']:.2f}x")
+            row[k] = {
+                "step_s": step_s,
+                "positions_per_s": positions / step_s,
+                "real_tokens_per_s": positions * (1 - padding) / step_s,
+                "trained_tokens_per_s": statistics.median(trained[k]) / step_s,
+                "padding_fraction": padding,
+                "masked_fraction": _masked_fraction(rows),
+                "rows": len(rows),
+            }
+            print(
+                f"{k:8s}: {row[k]['positions_per_s']:,.0f} positions/s "
+                f"({step_s:.3f} s/step), {row[k]['real_tokens_per_s']:,.0f} real tokens/s, "
+                f"{row[k]['trained_tokens_per_s']:,.0f} trained tokens/s; padding "
+                f"{100 * padding:.2f}%, masked-token fraction {100 * row[k]['masked_fraction']:.1f}%"
+                f" ({len(rows):,} rows)"
+            )
+        print(
+            f"SFT / pre-training: positions/s {row['sft']['positions_per_s'] / row['pretrain']['positions_per_s']:.2f}x, "
+            f"trained tokens/s {row['sft']['trained_tokens_per_s'] / row['pretrain']['trained_tokens_per_s']:.2f}x"
+        )
         print(f"recorded in {record(row)}")
 
 
 def _cell(kind: dict) -> str:
-    return (f"{kind['positions_per_s']:,.0f} ({100 * kind['padding_fraction']:.2f}%, "
-            f"{100 * kind['masked_fraction']:.1f}%)")
+    return (
+        f"{kind['positions_per_s']:,.0f} ({100 * kind['padding_fraction']:.2f}%, "
+        f"{100 * kind['masked_fraction']:.1f}%)"
+    )
 
 
 def record(row: dict) -> pathlib.Path:
     p, s = row["pretrain"], row["sft"]
     return results_table.record(
-        pathlib.Path(_RESULTS.value) / f"sft-{row['machine']}", [row],
+        pathlib.Path(_RESULTS.value) / f"sft-{row['machine']}",
+        [row],
         f"# SFT vs pre-training throughput on {row['machine']}\n\n`python -m "
         "benchmarks.sft_throughput`; see its docstring for what each column measures "
         "(positions/s counts padding; trained = positions the loss mask counts).",
-        ["date", "config (batch x seq)", "machine", "pre-train positions/s (padding, trained %)",
-         "SFT positions/s (padding, trained %)", "SFT trained tok/s / pre-train trained tok/s"],
-        [[row["date"], f"{row['config']} ({row['batch']} x {row['seq_len']})",
-          f"{row['cpu']}, {row['cores']} cores{'; ' + row['note'] if row['note'] else ''}",
-          _cell(p), _cell(s),
-          f"{s['trained_tokens_per_s'] / p['trained_tokens_per_s']:.2f}"]])
+        [
+            "date",
+            "config (batch x seq)",
+            "machine",
+            "pre-train positions/s (padding, trained %)",
+            "SFT positions/s (padding, trained %)",
+            "SFT trained tok/s / pre-train trained tok/s",
+        ],
+        [
+            [
+                row["date"],
+                f"{row['config']} ({row['batch']} x {row['seq_len']})",
+                f"{row['cpu']}, {row['cores']} cores{'; ' + row['note'] if row['note'] else ''}",
+                _cell(p),
+                _cell(s),
+                f"{s['trained_tokens_per_s'] / p['trained_tokens_per_s']:.2f}",
+            ]
+        ],
+    )
 
 
 if __name__ == "__main__":

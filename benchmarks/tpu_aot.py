@@ -44,23 +44,50 @@ def run_row(config_name: str, slice_name: str, attention: str) -> dict:
     config.model.attention = attention
     start = time.perf_counter()
     report = aot.compile_for(config, slice_name, programs=("train_step",))[0]
-    return {"config": f"configs/{config_name}.py", "slice": slice_name, "attention": attention,
-            "remat": config.model.remat,
-            "batch x seq": f"{config.train.global_batch_size} x {config.data.seq_len}",
-            "wall_s": time.perf_counter() - start, **json.loads(report.line())}
+    return {
+        "config": f"configs/{config_name}.py",
+        "slice": slice_name,
+        "attention": attention,
+        "remat": config.model.remat,
+        "batch x seq": f"{config.train.global_batch_size} x {config.data.seq_len}",
+        "wall_s": time.perf_counter() - start,
+        **json.loads(report.line()),
+    }
 
 
-COLUMNS = ["config", "slice", "attention", "remat", "batch x seq", "arguments GiB",
-           "temporaries GiB", "total GiB", "HBM GiB", "fits", "est. step s", "est. MFU",
-           "estimate from"]
+COLUMNS = [
+    "config",
+    "slice",
+    "attention",
+    "remat",
+    "batch x seq",
+    "arguments GiB",
+    "temporaries GiB",
+    "total GiB",
+    "HBM GiB",
+    "fits",
+    "est. step s",
+    "est. MFU",
+    "estimate from",
+]
 
 
 def table_cells(r: dict) -> list:
-    return [r["config"], f"{r['slice']} ({r['topology_name']})", r["attention"], r["remat"],
-            r["batch x seq"], _gib(r["argument_bytes"]), _gib(r["temp_bytes"]),
-            _gib(r["total_bytes"]), _gib(r["hbm_bytes"]), "yes" if r["fits"] else "NO",
-            f"{r['estimated_step_seconds']:.2f}", f"{100 * r['mfu']:.0f}%",
-            r["estimate_source"]]
+    return [
+        r["config"],
+        f"{r['slice']} ({r['topology_name']})",
+        r["attention"],
+        r["remat"],
+        r["batch x seq"],
+        _gib(r["argument_bytes"]),
+        _gib(r["temp_bytes"]),
+        _gib(r["total_bytes"]),
+        _gib(r["hbm_bytes"]),
+        "yes" if r["fits"] else "NO",
+        f"{r['estimated_step_seconds']:.2f}",
+        f"{100 * r['mfu']:.0f}%",
+        r["estimate_source"],
+    ]
 
 
 def main(argv):
@@ -72,21 +99,31 @@ def main(argv):
             continue
         result = run_row(*row)
         rows.append(result)
-        print(f"{row}: total {_gib(result['total_bytes'])} of {_gib(result['hbm_bytes'])} GiB, "
-              f"temporaries {_gib(result['temp_bytes'])} GiB, estimated step "
-              f"{result['estimated_step_seconds']:.2f} s ({result['wall_s']:.0f} s to compile)",
-              flush=True)
+        print(
+            f"{row}: total {_gib(result['total_bytes'])} of {_gib(result['hbm_bytes'])} GiB, "
+            f"temporaries {_gib(result['temp_bytes'])} GiB, estimated step "
+            f"{result['estimated_step_seconds']:.2f} s ({result['wall_s']:.0f} s to compile)",
+            flush=True,
+        )
     cpu = results_table.cpu()
-    header = (f"# TPU memory per chip from the TPU compiler ({time.strftime('%Y-%m-%d')})\n\n"
-              f"Compiled on {cpu[0]} ({cpu[1]}), no TPU present: jax {jax.__version__}, "
-              f"libtpu {results_table.package_version('libtpu')}. `python -m benchmarks.tpu_aot`; "
-              "per chip, train "
-              "step, arguments + temporaries + outputs not aliased to donated arguments. Step "
-              "times are the compiler's cost model (estimates, not measurements; jaxlm.aot "
-              "says how loops and Pallas kernels are counted).")
-    table = results_table.record(f"{_RESULTS.value}/tpu-aot", rows, header, COLUMNS,
-                                 [table_cells(r) for r in rows], mode="replace",
-                                 spaced_rule=True)
+    header = (
+        f"# TPU memory per chip from the TPU compiler ({time.strftime('%Y-%m-%d')})\n\n"
+        f"Compiled on {cpu[0]} ({cpu[1]}), no TPU present: jax {jax.__version__}, "
+        f"libtpu {results_table.package_version('libtpu')}. `python -m benchmarks.tpu_aot`; "
+        "per chip, train "
+        "step, arguments + temporaries + outputs not aliased to donated arguments. Step "
+        "times are the compiler's cost model (estimates, not measurements; jaxlm.aot "
+        "says how loops and Pallas kernels are counted)."
+    )
+    table = results_table.record(
+        f"{_RESULTS.value}/tpu-aot",
+        rows,
+        header,
+        COLUMNS,
+        [table_cells(r) for r in rows],
+        mode="replace",
+        spaced_rule=True,
+    )
     print(table.read_text())
 
 

@@ -46,10 +46,12 @@ import zipfile
 from benchmarks import results_table
 
 SHAPES = {
-    "small": dict(vocab=32000, d_model=256, n_layers=4, n_heads=4, head_dim=64, d_ff=768,
-                  seq=256, batch=8),
-    "medium": dict(vocab=32000, d_model=512, n_layers=8, n_heads=8, head_dim=64, d_ff=1536,
-                   seq=512, batch=8),
+    "small": dict(
+        vocab=32000, d_model=256, n_layers=4, n_heads=4, head_dim=64, d_ff=768, seq=256, batch=8
+    ),
+    "medium": dict(
+        vocab=32000, d_model=512, n_layers=8, n_heads=8, head_dim=64, d_ff=1536, seq=512, batch=8
+    ),
 }
 SIDES = ("jaxlm", "maxtext", "torch")
 # (timed steps, warmup steps) per side and round: ~2.5 s/step small, ~20 s/step medium on 2 cores.
@@ -63,7 +65,7 @@ DEFAULT_STEPS = {"small": (8, 2), "medium": (4, 1)}
 SETTINGS = {
     "jaxlm": "1 CPU device, remat none, attention xla, layers unrolled, fp32, jit + donated state",
     "maxtext": "1 CPU device, remat_policy={remat}, scan_layers, attention=dot_product, "
-               "no dropout, fp32",
+    "no dropout, fp32",
     "torch": "{mode}, sdpa attention, AdamW (foreach), fp32, torch.get_num_threads() threads",
 }
 MAXTEXT_REMAT = "none"
@@ -78,11 +80,14 @@ TORCH_SPEC = "torch==2.13.0"  # the CPU wheel on local disk; others may pull a m
 
 
 def _median_step(times: list[float], tokens: int) -> dict:
-    return {"tokens_per_s": tokens / statistics.median(times),
-            "step_s": [round(t, 4) for t in times]}
+    return {
+        "tokens_per_s": tokens / statistics.median(times),
+        "step_s": [round(t, 4) for t in times],
+    }
 
 
 # ---------------------------------------------------------------- workers (one subprocess each)
+
 
 def worker_jaxlm(shape: dict, steps: int, warmup: int) -> dict:
     """jaxlm's real train step (optimizer, clipping, non-finite guard) on synthetic tokens."""
@@ -106,7 +111,8 @@ def worker_jaxlm(shape: dict, steps: int, warmup: int) -> dict:
     factory, _ = step_lib.build(config, devices)
     state = factory.create(jax.random.key(0))
     batch = sharding_lib.global_batch(
-        synthetic.token_batch(shape["batch"], shape["seq"], shape["vocab"]), factory.batch_sharding)
+        synthetic.token_batch(shape["batch"], shape["seq"], shape["vocab"]), factory.batch_sharding
+    )
     with factory.context():
         train_step = step_lib.make_train_step(factory)
         times = []
@@ -115,8 +121,11 @@ def worker_jaxlm(shape: dict, steps: int, warmup: int) -> dict:
             state, metrics = jax.block_until_ready(train_step(state, batch))
             if i >= warmup:
                 times.append(time.perf_counter() - start)
-    return {**_median_step(times, shape["batch"] * shape["seq"]), "loss": float(metrics["loss"]),
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    return {
+        **_median_step(times, shape["batch"] * shape["seq"]),
+        "loss": float(metrics["loss"]),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
 
 
 def worker_torch(shape: dict, steps: int, warmup: int, compiled: bool = False) -> dict:
@@ -126,12 +135,20 @@ def worker_torch(shape: dict, steps: int, warmup: int, compiled: bool = False) -
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=shape["vocab"], hidden_size=shape["d_model"], intermediate_size=shape["d_ff"],
-        num_hidden_layers=shape["n_layers"], num_attention_heads=shape["n_heads"],
-        num_key_value_heads=shape["n_heads"], head_dim=shape["head_dim"],
-        max_position_embeddings=shape["seq"], tie_word_embeddings=False,
-        attn_implementation="sdpa"))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=shape["vocab"],
+            hidden_size=shape["d_model"],
+            intermediate_size=shape["d_ff"],
+            num_hidden_layers=shape["n_layers"],
+            num_attention_heads=shape["n_heads"],
+            num_key_value_heads=shape["n_heads"],
+            head_dim=shape["head_dim"],
+            max_position_embeddings=shape["seq"],
+            tie_word_embeddings=False,
+            attn_implementation="sdpa",
+        )
+    )
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     forward = torch.compile(model) if compiled else model
@@ -149,21 +166,33 @@ def worker_torch(shape: dict, steps: int, warmup: int, compiled: bool = False) -
         loss = loss.item()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return {**_median_step(times, shape["batch"] * shape["seq"]), "loss": loss,
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {
+        **_median_step(times, shape["batch"] * shape["seq"]),
+        "loss": loss,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def worker_peak() -> dict:
     """The matmul peak of this host, for the floor estimate."""
     from jaxlm import metrics as metrics_lib
-    return {"peak_flops": metrics_lib.measure_cpu_peak(
-        repeats=metrics_lib.BENCHMARK_CPU_PEAK_REPEATS)}
+
+    return {
+        "peak_flops": metrics_lib.measure_cpu_peak(repeats=metrics_lib.BENCHMARK_CPU_PEAK_REPEATS)
+    }
 
 
-MAXTEXT_KEYS = {"vocab": "vocab_size", "d_model": "base_emb_dim",
-                "n_layers": "base_num_decoder_layers", "n_heads": "base_num_query_heads",
-                "head_dim": "head_dim", "d_ff": "base_mlp_dim", "seq": "max_target_length",
-                "batch": "per_device_batch_size"}
+MAXTEXT_KEYS = {
+    "vocab": "vocab_size",
+    "d_model": "base_emb_dim",
+    "n_layers": "base_num_decoder_layers",
+    "n_heads": "base_num_query_heads",
+    "head_dim": "head_dim",
+    "d_ff": "base_mlp_dim",
+    "seq": "max_target_length",
+    "batch": "per_device_batch_size",
+}
 
 
 def worker_maxtext(shape: dict, steps: int, warmup: int, python: str, remat: str) -> dict:
@@ -174,26 +203,49 @@ def worker_maxtext(shape: dict, steps: int, warmup: int, python: str, remat: str
     warmup = max(warmup, 2)
     with tempfile.TemporaryDirectory() as out:
         args = [f"{MAXTEXT_KEYS[k]}={v}" for k, v in shape.items()] + [
-            f"base_num_kv_heads={shape['n_heads']}", "dtype=float32", "weight_dtype=float32",
-            f"steps={warmup + steps}", "run_name=vs_peers", f"base_output_directory={out}",
-            "hardware=cpu", "skip_jax_distributed_system=true", "dataset_type=synthetic",
-            "enable_checkpointing=false", "attention=dot_product", f"remat_policy={remat}",
-            "enable_dropout=false"]
-        proc = subprocess.run([python, "-m", "maxtext.trainers.pre_train.train", *args], cwd=out,
-                              env={**os.environ, "DECOUPLE_GCLOUD": "TRUE", "JAX_PLATFORMS": "cpu"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            f"base_num_kv_heads={shape['n_heads']}",
+            "dtype=float32",
+            "weight_dtype=float32",
+            f"steps={warmup + steps}",
+            "run_name=vs_peers",
+            f"base_output_directory={out}",
+            "hardware=cpu",
+            "skip_jax_distributed_system=true",
+            "dataset_type=synthetic",
+            "enable_checkpointing=false",
+            "attention=dot_product",
+            f"remat_policy={remat}",
+            "enable_dropout=false",
+        ]
+        proc = subprocess.run(
+            [python, "-m", "maxtext.trainers.pre_train.train", *args],
+            cwd=out,
+            env={**os.environ, "DECOUPLE_GCLOUD": "TRUE", "JAX_PLATFORMS": "cpu"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     log = proc.stdout
-    step_s = {int(n): float(s)
-              for n, s in re.findall(r"completed step: (\d+), seconds: ([\d.]+)", log)}
+    step_s = {
+        int(n): float(s) for n, s in re.findall(r"completed step: (\d+), seconds: ([\d.]+)", log)
+    }
     times = [step_s[i] for i in sorted(step_s) if i >= warmup]
     if proc.returncode or len(times) < steps:
-        raise RuntimeError(f"MaxText exited {proc.returncode} after {len(step_s)} steps: "
-                           f"{_last_line(log)}")
+        raise RuntimeError(
+            f"MaxText exited {proc.returncode} after {len(step_s)} steps: {_last_line(log)}"
+        )
     losses = re.findall(r"completed step: \d+,.* loss: ([\d.]+)", log)
-    version = [pathlib.Path(p).name[8:-10] for p in glob.glob(
-        str(pathlib.Path(python).parents[1] / "lib/python*/site-packages/maxtext-*.dist-info"))]
-    return {**_median_step(times, shape["batch"] * shape["seq"]), "loss": float(losses[-1]),
-            "maxtext": version[0] if version else "?"}
+    version = [
+        pathlib.Path(p).name[8:-10]
+        for p in glob.glob(
+            str(pathlib.Path(python).parents[1] / "lib/python*/site-packages/maxtext-*.dist-info")
+        )
+    ]
+    return {
+        **_median_step(times, shape["batch"] * shape["seq"]),
+        "loss": float(losses[-1]),
+        "maxtext": version[0] if version else "?",
+    }
 
 
 def run_worker(args) -> None:
@@ -208,6 +260,7 @@ def run_worker(args) -> None:
 
 
 # ---------------------------------------------------------------- peers' venvs
+
 
 class SetupError(Exception):
     """A side that cannot be installed here; reported in one line while the other sides go on."""
@@ -283,6 +336,7 @@ def side_python(side: str, cache: pathlib.Path) -> str:
 
 # ---------------------------------------------------------------- orchestrator
 
+
 @contextlib.contextmanager
 def cpu_lock(path: str | None):
     """Hold `path` with flock(2) (as flock(1) does) while a side runs, so that timing runs of
@@ -303,12 +357,20 @@ def run_side(side: str, python: str, shape: str, steps: int, warmup: int, args) 
     with cpu_lock(args.lock):
         if side == "maxtext":
             return worker_maxtext(SHAPES[shape], steps, warmup, python, args.maxtext_remat)
-        cmd = [python, "-m", "benchmarks.vs_peers", f"--worker={side}", f"--shape={shape}",
-               f"--steps={steps}", f"--warmup={warmup}"]
+        cmd = [
+            python,
+            "-m",
+            "benchmarks.vs_peers",
+            f"--worker={side}",
+            f"--shape={shape}",
+            f"--steps={steps}",
+            f"--warmup={warmup}",
+        ]
         if side == "torch" and args.torch_mode == "compile":
             cmd.append("--compiled")
-        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+        proc = subprocess.run(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     results = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not results:
         raise RuntimeError(f"{side} exited {proc.returncode}: {_last_line(proc.stderr)}")
@@ -325,17 +387,36 @@ def record(directory: pathlib.Path, slug: str, row: dict) -> pathlib.Path:
     tunables = f"; GLIBC_TUNABLES={row['glibc_tunables']}" if row.get("glibc_tunables") else ""
     for side, info in row["sides"].items():
         ratio = row["median_ratio"].get(side)
-        cells.append([row["date"], row["shape"], f"{row['steps']} ({row['warmup']})", side,
-                      ", ".join(_tps(r) for r in info["rounds"]) or info.get("error", ""),
-                      _tps(info["median"] and {"tokens_per_s": info["median"]}),
-                      f"{ratio:.2f}x" if ratio else "-", info["settings"] + tunables])
+        cells.append(
+            [
+                row["date"],
+                row["shape"],
+                f"{row['steps']} ({row['warmup']})",
+                side,
+                ", ".join(_tps(r) for r in info["rounds"]) or info.get("error", ""),
+                _tps(info["median"] and {"tokens_per_s": info["median"]}),
+                f"{ratio:.2f}x" if ratio else "-",
+                info["settings"] + tunables,
+            ]
+        )
     return results_table.record(
-        directory / f"vs_peers-{slug}", [row],
+        directory / f"vs_peers-{slug}",
+        [row],
         f"# jaxlm vs MaxText vs PyTorch on {slug}\n\n`python -m benchmarks.vs_peers`; tokens/s = "
         "batch x seq / median step time after warmup, each side in a fresh process per round, "
         "sides alternating.",
-        ["date", "shape", "steps (warmup)", "side", "tokens/s by round", "median tokens/s",
-         "jaxlm / side (median)", "settings"], cells)
+        [
+            "date",
+            "shape",
+            "steps (warmup)",
+            "side",
+            "tokens/s by round",
+            "median tokens/s",
+            "jaxlm / side (median)",
+            "settings",
+        ],
+        cells,
+    )
 
 
 def compare(args) -> None:
@@ -358,19 +439,30 @@ def compare(args) -> None:
             errors[side] = f"not set up: {e}"
             print(f"{side}: {errors[side]}; going on without it", flush=True)
     with cpu_lock(args.lock):
-        peak = subprocess.run([side_python("jaxlm", cache), "-m", "benchmarks.vs_peers",
-                               "--worker=peak"], cwd=REPO, capture_output=True, text=True).stdout
+        peak = subprocess.run(
+            [side_python("jaxlm", cache), "-m", "benchmarks.vs_peers", "--worker=peak"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        ).stdout
     peak = json.loads(peak.split("RESULT ", 1)[1])["peak_flops"] if "RESULT " in peak else None
-    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (jitted f32 2048^3)" if peak else
-          "matmul peak: not measured", flush=True)
+    print(
+        f"matmul peak: {peak / 1e9:.1f} GFLOP/s (jitted f32 2048^3)"
+        if peak
+        else "matmul peak: not measured",
+        flush=True,
+    )
     for side in pythons:
         print(f"{side}: {settings[side]}", flush=True)
 
     for shape in args.shapes.split(","):
         steps, warmup = DEFAULT_STEPS[shape]
         steps, warmup = args.steps or steps, warmup if args.warmup is None else args.warmup
-        print(f"\nshape {shape}: {SHAPES[shape]}, fp32; {steps} timed steps after {warmup} warmup,"
-              f" {args.rounds} rounds", flush=True)
+        print(
+            f"\nshape {shape}: {SHAPES[shape]}, fp32; {steps} timed steps after {warmup} warmup,"
+            f" {args.rounds} rounds",
+            flush=True,
+        )
         rounds = {s: [] for s in pythons}
         ratios = {s: [] for s in pythons if s != "jaxlm"}
         for r in range(args.rounds):
@@ -387,20 +479,39 @@ def compare(args) -> None:
                     ratios[side].append(jax_r["tokens_per_s"] / rounds[side][-1]["tokens_per_s"])
                     line += f"  jaxlm/{side} {ratios[side][-1]:.2f}x"
             print(f"round {r + 1}: {line}  (tokens/s)", flush=True)
-        medians = {s: statistics.median([x["tokens_per_s"] for x in v if x]) if any(v) else None
-                   for s, v in rounds.items()}
+        medians = {
+            s: statistics.median([x["tokens_per_s"] for x in v if x]) if any(v) else None
+            for s, v in rounds.items()
+        }
         median_ratio = {s: statistics.median(v) for s, v in ratios.items() if v}
-        print("median: "
-              + "  ".join(f"{s} {_tps(m and {'tokens_per_s': m})}" for s, m in medians.items())
-              + "".join(f"  jaxlm/{s} {v:.2f}x" for s, v in median_ratio.items()), flush=True)
-        row = {"date": time.strftime("%Y-%m-%d"), "machine": slug, "cpu": model, "cores": cores,
-               "peak_flops": peak, "shape": shape, **SHAPES[shape], "steps": steps,
-               "warmup": warmup, "glibc_tunables": args.glibc_tunables,
-               "median_ratio": median_ratio,
-               "sides": {s: {"settings": settings[s], "rounds": rounds.get(s, []),
-                             "median": medians.get(s),
-                             **({"error": errors[s]} if s in errors else {})}
-                         for s in sides}}
+        print(
+            "median: "
+            + "  ".join(f"{s} {_tps(m and {'tokens_per_s': m})}" for s, m in medians.items())
+            + "".join(f"  jaxlm/{s} {v:.2f}x" for s, v in median_ratio.items()),
+            flush=True,
+        )
+        row = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": slug,
+            "cpu": model,
+            "cores": cores,
+            "peak_flops": peak,
+            "shape": shape,
+            **SHAPES[shape],
+            "steps": steps,
+            "warmup": warmup,
+            "glibc_tunables": args.glibc_tunables,
+            "median_ratio": median_ratio,
+            "sides": {
+                s: {
+                    "settings": settings[s],
+                    "rounds": rounds.get(s, []),
+                    "median": medians.get(s),
+                    **({"error": errors[s]} if s in errors else {}),
+                }
+                for s in sides
+            },
+        }
         print(f"appended to {record(pathlib.Path(args.results), slug, row)}", flush=True)
 
 
@@ -416,8 +527,11 @@ if __name__ == "__main__":
     p.add_argument("--lock", help="flock this file while each side runs (e.g. /tmp/cpu.lock)")
     p.add_argument("--maxtext_remat", default=MAXTEXT_REMAT)
     p.add_argument("--torch_mode", default=TORCH_MODE, choices=("eager", "compile"))
-    p.add_argument("--glibc_tunables", default=GLIBC_TUNABLES,
-                   help="GLIBC_TUNABLES for every side ('' for glibc's defaults)")
+    p.add_argument(
+        "--glibc_tunables",
+        default=GLIBC_TUNABLES,
+        help="GLIBC_TUNABLES for every side ('' for glibc's defaults)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)

@@ -1,6 +1,6 @@
 """A 125M-parameter LLaMA-style model (GPT-3 Small shape), for one accelerator host.
 
-    python -m jaxlm.train --config=configs/125m.py --workdir=runs/125m
+python -m jaxlm.train --config=configs/125m.py --workdir=runs/125m
 """
 
 from jaxlm.config import default_config

@@ -1,6 +1,6 @@
 """A 1.1B-parameter LLaMA-style model (TinyLlama's shape: 22 layers, GQA with 4 kv heads).
 
-    python -m jaxlm.train --config=configs/1b.py --workdir=runs/1b
+python -m jaxlm.train --config=configs/1b.py --workdir=runs/1b
 """
 
 from jaxlm.config import default_config

@@ -87,25 +87,34 @@ def splash_attention_flops(config, derived, batch_rows: int, train: bool) -> flo
 
 def roofline_seconds(flops, bytes_accessed, coll_bytes, spec: DeviceSpec) -> float:
     """Compute or HBM bound, whichever is slower, plus collectives not overlapped."""
-    return (max(flops / spec.peak_flops, bytes_accessed / spec.hbm_bytes_per_s)
-            + coll_bytes / spec.ici_bytes_per_s)
+    return (
+        max(flops / spec.peak_flops, bytes_accessed / spec.hbm_bytes_per_s)
+        + coll_bytes / spec.ici_bytes_per_s
+    )
 
 
-def estimate_seconds(cost: ProgramCost, spec: DeviceSpec,
-                     extra_flops: float = 0.0) -> tuple[float, str]:
+def estimate_seconds(
+    cost: ProgramCost, spec: DeviceSpec, extra_flops: float = 0.0
+) -> tuple[float, str]:
     """Seconds per microbatch per device and which estimate it is. XLA's own optimal_seconds
     where it is plausible (positive, and no faster than the peak allows for the FLOPs);
     otherwise our roofline. `extra_flops` (kernels the cost model misses) run at peak."""
-    roof = roofline_seconds(cost.flops + extra_flops, cost.bytes_accessed,
-                            cost.collective_bytes, spec)
+    roof = roofline_seconds(
+        cost.flops + extra_flops, cost.bytes_accessed, cost.collective_bytes, spec
+    )
     xla = cost.optimal_seconds + extra_flops / spec.peak_flops
     floor = (cost.flops + extra_flops) / spec.peak_flops
     if math.isfinite(xla) and cost.optimal_seconds > 0 and floor * 0.9 <= xla <= 100 * roof:
         return xla, "XLA optimal_seconds, extrapolated over layers"
-    why = ("missing" if not math.isfinite(cost.optimal_seconds) else
-           f"implausible ({cost.optimal_seconds:.3g} s)")
-    return roof, (f"roofline: max(FLOPs/peak, bytes/HBM bandwidth) + collective bytes/ICI "
-                  f"bandwidth (XLA optimal_seconds {why})")
+    why = (
+        "missing"
+        if not math.isfinite(cost.optimal_seconds)
+        else f"implausible ({cost.optimal_seconds:.3g} s)"
+    )
+    return roof, (
+        f"roofline: max(FLOPs/peak, bytes/HBM bandwidth) + collective bytes/ICI "
+        f"bandwidth (XLA optimal_seconds {why})"
+    )
 
 
 # ---------------------------------------------------------------------------- reports
@@ -146,12 +155,15 @@ class Report:
 
     def line(self) -> str:
         """One JSON object; a figure that could not be had (NaN) is null."""
-        return json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
-                           for k, v in dataclasses.asdict(self).items()})
+        return json.dumps(
+            {
+                k: None if isinstance(v, float) and math.isnan(v) else v
+                for k, v in dataclasses.asdict(self).items()
+            }
+        )
 
 
-def _program_report(config, derived, topology, spec, devices, program,
-                    cost: ProgramCost) -> Report:
+def _program_report(config, derived, topology, spec, devices, program, cost: ProgramCost) -> Report:
     """Put memory, FLOPs and the estimate of one program together."""
     train = program == "train_step"
     accum = int(config.train.grad_accum_steps) if train else 1
@@ -164,12 +176,18 @@ def _program_report(config, derived, topology, spec, devices, program,
     extra = 0.0
     if attention_impl(config, devices) == "splash":
         extra = splash_attention_flops(config, derived, rows, train) / n
-        ring = (derived.mesh_shape["sequence"] > 1
-                and config.model.context_parallel == "ring")  # jaxlm.attention.ring_kernels
-        note += (f"; {'the ring' if ring else 'splash'} attention (Pallas kernels the cost model "
-                 "counts as ~0) added by formula"
-                 + ("" if not train or _saves_attention(config.model.remat)
-                    else ", with its remat recompute"))
+        ring = (
+            derived.mesh_shape["sequence"] > 1 and config.model.context_parallel == "ring"
+        )  # jaxlm.attention.ring_kernels
+        note += (
+            f"; {'the ring' if ring else 'splash'} attention (Pallas kernels the cost model "
+            "counts as ~0) added by formula"
+            + (
+                ""
+                if not train or _saves_attention(config.model.remat)
+                else ", with its remat recompute"
+            )
+        )
     micro_s, source = estimate_seconds(cost, spec, extra)
     if cost.out_of_memory:
         micro_s, source = float("nan"), f"none: {cost.out_of_memory}"
@@ -177,20 +195,35 @@ def _program_report(config, derived, topology, spec, devices, program,
     outputs = cost.output_bytes - cost.alias_bytes  # donated state is updated in place
     total = cost.argument_bytes + cost.temp_bytes + outputs
     return Report(
-        program=program, topology=topology.name, topology_name=topology.topology_name,
-        num_slices=topology.num_slices, chips=topology.chips, devices=n,
+        program=program,
+        topology=topology.name,
+        topology_name=topology.topology_name,
+        num_slices=topology.num_slices,
+        chips=topology.chips,
+        devices=n,
         fits=total <= spec.hbm_bytes and not cost.out_of_memory,
-        argument_bytes=cost.argument_bytes, temp_bytes=cost.temp_bytes, output_bytes=outputs,
+        argument_bytes=cost.argument_bytes,
+        temp_bytes=cost.temp_bytes,
+        output_bytes=outputs,
         total_bytes=total,
-        hbm_bytes=int(spec.hbm_bytes), headroom_bytes=int(spec.hbm_bytes - total),
-        flops=(cost.flops + extra) * accum, flops_formula=formula, flops_note=note,
-        bytes_accessed=cost.bytes_accessed * accum, collective_bytes=cost.collective_bytes * accum,
+        hbm_bytes=int(spec.hbm_bytes),
+        headroom_bytes=int(spec.hbm_bytes - total),
+        flops=(cost.flops + extra) * accum,
+        flops_formula=formula,
+        flops_note=note,
+        bytes_accessed=cost.bytes_accessed * accum,
+        collective_bytes=cost.collective_bytes * accum,
         estimated_step_seconds=step_s,
         estimate_source=source + (f"; x {accum} microbatches" if accum > 1 else ""),
-        tokens_per_step=tokens, tokens_per_second=tokens / step_s,
-        mfu=formula / (step_s * spec.peak_flops), grad_accum_steps=accum,
-        compile_seconds=cost.compile_seconds, peak_flops=spec.peak_flops,
-        spec_source=spec.source, out_of_memory=cost.out_of_memory)
+        tokens_per_step=tokens,
+        tokens_per_second=tokens / step_s,
+        mfu=formula / (step_s * spec.peak_flops),
+        grad_accum_steps=accum,
+        compile_seconds=cost.compile_seconds,
+        peak_flops=spec.peak_flops,
+        spec_source=spec.source,
+        out_of_memory=cost.out_of_memory,
+    )
 
 
 def check_config(config, topology: Topology) -> config_lib.Derived:
@@ -200,13 +233,20 @@ def check_config(config, topology: Topology) -> config_lib.Derived:
     if data % slices:  # jaxlm.sharding.make_mesh puts the data axis across the slices
         raise config_lib.ConfigError(
             f"config.mesh.data={data} is invalid for --num_slices={slices}: the data axis is "
-            f"the one that crosses slices; set --config.mesh.data to a multiple of {slices}")
+            f"the one that crosses slices; set --config.mesh.data to a multiple of {slices}"
+        )
     return derived
 
 
-def compile_for(config, topology: str | Topology, num_slices: int = 1,
-                programs=PROGRAMS, hbm_bytes: float | None = None,
-                cache: dict | None = None, loop_correction: bool = True) -> list[Report]:
+def compile_for(
+    config,
+    topology: str | Topology,
+    num_slices: int = 1,
+    programs=PROGRAMS,
+    hbm_bytes: float | None = None,
+    cache: dict | None = None,
+    loop_correction: bool = True,
+) -> list[Report]:
     """Compile `programs` of `config` for a topology name ("v5p-128", "v5e:2x4", "cpu:8");
     one Report each. Raises TopologyError / ConfigError before compiling anything.
     `loop_correction=False` skips the two small programs (memory only, FLOPs and time as
@@ -231,25 +271,32 @@ def format_gib(n: float) -> str:
 
 def format_report(r: Report) -> str:
     """The human-readable version of a Report."""
-    unit = ("device" if r.topology.startswith("cpu") else
-            "device (TensorCore)" if r.devices != r.chips else "chip")
+    unit = (
+        "device"
+        if r.topology.startswith("cpu")
+        else "device (TensorCore)"
+        if r.devices != r.chips
+        else "chip"
+    )
     verdict = "fits" if r.fits else f"DOES NOT FIT: {format_gib(-r.headroom_bytes)} over"
     if r.out_of_memory:
         verdict = f"DOES NOT FIT: the compiler stopped ({r.out_of_memory})"
-    return "\n".join([
-        f"{r.program} on {r.topology} ({r.topology_name}, {r.num_slices} slice(s), {r.chips} "
-        f"chips, {r.devices} devices), compiled in {r.compile_seconds:.1f} s",
-        f"  memory per {unit}: arguments {format_gib(r.argument_bytes)}, temporaries "
-        f"{format_gib(r.temp_bytes)}, outputs not aliased {format_gib(r.output_bytes)}; total "
-        f"{format_gib(r.total_bytes)} of {format_gib(r.hbm_bytes)} HBM, headroom "
-        f"{format_gib(r.headroom_bytes)}: {verdict}",
-        f"  FLOPs per {unit} per step: {r.flops_formula:.4g} by the formula (model FLOPs, "
-        f"DESIGN.md); {r.flops:.4g} by the compiler ({r.flops_note})",
-        f"  ESTIMATED step time {r.estimated_step_seconds * 1e3:.1f} ms ({r.estimate_source}) "
-        f"-> ~{r.tokens_per_second:,.0f} tokens/s, MFU ~{100 * r.mfu:.1f}% (an estimate, "
-        f"not a measurement)",
-        f"  figures: {r.spec_source}",
-    ])
+    return "\n".join(
+        [
+            f"{r.program} on {r.topology} ({r.topology_name}, {r.num_slices} slice(s), {r.chips} "
+            f"chips, {r.devices} devices), compiled in {r.compile_seconds:.1f} s",
+            f"  memory per {unit}: arguments {format_gib(r.argument_bytes)}, temporaries "
+            f"{format_gib(r.temp_bytes)}, outputs not aliased {format_gib(r.output_bytes)}; total "
+            f"{format_gib(r.total_bytes)} of {format_gib(r.hbm_bytes)} HBM, headroom "
+            f"{format_gib(r.headroom_bytes)}: {verdict}",
+            f"  FLOPs per {unit} per step: {r.flops_formula:.4g} by the formula (model FLOPs, "
+            f"DESIGN.md); {r.flops:.4g} by the compiler ({r.flops_note})",
+            f"  ESTIMATED step time {r.estimated_step_seconds * 1e3:.1f} ms ({r.estimate_source}) "
+            f"-> ~{r.tokens_per_second:,.0f} tokens/s, MFU ~{100 * r.mfu:.1f}% (an estimate, "
+            f"not a measurement)",
+            f"  figures: {r.spec_source}",
+        ]
+    )
 
 
 # -------------------------------------------------------------------------------- CLI
@@ -266,9 +313,12 @@ def define_flags() -> None:
     flags.DEFINE_bool("plan", False, "Search remat x accumulation x loss chunks x mesh.")
     flags.DEFINE_float("plan_budget_s", 840, "Stop compiling candidates after this.")
     flags.DEFINE_integer("plan_max_compiles", 3, "Compile at most this many candidates.")
-    flags.DEFINE_string("cache", str(pathlib.Path.home() / ".cache/jaxlm/aot.json"),
-                        "JSON file of compile results by program fingerprint (jax and libtpu "
-                        "versions included); '' for none.")
+    flags.DEFINE_string(
+        "cache",
+        str(pathlib.Path.home() / ".cache/jaxlm/aot.json"),
+        "JSON file of compile results by program fingerprint (jax and libtpu "
+        "versions included); '' for none.",
+    )
 
 
 _REEXEC = "JAXLM_AOT_REEXEC"
@@ -283,9 +333,14 @@ def _ensure_cpu_devices(topology: Topology) -> None:
         return
     if os.environ.get(_REEXEC):
         raise TopologyError(f"could not get {topology.chips} CPU devices (XLA_FLAGS={flags_now!r})")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **{_REEXEC: "1"},
-               XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags_now)
-               + " " + wanted)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        **{_REEXEC: "1"},
+        XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags_now)
+        + " "
+        + wanted,
+    )
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, "-m", "jaxlm.aot", *sys.argv[1:]], env)
 
@@ -312,9 +367,16 @@ def main(argv) -> int:
             from jaxlm import plan  # the planner builds on this module
 
             start = time.perf_counter()
-            cands = plan.plan(config, topo.name, topo.num_slices, f.plan_budget_s,
-                              f.plan_max_compiles, hbm, cache,
-                              log=lambda s: print(s, file=sys.stderr, flush=True))
+            cands = plan.plan(
+                config,
+                topo.name,
+                topo.num_slices,
+                f.plan_budget_s,
+                f.plan_max_compiles,
+                hbm,
+                cache,
+                log=lambda s: print(s, file=sys.stderr, flush=True),
+            )
             save_cache(f.cache, cache)
             print(plan.format_plan(cands, config_flags.get_config_filename(f["config"])))
             print(f"plan took {time.perf_counter() - start:.0f} s")

@@ -34,21 +34,26 @@ def probe_writable(directory: epath.Path) -> None:
     except OSError as e:
         raise CheckpointError(
             f"cannot write checkpoints to {directory}: {e}. Free disk space, fix the "
-            "permissions, or choose another --workdir") from e
+            "permissions, or choose another --workdir"
+        ) from e
 
 
 ITEMS = ("state", "meta")  # each step: the train state (orbax pytree) and a JSON record
 
 
 class Checkpointer:
-    def __init__(self, directory: epath.PathLike, keep: int, keep_every: int = 0,
-                 probe: bool = True):
+    def __init__(
+        self, directory: epath.PathLike, keep: int, keep_every: int = 0, probe: bool = True
+    ):
         self.directory = files.path(directory)
         if probe:
             probe_writable(self.directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, keep_period=keep_every or None, create=True,
-            enable_async_checkpointing=True)
+            max_to_keep=keep,
+            keep_period=keep_every or None,
+            create=True,
+            enable_async_checkpointing=True,
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def all_steps(self) -> list[int]:
@@ -59,16 +64,26 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict) -> None:
         try:
-            self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
         except Exception as e:  # includes an earlier async save that failed in the background
             raise CheckpointError(
                 f"saving checkpoint {step} to {self.directory} failed: {e}. Earlier complete "
-                f"checkpoints are intact: {self.all_steps()}") from e
+                f"checkpoints are intact: {self.all_steps()}"
+            ) from e
 
     def restore(self, step: int, abstract_state):
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
         return restored["state"], restored["meta"]
 
     def restore_latest_readable(self, abstract_state):
@@ -82,10 +97,18 @@ class Checkpointer:
                 return (step, *self.restore(step, abstract_state))
             except Exception as e:  # corrupt or truncated files: report, set aside, fall back
                 aside = self.directory / f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
-                logging.warning("checkpoint %s cannot be read (%s: %s); moved to %s",
-                                self.path(step), type(e).__name__, e, aside)
-                print(f"checkpoint {self.path(step)} cannot be read ({type(e).__name__}); kept "
-                      f"as {aside.name}; falling back to the one before it", flush=True)
+                logging.warning(
+                    "checkpoint %s cannot be read (%s: %s); moved to %s",
+                    self.path(step),
+                    type(e).__name__,
+                    e,
+                    aside,
+                )
+                print(
+                    f"checkpoint {self.path(step)} cannot be read ({type(e).__name__}); kept "
+                    f"as {aside.name}; falling back to the one before it",
+                    flush=True,
+                )
                 if jax.process_index() == 0:
                     self.path(step).rename(aside)
                 if jax.process_count() > 1:
@@ -117,8 +140,9 @@ def split_step(path: epath.Path) -> tuple[epath.Path, int | None]:
 def open_read_only(directory: epath.Path, step: int | None = None):
     """A read-only manager over a checkpoints directory, and `step`, or its newest step when
     none is given (None when it has none). The caller closes the manager."""
-    manager = ocp.CheckpointManager(directory, item_names=ITEMS,
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(
+        directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True)
+    )
     return manager, (manager.latest_step() if step is None else step)
 
 
@@ -135,16 +159,27 @@ def restore_params(path: epath.PathLike, abstract_params):
     path = files.path(path)
     manager, step = open_read_only(*split_step(path))
     if step is None:
-        raise CheckpointError(f"config.checkpoint.init_from={str(path)!r}: no checkpoint there; "
-                              "give a run's checkpoints/ directory or one step inside it")
+        raise CheckpointError(
+            f"config.checkpoint.init_from={str(path)!r}: no checkpoint there; "
+            "give a run's checkpoints/ directory or one step inside it"
+        )
     if read_meta(manager, step).get("lora_base"):
         manager.close()
-        raise CheckpointError(f"{path} (step {step}) is a LoRA run's: it holds adapters only; "
-                              "merge them into a plain checkpoint first: python -m jaxlm.convert "
-                              "--from_run=THAT_RUN --merge_lora --to=NEW_RUN")
+        raise CheckpointError(
+            f"{path} (step {step}) is a LoRA run's: it holds adapters only; "
+            "merge them into a plain checkpoint first: python -m jaxlm.convert "
+            "--from_run=THAT_RUN --merge_lora --to=NEW_RUN"
+        )
     target = {"params": abstract_params}
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            )
+        ),
+    )
     manager.close()
     return restored["state"]["params"], step

@@ -37,7 +37,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError, flags.Error) as e:
         overrides = [arg for arg in argv[1:] if arg.startswith("--config.")]
         for arg in overrides:
-            unknown = _unknown_field(arg[len("--config."):].split("=")[0])
+            unknown = _unknown_field(arg[len("--config.") :].split("=")[0])
             if unknown:
                 raise SystemExit(f"config error: {arg.split('=')[0]}: {unknown}") from None
         named = re.search(r"flag --(config\.[\w.]+)=", str(e))
@@ -69,8 +69,10 @@ def config_file_problem(path: str) -> str:
     """
     where = f" (relative to {os.getcwd()})" if not os.path.isabs(path) else ""
     if not os.path.exists(path):
-        return (f"no such file{where}; give a config file, e.g. --config=configs/tiny.py "
-                "from the repository root")
+        return (
+            f"no such file{where}; give a config file, e.g. --config=configs/tiny.py "
+            "from the repository root"
+        )
     if not os.path.isfile(path):
         return "is not a file; give a config file such as configs/tiny.py"
     try:
@@ -92,8 +94,10 @@ def config_file_problem(path: str) -> str:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names.update(t.id for t in targets if isinstance(t, ast.Name))
     if "get_config" not in names:
-        return ("defines no get_config(); a config file defines get_config() returning "
-                "an ml_collections.ConfigDict (see configs/tiny.py)")
+        return (
+            "defines no get_config(); a config file defines get_config() returning "
+            "an ml_collections.ConfigDict (see configs/tiny.py)"
+        )
     return ""
 
 
@@ -111,19 +115,24 @@ def _unknown_field(path: str) -> str:
     return ""
 
 
-_WHAT_TYPES_TAKE = {bool: "true or false", int: "a whole number", float: "a number",
-                    str: "text", tuple: "a tuple"}
+_WHAT_TYPES_TAKE = {
+    bool: "true or false",
+    int: "a whole number",
+    float: "a number",
+    str: "text",
+    tuple: "a tuple",
+}
 
 
 def _expected(path: str) -> str:
     """What the field at `path` (e.g. "config.train.steps") takes, in words, with its default."""
-    section, _, key = path[len("config."):].rpartition(".")
+    section, _, key = path[len("config.") :].rpartition(".")
     node = config_lib.default_config()
     for part in filter(None, section.split(".")):
         node = node[part]
     kind = node.get_type(key)
     words = _WHAT_TYPES_TAKE.get(kind, kind.__name__)
-    return f"{path[len('config.'):]} takes {words} (the default is {node[key]!r})"
+    return f"{path[len('config.') :]} takes {words} (the default is {node[key]!r})"
 
 
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -142,6 +151,8 @@ def size_in_bytes(value: str, flag: str) -> int:
     except (KeyError, ValueError, OverflowError):
         size = 0
     if size <= 0:
-        raise SystemExit(f"error: {flag}={value}: give a positive size in KB, MB, GB or TB, "
-                         f"e.g. {flag}=5GB or {flag}=500MB")
+        raise SystemExit(
+            f"error: {flag}={value}: give a positive size in KB, MB, GB or TB, "
+            f"e.g. {flag}=5GB or {flag}=500MB"
+        )
     return size

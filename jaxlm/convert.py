@@ -46,8 +46,12 @@ from jaxlm.hf_config import ConvertError
 from jaxlm.param_layout import get_path, set_path
 
 DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed by both
 
 
@@ -73,13 +77,13 @@ def tensor_layout(m: dict) -> list[tuple[tuple, str, tuple, tuple, bool]]:
     kernel is stored transposed there, [out, in], its input and output axes flattened."""
     rows = []
     for path, shape, n_in in param_layout.params(m):
-        hf_shape = ((int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in]))) if n_in
-                    else shape)
+        hf_shape = (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in]))) if n_in else shape
         rows.append((path, HF_NAMES[path], shape, hf_shape, bool(n_in)))
     return rows
 
 
 # --- Hugging Face -> jaxlm ----------------------------------------------------------------------
+
 
 def _weight_files(hf_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     """Tensor name -> the safetensors file holding it (one file, or an index's shards)."""
@@ -89,8 +93,10 @@ def _weight_files(hf_dir: pathlib.Path) -> dict[str, pathlib.Path]:
         return {name: hf_dir / file for name, file in weight_map.items()}
     single = hf_dir / "model.safetensors"
     if not single.is_file():
-        raise ConvertError(f"{hf_dir} has neither model.safetensors nor "
-                           "model.safetensors.index.json (only safetensors checkpoints convert)")
+        raise ConvertError(
+            f"{hf_dir} has neither model.safetensors nor "
+            "model.safetensors.index.json (only safetensors checkpoints convert)"
+        )
     with safe_open(single, framework="np") as f:
         return {name: single for name in f.keys()}
 
@@ -116,8 +122,10 @@ def _read_into(files: dict, names_and_targets: list, transposed: dict) -> None:
         with safe_open(files[name], framework="np") as f:
             array = f.get_tensor(name)
         if tuple(array.shape) != tuple(hf_shape):
-            raise ConvertError(f"tensor {name!r} has shape {tuple(array.shape)}; "
-                               f"config.json implies {tuple(hf_shape)}")
+            raise ConvertError(
+                f"tensor {name!r} has shape {tuple(array.shape)}; "
+                f"config.json implies {tuple(hf_shape)}"
+            )
         if transposed[name]:
             target.reshape(hf_shape[::-1])[...] = array.T
         else:
@@ -137,17 +145,36 @@ def read_hf_params(hf_dir: pathlib.Path, m: dict, dtype: str) -> dict:
         for i in range(m["n_layers"] if stacked else 1):
             transposed[name.format(i)] = flip
     for i in range(m["n_layers"]):
-        _read_into(files, [(name.format(i), (get_path(params, path)[i], hf_shape))
-                           for path, name, _, hf_shape, _ in layout if path[0] == "layers"],
-                   transposed)
-    _read_into(files, [(name, (get_path(params, path), hf_shape))
-                       for path, name, _, hf_shape, _ in layout if path[0] != "layers"],
-               transposed)
-    extra = [n for n in files if n not in transposed and not n.endswith(IGNORED)
-             and not (m["tie_embeddings"] and n == "lm_head.weight")]
+        _read_into(
+            files,
+            [
+                (name.format(i), (get_path(params, path)[i], hf_shape))
+                for path, name, _, hf_shape, _ in layout
+                if path[0] == "layers"
+            ],
+            transposed,
+        )
+    _read_into(
+        files,
+        [
+            (name, (get_path(params, path), hf_shape))
+            for path, name, _, hf_shape, _ in layout
+            if path[0] != "layers"
+        ],
+        transposed,
+    )
+    extra = [
+        n
+        for n in files
+        if n not in transposed
+        and not n.endswith(IGNORED)
+        and not (m["tie_embeddings"] and n == "lm_head.weight")
+    ]
     if extra:
-        raise ConvertError(f"tensors {extra[:4]}{' ...' if len(extra) > 4 else ''} have no place "
-                           "in jaxlm's model (biases? another architecture?)")
+        raise ConvertError(
+            f"tensors {extra[:4]}{' ...' if len(extra) > 4 else ''} have no place "
+            "in jaxlm's model (biases? another architecture?)"
+        )
     return params
 
 
@@ -166,20 +193,22 @@ def _copy_tokenizer(hf_dir: pathlib.Path, run_dir: epath.Path) -> str:
 def _config_file(m: dict, dtype: str, tokenizer: str, init_from: str, source: str) -> str:
     model_lines = "".join(f"    m.{k} = {v!r}\n" for k, v in m.items())
     compute = "bfloat16" if dtype != "float32" else "float32"
-    return (f'"""The model converted from {source} by python -m jaxlm.convert.\n\n'
-            f"    python -m jaxlm.train --config=THIS_FILE --workdir=runs/NAME\n\n"
-            "starts from its weights (checkpoint.init_from); set data and train fields for "
-            'your run.\n"""\n\n'
-            "from jaxlm.config import default_config\n\n\n"
-            "def get_config():\n"
-            "    config = default_config()\n"
-            "    m = config.model\n"
-            f"{model_lines}"
-            f"    m.dtype = {compute!r}\n"
-            '    m.param_dtype = "float32"  # the checkpoint is cast on restore\n'
-            f"    config.data.tokenizer = {tokenizer!r}\n"
-            f"    config.checkpoint.init_from = {init_from!r}\n"
-            "    return config\n")
+    return (
+        f'"""The model converted from {source} by python -m jaxlm.convert.\n\n'
+        f"    python -m jaxlm.train --config=THIS_FILE --workdir=runs/NAME\n\n"
+        "starts from its weights (checkpoint.init_from); set data and train fields for "
+        'your run.\n"""\n\n'
+        "from jaxlm.config import default_config\n\n\n"
+        "def get_config():\n"
+        "    config = default_config()\n"
+        "    m = config.model\n"
+        f"{model_lines}"
+        f"    m.dtype = {compute!r}\n"
+        '    m.param_dtype = "float32"  # the checkpoint is cast on restore\n'
+        f"    config.data.tokenizer = {tokenizer!r}\n"
+        f"    config.checkpoint.init_from = {init_from!r}\n"
+        "    return config\n"
+    )
 
 
 def save_params(directory: epath.Path, params: dict, meta: dict) -> None:
@@ -188,15 +217,24 @@ def save_params(directory: epath.Path, params: dict, meta: dict) -> None:
     and compresses (both buffer a second copy of the model, measured); neither is done here,
     so saving adds next to nothing to the one copy already held."""
     registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False))
+    )
     manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(create=True,
-                                                        enable_async_checkpointing=False),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(
-            use_compression=False, type_handler_registry=registry),
-            "meta": ocp.JsonCheckpointHandler()})
-    manager.save(0, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"params": params}),
-                                            meta=ocp.args.JsonSave(meta)))
+        directory,
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+        item_handlers={
+            "state": ocp.PyTreeCheckpointHandler(
+                use_compression=False, type_handler_registry=registry
+            ),
+            "meta": ocp.JsonCheckpointHandler(),
+        },
+    )
+    manager.save(
+        0,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave({"params": params}), meta=ocp.args.JsonSave(meta)
+        ),
+    )
     manager.close()
 
 
@@ -215,26 +253,38 @@ def import_hf(hf_dir, run_dir, param_dtype: str | None = None) -> epath.Path:
     if tokenizer:
         tokenizer_lib.load(tokenizer, "the tokenizer")  # fails now, not at training
     else:
-        print(f"warning: {hf_dir} has no tokenizer.model or tokenizer.json; set "
-              "config.data.tokenizer in RUN_DIR/config.py before training", file=sys.stderr)
+        print(
+            f"warning: {hf_dir} has no tokenizer.model or tokenizer.json; set "
+            "config.data.tokenizer in RUN_DIR/config.py before training",
+            file=sys.stderr,
+        )
 
     config = config_lib.default_config()
     config.model.update(m)
     config.model.param_dtype = dtype
     config.data.tokenizer = tokenizer
     params = read_hf_params(hf_dir, m, dtype)
-    save_params(run_lib.checkpoints_dir(run_dir), params, {
-        "step": 0, "config": config.to_dict(), "jaxlm_version": jaxlm.__version__,
-        "tokenizer": tokenizer, "converted_from": str(hf_dir.absolute())})
+    save_params(
+        run_lib.checkpoints_dir(run_dir),
+        params,
+        {
+            "step": 0,
+            "config": config.to_dict(),
+            "jaxlm_version": jaxlm.__version__,
+            "tokenizer": tokenizer,
+            "converted_from": str(hf_dir.absolute()),
+        },
+    )
     del params
     config_path = run_dir / "config.py"
-    config_path.write_text(_config_file(m, dtype, tokenizer,
-                                        str(run_lib.checkpoints_dir(run_dir)),
-                                        str(hf_dir)))
+    config_path.write_text(
+        _config_file(m, dtype, tokenizer, str(run_lib.checkpoints_dir(run_dir)), str(hf_dir))
+    )
     return config_path
 
 
 # --- jaxlm -> Hugging Face ----------------------------------------------------------------------
+
 
 def read_run(run) -> tuple[dict, dict, int]:
     """(the params as NumPy arrays, the checkpoint's JSON record, its step) of a jaxlm run
@@ -252,17 +302,29 @@ def merge_lora(run, out_run) -> pathlib.Path:
         raise ConvertError(f"--to={str(out_run)!r} already has checkpoints/; choose a new dir")
     params, meta, step = read_run(run)
     if not meta.get("lora_base"):
-        raise ConvertError(f"--merge_lora: {str(run)!r} is not a LoRA run (config.train."
-                           "lora_rank=0: its checkpoint holds whole weights); export it with "
-                           "--to_hf, or train from it with checkpoint.init_from")
+        raise ConvertError(
+            f"--merge_lora: {str(run)!r} is not a LoRA run (config.train."
+            "lora_rank=0: its checkpoint holds whole weights); export it with "
+            "--to_hf, or train from it with checkpoint.init_from"
+        )
     config = copy.deepcopy(meta["config"])
     config["train"]["lora_rank"] = 0
     config["checkpoint"]["init_from"] = ""
-    save_params(run_lib.checkpoints_dir(out), params, {
-        "step": 0, "config": config, "jaxlm_version": jaxlm.__version__,
-        "tokenizer": meta.get("tokenizer", ""),
-        "merged_from": {"run": str(run_lib.locate(run)[0]), "step": step,
-                        "lora_base": meta["lora_base"]}})
+    save_params(
+        run_lib.checkpoints_dir(out),
+        params,
+        {
+            "step": 0,
+            "config": config,
+            "jaxlm_version": jaxlm.__version__,
+            "tokenizer": meta.get("tokenizer", ""),
+            "merged_from": {
+                "run": str(run_lib.locate(run)[0]),
+                "step": step,
+                "lora_base": meta["lora_base"],
+            },
+        },
+    )
     return pathlib.Path(run_lib.checkpoints_dir(out))
 
 
@@ -285,8 +347,10 @@ def _export_tokenizer(path: str, out: pathlib.Path) -> tuple[int | None, int | N
     """Copy the run's tokenizer (local or gs://, and Hugging Face files beside it) into the
     local `out`; (bos id, eos id)."""
     if not path or not epath.Path(path).is_file():
-        print(f"warning: the run's tokenizer {path!r} is not there; writing no tokenizer",
-              file=sys.stderr)
+        print(
+            f"warning: the run's tokenizer {path!r} is not there; writing no tokenizer",
+            file=sys.stderr,
+        )
         return None, None
     source = epath.Path(path)
     name = "tokenizer.json" if source.suffix == ".json" else "tokenizer.model"
@@ -297,13 +361,33 @@ def _export_tokenizer(path: str, out: pathlib.Path) -> tuple[int | None, int | N
     tok = tokenizer_lib.load(out / name, "the run's tokenizer")
     ids = tok.bos_id(), tok.eos_id()
     if not (out / "tokenizer_config.json").is_file():  # a tokenizer jaxlm trained
-        special = {f"{k}_token": tok.id_to_piece(i) for k, i in
-                   (("bos", ids[0]), ("eos", ids[1]), ("unk", tok.unk_id()),
-                    ("pad", tok.pad_id())) if i >= 0} if name == "tokenizer.model" else {}
+        special = (
+            {
+                f"{k}_token": tok.id_to_piece(i)
+                for k, i in (
+                    ("bos", ids[0]),
+                    ("eos", ids[1]),
+                    ("unk", tok.unk_id()),
+                    ("pad", tok.pad_id()),
+                )
+                if i >= 0
+            }
+            if name == "tokenizer.model"
+            else {}
+        )
         kind = "LlamaTokenizer" if name == "tokenizer.model" else "PreTrainedTokenizerFast"
-        (out / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": kind, "add_bos_token": True, "add_eos_token": False,
-             "legacy": False, **special}, indent=2))
+        (out / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": kind,
+                    "add_bos_token": True,
+                    "add_eos_token": False,
+                    "legacy": False,
+                    **special,
+                },
+                indent=2,
+            )
+        )
     return tuple(i if i >= 0 else None for i in ids)
 
 
@@ -318,18 +402,27 @@ def export_hf(run, out_dir, max_shard_size: str | int = "5GB", dtype: str | None
     dtype = dtype or m["param_dtype"]
     tensors = {name: (size, make) for name, _, size, make in hf_tensors(params, m, dtype)}
     split = split_state_dict_into_shards_factory(
-        tensors, get_storage_size=lambda t: t[0],
-        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+        tensors,
+        get_storage_size=lambda t: t[0],
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
     for filename, names in split.filename_to_tensors.items():
         save_file({n: tensors[n][1]() for n in names}, out / filename, metadata={"format": "pt"})
     if split.is_sharded:
-        index = {"metadata": {"total_size": sum(size for size, _ in tensors.values())},
-                 "weight_map": split.tensor_to_filename}
+        index = {
+            "metadata": {"total_size": sum(size for size, _ in tensors.values())},
+            "weight_map": split.tensor_to_filename,
+        }
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    bos, eos = _export_tokenizer(meta.get("tokenizer") or
-                                 meta["config"].get("data", {}).get("tokenizer", ""), out)
-    max_positions = (m["rope_original_max_position"] * m["rope_scaling_factor"]
-                     if m["rope_scaling"] else meta["config"].get("data", {}).get("seq_len", 4096))
+    bos, eos = _export_tokenizer(
+        meta.get("tokenizer") or meta["config"].get("data", {}).get("tokenizer", ""), out
+    )
+    max_positions = (
+        m["rope_original_max_position"] * m["rope_scaling_factor"]
+        if m["rope_scaling"]
+        else meta["config"].get("data", {}).get("seq_len", 4096)
+    )
     config = hf_config.from_jaxlm(m, m["head_dim"], dtype, int(max_positions), bos, eos)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     print(f"wrote {out} from step {step}: {len(split.filename_to_tensors)} safetensors file(s)")
@@ -337,21 +430,34 @@ def export_hf(run, out_dir, max_shard_size: str | int = "5GB", dtype: str | None
 
 # --- command line -------------------------------------------------------------------------------
 
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxlm.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jaxlm.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--from_hf", help="a Hugging Face Llama directory (config.json, safetensors)")
     p.add_argument("--to", help="with --from_hf or --merge_lora: the run directory to create")
-    p.add_argument("--param_dtype", choices=sorted(set(DTYPES.values())),
-                   help="with --from_hf: the checkpoint's dtype (default: the source's)")
+    p.add_argument(
+        "--param_dtype",
+        choices=sorted(set(DTYPES.values())),
+        help="with --from_hf: the checkpoint's dtype (default: the source's)",
+    )
     p.add_argument("--from_run", help="a jaxlm run directory, its checkpoints/ or one step")
     p.add_argument("--to_hf", help="with --from_run: the Hugging Face directory to write")
-    p.add_argument("--merge_lora", action="store_true",
-                   help="with --from_run (a LoRA run) and --to: write its adapters merged into "
-                        "its base as a plain checkpoint")
+    p.add_argument(
+        "--merge_lora",
+        action="store_true",
+        help="with --from_run (a LoRA run) and --to: write its adapters merged into "
+        "its base as a plain checkpoint",
+    )
     p.add_argument("--max_shard_size", default="5GB", help="with --to_hf: e.g. 5GB, 500MB")
-    p.add_argument("--dtype", choices=sorted(set(DTYPES.values())),
-                   help="with --to_hf: the tensors' dtype (default: the params')")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(set(DTYPES.values())),
+        help="with --to_hf: the tensors' dtype (default: the params')",
+    )
     args = p.parse_args(argv)
     args.max_shard_size = cli.size_in_bytes(args.max_shard_size, "--max_shard_size")
     if bool(args.from_hf) == bool(args.from_run):
@@ -371,13 +477,17 @@ def main(argv=None) -> None:
     try:
         if args.from_hf:
             config_path = import_hf(args.from_hf, args.to, args.param_dtype)
-            print(f"wrote {run_lib.checkpoints_dir(args.to)} and {config_path}; train with "
-                  f"python -m jaxlm.train --config={config_path} --workdir=runs/NAME")
+            print(
+                f"wrote {run_lib.checkpoints_dir(args.to)} and {config_path}; train with "
+                f"python -m jaxlm.train --config={config_path} --workdir=runs/NAME"
+            )
         elif args.merge_lora:
             directory = merge_lora(args.from_run, args.to)
-            print(f"wrote {directory}: the LoRA run merged into its base; export with "
-                  f"--from_run={args.to} --to_hf=DIR, or train from it with "
-                  f"checkpoint.init_from={directory}")
+            print(
+                f"wrote {directory}: the LoRA run merged into its base; export with "
+                f"--from_run={args.to} --to_hf=DIR, or train from it with "
+                f"checkpoint.init_from={directory}"
+            )
         else:
             export_hf(args.from_run, args.to_hf, args.max_shard_size, args.dtype)
     except (ConvertError, files.PathError) as e:

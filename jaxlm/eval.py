@@ -48,7 +48,6 @@ from jaxlm import run as run_lib
 LOGITS_BUDGET = 1 << 27  # float32 logits held at once, per device (512 MiB)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Request:
     """Score `continuation` (token ids, at least one) after `context` (at least one)."""
@@ -71,11 +70,14 @@ def _token_scores(cfg: model_lib.ModelConfig, rules: tuple, chunk: int, params, 
     """Log-probability of each target [b, l] and whether it is the argmax, a `chunk` of
     positions at a time so whole float32 logits are never held."""
     with nn.logical_axis_rules(rules):
-        hidden, head = model_lib.Transformer(cfg).apply({"params": params}, inputs,
-                                                        head_inputs=True)
+        hidden, head = model_lib.Transformer(cfg).apply(
+            {"params": params}, inputs, head_inputs=True
+        )
         b, length, d = hidden.shape
-        pieces = (hidden.reshape(b, length // chunk, chunk, d).swapaxes(0, 1),
-                  targets.reshape(b, length // chunk, chunk).swapaxes(0, 1))
+        pieces = (
+            hidden.reshape(b, length // chunk, chunk, d).swapaxes(0, 1),
+            targets.reshape(b, length // chunk, chunk).swapaxes(0, 1),
+        )
 
         def score(piece):
             h, t = piece
@@ -104,27 +106,27 @@ def score(run: run_lib.Run, requests: Sequence[Request], batch_size: int = 16) -
     for i, r in enumerate(requests):
         if not r.context or not r.continuation:
             raise EvalError(f"request {i} has an empty context or continuation")
-        tokens = (r.context + r.continuation)[-(run.max_len + 1):]
+        tokens = (r.context + r.continuation)[-(run.max_len + 1) :]
         prepared.append((i, np.asarray(tokens, np.int32), min(len(r.continuation), run.max_len)))
     prepared.sort(key=lambda p: -len(p[1]))  # similar lengths share a batch and its padding
     for start in range(0, len(prepared), rows):
-        batch = prepared[start:start + rows]
+        batch = prepared[start : start + rows]
         length = gen.bucket_length(max(len(t) - 1 for _, t, _ in batch), run.max_len)
         inputs = np.zeros((rows, length), np.int32)
         targets = np.zeros((rows, length), np.int32)
         for row, (_, tokens, _) in enumerate(batch):
-            inputs[row, :len(tokens) - 1] = tokens[:-1]
-            targets[row, :len(tokens) - 1] = tokens[1:]
+            inputs[row, : len(tokens) - 1] = tokens[:-1]
+            targets[row, : len(tokens) - 1] = tokens[1:]
         budget = LOGITS_BUDGET * run.mesh.devices.size // (rows * run.config.vocab_size)
-        chunk = max([c for c in range(1, length + 1) if length % c == 0 and c <= budget],
-                    default=1)
+        chunk = max([c for c in range(1, length + 1) if length % c == 0 and c <= budget], default=1)
         with jax.set_mesh(run.mesh):
             logprob, greedy = _token_scores(run.config, rules, chunk, run.params, inputs, targets)
         logprob, greedy = np.asarray(logprob, np.float64), np.asarray(greedy)
         for row, (i, tokens, n) in enumerate(batch):
             end = len(tokens) - 1
-            scored[i] = Score(float(logprob[row, end - n:end].sum()),
-                              bool(greedy[row, end - n:end].all()))
+            scored[i] = Score(
+                float(logprob[row, end - n : end].sum()), bool(greedy[row, end - n : end].all())
+            )
     return scored
 
 
@@ -134,37 +136,49 @@ def score(run: run_lib.Run, requests: Sequence[Request], batch_size: int = 16) -
 def document_requests(tokens: np.ndarray, max_len: int) -> list[Request]:
     """Windows predicting tokens[1:], each up to max_len tokens from the one before it."""
     tokens = tuple(int(t) for t in tokens)
-    return [Request(tokens[start - 1:start], tokens[start:start + max_len])
-            for start in range(1, len(tokens), max_len)]
+    return [
+        Request(tokens[start - 1 : start], tokens[start : start + max_len])
+        for start in range(1, len(tokens), max_len)
+    ]
 
 
 def masked_requests(tokens: np.ndarray, mask: np.ndarray) -> list[Request]:
     """One request per run of trained tokens (an SFT document's responses), after all that
     precedes it."""
     tokens, edges = [int(t) for t in tokens], np.diff(np.concatenate([[0], mask != 0, [0]]))
-    return [Request(tuple(tokens[:start]), tuple(tokens[start:end]))
-            for start, end in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))
-            if start > 0]
+    return [
+        Request(tuple(tokens[:start]), tuple(tokens[start:end]))
+        for start, end in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))
+        if start > 0
+    ]
 
 
-def score_documents(run: run_lib.Run, documents: Iterable[np.ndarray], batch_size: int = 16,
-                    n_bytes: int | None = None) -> dict:
+def score_documents(
+    run: run_lib.Run,
+    documents: Iterable[np.ndarray],
+    batch_size: int = 16,
+    n_bytes: int | None = None,
+) -> dict:
     """Loss (mean NLL per predicted token, nats), perplexity, token and document counts; with
     the texts' UTF-8 byte count, bits per byte as well. A [2, n] document (tokens and loss
     mask, as SFT data is prepared) is scored on its masked-in tokens only."""
     requests, n_documents = [], 0
     for doc in documents:
-        requests += (masked_requests(*doc) if doc.ndim == 2
-                     else document_requests(doc, run.max_len))
+        requests += masked_requests(*doc) if doc.ndim == 2 else document_requests(doc, run.max_len)
         n_documents += 1
     if not requests:
-        raise EvalError("no document has a token to predict (two or more tokens; SFT data: "
-                        "a response)")
+        raise EvalError(
+            "no document has a token to predict (two or more tokens; SFT data: a response)"
+        )
     scores = score(run, requests, batch_size)
     total = -sum(s.logprob for s in scores)
     tokens = sum(len(r.continuation) for r in requests)
-    result = {"loss": total / tokens, "perplexity": math.exp(total / tokens), "tokens": tokens,
-              "documents": n_documents}
+    result = {
+        "loss": total / tokens,
+        "perplexity": math.exp(total / tokens),
+        "tokens": tokens,
+        "documents": n_documents,
+    }
     if n_bytes:
         result["bits_per_byte"] = total / math.log(2) / n_bytes
     return result
@@ -194,11 +208,15 @@ def prepared_documents(run: run_lib.Run, root: str, split: str):
         raise EvalError(str(e)) from None
     if split not in dataset.metadata["splits"]:
         raise EvalError(f"--split={split!r}: {root} has splits {list(dataset.metadata['splits'])}")
-    if run.tokenizer_path and (prepared.file_sha256(dataset.tokenizer_path)
-                               != prepared.file_sha256(run.tokenizer_path)):
-        raise EvalError(f"--data={root} was tokenized with {dataset.tokenizer_path}, not the "
-                        f"run's tokenizer {run.tokenizer_path}: its token ids mean other "
-                        "pieces. Prepare the data again with --tokenizer=" f"{run.tokenizer_path}")
+    if run.tokenizer_path and (
+        prepared.file_sha256(dataset.tokenizer_path) != prepared.file_sha256(run.tokenizer_path)
+    ):
+        raise EvalError(
+            f"--data={root} was tokenized with {dataset.tokenizer_path}, not the "
+            f"run's tokenizer {run.tokenizer_path}: its token ids mean other "
+            "pieces. Prepare the data again with --tokenizer="
+            f"{run.tokenizer_path}"
+        )
     docs = dataset.documents(split)
     return (docs[i] for i in range(len(docs)))
 
@@ -230,17 +248,27 @@ def read_items(path: str) -> list[Item]:
             row = json.loads(line)
             context, choices, answer = row["context"], row["choices"], row["answer"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise EvalError(f"{where}: expected a JSON object with \"context\" (a string), "
-                            "\"choices\" (a list of strings) and \"answer\" (the right "
-                            "choice's index)") from None
-        ok = (isinstance(context, str) and isinstance(choices, list) and len(choices) >= 2
-              and all(isinstance(c, str) and c for c in choices))
+            raise EvalError(
+                f'{where}: expected a JSON object with "context" (a string), '
+                '"choices" (a list of strings) and "answer" (the right '
+                "choice's index)"
+            ) from None
+        ok = (
+            isinstance(context, str)
+            and isinstance(choices, list)
+            and len(choices) >= 2
+            and all(isinstance(c, str) and c for c in choices)
+        )
         if not ok:
-            raise EvalError(f"{where}: \"context\" must be a string and \"choices\" a list of "
-                            "two or more non-empty strings")
+            raise EvalError(
+                f'{where}: "context" must be a string and "choices" a list of '
+                "two or more non-empty strings"
+            )
         if type(answer) is not int or not 0 <= answer < len(choices):
-            raise EvalError(f"{where}: \"answer\" is {answer!r}; it must be an index into "
-                            f"\"choices\" (0 to {len(choices) - 1})")
+            raise EvalError(
+                f'{where}: "answer" is {answer!r}; it must be an index into '
+                f'"choices" (0 to {len(choices) - 1})'
+            )
         items.append(Item(context, tuple(choices), answer, where))
     if not items:
         raise EvalError(f"--choices={path!r} has no items")
@@ -249,13 +277,13 @@ def read_items(path: str) -> list[Item]:
 
 def choice_requests(tokenizer, item: Item) -> list[Request]:
     """One request per choice, split into context and continuation as the harness does."""
-    context, spaces = item.context.rstrip(" "), item.context[len(item.context.rstrip(" ")):]
+    context, spaces = item.context.rstrip(" "), item.context[len(item.context.rstrip(" ")) :]
     bos = [tokenizer.bos_id()] if tokenizer.bos_id() >= 0 else []
     context_tokens = tokenizer.encode(context) if context else []
     requests = []
     for choice in item.choices:
         whole = tokenizer.encode(context + spaces + choice)
-        continuation = whole[len(context_tokens):]
+        continuation = whole[len(context_tokens) :]
         if not bos and not context_tokens:
             raise EvalError(f"{item.where}: an empty context needs a tokenizer with a BOS token")
         if not continuation:
@@ -274,10 +302,20 @@ def score_choices(run: run_lib.Run, items: Sequence[Item], batch_size: int = 16)
         normalised = logprobs / np.array([len(c) for c in item.choices])
         right += int(np.argmax(logprobs) == item.answer)
         right_norm += int(np.argmax(normalised) == item.answer)
-        per_item.append({"where": item.where, "logprobs": logprobs.tolist(),
-                         "pick": int(np.argmax(logprobs)), "answer": item.answer})
-    return {"acc": right / len(items), "acc_norm": right_norm / len(items), "items": len(items),
-            "per_item": per_item}
+        per_item.append(
+            {
+                "where": item.where,
+                "logprobs": logprobs.tolist(),
+                "pick": int(np.argmax(logprobs)),
+                "answer": item.answer,
+            }
+        )
+    return {
+        "acc": right / len(items),
+        "acc_norm": right_norm / len(items),
+        "items": len(items),
+        "per_item": per_item,
+    }
 
 
 # ---------------------------------------------------------------- command line
@@ -291,17 +329,23 @@ def main(argv):
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments {argv[1:]}")
     if not f.data and not f.choices:
-        raise SystemExit("error: give --data (documents: a prepared dataset or JSONL texts) "
-                         "and/or --choices (multiple-choice JSONL)")
+        raise SystemExit(
+            "error: give --data (documents: a prepared dataset or JSONL texts) "
+            "and/or --choices (multiple-choice JSONL)"
+        )
     if f.batch_size < 1:
         raise SystemExit(f"error: --batch_size={f.batch_size} is invalid: at least 1")
     results = {}
     try:
         output = files.output_file(f.output, "--output") if f.output else None
-        run = run_lib.load(f["from"].value, f.tokenizer, f.step, f.tensor, shard_rows=True,
-                           unstack=False)
-        print(f"{f['from'].value} step {run.step} on {run.mesh.devices.size} devices "
-              f"({dict(run.mesh.shape)}), context {run.max_len}", flush=True)
+        run = run_lib.load(
+            f["from"].value, f.tokenizer, f.step, f.tensor, shard_rows=True, unstack=False
+        )
+        print(
+            f"{f['from'].value} step {run.step} on {run.mesh.devices.size} devices "
+            f"({dict(run.mesh.shape)}), context {run.max_len}",
+            flush=True,
+        )
         if f.data:
             if epath.Path(f.data).is_dir():
                 docs, n_bytes, skipped = prepared_documents(run, f.data, f.split), None, []
@@ -317,31 +361,39 @@ def main(argv):
                 print(f"skipped {line}")
             results["documents"] = score_documents(run, docs, f.batch_size, n_bytes)
             r = results["documents"]
-            print(f"documents: loss {r['loss']:.4f} | perplexity {r['perplexity']:.3f} | "
-                  f"{r['tokens']} tokens in {r['documents']} documents"
-                  + (f" | {r['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in r else ""))
+            print(
+                f"documents: loss {r['loss']:.4f} | perplexity {r['perplexity']:.3f} | "
+                f"{r['tokens']} tokens in {r['documents']} documents"
+                + (f" | {r['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in r else "")
+            )
         if f.choices:
             results["choices"] = score_choices(run, read_items(f.choices), f.batch_size)
             r = results["choices"]
-            print(f"choices: acc {r['acc']:.4f} | acc_norm {r['acc_norm']:.4f} | "
-                  f"{r['items']} items")
+            print(
+                f"choices: acc {r['acc']:.4f} | acc_norm {r['acc_norm']:.4f} | {r['items']} items"
+            )
     except (EvalError, run_lib.RunError, files.PathError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     if output:
-        output.write_text(json.dumps({"from": f["from"].value, "step": run.step, **results},
-                                     indent=1))
+        output.write_text(
+            json.dumps({"from": f["from"].value, "step": run.step, **results}, indent=1)
+        )
         print(f"wrote {f.output}")
 
 
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_string("data", None, "Documents: a prepared dataset directory, or JSONL/.txt "
-                        "texts (a glob; .gz/.zst read too).")
+    flags.DEFINE_string(
+        "data",
+        None,
+        "Documents: a prepared dataset directory, or JSONL/.txt texts (a glob; .gz/.zst read too).",
+    )
     flags.DEFINE_string("split", "validation", "The prepared dataset's split to score.")
     flags.DEFINE_string("text_key", "text", "The JSONL field holding each text.")
-    flags.DEFINE_string("choices", None, "Multiple-choice JSONL: {\"context\", \"choices\", "
-                        "\"answer\"} per line.")
+    flags.DEFINE_string(
+        "choices", None, 'Multiple-choice JSONL: {"context", "choices", "answer"} per line.'
+    )
     flags.DEFINE_integer("batch_size", 16, "Rows per forward pass (rounded up to the devices).")
     flags.DEFINE_string("output", None, "Also write the results (and per-item scores) as JSON.")
 

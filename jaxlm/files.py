@@ -25,19 +25,22 @@ def path(value: epath.PathLike) -> epath.Path:
     return p.expanduser().absolute() if is_local(p) else p
 
 
-
 def make_dir(value: epath.PathLike, flag: str) -> epath.Path:
     """Create the directory `value` (given as `flag`), or say in one line why it cannot be one:
     a file in the way, or a place that cannot be written (a read-only mount)."""
     directory = path(value)
     if directory.exists() and not directory.is_dir():
-        raise PathError(f"{flag}={directory} is a file, not a directory; give a new "
-                        "directory, or an earlier one to reuse it")
+        raise PathError(
+            f"{flag}={directory} is a file, not a directory; give a new "
+            "directory, or an earlier one to reuse it"
+        )
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise PathError(f"{flag}={directory} cannot be created ({e.strerror or e}); choose a "
-                        "directory you can write to") from e
+        raise PathError(
+            f"{flag}={directory} cannot be created ({e.strerror or e}); choose a "
+            "directory you can write to"
+        ) from e
     return directory
 
 
@@ -46,8 +49,9 @@ def output_file(value: epath.PathLike, flag: str) -> epath.Path:
     and its directory created."""
     out = path(value)
     if out.is_dir():
-        raise PathError(f"{flag}={value} is a directory; give a file name, e.g. "
-                        f"{flag}={out / 'results.jsonl'}")
+        raise PathError(
+            f"{flag}={value} is a directory; give a file name, e.g. {flag}={out / 'results.jsonl'}"
+        )
     make_dir(out.parent, f"{flag}'s directory")
     return out
 

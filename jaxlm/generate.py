@@ -43,7 +43,6 @@ CACHE_ROUND = 128  # cache slots are a multiple of this (or the whole context)
 MIN_BUCKET = 16  # the shortest prompt bucket
 
 
-
 def bucket_length(length: int, max_len: int) -> int:
     """The padded prompt length: the next power of two (at least MIN_BUCKET), at most max_len."""
     return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), max_len)
@@ -64,8 +63,11 @@ def init_cache(cfg: model_lib.ModelConfig, batch: int, slots: int) -> dict | lis
     names = ("layers", "batch", "act_kv_heads", None, None)
 
     def one():
-        return {name: nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype), names)
-                for name in ("k", "v")}
+        return {
+            name: nn.with_logical_constraint(jnp.zeros(shape, cfg.dtype), names)
+            for name in ("k", "v")
+        }
+
     return one() if cfg.scan_layers else [one() for _ in range(cfg.n_layers)]
 
 
@@ -110,8 +112,12 @@ def _prefill(static: _Static, slots: int, params, tokens, lengths, key):
         batch, length = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
         (hidden, head), cache = model_lib.Transformer(static.cfg).apply(
-            {"params": params}, tokens, positions, head_inputs=True,
-            cache=init_cache(static.cfg, batch, slots))
+            {"params": params},
+            tokens,
+            positions,
+            head_inputs=True,
+            cache=init_cache(static.cfg, batch, slots),
+        )
         last = hidden[jnp.arange(batch), lengths - 1][:, None]  # each row's last real token
         logits = model_lib.logits_dot(last, head)[:, 0]
         return sample(logits, key, static.temperature, static.top_k, static.top_p), cache
@@ -122,7 +128,8 @@ def _decode(static: _Static, params, cache, tokens, positions, key):
     """One token per row: feed `tokens` [b] at `positions` [b], sample the next."""
     with nn.logical_axis_rules(static.rules):
         logits, cache = model_lib.Transformer(static.cfg).apply(
-            {"params": params}, tokens[:, None], positions[:, None], cache=cache)
+            {"params": params}, tokens[:, None], positions[:, None], cache=cache
+        )
         return sample(logits[:, 0], key, static.temperature, static.top_k, static.top_p), cache
 
 
@@ -133,8 +140,10 @@ def _check(prompts, cfg, max_len, max_new_tokens, temperature, top_k, top_p):
         if len(p) == 0:
             raise GenerateError(f"prompt {i} is empty: give at least one token")
         if len(p) >= max_len:
-            raise GenerateError(f"prompt {i} has {len(p)} tokens; the model's context is "
-                                f"{max_len} tokens, so a prompt may have at most {max_len - 1}")
+            raise GenerateError(
+                f"prompt {i} has {len(p)} tokens; the model's context is "
+                f"{max_len} tokens, so a prompt may have at most {max_len - 1}"
+            )
         if min(p) < 0 or max(p) >= cfg.vocab_size:
             raise GenerateError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
     check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -142,8 +151,9 @@ def _check(prompts, cfg, max_len, max_new_tokens, temperature, top_k, top_p):
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
     if not 0 < top_p <= 1:
-        raise GenerateError(f"top_p={top_p} is invalid: it must lie in (0, 1] (1: no nucleus "
-                            "filtering)")
+        raise GenerateError(
+            f"top_p={top_p} is invalid: it must lie in (0, 1] (1: no nucleus filtering)"
+        )
     if temperature < 0:
         raise GenerateError(f"temperature={temperature} is invalid: 0 (greedy) or more")
     if top_k < 0:
@@ -152,33 +162,50 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
         raise GenerateError(f"max_new_tokens={max_new_tokens} is invalid: at least 1")
 
 
-def stream(params, config: model_lib.ModelConfig, prompts_tokens: Sequence[Sequence[int]], *,
-           max_len: int, max_new_tokens: int = 128, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, mesh=None,
-           rules: Sequence = ()) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def stream(
+    params,
+    config: model_lib.ModelConfig,
+    prompts_tokens: Sequence[Sequence[int]],
+    *,
+    max_len: int,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_id: int | None = None,
+    mesh=None,
+    rules: Sequence = (),
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Generate for a batch of prompts, yielding after each step (tokens, emitted, done),
     NumPy [batch] each: row i's completion grows by tokens[i] where emitted[i]; done[i] once
     row i has produced eos_id (not emitted) or max_new_tokens tokens, or filled the context
     (`max_len`, the length the model was trained on). Runs under `mesh` (if given) with the
     logical axis `rules` the params were sharded by; see `generate` for the rest."""
     _check(prompts_tokens, config, max_len, max_new_tokens, temperature, top_k, top_p)
-    static = _Static(config, tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in rules),
-                     float(temperature), int(top_k), float(top_p))
+    static = _Static(
+        config,
+        tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in rules),
+        float(temperature),
+        int(top_k),
+        float(top_p),
+    )
     lengths = np.array([len(p) for p in prompts_tokens], np.int32)
     bucket = bucket_length(int(lengths.max()), max_len)
     slots = cache_slots(bucket, max_new_tokens, max_len)
     budget = np.minimum(max_new_tokens, max_len - lengths)  # new tokens each row may have
     tokens = np.zeros((len(lengths), bucket), np.int32)
     for i, p in enumerate(prompts_tokens):
-        tokens[i, :len(p)] = p
+        tokens[i, : len(p)] = p
     key = jax.random.key(seed)
 
     def on_mesh():  # entered around each call only: the caller's code between steps is its own
         return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
     with on_mesh():
-        pending, cache = _prefill(static, slots, params, tokens, lengths,
-                                  jax.random.fold_in(key, 0))
+        pending, cache = _prefill(
+            static, slots, params, tokens, lengths, jax.random.fold_in(key, 0)
+        )
     count, done = np.zeros_like(lengths), np.zeros(len(lengths), bool)
     for step in range(int(budget.max())):
         current = pending
@@ -186,8 +213,9 @@ def stream(params, config: model_lib.ModelConfig, prompts_tokens: Sequence[Seque
             # a finished row keeps running in lockstep, parked in its last slot
             positions = np.minimum(lengths + step, slots - 1).astype(np.int32)
             with on_mesh():
-                pending, cache = _decode(static, params, cache, current, positions,
-                                         jax.random.fold_in(key, step + 1))
+                pending, cache = _decode(
+                    static, params, cache, current, positions, jax.random.fold_in(key, step + 1)
+                )
         new = np.asarray(current)
         eos = (new == eos_id) if eos_id is not None else np.zeros_like(done)
         emitted = ~done & ~eos
@@ -198,8 +226,9 @@ def stream(params, config: model_lib.ModelConfig, prompts_tokens: Sequence[Seque
             break
 
 
-def generate(params, config: model_lib.ModelConfig, prompts_tokens: Sequence[Sequence[int]],
-             **kwargs) -> list[list[int]]:
+def generate(
+    params, config: model_lib.ModelConfig, prompts_tokens: Sequence[Sequence[int]], **kwargs
+) -> list[list[int]]:
     """The new tokens of each prompt (a list of token-id lists, any lengths), EOS left out.
 
     `params` are the Transformer's (as restored by jaxlm.run's `load`, or any other); `config` its
@@ -221,8 +250,10 @@ def _read_prompts(texts: list[str], path: str | None) -> list[str]:
     prompts = list(texts)
     if path:
         if not epath.Path(path).is_file():
-            raise GenerateError(f"--prompts_file={path}: no such file; give a JSONL file of "
-                                '{"prompt": TEXT} lines')
+            raise GenerateError(
+                f"--prompts_file={path}: no such file; give a JSONL file of "
+                '{"prompt": TEXT} lines'
+            )
         for n, line in enumerate(epath.Path(path).read_text().splitlines(), 1):
             if not line.strip():
                 continue
@@ -230,8 +261,10 @@ def _read_prompts(texts: list[str], path: str | None) -> list[str]:
                 row = json.loads(line)
                 prompts.append(row["prompt"] if isinstance(row, dict) else row)
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise GenerateError(f"{path} line {n}: expected a JSON object with a \"prompt\" "
-                                    "string (or a JSON string)") from None
+                raise GenerateError(
+                    f'{path} line {n}: expected a JSON object with a "prompt" '
+                    "string (or a JSON string)"
+                ) from None
     if not prompts:
         raise GenerateError("no prompts: give --prompt=TEXT (repeatable) or --prompts_file=F.jsonl")
     for i, p in enumerate(prompts):
@@ -245,7 +278,7 @@ def completion_text(sp, prompt_tokens: list[int], completion: list[int]) -> str:
     drop the space that starts it); a trailing partial multi-byte character is left out."""
     prompt = sp.decode(prompt_tokens)
     text = sp.decode(prompt_tokens + completion)
-    text = text[len(prompt):] if text.startswith(prompt) else sp.decode(completion)
+    text = text[len(prompt) :] if text.startswith(prompt) else sp.decode(completion)
     return text.rstrip("\ufffd")
 
 
@@ -253,8 +286,9 @@ class _Printer:
     """Streams completions to the console in order: the first prompt's as it grows; once its
     row finishes, the next prompt with what its row produced meanwhile, and so on."""
 
-    def __init__(self, sp, prompts: list[str], tokens: list[list[int]], first_index: int,
-                 out=sys.stdout):
+    def __init__(
+        self, sp, prompts: list[str], tokens: list[list[int]], first_index: int, out=sys.stdout
+    ):
         self.sp, self.prompts, self.tokens, self.first = sp, prompts, tokens, first_index
         self.out, self.row, self.shown = out, 0, None  # None: the row's prompt not printed yet
 
@@ -265,7 +299,7 @@ class _Printer:
                 self.shown = ""
             text = completion_text(self.sp, self.tokens[self.row], completions[self.row])
             if text.startswith(self.shown):
-                self.out.write(text[len(self.shown):])
+                self.out.write(text[len(self.shown) :])
                 self.shown = text
             if not done[self.row]:
                 break
@@ -278,13 +312,14 @@ def run_prompts(run: run_lib.Run, prompts: list[str], batch_size: int, printer=N
     """Completions (dicts for JSONL) of text prompts, `batch_size` at a time."""
     sp, results = run.tokenizer, []
     for start in range(0, len(prompts), batch_size):
-        texts = prompts[start:start + batch_size]
+        texts = prompts[start : start + batch_size]
         bos = [sp.bos_id()] if sp.bos_id() >= 0 else []  # training documents start with BOS
         tokens = [bos + sp.encode(t) for t in texts]
         completions, finished = [[] for _ in texts], [None] * len(texts)
         printer_rows = printer(texts, tokens, start) if printer else None
-        for new, emitted, done in stream(run.params, run.config, tokens, **run.kwargs(),
-                                         **sampling):
+        for new, emitted, done in stream(
+            run.params, run.config, tokens, **run.kwargs(), **sampling
+        ):
             for i in range(len(texts)):
                 if emitted[i]:
                     completions[i].append(int(new[i]))
@@ -292,8 +327,10 @@ def run_prompts(run: run_lib.Run, prompts: list[str], batch_size: int, printer=N
                     finished[i] = "length" if emitted[i] else "eos"
             if printer_rows:
                 printer_rows.update(completions, done)
-        results += [{"prompt": t, "completion": completion_text(sp, p, c), "tokens": c,
-                     "stop": s} for t, p, c, s in zip(texts, tokens, completions, finished)]
+        results += [
+            {"prompt": t, "completion": completion_text(sp, p, c), "tokens": c, "stop": s}
+            for t, p, c, s in zip(texts, tokens, completions, finished)
+        ]
     return results
 
 
@@ -310,8 +347,13 @@ def main(argv):
         check_sampling(f.max_new_tokens, f.temperature, f.top_k, f.top_p)
         if f.batch_size < 1:
             raise GenerateError(f"--batch_size={f.batch_size} is invalid: at least 1")
-        sampling = dict(max_new_tokens=f.max_new_tokens, temperature=f.temperature,
-                        top_k=f.top_k, top_p=f.top_p, seed=f.seed)
+        sampling = dict(
+            max_new_tokens=f.max_new_tokens,
+            temperature=f.temperature,
+            top_k=f.top_k,
+            top_p=f.top_p,
+            seed=f.seed,
+        )
         run = run_lib.load(f["from"].value, f.tokenizer, f.step, f.tensor)
         printer = None if f.output else functools.partial(_Printer, run.tokenizer)
         results = run_prompts(run, prompts, f.batch_size, printer, **sampling)
@@ -326,7 +368,7 @@ def _define_flags():
     from absl import flags
 
     flags.DEFINE_multi_string("prompt", [], "A prompt; repeat for several.")
-    flags.DEFINE_string("prompts_file", None, "JSONL of {\"prompt\": TEXT} lines.")
+    flags.DEFINE_string("prompts_file", None, 'JSONL of {"prompt": TEXT} lines.')
     flags.DEFINE_string("output", None, "Write JSONL completions here instead of streaming.")
     flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt at most.")
     flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 is greedy.")

@@ -21,20 +21,24 @@ def _field(hf: dict, name: str, default=None):
 def _check_unsupported(hf: dict) -> None:
     model_type = hf.get("model_type")
     if model_type != "llama":
-        raise ConvertError(f"config.json model_type={model_type!r}: only 'llama' (LlamaForCausalLM "
-                           "and its Llama-2/3 checkpoints) converts to jaxlm's model")
+        raise ConvertError(
+            f"config.json model_type={model_type!r}: only 'llama' (LlamaForCausalLM "
+            "and its Llama-2/3 checkpoints) converts to jaxlm's model"
+        )
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConvertError(f"config.json hidden_act={act!r}: jaxlm's MLP is SwiGLU ('silu')")
     for name in ("attention_bias", "mlp_bias"):
         if hf.get(name):
-            raise ConvertError(f"config.json {name}={hf[name]!r}: jaxlm's projections have no "
-                               "biases")
+            raise ConvertError(
+                f"config.json {name}={hf[name]!r}: jaxlm's projections have no biases"
+            )
     for name in ("sliding_window", "layer_types"):
-        if hf.get(name) and (name != "layer_types"
-                             or set(hf[name]) != {"full_attention"}):
-            raise ConvertError(f"config.json {name}={hf[name]!r}: jaxlm attends over the whole "
-                               "causal context (no sliding window)")
+        if hf.get(name) and (name != "layer_types" or set(hf[name]) != {"full_attention"}):
+            raise ConvertError(
+                f"config.json {name}={hf[name]!r}: jaxlm attends over the whole "
+                "causal context (no sliding window)"
+            )
 
 
 def _rope(hf: dict) -> dict:
@@ -49,17 +53,26 @@ def _rope(hf: dict) -> dict:
     if kind == "default":
         return fields
     if kind != "llama3":
-        raise ConvertError(f"config.json {where}.rope_type={kind!r}: jaxlm implements 'default' "
-                           "and 'llama3' rotary embeddings")
-    for key in ("factor", "low_freq_factor", "high_freq_factor",
-                "original_max_position_embeddings"):
+        raise ConvertError(
+            f"config.json {where}.rope_type={kind!r}: jaxlm implements 'default' "
+            "and 'llama3' rotary embeddings"
+        )
+    for key in (
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+    ):
         if key not in params:
             raise ConvertError(f"config.json {where} has no {key!r}, which 'llama3' needs")
-    return {**fields, "rope_scaling": "llama3",
-            "rope_scaling_factor": float(params["factor"]),
-            "rope_low_freq_factor": float(params["low_freq_factor"]),
-            "rope_high_freq_factor": float(params["high_freq_factor"]),
-            "rope_original_max_position": int(params["original_max_position_embeddings"])}
+    return {
+        **fields,
+        "rope_scaling": "llama3",
+        "rope_scaling_factor": float(params["factor"]),
+        "rope_low_freq_factor": float(params["low_freq_factor"]),
+        "rope_high_freq_factor": float(params["high_freq_factor"]),
+        "rope_original_max_position": int(params["original_max_position_embeddings"]),
+    }
 
 
 def to_jaxlm(hf: dict) -> dict:
@@ -84,10 +97,13 @@ def from_jaxlm(m, head_dim: int, dtype: str, max_positions: int, bos_id=None, eo
     """A LlamaConfig config.json for config.model `m` (a ConfigDict or dict)."""
     rope = {"rope_type": "default", "rope_theta": float(m["rope_theta"])}
     if m["rope_scaling"]:
-        rope.update(rope_type="llama3", factor=float(m["rope_scaling_factor"]),
-                    low_freq_factor=float(m["rope_low_freq_factor"]),
-                    high_freq_factor=float(m["rope_high_freq_factor"]),
-                    original_max_position_embeddings=int(m["rope_original_max_position"]))
+        rope.update(
+            rope_type="llama3",
+            factor=float(m["rope_scaling_factor"]),
+            low_freq_factor=float(m["rope_low_freq_factor"]),
+            high_freq_factor=float(m["rope_high_freq_factor"]),
+            original_max_position_embeddings=int(m["rope_original_max_position"]),
+        )
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

@@ -143,8 +143,9 @@ def _scan(x, head, targets, weights, chunks: int, with_grads: bool, vocab: tuple
     def body(carry, xs):
         loss, grad_head = carry
         x_slice, target_slice, weight_slice = xs
-        slice_loss, grad_x, slice_grad_head = _slice_loss(x_slice, head, target_slice,
-                                                          weight_slice, with_grads, vocab)
+        slice_loss, grad_x, slice_grad_head = _slice_loss(
+            x_slice, head, target_slice, weight_slice, with_grads, vocab
+        )
         if with_grads:
             grad_head = grad_head + slice_grad_head
         return (loss + slice_loss, grad_head), grad_x
@@ -175,8 +176,9 @@ def _vocab_parallel(x, head, targets, weights, chunks: int, with_grads: bool, vo
     """
     mesh = jax.sharding.get_abstract_mesh()
     batch, length = nn.logical_to_mesh_axes(("batch", "length"))
-    rows = tuple(a for a in mesh_axes.spec_axes(batch) + mesh_axes.spec_axes(length)
-                 if mesh.shape[a] > 1)
+    rows = tuple(
+        a for a in mesh_axes.spec_axes(batch) + mesh_axes.spec_axes(length) if mesh.shape[a] > 1
+    )
     embed = nn.logical_to_mesh_axes(("embed",))[0]  # alone: one call gives each axis out once
     scatter = tuple(a for a in mesh_axes.spec_axes(embed) if a in rows)
     if head.shape[0] % mesh_axes.axes_size(mesh, scatter):
@@ -195,9 +197,13 @@ def _vocab_parallel(x, head, targets, weights, chunks: int, with_grads: bool, vo
 
     row_spec = P(batch, length)
     out_specs = (P(), row_spec, P(scatter or None, vocab)) if with_grads else P()
-    out = jax.shard_map(per_shard, mesh=mesh, check_vma=False,
-                        in_specs=(row_spec, P(None, vocab), row_spec, row_spec),
-                        out_specs=out_specs)(x, head, targets, weights)
+    out = jax.shard_map(
+        per_shard,
+        mesh=mesh,
+        check_vma=False,
+        in_specs=(row_spec, P(None, vocab), row_spec, row_spec),
+        out_specs=out_specs,
+    )(x, head, targets, weights)
     return out if with_grads else (out, None, None)
 
 
@@ -208,9 +214,11 @@ def _loss_and_grads(x, head, targets, weights, chunks: int, with_grads: bool):
         mesh = jax.sharding.get_abstract_mesh()
         split = mesh_axes.axes_size(mesh, nn.logical_to_mesh_axes(("length",))[0])
     if x.shape[1] % (split * chunks):
-        raise ValueError(f"sequence length {x.shape[1]} ({x.shape[1] // split} positions on each "
-                         f"of {split} devices along it) does not split into {chunks} loss chunks; "
-                         "set train.loss_chunks to a divisor of data.seq_len / mesh.sequence")
+        raise ValueError(
+            f"sequence length {x.shape[1]} ({x.shape[1] // split} positions on each "
+            f"of {split} devices along it) does not split into {chunks} loss chunks; "
+            "set train.loss_chunks to a divisor of data.seq_len / mesh.sequence"
+        )
     if vocab:
         return _vocab_parallel(x, head, targets, weights, chunks, with_grads, vocab)
     return _scan(x, head, targets, weights, chunks, with_grads)

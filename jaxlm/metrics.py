@@ -42,8 +42,14 @@ TPU_CHIP_SPECS = {
 }
 
 
-def flops_per_token(m, head_dim: int, seq_len: int, causal: bool = True, lora_rank: int = 0,
-                    lora_targets: tuple = ()) -> float:
+def flops_per_token(
+    m,
+    head_dim: int,
+    seq_len: int,
+    causal: bool = True,
+    lora_rank: int = 0,
+    lora_targets: tuple = (),
+) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), DESIGN.md's formula.
 
     6 * (block matmul params) + 6 * d_model * vocab (LM head) + attention scores and
@@ -55,9 +61,15 @@ def flops_per_token(m, head_dim: int, seq_len: int, causal: bool = True, lora_ra
     6 * rank * (in + out) for A [in, rank] and B [rank, out].
     """
     d_attn = m.n_heads * head_dim
-    sizes = param_layout.matmul_sizes({"d_model": m.d_model, "n_heads": m.n_heads,
-                                       "n_kv_heads": m.n_kv_heads, "head_dim": head_dim,
-                                       "d_ff": m.d_ff})  # (fan in, fan out) of each kernel
+    sizes = param_layout.matmul_sizes(
+        {
+            "d_model": m.d_model,
+            "n_heads": m.n_heads,
+            "n_kv_heads": m.n_kv_heads,
+            "head_dim": head_dim,
+            "d_ff": m.d_ff,
+        }
+    )  # (fan in, fan out) of each kernel
     block_matmuls = m.n_layers * sum(a * b for a, b in sizes.values())
     attention = 6 * m.n_layers * seq_len * d_attn * (1 if causal else 2)
     weights = 4 if lora_rank else 6
@@ -80,7 +92,7 @@ def measure_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
         start = time.perf_counter()
         matmul(a, a).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
+    return 2 * size**3 / best
 
 
 def peak_flops_total(devices, cpu_repeats: int = 5) -> tuple[float, str]:
@@ -92,11 +104,15 @@ def peak_flops_total(devices, cpu_repeats: int = 5) -> tuple[float, str]:
     """
     kind = devices[0].device_kind
     if devices[0].platform == "cpu":
-        return (measure_cpu_peak(repeats=cpu_repeats),
-                f"measured: best of {cpu_repeats} jitted f32 2048^3 matmuls on this host")
+        return (
+            measure_cpu_peak(repeats=cpu_repeats),
+            f"measured: best of {cpu_repeats} jitted f32 2048^3 matmuls on this host",
+        )
     for name, peak in PEAK_FLOPS:
         if name.lower() in kind.lower():
-            return peak * len(devices), f"spec sheet: {peak / 1e12:.0f} TFLOP/s x {len(devices)} {kind}"
+            return peak * len(
+                devices
+            ), f"spec sheet: {peak / 1e12:.0f} TFLOP/s x {len(devices)} {kind}"
     return float("nan"), f"unknown device kind {kind!r}: no peak in jaxlm.metrics.PEAK_FLOPS"
 
 
@@ -104,14 +120,22 @@ def mfu(flops_per_tok: float, tokens_per_second: float, peak_total: float) -> fl
     return flops_per_tok * tokens_per_second / peak_total
 
 
-def throughput(step_seconds: list[float], tokens_per_step: int, flops_causal: float,
-               flops_full_square: float, peak_total: float, n_devices: int) -> dict:
+def throughput(
+    step_seconds: list[float],
+    tokens_per_step: int,
+    flops_causal: float,
+    flops_full_square: float,
+    peak_total: float,
+    n_devices: int,
+) -> dict:
     """What a benchmark reports from its measured step times: the median step sets the rate."""
     median = statistics.median(step_seconds)
     tokens_per_second = tokens_per_step / median
     return {
-        "step_ms_median": 1e3 * median, "step_ms_min": 1e3 * min(step_seconds),
-        "step_ms_max": 1e3 * max(step_seconds), "steps": len(step_seconds),
+        "step_ms_median": 1e3 * median,
+        "step_ms_min": 1e3 * min(step_seconds),
+        "step_ms_max": 1e3 * max(step_seconds),
+        "steps": len(step_seconds),
         "tokens_per_second": tokens_per_second,
         "tokens_per_second_per_device": tokens_per_second / n_devices,
         "tflops_per_device": flops_causal * tokens_per_second / n_devices / 1e12,
@@ -159,8 +183,10 @@ class Throughput:
         if not self.tokens:
             return {}
         tokens_per_second = self.tokens / (time.perf_counter() - self.start)
-        return {"tokens_per_second": tokens_per_second,
-                "mfu": mfu(self.flops / self.tokens, tokens_per_second, self.peak)}
+        return {
+            "tokens_per_second": tokens_per_second,
+            "mfu": mfu(self.flops / self.tokens, tokens_per_second, self.peak),
+        }
 
     def restart(self) -> None:
         """A row was logged: the next one times the steps from here on."""
@@ -197,8 +223,11 @@ class LogWindow:
         self.losses = []
 
     def state(self) -> dict:
-        return {"losses": list(self.losses), "skipped_total": self.skipped_total,
-                "skipped_in_a_row": self.skipped_in_a_row}
+        return {
+            "losses": list(self.losses),
+            "skipped_total": self.skipped_total,
+            "skipped_in_a_row": self.skipped_in_a_row,
+        }
 
 
 class Writer:
@@ -216,8 +245,9 @@ class Writer:
 
     FILENAME = "metrics.jsonl"
 
-    def __init__(self, workdir: epath.PathLike, enabled: bool = True,
-                 first_step: int | None = None):
+    def __init__(
+        self, workdir: epath.PathLike, enabled: bool = True, first_step: int | None = None
+    ):
         self.enabled = enabled
         workdir = files.path(workdir)
         self.path = workdir / self.FILENAME
@@ -233,8 +263,11 @@ class Writer:
         from tensorboardX import SummaryWriter  # heavy import, only where used
 
         self._tb_files += 1
-        self._tb = SummaryWriter(self._tb_dir, purge_step=purge_step,
-                                 filename_suffix=f".{os.getpid()}.{self._tb_files:06d}")
+        self._tb = SummaryWriter(
+            self._tb_dir,
+            purge_step=purge_step,
+            filename_suffix=f".{os.getpid()}.{self._tb_files:06d}",
+        )
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:

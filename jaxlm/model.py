@@ -60,8 +60,12 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (x.shape[-1],), self.param_dtype)
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
         return (x * scale.astype(jnp.float32)).astype(self.dtype)
@@ -79,12 +83,21 @@ def rope_frequencies(half: int, theta: float, scaling: tuple | None = None):
     wavelength = 2 * jnp.pi / inv_freq
     smooth = (context / wavelength - low) / (high - low)
     between = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    return jnp.where(wavelength < context / high, inv_freq,
-                     jnp.where(wavelength > context / low, inv_freq / factor, between))
+    return jnp.where(
+        wavelength < context / high,
+        inv_freq,
+        jnp.where(wavelength > context / low, inv_freq / factor, between),
+    )
 
 
-def apply_rotary(x, positions, theta: float, max_position: int | None = None,
-                 table: bool = True, scaling: tuple | None = None):
+def apply_rotary(
+    x,
+    positions,
+    theta: float,
+    max_position: int | None = None,
+    table: bool = True,
+    scaling: tuple | None = None,
+):
     """Rotate pairs (i, i + head_dim/2) of x [b, l, h, d] by position-dependent angles.
 
     With `table`, sin and cos are computed once per position into a [max_position, d/2] table
@@ -120,8 +133,7 @@ LORA_INPUT_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1
 LORA_SUFFIXES = ("_lora_a", "_lora_b")
 
 
-def _project(module: nn.Module, name: str, spec: str, x, shape: tuple, names: tuple,
-             std: float):
+def _project(module: nn.Module, name: str, spec: str, x, shape: tuple, names: tuple, std: float):
     """einsum(spec, x, kernel `name`), plus, where `name` is a LoRA target, its low-rank
     update (alpha / rank) * (x A) B.
 
@@ -135,13 +147,20 @@ def _project(module: nn.Module, name: str, spec: str, x, shape: tuple, names: tu
         return y
     n_in = LORA_INPUT_AXES[name]
     fan_in_uniform = nn.initializers.variance_scaling(
-        1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1)
-    a = module.param(name + "_lora_a", nn.with_logical_partitioning(
-        fan_in_uniform, names[:n_in] + ("lora_rank",)), shape[:n_in] + (c.lora_rank,),
-        jnp.float32)
-    b = module.param(name + "_lora_b", nn.with_logical_partitioning(
-        nn.initializers.zeros, ("lora_rank",) + names[n_in:]), (c.lora_rank,) + shape[n_in:],
-        jnp.float32)
+        1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1
+    )
+    a = module.param(
+        name + "_lora_a",
+        nn.with_logical_partitioning(fan_in_uniform, names[:n_in] + ("lora_rank",)),
+        shape[:n_in] + (c.lora_rank,),
+        jnp.float32,
+    )
+    b = module.param(
+        name + "_lora_b",
+        nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank",) + names[n_in:]),
+        (c.lora_rank,) + shape[n_in:],
+        jnp.float32,
+    )
     low = jnp.tensordot(x, a.astype(c.dtype), axes=n_in)  # [b, l, rank]
     low = nn.with_logical_constraint(low, ("batch", "length", None))
     return y + (c.lora_alpha / c.lora_rank) * jnp.tensordot(low, b.astype(c.dtype), axes=1)
@@ -159,32 +178,45 @@ class Attention(nn.Module):
         d, h, kv, hd = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
 
         def heads(name, n, axis):  # x -> [b, l, n, hd], n query or kv heads
-            y = _project(self, name, "bld,dhk->blhk", x, (d, n, hd), ("embed", axis, "head_dim"),
-                         c.init_std)
+            y = _project(
+                self, name, "bld,dhk->blhk", x, (d, n, hd), ("embed", axis, "head_dim"), c.init_std
+            )
             return nn.with_logical_constraint(y, ("batch", "length", "act_" + axis, None))
 
         q, k, v = heads("q", h, "heads"), heads("k", kv, "kv_heads"), heads("v", kv, "kv_heads")
-        wo = functools.partial(_project, self, "o", "blhk,hkd->bld", shape=(h, hd, d),
-                               names=("heads", "head_dim", "embed"),
-                               std=c.init_std / (2 * c.n_layers) ** 0.5)
+        wo = functools.partial(
+            _project,
+            self,
+            "o",
+            "blhk,hkd->bld",
+            shape=(h, hd, d),
+            names=("heads", "head_dim", "embed"),
+            std=c.init_std / (2 * c.n_layers) ** 0.5,
+        )
         if cache is not None:
             return self._cached(q, k, v, positions, cache, layer, wo)
-        q, k = (apply_rotary(a, positions, c.rope_theta, table=c.rotary_table,
-                             scaling=c.rope_scaling) for a in (q, k))
+        q, k = (
+            apply_rotary(a, positions, c.rope_theta, table=c.rotary_table, scaling=c.rope_scaling)
+            for a in (q, k)
+        )
         out = attention.attend(q, k, v, segment_ids, c.attention)
         return wo(nn.with_logical_constraint(out, ("batch", "length", "act_heads", None)))
 
     def _cached(self, q, k, v, positions, cache, layer, wo):
         """Decoding: rotary angles up to the cache's length, then attention over the cache."""
         c, slots = self.cfg, cache["k"].shape[3]
-        q, k = (apply_rotary(a, positions, c.rope_theta, slots, scaling=c.rope_scaling)
-                for a in (q, k))
+        q, k = (
+            apply_rotary(a, positions, c.rope_theta, slots, scaling=c.rope_scaling) for a in (q, k)
+        )
         rows = jnp.arange(q.shape[0])[:, None]
         # new [b, l, kv, hd] into slots `positions` of cache [layers, b, kv, slots, hd]
-        cache = {name: nn.with_logical_constraint(
-                     cache[name].at[layer, rows, :, positions].set(new.astype(cache[name].dtype)),
-                     ("layers", "batch", "act_kv_heads", None, None))
-                 for name, new in (("k", k), ("v", v))}
+        cache = {
+            name: nn.with_logical_constraint(
+                cache[name].at[layer, rows, :, positions].set(new.astype(cache[name].dtype)),
+                ("layers", "batch", "act_kv_heads", None, None),
+            )
+            for name, new in (("k", k), ("v", v))
+        }
         out = attention.cached_attention(q, cache["k"][layer], cache["v"][layer], positions)
         return wo(nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))), cache
 
@@ -198,8 +230,15 @@ class MLP(nn.Module):
         gate = _project(self, "gate", "bld,df->blf", x, up_shape, up_names, c.init_std)
         up = _project(self, "up", "bld,df->blf", x, up_shape, up_names, c.init_std)
         h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return _project(self, "down", "blf,fd->bld", h, (c.d_ff, c.d_model), ("mlp", "embed"),
-                        c.init_std / (2 * c.n_layers) ** 0.5)
+        return _project(
+            self,
+            "down",
+            "blf,fd->bld",
+            h,
+            (c.d_ff, c.d_model),
+            ("mlp", "embed"),
+            c.init_std / (2 * c.n_layers) ** 0.5,
+        )
 
 
 class Block(nn.Module):
@@ -213,8 +252,9 @@ class Block(nn.Module):
         c = self.cfg
         x, cache = carry if layer is not None else (carry, None)
         norm = functools.partial(RMSNorm, c.norm_eps, c.dtype, c.param_dtype)
-        attn = Attention(c, name="attn")(norm(name="attn_norm")(x), positions, segment_ids,
-                                         cache, layer)
+        attn = Attention(c, name="attn")(
+            norm(name="attn_norm")(x), positions, segment_ids, cache, layer
+        )
         if cache is not None:
             attn, cache = attn
         x = x + attn
@@ -234,8 +274,9 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, head_inputs: bool = False,
-                 cache=None):
+    def __call__(
+        self, tokens, positions=None, segment_ids=None, head_inputs: bool = False, cache=None
+    ):
         """Logits, or with `head_inputs` the final hidden states [b, l, d] and the LM head
         [d, vocab] in the compute dtype, for a loss that applies the head itself (jaxlm.loss).
         With a KV `cache` {"k", "v"} [layers, b, kv_heads, slots, head_dim] (decoding, see
@@ -244,17 +285,25 @@ class Transformer(nn.Module):
         c = self.cfg
         shards = attention.sequence_shards()
         if cache is not None and (positions is None or shards > 1):
-            raise ValueError("decoding with a cache needs positions and an unsplit sequence "
-                             "(the logical axis 'length' on no mesh axis)")
+            raise ValueError(
+                "decoding with a cache needs positions and an unsplit sequence "
+                "(the logical axis 'length' on no mesh axis)"
+            )
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         # A sequence split over devices is reordered so causal attention costs every shard
         # the same (jaxlm.attention.balanced_order); the order is restored before the head.
         if shards > 1:
-            tokens, positions, segment_ids = (None if a is None else attention.balance(a, shards)
-                                              for a in (tokens, positions, segment_ids))
-        embedding = self.param("embedding", _init(c.init_std, ("vocab", "embed")),
-                               (c.vocab_size, c.d_model), c.param_dtype)
+            tokens, positions, segment_ids = (
+                None if a is None else attention.balance(a, shards)
+                for a in (tokens, positions, segment_ids)
+            )
+        embedding = self.param(
+            "embedding",
+            _init(c.init_std, ("vocab", "embed")),
+            (c.vocab_size, c.d_model),
+            c.param_dtype,
+        )
         x = jnp.take(embedding, tokens, axis=0).astype(c.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
@@ -271,12 +320,18 @@ class Transformer(nn.Module):
                     x, _ = block(c, name=f"layers_{i}")(x, positions, segment_ids)
                 else:
                     (x, cache[i]), _ = block(c, name=f"layers_{i}")(
-                        (x, cache[i]), positions, segment_ids, 0)
+                        (x, cache[i]), positions, segment_ids, 0
+                    )
         else:
-            layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(nn.broadcast, nn.broadcast, 0), length=c.n_layers,
-                             metadata_params={nn.PARTITION_NAME: "layers"},
-                             unroll=c.scan_unroll)(c, name="layers")
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0),
+                length=c.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+                unroll=c.scan_unroll,
+            )(c, name="layers")
             if cache is None:
                 x, _ = layers(x, positions, segment_ids, None)
             else:
@@ -285,15 +340,24 @@ class Transformer(nn.Module):
                 (x, cache), _ = layers((x, cache), positions, segment_ids, jnp.arange(c.n_layers))
         x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x)
         if shards > 1:
-            x = nn.with_logical_constraint(attention.restore(x, shards),
-                                           ("batch", "length", "act_embed"))
+            x = nn.with_logical_constraint(
+                attention.restore(x, shards), ("batch", "length", "act_embed")
+            )
 
-        head = embedding.T if c.tie_embeddings else self.param(
-            "head", _init(c.init_std, ("embed", "vocab")), (c.d_model, c.vocab_size),
-            c.param_dtype)
+        head = (
+            embedding.T
+            if c.tie_embeddings
+            else self.param(
+                "head",
+                _init(c.init_std, ("embed", "vocab")),
+                (c.d_model, c.vocab_size),
+                c.param_dtype,
+            )
+        )
         if head_inputs:
             out = x, head.astype(c.dtype)
         else:
-            out = nn.with_logical_constraint(logits_dot(x, head.astype(c.dtype)),
-                                             ("batch", "length", "act_vocab"))
+            out = nn.with_logical_constraint(
+                logits_dot(x, head.astype(c.dtype)), ("batch", "length", "act_vocab")
+            )
         return out if cache is None else (out, cache)

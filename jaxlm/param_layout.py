@@ -32,15 +32,26 @@ def block_kernels(m: dict) -> dict[str, tuple]:
     """One layer's matmul kernels and their shapes, input axes first (LORA_INPUT_AXES says
     how many), for config.model fields `m` (head_dim resolved)."""
     d, h, kv, hd, ff = m["d_model"], m["n_heads"], m["n_kv_heads"], m["head_dim"], m["d_ff"]
-    return {"q": (d, h, hd), "k": (d, kv, hd), "v": (d, kv, hd), "o": (h, hd, d),
-            "gate": (d, ff), "up": (d, ff), "down": (ff, d)}
+    return {
+        "q": (d, h, hd),
+        "k": (d, kv, hd),
+        "v": (d, kv, hd),
+        "o": (h, hd, d),
+        "gate": (d, ff),
+        "up": (d, ff),
+        "down": (ff, d),
+    }
 
 
 def matmul_sizes(m: dict) -> dict[str, tuple[int, int]]:
     """(fan in, fan out) of each of one layer's matmul kernels."""
-    return {name: (int(np.prod(shape[:LORA_INPUT_AXES[name]])),
-                   int(np.prod(shape[LORA_INPUT_AXES[name]:])))
-            for name, shape in block_kernels(m).items()}
+    return {
+        name: (
+            int(np.prod(shape[: LORA_INPUT_AXES[name]])),
+            int(np.prod(shape[LORA_INPUT_AXES[name] :])),
+        )
+        for name, shape in block_kernels(m).items()
+    }
 
 
 def params(m: dict) -> list[tuple[tuple, tuple, int]]:
@@ -48,11 +59,16 @@ def params(m: dict) -> list[tuple[tuple, tuple, int]]:
     under STACKED with one layer's shape."""
     d, v = m["d_model"], m["vocab_size"]
     kernels = block_kernels(m)
-    rows = [((STACKED, "attn" if name in ATTENTION else "mlp", name), shape,
-             LORA_INPUT_AXES[name]) for name, shape in kernels.items()]
-    rows += [((STACKED, "attn_norm", "scale"), (d,), 0),
-             ((STACKED, "mlp_norm", "scale"), (d,), 0),
-             (("embedding",), (v, d), 0), (("final_norm", "scale"), (d,), 0)]
+    rows = [
+        ((STACKED, "attn" if name in ATTENTION else "mlp", name), shape, LORA_INPUT_AXES[name])
+        for name, shape in kernels.items()
+    ]
+    rows += [
+        ((STACKED, "attn_norm", "scale"), (d,), 0),
+        ((STACKED, "mlp_norm", "scale"), (d,), 0),
+        (("embedding",), (v, d), 0),
+        (("final_norm", "scale"), (d,), 0),
+    ]
     if not m["tie_embeddings"]:
         rows.append((("head",), (d, v), 1))
     return rows
@@ -87,10 +103,16 @@ def host_adapters(m: dict, rank: int, targets) -> dict:
     for path, shape, n_in in params(m):
         if path[0] == STACKED and path[-1] in targets:
             layers = (m["n_layers"],)
-            set_path(target, path[:-1] + (path[-1] + a,),
-                     np.empty(layers + shape[:n_in] + (rank,), np.float32))
-            set_path(target, path[:-1] + (path[-1] + b,),
-                     np.empty(layers + (rank,) + shape[n_in:], np.float32))
+            set_path(
+                target,
+                path[:-1] + (path[-1] + a,),
+                np.empty(layers + shape[:n_in] + (rank,), np.float32),
+            )
+            set_path(
+                target,
+                path[:-1] + (path[-1] + b,),
+                np.empty(layers + (rank,) + shape[n_in:], np.float32),
+            )
     return target
 
 

@@ -56,8 +56,9 @@ def _dtype_bytes(name: str) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[name]
 
 
-def _activation_bytes_per_layer(m, head_dim, rows, seq, tensor, policy,
-                                impl: str) -> tuple[float, float]:
+def _activation_bytes_per_layer(
+    m, head_dim, rows, seq, tensor, policy, impl: str
+) -> tuple[float, float]:
     """(saved between forward and backward, working set of one layer) per device, bytes."""
     b = _dtype_bytes(m.dtype)
     tokens = rows * seq
@@ -80,8 +81,9 @@ def analytic_memory_bytes(config, derived, impl: str = "xla") -> float:
     shards = shape["fsdp"] * shape["tensor"] * shape["sequence"]  # jaxlm.sharding's weight rules
     state = derived.n_params * (16 + (4 if t.grad_accum_steps > 1 else 0)) / shards
     rows = derived.per_device_batch_size / shape["sequence"]
-    saved, working = _activation_bytes_per_layer(m, derived.head_dim, rows, config.data.seq_len,
-                                                 shape["tensor"], m.remat, impl)
+    saved, working = _activation_bytes_per_layer(
+        m, derived.head_dim, rows, config.data.seq_len, shape["tensor"], m.remat, impl
+    )
     logits = rows * config.data.seq_len * m.vocab_size / shape["tensor"] * 4 * 3 / t.loss_chunks
     return state + m.n_layers * saved + working + logits
 
@@ -104,11 +106,20 @@ def analytic_step_seconds(config, derived, spec: DeviceSpec) -> float:
     p = derived.n_params
     fsdp, tensor, data = shape["fsdp"], shape["tensor"], shape["data"]
     gathers = 3 if m.remat == "full" else 2
-    comm = (p * _dtype_bytes(m.dtype) / tensor * (fsdp - 1) / fsdp * gathers
-            + p * 4 / tensor * (fsdp - 1) / fsdp
-            + 2 * p * 4 / (fsdp * tensor) * (data - 1) / data
-            + 2 * (gathers + 2) * m.n_layers * tokens_micro / (data * fsdp) * m.d_model
-            * _dtype_bytes(m.dtype) * (tensor - 1) / tensor)
+    comm = (
+        p * _dtype_bytes(m.dtype) / tensor * (fsdp - 1) / fsdp * gathers
+        + p * 4 / tensor * (fsdp - 1) / fsdp
+        + 2 * p * 4 / (fsdp * tensor) * (data - 1) / data
+        + 2
+        * (gathers + 2)
+        * m.n_layers
+        * tokens_micro
+        / (data * fsdp)
+        * m.d_model
+        * _dtype_bytes(m.dtype)
+        * (tensor - 1)
+        / tensor
+    )
     return max(compute, comm / spec.ici_bytes_per_s) * accum
 
 
@@ -130,10 +141,17 @@ def candidate_overrides(config, n_devices: int, loss_chunks=(1, 4, 16)):
     chunks = [c for c in loss_chunks if config.data.seq_len % c == 0]
     seq = int(config.mesh.sequence)
     for remat, accum, chunk, (data, fsdp, tensor) in itertools.product(
-            config_lib.REMAT_POLICIES, accums, chunks, _mesh_splits(n_devices // seq)):
-        yield {"model.remat": remat, "train.grad_accum_steps": accum, "train.loss_chunks": chunk,
-               "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
-               "mesh.sequence": seq}
+        config_lib.REMAT_POLICIES, accums, chunks, _mesh_splits(n_devices // seq)
+    ):
+        yield {
+            "model.remat": remat,
+            "train.grad_accum_steps": accum,
+            "train.loss_chunks": chunk,
+            "mesh.data": data,
+            "mesh.fsdp": fsdp,
+            "mesh.tensor": tensor,
+            "mesh.sequence": seq,
+        }
 
 
 def with_overrides(config, overrides: dict):
@@ -160,12 +178,29 @@ def analytic_candidates(config, topology: Topology, spec: DeviceSpec, devices: l
         mem = analytic_memory_bytes(trial, derived, aot.attention_impl(trial, devices))
         if mem <= 1.1 * spec.hbm_bytes:
             tokens = trial.train.global_batch_size * trial.data.seq_len
-            flops = metrics.flops_per_token(trial.model, derived.head_dim,
-                                            trial.data.seq_len) * tokens / n_devices
-            found.append(Candidate(overrides, mem, analytic_step_seconds(trial, derived, spec),
-                                   tokens, flops, spec.peak_flops))
-    found.sort(key=lambda c: (round(c.analytic_seconds, 4), c.overrides["train.grad_accum_steps"],
-                              c.overrides["train.loss_chunks"], c.analytic_bytes))
+            flops = (
+                metrics.flops_per_token(trial.model, derived.head_dim, trial.data.seq_len)
+                * tokens
+                / n_devices
+            )
+            found.append(
+                Candidate(
+                    overrides,
+                    mem,
+                    analytic_step_seconds(trial, derived, spec),
+                    tokens,
+                    flops,
+                    spec.peak_flops,
+                )
+            )
+    found.sort(
+        key=lambda c: (
+            round(c.analytic_seconds, 4),
+            c.overrides["train.grad_accum_steps"],
+            c.overrides["train.loss_chunks"],
+            c.analytic_bytes,
+        )
+    )
     return found
 
 
@@ -190,8 +225,10 @@ class _Budget:
         """Time left for one more `kind`, judged by the slowest so far, else by `guess`."""
         left, need = self.end - time.perf_counter(), self.slowest.get(kind, guess)
         if left < need:
-            self.log(f"plan: {left:.0f} s of budget left, not enough for {kind} "
-                     f"(~{need:.0f} s); stopping")
+            self.log(
+                f"plan: {left:.0f} s of budget left, not enough for {kind} "
+                f"(~{need:.0f} s); stopping"
+            )
             return False
         return True
 
@@ -202,9 +239,16 @@ class _Budget:
         return result
 
 
-def plan(config, topology: str, num_slices: int = 1, budget_s: float = 840,
-         max_compiles: int = 3, hbm_bytes: float | None = None, cache: dict | None = None,
-         log=print) -> list[Candidate]:
+def plan(
+    config,
+    topology: str,
+    num_slices: int = 1,
+    budget_s: float = 840,
+    max_compiles: int = 3,
+    hbm_bytes: float | None = None,
+    cache: dict | None = None,
+    log=print,
+) -> list[Candidate]:
     """Candidates that fit by the analytic estimate, fastest first; then, while `budget_s`
     lasts, (1) the train step of the best `max_compiles` compiled for its real memory, and
     (2) for those that fit, the two small programs that correct XLA's loop count, for a
@@ -214,15 +258,25 @@ def plan(config, topology: str, num_slices: int = 1, budget_s: float = 840,
     devices = topology_devices(topo)
     spec = device_spec(topo, len(devices), hbm_bytes)
     cands = analytic_candidates(config, topo, spec, devices)
-    log(f"plan: {len(cands)} setups fit by the analytic estimate; compiling the best "
-        f"{max_compiles} within {budget_s:.0f} s")
+    log(
+        f"plan: {len(cands)} setups fit by the analytic estimate; compiling the best "
+        f"{max_compiles} within {budget_s:.0f} s"
+    )
     budget, cache = _Budget(budget_s, log), ({} if cache is None else cache)
 
     def compile_candidate(cand, correct: bool, kind: str):
         trial = with_overrides(config, cand.overrides)
-        cand.report = budget.timed(kind, lambda: aot.compile_for(
-            trial, topo, programs=("train_step",), hbm_bytes=hbm_bytes, cache=cache,
-            loop_correction=correct)[0])
+        cand.report = budget.timed(
+            kind,
+            lambda: aot.compile_for(
+                trial,
+                topo,
+                programs=("train_step",),
+                hbm_bytes=hbm_bytes,
+                cache=cache,
+                loop_correction=correct,
+            )[0],
+        )
         cand.timed = correct
 
     full, small = "a train step compile", "a step-time estimate (1- and 2-layer programs)"
@@ -230,9 +284,11 @@ def plan(config, topology: str, num_slices: int = 1, budget_s: float = 840,
         if not budget.allows(full, 0.0):
             break
         compile_candidate(cand, correct=False, kind=full)
-        log(f"plan: {_override_text(cand.overrides)}: "
+        log(
+            f"plan: {_override_text(cand.overrides)}: "
             f"{aot.format_gib(cand.report.total_bytes)} per "
-            f"device, {'fits' if cand.fits else 'does not fit'}")
+            f"device, {'fits' if cand.fits else 'does not fit'}"
+        )
     for cand in sorted((c for c in cands if c.fits), key=lambda c: c.analytic_seconds):
         if not budget.allows(small, 2 * budget.slowest.get(full, 0.0)):
             break
@@ -254,32 +310,43 @@ def _override_text(overrides: dict) -> str:
 def format_plan(cands: list[Candidate], config_path: str) -> str:
     """Ranked table (compiled setups first, then the best analytic ones) and the best
     fitting setup as a train command line; says plainly when nothing fits."""
-    lines = [f"{'rank':>4} {'remat':<24} {'accum':>5} {'chunks':>6} {'data/fsdp/tensor':>16} "
-             f"{'GiB/device':>10} {'fits':>5} {'step s (est.)':>13} {'tokens/s':>10} "
-             f"{'MFU':>6}  memory, time from"]
+    lines = [
+        f"{'rank':>4} {'remat':<24} {'accum':>5} {'chunks':>6} {'data/fsdp/tensor':>16} "
+        f"{'GiB/device':>10} {'fits':>5} {'step s (est.)':>13} {'tokens/s':>10} "
+        f"{'MFU':>6}  memory, time from"
+    ]
     shown = [c for c in cands if c.report]
-    shown += [c for c in cands if not c.report][:max(0, 12 - len(shown))]
+    shown += [c for c in cands if not c.report][: max(0, 12 - len(shown))]
     for i, c in enumerate(shown, 1):
         o, r = c.overrides, c.report
         mesh = f"{o['mesh.data']}/{o['mesh.fsdp']}/{o['mesh.tensor']}"
         memory = r.total_bytes if r else c.analytic_bytes
         fits = ("yes" if c.fits else "NO") if r else "?"
         mfu = c.model_flops / (c.seconds * c.peak_flops)
-        timing = (f"{c.seconds:>13.3f} {c.tokens_per_step / c.seconds:>10,.0f} "
-                  f"{100 * mfu:>5.1f}%" if fits != "NO" else f"{'-':>13} {'-':>10} {'-':>6}")
-        lines.append(f"{i:>4} {o['model.remat']:<24} {o['train.grad_accum_steps']:>5} "
-                     f"{o['train.loss_chunks']:>6} {mesh:>16} {memory / 2**30:>10.2f} "
-                     f"{fits:>5} {timing}  {'compiled' if r else 'analytic'}, "
-                     f"{c.time_source if fits != 'NO' else '-'}")
+        timing = (
+            f"{c.seconds:>13.3f} {c.tokens_per_step / c.seconds:>10,.0f} {100 * mfu:>5.1f}%"
+            if fits != "NO"
+            else f"{'-':>13} {'-':>10} {'-':>6}"
+        )
+        lines.append(
+            f"{i:>4} {o['model.remat']:<24} {o['train.grad_accum_steps']:>5} "
+            f"{o['train.loss_chunks']:>6} {mesh:>16} {memory / 2**30:>10.2f} "
+            f"{fits:>5} {timing}  {'compiled' if r else 'analytic'}, "
+            f"{c.time_source if fits != 'NO' else '-'}"
+        )
     if len(cands) > len(shown):
         lines.append(f"     ... {len(cands) - len(shown)} more setups fit by the analytic estimate")
     if shown and shown[0].report:
-        lines.append(f"figures: {shown[0].report.spec_source}; step times are estimates, "
-                     "analytic ones a lower bound (model FLOPs at peak)")
+        lines.append(
+            f"figures: {shown[0].report.spec_source}; step times are estimates, "
+            "analytic ones a lower bound (model FLOPs at peak)"
+        )
     best = next((c for c in cands if c.fits), None)
     if best is not None:
-        lines.append(f"best ({best.time_source} estimate): python -m jaxlm.train "
-                     f"--config={config_path} {_override_text(best.overrides)}")
+        lines.append(
+            f"best ({best.time_source} estimate): python -m jaxlm.train "
+            f"--config={config_path} {_override_text(best.overrides)}"
+        )
         return "\n".join(lines)
     tried = [c for c in cands if c.report]
     if not cands:
@@ -288,9 +355,12 @@ def format_plan(cands: list[Candidate], config_path: str) -> str:
         why = "no candidate could be compiled within the budget (raise --plan_budget_s)"
     else:
         least = min(tried, key=lambda c: c.report.total_bytes).report
-        why = (f"the smallest of the {len(tried)} compiled setups needs "
-               f"{aot.format_gib(least.total_bytes)} per device of "
-               f"{aot.format_gib(least.hbm_bytes)}")
-    lines.append(f"NOTHING FITS: {why}; use a bigger slice, a smaller model or a shorter "
-                 "data.seq_len")
+        why = (
+            f"the smallest of the {len(tried)} compiled setups needs "
+            f"{aot.format_gib(least.total_bytes)} per device of "
+            f"{aot.format_gib(least.hbm_bytes)}"
+        )
+    lines.append(
+        f"NOTHING FITS: {why}; use a bigger slice, a smaller model or a shorter data.seq_len"
+    )
     return "\n".join(lines)

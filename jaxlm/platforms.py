@@ -68,4 +68,5 @@ def tpu_may_be_attached() -> bool:
 def _gpu_visible() -> bool:
     """True if an NVIDIA or AMD GPU's device files are present (WSL2's `/dev/dxg` included)."""
     return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd")) or bool(
-        glob.glob("/dev/nvidia[0-9]*"))
+        glob.glob("/dev/nvidia[0-9]*")
+    )

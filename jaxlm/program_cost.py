@@ -23,8 +23,10 @@ import jax
 from jaxlm import step as step_lib
 from jaxlm.topology import Topology
 
-RAW_COUNT = ("XLA's raw count, NOT corrected: each loop body (the layer scan, the loss_chunks "
-             "loop) counted once")
+RAW_COUNT = (
+    "XLA's raw count, NOT corrected: each loop body (the layer scan, the loss_chunks "
+    "loop) counted once"
+)
 STOPPED = "none: the compiler stopped, out of memory"
 
 
@@ -59,8 +61,10 @@ class ProgramCost:
         return cls(**entry, cost_note=STOPPED if entry.get("out_of_memory") else RAW_COUNT)
 
 
-_COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\S+)\s+(all-gather|reduce-scatter|all-reduce|"
-                         r"all-to-all|collective-permute)(-start)?\(")
+_COLLECTIVE = re.compile(
+    r"=\s*(\(.*?\)|\S+)\s+(all-gather|reduce-scatter|all-reduce|"
+    r"all-to-all|collective-permute)(-start)?\("
+)
 _ARRAY = re.compile(r"\b(pred|[a-z]+?)(\d*)\[([\d,]*)\]")
 
 
@@ -100,28 +104,38 @@ def _compiler_version(topology: Topology) -> str:
 def _fingerprint(lowered, topology: Topology) -> str:
     """Cache key: the lowered program (shapes, shardings, the mesh) and the target it is
     compiled for (the text names no device kind)."""
-    text = (f"{topology.topology_name}x{topology.num_slices} jax {jax.__version__} "
-            f"{_compiler_version(topology)}\n{lowered.as_text()}")
+    text = (
+        f"{topology.topology_name}x{topology.num_slices} jax {jax.__version__} "
+        f"{_compiler_version(topology)}\n{lowered.as_text()}"
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 # For the small programs that estimate cost only: libtpu's windowed einsums turn fsdp
 # all-gather/reduce-scatter + matmul pairs into loops over the shards, loops the cost model
 # counts once (seen with benchmarks.aot_vs_maxtext: 15-16 matmuls of a 7B layer).
-NO_WINDOWED_EINSUMS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
-                       "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+NO_WINDOWED_EINSUMS = {
+    "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+}
 
 
-def compile_program(config, devices, topology: Topology, program: str,
-                    cache: dict | None = None,
-                    compiler_options: dict | None = None) -> ProgramCost:
+def compile_program(
+    config,
+    devices,
+    topology: Topology,
+    program: str,
+    cache: dict | None = None,
+    compiler_options: dict | None = None,
+) -> ProgramCost:
     """Lower and compile one step for `devices`; `cache` maps fingerprints to results."""
     factory, derived = step_lib.build(config, devices)
     with factory.context():
         fn, args = _program(factory, derived, config, program)
         lowered = fn.lower(*args)
         key = _fingerprint(lowered, topology) + (
-            json.dumps(compiler_options, sort_keys=True) if compiler_options else "")
+            json.dumps(compiler_options, sort_keys=True) if compiler_options else ""
+        )
         if cache is not None and key in cache:
             return ProgramCost.from_cache(cache[key])
         start = time.perf_counter()
@@ -144,10 +158,19 @@ def _out_of_memory(message: str, seconds: float) -> ProgramCost:
     sizes = re.findall(r"(\d+(?:\.\d+)?)([KMGT])\b", message)
     need = float(sizes[0][0]) * 2 ** (10 * "KMGT".index(sizes[0][1]) + 10) if sizes else math.inf
     nan = float("nan")
-    return ProgramCost(argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=int(need)
-                       if math.isfinite(need) else 2**62, flops=nan, bytes_accessed=nan,
-                       optimal_seconds=nan, collective_bytes=nan, compile_seconds=seconds,
-                       out_of_memory=message.strip().splitlines()[0][:300], cost_note=STOPPED)
+    return ProgramCost(
+        argument_bytes=0,
+        output_bytes=0,
+        alias_bytes=0,
+        temp_bytes=int(need) if math.isfinite(need) else 2**62,
+        flops=nan,
+        bytes_accessed=nan,
+        optimal_seconds=nan,
+        collective_bytes=nan,
+        compile_seconds=seconds,
+        out_of_memory=message.strip().splitlines()[0][:300],
+        cost_note=STOPPED,
+    )
 
 
 def _measure(compiled, seconds: float) -> ProgramCost:
@@ -156,11 +179,16 @@ def _measure(compiled, seconds: float) -> ProgramCost:
     if isinstance(cost, list):  # older JAX: one dict per program
         cost = cost[0] if cost else {}
     result = ProgramCost(
-        argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-        alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-        flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes),
+        flops=float(cost.get("flops", 0.0)),
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         optimal_seconds=float(cost.get("optimal_seconds", float("nan"))),
-        collective_bytes=collective_bytes(compiled.as_text()), compile_seconds=seconds)
+        collective_bytes=collective_bytes(compiled.as_text()),
+        compile_seconds=seconds,
+    )
     return result
 
 
@@ -172,25 +200,38 @@ def _unrolled(config, n_layers: int):
     return small
 
 
-def layer_corrected(compiled: ProgramCost, config, devices, topology: Topology, program: str,
-                    cache: dict | None = None) -> ProgramCost:
+def layer_corrected(
+    compiled: ProgramCost,
+    config,
+    devices,
+    topology: Topology,
+    program: str,
+    cache: dict | None = None,
+) -> ProgramCost:
     """`compiled` (the whole `program`) with its cost counted over all layers, from two
     unrolled programs of 1 and 2 layers, extrapolated linearly in the layer count (see the
     module doc); its memory stays the whole program's."""
     options = NO_WINDOWED_EINSUMS if topology.platform == "tpu" else None
-    c1, c2 = (compile_program(_unrolled(config, n), devices, topology, program, cache, options)
-              for n in (1, 2))
+    c1, c2 = (
+        compile_program(_unrolled(config, n), devices, topology, program, cache, options)
+        for n in (1, 2)
+    )
     extra = config.model.n_layers - 1
 
     def at_l(field):
         return getattr(c1, field) + extra * (getattr(c2, field) - getattr(c1, field))
 
     return dataclasses.replace(
-        compiled, flops=at_l("flops"), bytes_accessed=at_l("bytes_accessed"),
-        optimal_seconds=at_l("optimal_seconds"), collective_bytes=at_l("collective_bytes"),
+        compiled,
+        flops=at_l("flops"),
+        bytes_accessed=at_l("bytes_accessed"),
+        optimal_seconds=at_l("optimal_seconds"),
+        collective_bytes=at_l("collective_bytes"),
         cost_note=f"compiler count extrapolated from 1- and 2-layer unrolled compiles to "
-                  f"{config.model.n_layers} layers (XLA counts a loop body once"
-                  + ("; windowed einsums off in those" if options else "") + ")")
+        f"{config.model.n_layers} layers (XLA counts a loop body once"
+        + ("; windowed einsums off in those" if options else "")
+        + ")",
+    )
 
 
 def load_cache(path: str) -> dict:

@@ -64,8 +64,9 @@ def recorded_tokenizer(init_from: str) -> str:
     "" (SFT data is tokenized with the model's own tokenizer)."""
     if not init_from:
         return ""
-    step, record = read_record(*checkpoint_lib.split_step(
-        epath.Path(init_from).expanduser().absolute()))
+    step, record = read_record(
+        *checkpoint_lib.split_step(epath.Path(init_from).expanduser().absolute())
+    )
     recorded = record.get("tokenizer", "") if step and record else ""
     return recorded if recorded and epath.Path(recorded).is_file() else ""
 
@@ -78,8 +79,10 @@ def config_from_record(saved: dict):
     def merge(node, values, where):
         for key, value in values.items():
             if key not in node:
-                raise RunError(f"the checkpoint's config has a field {where}{key} this "
-                               "jaxlm does not know; generate with the jaxlm that trained it")
+                raise RunError(
+                    f"the checkpoint's config has a field {where}{key} this "
+                    "jaxlm does not know; generate with the jaxlm that trained it"
+                )
             if hasattr(node[key], "keys"):
                 merge(node[key], value, f"{where}{key}.")
             else:
@@ -106,7 +109,8 @@ def find_tokenizer(run_dir: epath.Path, recorded: str, given: str | None):
     raise RunError(
         f"{run_dir} has no tokenizer: its checkpoint records {recorded or 'none'!r}, which is "
         f"not a file, and there is no {run_dir / 'tokenizer.model'}; pass --tokenizer=PATH to "
-        "the sentencepiece model it was trained with")
+        "the sentencepiece model it was trained with"
+    )
 
 
 def abstract_params(model, mesh, rules):
@@ -114,8 +118,9 @@ def abstract_params(model, mesh, rules):
     from jaxlm import step as step_lib
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                                  jnp.zeros((1, 8), jnp.int32))["params"])
+        boxed = jax.eval_shape(
+            lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+        )
     return step_lib.sharded_shapes(boxed, mesh, rules)[1]
 
 
@@ -139,13 +144,20 @@ class Run:
 
     def kwargs(self) -> dict:
         """The keyword arguments of jaxlm.generate's `generate` / `stream` this run fixes."""
-        return dict(max_len=self.max_len, eos_id=self.tokenizer.eos_id(), mesh=self.mesh,
-                    rules=self.rules)
+        return dict(
+            max_len=self.max_len, eos_id=self.tokenizer.eos_id(), mesh=self.mesh, rules=self.rules
+        )
 
 
-def load(path: epath.PathLike, tokenizer: str | None = None, step: int | None = None,
-         tensor: int | None = None, devices=None, shard_rows: bool = False,
-         unstack: bool = True) -> Run:
+def load(
+    path: epath.PathLike,
+    tokenizer: str | None = None,
+    step: int | None = None,
+    tensor: int | None = None,
+    devices=None,
+    shard_rows: bool = False,
+    unstack: bool = True,
+) -> Run:
     """A training run's newest (or `step`'s) params, restored onto a generation mesh over
     `devices` (default: all): tensor-parallel `tensor` ways (default: as the run trained, if
     that divides the devices) and FSDP over the rest. Weights keep their training layout.
@@ -159,19 +171,24 @@ def load(path: epath.PathLike, tokenizer: str | None = None, step: int | None = 
     run_dir = files.path(path)
     directory = run_dir / CHECKPOINTS
     if not directory.is_dir():
-        raise RunError(f"--from={str(run_dir)!r}: no checkpoints/ directory there; give "
-                       "a run directory (python -m jaxlm.train --workdir=...)")
+        raise RunError(
+            f"--from={str(run_dir)!r}: no checkpoints/ directory there; give "
+            "a run directory (python -m jaxlm.train --workdir=...)"
+        )
     step, record = read_record(directory, step)
     if record is None:
         manager, _ = checkpoint_lib.open_read_only(directory)
         steps = list(manager.all_steps())
         manager.close()
-        raise RunError(f"{directory} has no checkpoint {step if step is not None else ''}"
-                       f"(it has {steps})")
+        raise RunError(
+            f"{directory} has no checkpoint {step if step is not None else ''}(it has {steps})"
+        )
     if record.get("lora_base"):
-        raise RunError(f"{run_dir} is a LoRA run (its checkpoints hold adapters only); "
-                       f"merge it first: python -m jaxlm.convert --from_run={run_dir} "
-                       "--merge_lora --to=NEW_RUN, then --from=NEW_RUN")
+        raise RunError(
+            f"{run_dir} is a LoRA run (its checkpoints hold adapters only); "
+            f"merge it first: python -m jaxlm.convert --from_run={run_dir} "
+            "--merge_lora --to=NEW_RUN, then --from=NEW_RUN"
+        )
     sp, tokenizer_path = find_tokenizer(run_dir, record.get("tokenizer", ""), tokenizer)
 
     config = config_from_record(record["config"])
@@ -186,12 +203,15 @@ def load(path: epath.PathLike, tokenizer: str | None = None, step: int | None = 
     try:
         derived = config_lib.validate(config, len(devices))
     except config_lib.ConfigError as e:
-        raise RunError(f"cannot generate from {run_dir} on {len(devices)} devices with "
-                       f"tensor={tensor}: {e}") from e
+        raise RunError(
+            f"cannot generate from {run_dir} on {len(devices)} devices with tensor={tensor}: {e}"
+        ) from e
     cfg = config_lib.model_config(config, derived)
     if sp.vocab_size() > cfg.vocab_size:
-        raise RunError(f"the tokenizer has {sp.vocab_size()} pieces but the model only "
-                       f"{cfg.vocab_size}: it is not the run's tokenizer")
+        raise RunError(
+            f"the tokenizer has {sp.vocab_size()} pieces but the model only "
+            f"{cfg.vocab_size}: it is not the run's tokenizer"
+        )
     mesh = sharding_lib.make_mesh(derived.mesh_shape, devices)
     rows = () if shard_rows else (("batch", None),)
     rules = sharding_lib.axis_rules(tuple(config.mesh.rules) + rows + (("length", None),))
@@ -199,8 +219,7 @@ def load(path: epath.PathLike, tokenizer: str | None = None, step: int | None = 
     params, step = checkpoint_lib.restore_params(directory / str(step), abstract)
     if unstack:
         params, cfg = param_layout.for_decoding(params, cfg, free=True)
-    return Run(params, cfg, int(config.data.seq_len), sp, mesh, rules, step, tokenizer_path,
-               config)
+    return Run(params, cfg, int(config.data.seq_len), sp, mesh, rules, step, tokenizer_path, config)
 
 
 def define_flags():
@@ -208,8 +227,11 @@ def define_flags():
     from absl import flags
 
     flags.DEFINE_string("from", None, "A run directory (python -m jaxlm.train --workdir).")
-    flags.DEFINE_string("tokenizer", None, "Tokenizer file, a sentencepiece .model or a "
-                        "tokenizer.json (default: the run's).")
+    flags.DEFINE_string(
+        "tokenizer",
+        None,
+        "Tokenizer file, a sentencepiece .model or a tokenizer.json (default: the run's).",
+    )
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     flags.DEFINE_integer("tensor", None, "Tensor-parallel ways (default: the run's).")
     flags.mark_flag_as_required("from")
@@ -233,9 +255,16 @@ def restore_host(directory: epath.Path, step: int, target: dict) -> dict:
     manager, _ = checkpoint_lib.open_read_only(directory, step)
     restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray), target)
     try:
-        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"params": target}, restore_args={"params": restore_args},
-            partial_restore=True)))["state"]["params"]
+        return manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": target},
+                    restore_args={"params": restore_args},
+                    partial_restore=True,
+                )
+            ),
+        )["state"]["params"]
     finally:
         manager.close()
 
@@ -246,21 +275,29 @@ def host_params(path: epath.PathLike) -> tuple[dict, dict, int]:
     directory, step = locate(path)
     step, record = read_record(directory, step)
     if record is None:
-        raise RunError(f"--from_run={str(path)!r}: no checkpoint there; give a run directory, "
-                       "its checkpoints/ or one step inside it")
+        raise RunError(
+            f"--from_run={str(path)!r}: no checkpoint there; give a run directory, "
+            "its checkpoints/ or one step inside it"
+        )
     m = param_layout.model_fields(record["config"]["model"])
     base = record.get("lora_base")
     if not base:
         return restore_host(directory, step, param_layout.host_arrays(m)), record, step
     t = record["config"]["train"]
-    adapters = restore_host(directory, step, param_layout.host_adapters(
-        m, int(t["lora_rank"]), t["lora_targets"]))
+    adapters = restore_host(
+        directory, step, param_layout.host_adapters(m, int(t["lora_rank"]), t["lora_targets"])
+    )
     base_step = pathlib.Path(base["path"]) / str(base["step"])
     if not (base_step / "state").is_dir():
-        raise RunError(f"{str(path)!r} is a LoRA run whose adapters were trained beside "
-                       f"the base checkpoint {base_step}, which is not there; put it back")
-    params = lora_lib.merge(lora_lib.join(adapters, host_params(base_step)[0]),
-                            int(t["lora_rank"]), float(t["lora_alpha"]))
+        raise RunError(
+            f"{str(path)!r} is a LoRA run whose adapters were trained beside "
+            f"the base checkpoint {base_step}, which is not there; put it back"
+        )
+    params = lora_lib.merge(
+        lora_lib.join(adapters, host_params(base_step)[0]),
+        int(t["lora_rank"]),
+        float(t["lora_alpha"]),
+    )
     return params, record, step
 
 
@@ -303,7 +340,8 @@ def check_same_lora_settings(train_fields, checkpoints) -> None:
         raise ConfigError(
             f"config.train.lora_rank, lora_alpha, lora_targets = {ours} but the checkpoints in "
             f"{checkpoints.directory} were trained with {theirs}; resume with the same LoRA "
-            "settings, or start in another --workdir")
+            "settings, or start in another --workdir"
+        )
 
 
 def restore_lora_base(base: dict, abstract_base, step: int):
@@ -316,7 +354,8 @@ def restore_lora_base(base: dict, abstract_base, step: int):
         raise checkpoint_lib.CheckpointError(
             f"LoRA checkpoint {step} holds only adapters, trained beside the base model "
             f"{path}, which cannot be read ({type(e).__name__}: {e}); put that checkpoint back "
-            "where it was to resume") from e
+            "where it was to resume"
+        ) from e
 
 
 def initial_state(config, factory, checkpoints, say) -> Start:
@@ -331,7 +370,8 @@ def initial_state(config, factory, checkpoints, say) -> Start:
         raise ConfigError(
             f"config.train.lora_rank={t.lora_rank} needs config.checkpoint.init_from: the base "
             "model the adapters train beside (a run's checkpoints/, or a model imported with "
-            "python -m jaxlm.convert --from_hf); or set train.lora_rank=0")
+            "python -m jaxlm.convert --from_hf); or set train.lora_rank=0"
+        )
     check_same_lora_settings(t, checkpoints)  # before a mismatch reads as damage
     resumed = checkpoints.restore_latest_readable(factory.trained(factory.abstract))
     if resumed:
@@ -339,25 +379,32 @@ def initial_state(config, factory, checkpoints, say) -> Start:
         say(f"resumed from {checkpoints.path(step)}")
         base = record.get("lora_base")
         if base:
-            trained = factory.assemble(trained, restore_lora_base(
-                base, factory.frozen_params(factory.abstract), step))
-            say(f"LoRA adapters beside the frozen base {base['path']} (step "
-                f"{base['step']}), as when this run started")
+            trained = factory.assemble(
+                trained, restore_lora_base(base, factory.frozen_params(factory.abstract), step)
+            )
+            say(
+                f"LoRA adapters beside the frozen base {base['path']} (step "
+                f"{base['step']}), as when this run started"
+            )
         return Start(step, record, trained, base)
     rng = jax.random.fold_in(jax.random.key(config.seed), 0)
     init_from = config.checkpoint.init_from
     if factory.lora:
         frozen, source_step = checkpoint_lib.restore_params(
-            init_from, factory.frozen_params(factory.abstract))
-        base = {"path": str(checkpoint_lib.split_step(files.path(init_from))[0]),
-                "step": source_step}
-        say(f"LoRA rank {t.lora_rank} on {','.join(t.lora_targets)} beside the frozen base "
-            f"{base['path']} (step {source_step})")
+            init_from, factory.frozen_params(factory.abstract)
+        )
+        base = {
+            "path": str(checkpoint_lib.split_step(files.path(init_from))[0]),
+            "step": source_step,
+        }
+        say(
+            f"LoRA rank {t.lora_rank} on {','.join(t.lora_targets)} beside the frozen base "
+            f"{base['path']} (step {source_step})"
+        )
         return Start(0, {}, factory.assemble(factory.create_trained(rng), frozen), base)
     state = factory.create(rng)
     if init_from:
-        params, source_step = checkpoint_lib.restore_params(init_from,
-                                                            factory.abstract["params"])
+        params, source_step = checkpoint_lib.restore_params(init_from, factory.abstract["params"])
         state["params"] = params
         say(f"initialised params from {init_from} (step {source_step})")
     return Start(0, {}, state, None)

@@ -44,7 +44,9 @@ BATCH_AXES = ("batch", "length")
 
 def axis_rules(overrides=()) -> tuple:
     """DEFAULT_RULES with entries replaced (or added) by the (name, axes) pairs given."""
-    overrides = {name: (tuple(axes) if isinstance(axes, list) else axes) for name, axes in overrides}
+    overrides = {
+        name: (tuple(axes) if isinstance(axes, list) else axes) for name, axes in overrides
+    }
     rules = [(name, overrides.pop(name, axes)) for name, axes in DEFAULT_RULES]
     return tuple(rules + list(overrides.items()))
 
@@ -62,9 +64,11 @@ def make_mesh(shape: dict, devices=None) -> jax.sharding.Mesh:
     if slices == 1:
         return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
     if shape["data"] % slices:
-        raise ValueError(f"config.mesh.data={shape['data']} is invalid: the devices span "
-                         f"{slices} slices and the data axis is the one that crosses them; "
-                         f"make mesh.data a multiple of {slices}")
+        raise ValueError(
+            f"config.mesh.data={shape['data']} is invalid: the devices span "
+            f"{slices} slices and the data axis is the one that crosses them; "
+            f"make mesh.data a multiple of {slices}"
+        )
     per_slice = tuple(s // slices if a == "data" else s for a, s in zip(MESH_AXES, sizes))
     across = tuple(slices if a == "data" else 1 for a in MESH_AXES)
     grid = mesh_utils.create_hybrid_device_mesh(per_slice, across, devices)
@@ -81,8 +85,10 @@ def batch_sharding(mesh, rules) -> NamedSharding:
 
 def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
     """Assemble this process's rows into global jax.Arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }
 
 
 def maybe_initialize_distributed() -> None:
@@ -98,6 +104,7 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]))
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
     else:
         jax.distributed.initialize()

@@ -31,8 +31,13 @@ from jaxlm import sharding as sharding_lib
 def forward(model, params, batch, head_inputs: bool = False):
     """Logits (or the LM head's inputs); a batch without positions / segment_ids holds one
     document per row."""
-    return model.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                       batch.get("segment_ids"), head_inputs=head_inputs)
+    return model.apply(
+        {"params": params},
+        batch["inputs"],
+        batch.get("positions"),
+        batch.get("segment_ids"),
+        head_inputs=head_inputs,
+    )
 
 
 def loss_sum_and_count(model, params, batch, loss_chunks: int = 1):
@@ -49,8 +54,11 @@ def loss_sum_and_count(model, params, batch, loss_chunks: int = 1):
         # Same values either way; the select form moves fewer bytes on TPU, the gather is
         # faster on CPU (jaxlm.loss.token_cross_entropy).
         on_tpu = attention_lib.platform(model.cfg.attention) == "tpu"
-        cross_entropy = (loss_lib.token_cross_entropy if on_tpu
-                         else optax.softmax_cross_entropy_with_integer_labels)
+        cross_entropy = (
+            loss_lib.token_cross_entropy
+            if on_tpu
+            else optax.softmax_cross_entropy_with_integer_labels
+        )
         losses = cross_entropy(logits, batch["targets"])
         return jnp.sum(losses * mask), jnp.sum(mask)
     hidden, head = forward(model, params, batch, head_inputs=True)
@@ -72,8 +80,9 @@ def sharded_shapes(boxed, mesh, rules):
     """(shardings, abstract arrays) of a tree of logically-partitioned shapes (the
     jax.eval_shape of a linen init) laid out on `mesh` by the logical `rules`."""
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            nn.unbox(boxed), shardings)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
+    )
     return shardings, abstract
 
 
@@ -124,15 +133,18 @@ class StateFactory:
     def create(self, rng):
         """A fresh state, each shard initialised on its own device."""
         with self.context():
-            return jax.jit(lambda r: nn.unbox(self._init_boxed(r)),
-                           out_shardings=self.shardings)(rng)
+            return jax.jit(lambda r: nn.unbox(self._init_boxed(r)), out_shardings=self.shardings)(
+                rng
+            )
 
     def create_trained(self, rng):
         """`trained` of a fresh state, without initialising the rest (a LoRA base, which
         comes from init_from, is never built)."""
         with self.context():
-            return jax.jit(lambda r: self.trained(nn.unbox(self._init_boxed(r))),
-                           out_shardings=self.trained(self.shardings))(rng)
+            return jax.jit(
+                lambda r: self.trained(nn.unbox(self._init_boxed(r))),
+                out_shardings=self.trained(self.shardings),
+            )(rng)
 
     @property
     def batch_sharding(self):
@@ -148,24 +160,39 @@ def build(config, devices=None) -> tuple[StateFactory, config_lib.Derived]:
     # mislead.
     platform = devices[0].platform
     model_cfg = config_lib.model_config(config, derived, platform)
-    model_cfg = dataclasses.replace(model_cfg, attention=dataclasses.replace(
-        model_cfg.attention, impl=config_lib.attention_impl(config, derived.mesh_shape, platform),
-        splash_interpret=platform != "tpu"))
+    model_cfg = dataclasses.replace(
+        model_cfg,
+        attention=dataclasses.replace(
+            model_cfg.attention,
+            impl=config_lib.attention_impl(config, derived.mesh_shape, platform),
+            splash_interpret=platform != "tpu",
+        ),
+    )
     model = model_lib.Transformer(model_cfg)
-    factory = StateFactory(model, optim.make_optimizer(config.train),
-                           sharding_lib.make_mesh(derived.mesh_shape, devices),
-                           sharding_lib.axis_rules(config.mesh.rules),
-                           (derived.micro_batch_size, config.data.seq_len),
-                           config.train.loss_chunks)
+    factory = StateFactory(
+        model,
+        optim.make_optimizer(config.train),
+        sharding_lib.make_mesh(derived.mesh_shape, devices),
+        sharding_lib.axis_rules(config.mesh.rules),
+        (derived.micro_batch_size, config.data.seq_len),
+        config.train.loss_chunks,
+    )
     return factory, derived
 
 
 def abstract_batch(factory: StateFactory, batch_size: int, seq_len: int) -> dict:
     """Shapes, dtypes and shardings of one batch, for ahead-of-time compilation."""
+
     def field(dtype):
         return jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=factory.batch_sharding)
-    return {"inputs": field(jnp.int32), "targets": field(jnp.int32), "positions": field(jnp.int32),
-            "segment_ids": field(jnp.int32), "loss_mask": field(jnp.bool_)}
+
+    return {
+        "inputs": field(jnp.int32),
+        "targets": field(jnp.int32),
+        "positions": field(jnp.int32),
+        "segment_ids": field(jnp.int32),
+        "loss_mask": field(jnp.bool_),
+    }
 
 
 def _applied_gradient_norm(grads, opt_state):
@@ -198,13 +225,19 @@ def make_train_step(factory: StateFactory):
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_trained, opt_state = jax.tree.map(
             lambda new, old: jnp.where(finite, new, old),
-            (optax.apply_updates(trained, updates), opt_state), (trained, state["opt_state"]))
+            (optax.apply_updates(trained, updates), opt_state),
+            (trained, state["opt_state"]),
+        )
         new_state = {"params": join_trained(model, new_trained, frozen), "opt_state": opt_state}
         metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": count, "finite": finite}
         return new_state, metrics
 
-    return jax.jit(train_step, in_shardings=(factory.shardings, factory.batch_sharding),
-                   out_shardings=(factory.shardings, None), donate_argnums=0)
+    return jax.jit(
+        train_step,
+        in_shardings=(factory.shardings, factory.batch_sharding),
+        out_shardings=(factory.shardings, None),
+        donate_argnums=0,
+    )
 
 
 def make_eval_step(factory: StateFactory):

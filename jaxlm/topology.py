@@ -21,10 +21,12 @@ from jaxlm import metrics
 from jaxlm.errors import TopologyError
 
 INSTALL_TPU = "pip install -e '.[tpu]'"
-TOPOLOGY_FORMS = ("v4-N, v5p-N (N counts TensorCores, 2 per chip: v5p-128 is 64 chips)",
-                  "v5e-N, v6e-N (N counts chips: v5e-256 is 16x16)",
-                  "an explicit libtpu topology such as v5p:4x4x4 or v5e:2x4",
-                  "cpu:N (N simulated CPU devices)")
+TOPOLOGY_FORMS = (
+    "v4-N, v5p-N (N counts TensorCores, 2 per chip: v5p-128 is 64 chips)",
+    "v5e-N, v6e-N (N counts chips: v5e-256 is 16x16)",
+    "an explicit libtpu topology such as v5p:4x4x4 or v5e:2x4",
+    "cpu:N (N simulated CPU devices)",
+)
 _CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}  # in the slice names' count
 _DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}  # torus dimensions
 # cpu:N has no spec sheet: its devices share the host's RAM, and these nominal rates (a
@@ -52,7 +54,7 @@ def _chip_dims(chips: int, ndim: int) -> tuple[int, ...]:
     exps = [k // ndim + (1 if i < k % ndim else 0) for i in range(ndim)]
     if ndim == 2:
         exps = sorted(exps)  # v5e / v6e slices name the short side first: 2x4, 8x16
-    return tuple(2 ** e for e in exps)
+    return tuple(2**e for e in exps)
 
 
 def _unknown(name: str, why: str) -> TopologyError:
@@ -78,8 +80,9 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
         count = int(m.group(2))
         chips = count // _CORES_PER_CHIP[gen]
         if count % _CORES_PER_CHIP[gen] or chips < 1 or chips & (chips - 1):
-            raise _unknown(name, f"{gen}-N needs N a power of two "
-                                 f"(and at least {_CORES_PER_CHIP[gen]})")
+            raise _unknown(
+                name, f"{gen}-N needs N a power of two (and at least {_CORES_PER_CHIP[gen]})"
+            )
         dims = "x".join(map(str, _chip_dims(chips, _DIMS[gen])))
         return Topology(name, "tpu", gen, f"{gen}:{dims}", chips * num_slices, num_slices)
     raise _unknown(name, "not a slice name")
@@ -102,23 +105,35 @@ def device_spec(topology: Topology, n_devices: int, hbm_bytes: float | None = No
     if topology.platform == "cpu":
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         share = 1 / n_devices  # simulated devices share the host
-        spec = DeviceSpec(ram * share, _CPU_NOMINAL["peak_flops"] * share,
-                          _CPU_NOMINAL["hbm_bytes_per_s"] * share,
-                          _CPU_NOMINAL["ici_bytes_per_s"] * share,
-                          f"host RAM / {n_devices} devices; nominal CPU rates, not a spec")
+        spec = DeviceSpec(
+            ram * share,
+            _CPU_NOMINAL["peak_flops"] * share,
+            _CPU_NOMINAL["hbm_bytes_per_s"] * share,
+            _CPU_NOMINAL["ici_bytes_per_s"] * share,
+            f"host RAM / {n_devices} devices; nominal CPU rates, not a spec",
+        )
     else:
         chip = metrics.TPU_CHIP_SPECS[topology.generation]
-        peak = dict(metrics.PEAK_FLOPS)[f"TPU {topology.generation}" if topology.generation
-                                        != "v6e" else "TPU v6"]
+        peak = dict(metrics.PEAK_FLOPS)[
+            f"TPU {topology.generation}" if topology.generation != "v6e" else "TPU v6"
+        ]
         share = topology.chips / n_devices
-        spec = DeviceSpec(chip["hbm_bytes"] * share, peak * share,
-                          chip["hbm_bytes_per_s"] * share, chip["ici_bytes_per_s"] * share,
-                          f"TPU {topology.generation} published spec"
-                          + (f", per TensorCore ({n_devices // topology.chips} devices a chip)"
-                             if share != 1 else ""))
+        spec = DeviceSpec(
+            chip["hbm_bytes"] * share,
+            peak * share,
+            chip["hbm_bytes_per_s"] * share,
+            chip["ici_bytes_per_s"] * share,
+            f"TPU {topology.generation} published spec"
+            + (
+                f", per TensorCore ({n_devices // topology.chips} devices a chip)"
+                if share != 1
+                else ""
+            ),
+        )
     if hbm_bytes is not None:
-        spec = dataclasses.replace(spec, hbm_bytes=hbm_bytes,
-                                   source=spec.source + "; memory overridden (--hbm_gib)")
+        spec = dataclasses.replace(
+            spec, hbm_bytes=hbm_bytes, source=spec.source + "; memory overridden (--hbm_gib)"
+        )
     return spec
 
 
@@ -130,18 +145,25 @@ def topology_devices(topology: Topology) -> list:
             raise TopologyError(
                 f"--topology={topology.name} needs {topology.chips} CPU devices but this process "
                 f"has {len(devices)}; set XLA_FLAGS=--xla_force_host_platform_device_count="
-                f"{topology.chips} JAX_PLATFORMS=cpu before JAX starts (the CLI does this itself)")
-        return devices[:topology.chips]
+                f"{topology.chips} JAX_PLATFORMS=cpu before JAX starts (the CLI does this itself)"
+            )
+        return devices[: topology.chips]
     if importlib.util.find_spec("libtpu") is None:
-        raise TopologyError("libtpu is not installed: it holds the TPU compiler that "
-                            f"--topology={topology.name} needs; install it with {INSTALL_TPU}")
+        raise TopologyError(
+            "libtpu is not installed: it holds the TPU compiler that "
+            f"--topology={topology.name} needs; install it with {INSTALL_TPU}"
+        )
     from jax.experimental import topologies
 
     # Compiling touches no TPU, so libtpu's one-process-per-host lock (a file in /tmp) only
     # makes a second compile (a test run, another planner) fail to start.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    describe = functools.partial(topologies.get_topology_desc, topology.topology_name,
-                                 platform="tpu", num_slices=topology.num_slices)
+    describe = functools.partial(
+        topologies.get_topology_desc,
+        topology.topology_name,
+        platform="tpu",
+        num_slices=topology.num_slices,
+    )
     try:
         try:
             return list(describe().devices)
@@ -158,5 +180,4 @@ def topology_devices(topology: Topology) -> list:
 def device_count(topology: Topology) -> int:
     """JAX devices the slice compiles for: compile-only v4 devices are TensorCores, two a
     chip; every other kind has one device a chip."""
-    return topology.chips * (2 if topology.platform == "tpu" and topology.generation == "v4"
-                             else 1)
+    return topology.chips * (2 if topology.platform == "tpu" and topology.generation == "v4" else 1)

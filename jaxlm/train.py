@@ -39,10 +39,10 @@ from jaxlm.errors import NonFiniteError, Preempted
 
 PREEMPTED_EXIT_CODE = 42  # checkpoint saved after SIGTERM: start the same command again
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "A config file under configs/.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/tiny.py", "A config file under configs/."
+)
 _WORKDIR = flags.DEFINE_string("workdir", "", "Run directory; default runs/<config name>.")
-
-
 
 
 class _Console:
@@ -51,8 +51,9 @@ class _Console:
     def __init__(self, total: int, initial: int, enabled: bool):
         self.enabled = enabled
         show_bar = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=initial, unit="step", disable=not show_bar,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, initial=initial, unit="step", disable=not show_bar, dynamic_ncols=True
+        )
 
     def print(self, line: str) -> None:
         if self.enabled:  # flushed, so piped logs (SLURM, tee) show each line when it happens
@@ -79,12 +80,16 @@ class _NonFinitePolicy:
         w.skipped_in_a_row, w.skipped_total = w.skipped_in_a_row + 1, w.skipped_total + 1
         what = f"non-finite loss {result['loss']} / grad_norm {result['grad_norm']} at step {step}"
         if self.t.nonfinite == "raise":
-            raise NonFiniteError(f"{what}; the update was not applied and nothing was saved "
-                                 "(train.nonfinite='raise')")
+            raise NonFiniteError(
+                f"{what}; the update was not applied and nothing was saved "
+                "(train.nonfinite='raise')"
+            )
         self.console.print(f"step {step}/{self.t.steps} | {what}: update skipped")
         if w.skipped_in_a_row >= self.t.max_skips_in_a_row:
-            raise NonFiniteError(f"{what}: {w.skipped_in_a_row} non-finite microbatches in a row "
-                                 f"(train.max_skips_in_a_row={self.t.max_skips_in_a_row}); stopping")
+            raise NonFiniteError(
+                f"{what}: {w.skipped_in_a_row} non-finite microbatches in a row "
+                f"(train.max_skips_in_a_row={self.t.max_skips_in_a_row}); stopping"
+            )
         return False
 
 
@@ -139,14 +144,19 @@ def _bytes(n: float) -> str:
 
 def _memory_per_device(factory) -> str:
     """What each device holds of the params and the optimizer state (its largest shards)."""
+
     def size(tree):
-        return sum(np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
-                   for a in jax.tree.leaves(tree))
+        return sum(
+            np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+            for a in jax.tree.leaves(tree)
+        )
 
     abstract = factory.abstract
     params = f"params {_bytes(size(abstract['params']))}"
     if factory.lora:
-        params += f" (LoRA adapters {_bytes(size(factory.trained(abstract)['params']))}, the rest frozen)"
+        params += (
+            f" (LoRA adapters {_bytes(size(factory.trained(abstract)['params']))}, the rest frozen)"
+        )
     return f"memory per device: {params}, optimizer state {_bytes(size(abstract['opt_state']))}"
 
 
@@ -158,9 +168,11 @@ def _announce_stage(stages, stage, step, t, console, writer) -> None:
     seq_len = stages[stage][1]
     rows = t.global_batch_size * stages[-1][1] // seq_len
     begins = step == stages[stage][0] + 1
-    console.print(f"step {step}/{t.steps} | seq_len stage {stage + 1}/{len(stages)} "
-                  f"{'starts' if begins else 'continues'}: {rows} rows of {seq_len} tokens "
-                  "per step")
+    console.print(
+        f"step {step}/{t.steps} | seq_len stage {stage + 1}/{len(stages)} "
+        f"{'starts' if begins else 'continues'}: {rows} rows of {seq_len} tokens "
+        "per step"
+    )
     if begins:
         writer.write(step, {"seq_len": seq_len, "rows_per_step": rows})
 
@@ -186,15 +198,21 @@ def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
     if is_main:
         files.make_dir(workdir, "--workdir")
     checkpoints = checkpoint_lib.Checkpointer(
-        run_lib.checkpoints_dir(workdir), keep=config.checkpoint.keep,
-        keep_every=config.checkpoint.keep_every, probe=is_main)
+        run_lib.checkpoints_dir(workdir),
+        keep=config.checkpoint.keep,
+        keep_every=config.checkpoint.keep_every,
+        probe=is_main,
+    )
     console = _Console(t.steps, 0, enabled=is_main)
     begin = run_lib.initial_state(config, factory, checkpoints, console.print)
     start, state = begin.step, begin.state
     # Checkpoints written before the log window was saved resume with an empty one.
     window = metrics_lib.LogWindow(begin.record.get("log_window"))
-    init_tokenizer = ("" if d.tokenizer or not config.checkpoint.init_from
-                      else run_lib.recorded_tokenizer(config.checkpoint.init_from))
+    init_tokenizer = (
+        ""
+        if d.tokenizer or not config.checkpoint.init_from
+        else run_lib.recorded_tokenizer(config.checkpoint.init_from)
+    )
     data = pipeline.build(config, workdir, init_tokenizer)
     # The first step this run logs: 0 afresh (its val_loss), else the one after the checkpoint.
     # Both logs forget what an earlier run logged from there on.
@@ -228,15 +246,24 @@ def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
                         compiles = True
                         throughput.pause()
                     stages.enter(step)
-                state, calls, grad_norm = _update(train_step, state, train_batches,
-                                                  stages.seq_len, factory.batch_sharding, t,
-                                                  window, nonfinite, step)
+                state, calls, grad_norm = _update(
+                    train_step,
+                    state,
+                    train_batches,
+                    stages.seq_len,
+                    factory.batch_sharding,
+                    t,
+                    window,
+                    nonfinite,
+                    step,
+                )
                 if compiles:
                     jax.block_until_ready(state)
                     throughput.resume()
                 else:
-                    throughput.add(derived.micro_batch_size * d.seq_len, calls,
-                                   stages.flops_per_token)
+                    throughput.add(
+                        derived.micro_batch_size * d.seq_len, calls, stages.flops_per_token
+                    )
 
                 if step % t.log_every == 0 or step == t.steps:
                     last = _log(step, t, window, throughput, grad_norm, writer, console)
@@ -250,11 +277,15 @@ def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
 
                 preempted = sigterm.agreed()
                 if step % config.checkpoint.every == 0 or step == t.steps or preempted:
-                    console.print(f"step {step}/{t.steps} | saving checkpoint "
-                                  f"{checkpoints.path(step)}")
+                    console.print(
+                        f"step {step}/{t.steps} | saving checkpoint {checkpoints.path(step)}"
+                    )
                     writer.flush()  # the rows up to `step` are on disk before the checkpoint
-                    checkpoints.save(step, factory.trained(state), _record(
-                        config, step, data, train_batches, window, begin.lora_base))
+                    checkpoints.save(
+                        step,
+                        factory.trained(state),
+                        _record(config, step, data, train_batches, window, begin.lora_base),
+                    )
                 console.bar.update(1)
                 if preempted and step < t.steps:
                     raise Preempted(step)
@@ -264,8 +295,10 @@ def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
         checkpoints.close()  # waits for the last async save to be complete on disk
 
     final = checkpoints.latest_step()
-    console.print(f"done: metrics {writer.path}, TensorBoard {workdir / 'tensorboard'}, "
-                  f"checkpoint {checkpoints.path(final) if final else 'none'}")
+    console.print(
+        f"done: metrics {writer.path}, TensorBoard {workdir / 'tensorboard'}, "
+        f"checkpoint {checkpoints.path(final) if final else 'none'}"
+    )
     return last
 
 
@@ -276,8 +309,10 @@ def _train_batches(config, derived, data, data_state, console) -> pipeline.Batch
     if data_state:
         batches.set_state(data_state["iterator"])
         if data_state["fingerprint"] != data.fingerprint:
-            console.print(f"warning: the data ({d.source}, seq_len, seed) differs from the "
-                          "checkpoint's; continuing at the saved batch index of the new data")
+            console.print(
+                f"warning: the data ({d.source}, seq_len, seed) differs from the "
+                "checkpoint's; continuing at the saved batch index of the new data"
+            )
     console.print(f"data: {d.source}, train: {data.train_rows.describe()}")
     return batches
 
@@ -287,10 +322,12 @@ def _announce_run(config, derived, factory, console) -> float:
     FLOP/s, which MFU is measured against."""
     t, d = config.train, config.data
     peak, peak_source = metrics_lib.peak_flops_total(jax.devices())
-    console.print(f"jaxlm {jaxlm.__version__}: {derived.n_params / 1e6:.1f}M params, "
-                  f"{jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
-                  f"{derived.mesh_shape}; {t.global_batch_size} x {d.seq_len} tokens per step; "
-                  f"peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+    console.print(
+        f"jaxlm {jaxlm.__version__}: {derived.n_params / 1e6:.1f}M params, "
+        f"{jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
+        f"{derived.mesh_shape}; {t.global_batch_size} x {d.seq_len} tokens per step; "
+        f"peak {peak / 1e12:.3g} TFLOP/s ({peak_source})"
+    )
     console.print(_memory_per_device(factory))
     return peak
 
@@ -312,8 +349,12 @@ class _Stages:
         self.stage = self.at(step)
         self.seq_len = self.stages[self.stage][1]
         self.flops_per_token = metrics_lib.flops_per_token(
-            self.config.model, self.derived.head_dim, self.seq_len, lora_rank=t.lora_rank,
-            lora_targets=tuple(t.lora_targets))
+            self.config.model,
+            self.derived.head_dim,
+            self.seq_len,
+            lora_rank=t.lora_rank,
+            lora_targets=tuple(t.lora_targets),
+        )
         _announce_stage(self.stages, self.stage, step, t, self.console, self.writer)
 
 
@@ -339,18 +380,22 @@ def _update(train_step, state, batches, seq_len, batch_sharding, t, window, nonf
 
 def _log(step, t, window, throughput, grad_norm, writer, console) -> dict:
     """The metrics row of the steps since the last one, written and printed."""
-    last = {"loss": window.mean_loss(), "lr": float(optim.schedule(t)(step - 1)),
-            "grad_norm": grad_norm}
-    line = (f"step {step}/{t.steps} | loss {last['loss']:.4f} | lr {last['lr']:.2e}"
-            f" | grad_norm {last['grad_norm']:.3f}")
+    last = {
+        "loss": window.mean_loss(),
+        "lr": float(optim.schedule(t)(step - 1)),
+        "grad_norm": grad_norm,
+    }
+    line = (
+        f"step {step}/{t.steps} | loss {last['loss']:.4f} | lr {last['lr']:.2e}"
+        f" | grad_norm {last['grad_norm']:.3f}"
+    )
     if window.skipped_total:
         last["skipped_microbatches"] = window.skipped_total
         line += f" | skipped {window.skipped_total}"
     rates = throughput.rates()
     if rates:
         last.update(rates)
-        line += (f" | tokens/s {last['tokens_per_second']:,.0f}"
-                 f" | MFU {100 * last['mfu']:.1f}%")
+        line += f" | tokens/s {last['tokens_per_second']:,.0f} | MFU {100 * last['mfu']:.1f}%"
     writer.write(step, last)
     console.print(line)
     window.reset()
@@ -361,12 +406,16 @@ def _log(step, t, window, throughput, grad_norm, writer, console) -> dict:
 def _record(config, step, data, train_batches, window, lora_base) -> dict:
     """A checkpoint's JSON record: what resuming, generating and converting read back."""
     return {
-        "step": step, "config": config.to_dict(), "jaxlm_version": jaxlm.__version__,
+        "step": step,
+        "config": config.to_dict(),
+        "jaxlm_version": jaxlm.__version__,
         "tokenizer": data.tokenizer_path,
         "data": {"iterator": train_batches.get_state(), "fingerprint": data.fingerprint},
-        "rng": {"seed": config.seed}, "log_window": window.state(),
+        "rng": {"seed": config.seed},
+        "log_window": window.state(),
         # A LoRA checkpoint holds adapters only: the base they were trained beside.
-        **({"lora_base": lora_base} if lora_base else {})}
+        **({"lora_base": lora_base} if lora_base else {}),
+    }
 
 
 def main(argv):
@@ -377,8 +426,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     sharding_lib.maybe_initialize_distributed()
     config = _CONFIG.value
-    config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
-        flags.FLAGS["config"]).split(":", 1)[0]))[0]
+    config_name = os.path.splitext(
+        os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)[0])
+    )[0]
     workdir = _WORKDIR.value or os.path.join("runs", config_name)
     try:
         train(config, workdir)

@@ -20,10 +20,10 @@ SEED = 7
 
 
 def batches(data_dir, seq_len, batch_size):
-    rows = pipeline.PackedRows(prepared.PreparedDataset(data_dir).documents("train"),
-                               seq_len, SEED)
-    return pipeline.Batches(pipeline.train_dataset(rows, batch_size, SEED), num_threads=2,
-                            prefetch=2)
+    rows = pipeline.PackedRows(prepared.PreparedDataset(data_dir).documents("train"), seq_len, SEED)
+    return pipeline.Batches(
+        pipeline.train_dataset(rows, batch_size, SEED), num_threads=2, prefetch=2
+    )
 
 
 def save(path, batch_list):
@@ -46,11 +46,13 @@ def main(mode, data_dir, seq_len, batch_size, *rest):
         import jax
         from jax.experimental import multihost_utils
         from jaxlm import sharding as sharding_lib
+
         sharding_lib.maybe_initialize_distributed()
         assert jax.process_count() == 2, jax.process_count()
         n, out = int(rest[0]), rest[1]
-        mesh = sharding_lib.make_mesh({"data": 1, "fsdp": jax.device_count(), "tensor": 1,
-                                       "sequence": 1})
+        mesh = sharding_lib.make_mesh(
+            {"data": 1, "fsdp": jax.device_count(), "tensor": 1, "sequence": 1}
+        )
         sharding = sharding_lib.batch_sharding(mesh, sharding_lib.axis_rules())
         it = batches(data_dir, seq_len, batch_size)
         gathered = []
@@ -58,8 +60,12 @@ def main(mode, data_dir, seq_len, batch_size, *rest):
             local = next(it)
             assert len(local["inputs"]) == batch_size // 2  # this process's half only
             global_arrays = sharding_lib.global_batch(local, sharding)
-            gathered.append({k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
-                             for k, v in global_arrays.items()})
+            gathered.append(
+                {
+                    k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+                    for k, v in global_arrays.items()
+                }
+            )
         if jax.process_index() == 0:
             save(out, gathered)
     else:

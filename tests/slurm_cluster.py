@@ -91,17 +91,36 @@ class SlurmCluster:
         key = self.root / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o400)
-        self.conf.write_text(SLURM_CONF.format(
-            host=self.host, root=self.root, user=getpass.getuser(), cpus=self.cpus,
-            ctld_port=_free_port(), slurmd_port=_free_port()))
+        self.conf.write_text(
+            SLURM_CONF.format(
+                host=self.host,
+                root=self.root,
+                user=getpass.getuser(),
+                cpus=self.cpus,
+                ctld_port=_free_port(),
+                slurmd_port=_free_port(),
+            )
+        )
         munge = self.root / "munge"
-        self._spawn(["munged", "--foreground", "--force", f"--socket={munge}/munge.socket",
-                     f"--key-file={key}", f"--pid-file={munge}/munged.pid",
-                     f"--log-file={self.root}/log/munged.log", f"--seed-file={munge}/munged.seed"])
+        self._spawn(
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={munge}/munge.socket",
+                f"--key-file={key}",
+                f"--pid-file={munge}/munged.pid",
+                f"--log-file={self.root}/log/munged.log",
+                f"--seed-file={munge}/munged.seed",
+            ]
+        )
         self._wait_for(lambda: (munge / "munge.socket").exists(), timeout, "munged's socket")
         self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)])
-        self._wait_for(lambda: self._run("scontrol", "ping").stdout.count("UP") >= 1, timeout,
-                       "slurmctld to answer `scontrol ping`")
+        self._wait_for(
+            lambda: self._run("scontrol", "ping").stdout.count("UP") >= 1,
+            timeout,
+            "slurmctld to answer `scontrol ping`",
+        )
         self._spawn(["slurmd", "-D", "-f", str(self.conf)])
         self.wait_idle(timeout)
         return self
@@ -112,12 +131,24 @@ class SlurmCluster:
 
     def _spawn(self, command):
         with open(self.root / "log" / f"{command[0]}.stdout", "ab") as log:
-            self._daemons.append(subprocess.Popen([_which(command[0]), *command[1:]], env=self.env,
-                                                  stdout=log, stderr=subprocess.STDOUT))
+            self._daemons.append(
+                subprocess.Popen(
+                    [_which(command[0]), *command[1:]],
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
 
     def _run(self, *command, check=False):
-        return subprocess.run([_which(command[0]), *command[1:]], env=self.env, text=True,
-                              capture_output=True, check=check, timeout=60)
+        return subprocess.run(
+            [_which(command[0]), *command[1:]],
+            env=self.env,
+            text=True,
+            capture_output=True,
+            check=check,
+            timeout=60,
+        )
 
     def _node_idle(self) -> bool:
         return self._run("sinfo", "-h", "-N", "-o", "%t").stdout.strip() == "idle"
@@ -134,8 +165,9 @@ class SlurmCluster:
         raise TimeoutError(f"waited {timeout} s for {what}; logs: {self.logs()}")
 
     def logs(self) -> str:
-        return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}"
-                         for p in sorted((self.root / "log").iterdir()))
+        return "\n".join(
+            f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted((self.root / "log").iterdir())
+        )
 
     def stop(self) -> None:
         """Cancel every job, then stop the daemons in reverse order (slurmd first)."""
@@ -156,9 +188,15 @@ class SlurmCluster:
     def sbatch(self, *args, cwd, env=None) -> int:
         """Submit with `env` (default: this process's) as the job's environment; returns the
         job id."""
-        result = subprocess.run([_which("sbatch"), "--parsable", *map(str, args)], cwd=cwd,
-                                env={**(env or os.environ), "SLURM_CONF": str(self.conf)}, text=True, capture_output=True,
-                                timeout=60, check=False)
+        result = subprocess.run(
+            [_which("sbatch"), "--parsable", *map(str, args)],
+            cwd=cwd,
+            env={**(env or os.environ), "SLURM_CONF": str(self.conf)},
+            text=True,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
         if result.returncode:
             raise RuntimeError(f"sbatch failed: {result.stderr}")
         return int(result.stdout.strip().split(";")[0])
@@ -168,8 +206,12 @@ class SlurmCluster:
         out = self._run("scontrol", "-o", "show", "job", str(job_id), check=True).stdout
         return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
-    def wait(self, job_id: int, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                         "NODE_FAIL", "OUT_OF_MEMORY"), timeout=300) -> dict:
+    def wait(
+        self,
+        job_id: int,
+        states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
+        timeout=300,
+    ) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             job = self.job(job_id)

@@ -47,8 +47,9 @@ def one_document_batch(config, n_rows, seed=0):
     return batch
 
 
-def assert_directional_derivatives(objective, inputs, grads, rng, tries: int, tol: float,
-                                   step: float = 1e-5):
+def assert_directional_derivatives(
+    objective, inputs, grads, rng, tries: int, tol: float, step: float = 1e-5
+):
     """`grads` (of `objective` at `inputs`) agree with central differences of the float64
     `objective` along `tries` random directions of all inputs together."""
     for _ in range(tries):
@@ -74,21 +75,28 @@ def ref_attention(q, k, v, segments):
     return np.einsum("hqk,khd->qhd", weights, v)
 
 
-def assert_attention_matches_reference(out, grads, q, k, v, segments, weights, tol: float,
-                                       grad_tol: float):
+def assert_attention_matches_reference(
+    out, grads, q, k, v, segments, weights, tol: float, grad_tol: float
+):
     """Batched attention `out` and the gradients of sum(out * weights) w.r.t. q, k, v equal
     ref_attention row by row, the gradients as directional derivatives (float64 inputs)."""
     for b in range(q.shape[0]):
-        np.testing.assert_allclose(np.asarray(out[b], np.float64),
-                                   ref_attention(q[b], k[b], v[b], segments[b]),
-                                   atol=tol, rtol=tol)
+        np.testing.assert_allclose(
+            np.asarray(out[b], np.float64),
+            ref_attention(q[b], k[b], v[b], segments[b]),
+            atol=tol,
+            rtol=tol,
+        )
 
     def ref_objective(q, k, v):
-        return sum(np.sum(ref_attention(q[b], k[b], v[b], segments[b]) * weights[b])
-                   for b in range(q.shape[0]))
+        return sum(
+            np.sum(ref_attention(q[b], k[b], v[b], segments[b]) * weights[b])
+            for b in range(q.shape[0])
+        )
 
-    assert_directional_derivatives(ref_objective, (q, k, v), grads, np.random.default_rng(2),
-                                   tries=2, tol=grad_tol)
+    assert_directional_derivatives(
+        ref_objective, (q, k, v), grads, np.random.default_rng(2), tries=2, tol=grad_tol
+    )
 
 
 def tensorboard_view(directory):
@@ -104,11 +112,11 @@ def tensorboard_view(directory):
     for path in sorted(directory.glob("events.out.tfevents.*")):
         data, at, events = path.read_bytes(), 0, []
         while at + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[at:at + 8])
+            (length,) = struct.unpack("<Q", data[at : at + 8])
             if at + 12 + length + 4 > len(data):
                 break
             event = event_pb2.Event()
-            event.ParseFromString(data[at + 12:at + 12 + length])
+            event.ParseFromString(data[at + 12 : at + 12 + length])
             events.append(event)
             at += 12 + length + 4
         if events:
@@ -116,7 +124,10 @@ def tensorboard_view(directory):
     shown = []
     for events in files:
         for event in events:
-            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+            if (
+                event.HasField("session_log")
+                and event.session_log.status == event.session_log.START
+            ):
                 shown = [(tag, step, value) for tag, step, value in shown if step < event.step]
             for value in event.summary.value:
                 shown.append((value.tag, event.step, value.simple_value))

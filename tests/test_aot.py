@@ -19,8 +19,11 @@ from jaxlm import topology as topology_lib
 
 
 def _needs_libtpu():
-    pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.[tpu]'): "
-                                         "no TPU compiler to compile for a TPU slice")
+    pytest.importorskip(
+        "libtpu",
+        reason="libtpu is not installed (pip install -e '.[tpu]'): "
+        "no TPU compiler to compile for a TPU slice",
+    )
 
 
 def small_config(**model):
@@ -34,27 +37,40 @@ def small_config(**model):
     return config
 
 
-SMALL_FLAGS = ["--config.model.vocab_size=512", "--config.model.d_model=128",
-               "--config.model.n_layers=2", "--config.model.n_kv_heads=4",
-               "--config.model.d_ff=384", "--config.data.seq_len=64",
-               "--config.train.global_batch_size=16"]
+SMALL_FLAGS = [
+    "--config.model.vocab_size=512",
+    "--config.model.d_model=128",
+    "--config.model.n_layers=2",
+    "--config.model.n_kv_heads=4",
+    "--config.model.d_ff=384",
+    "--config.data.seq_len=64",
+    "--config.train.global_batch_size=16",
+]
 
 
 def run_cli(repo, *args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "jaxlm.aot", "--config=configs/tiny.py", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=repo)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxlm.aot", "--config=configs/tiny.py", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=repo,
+    )
 
 
-@pytest.mark.parametrize("name, topology_name, chips", [
-    ("v5p-64", "v5p:4x4x2", 32),
-    ("v5p-128", "v5p:4x4x4", 64),
-    ("v4-128", "v4:4x4x4", 64),
-    ("v5e-256", "v5e:16x16", 256),
-    ("v6e-256", "v6e:16x16", 256),
-    ("v5e-8", "v5e:2x4", 8),
-    ("v5p:4x4x4", "v5p:4x4x4", 64),
-    ("cpu:8", "cpu:8", 8),
-])
+@pytest.mark.parametrize(
+    "name, topology_name, chips",
+    [
+        ("v5p-64", "v5p:4x4x2", 32),
+        ("v5p-128", "v5p:4x4x4", 64),
+        ("v4-128", "v4:4x4x4", 64),
+        ("v5e-256", "v5e:16x16", 256),
+        ("v6e-256", "v6e:16x16", 256),
+        ("v5e-8", "v5e:2x4", 8),
+        ("v5p:4x4x4", "v5p:4x4x4", 64),
+        ("cpu:8", "cpu:8", 8),
+    ],
+)
 def test_slice_names(name, topology_name, chips):
     topology = topology_lib.parse_topology(name)
     assert (topology.topology_name, topology.chips) == (topology_name, chips)
@@ -70,8 +86,9 @@ def test_multi_slice_compiles_with_data_across_slices(repo):
     _needs_libtpu()
     config = small_config(dtype="bfloat16")
     config.mesh.update(data=2, fsdp=-1)
-    report, = aot.compile_for(config, "v5e-4", num_slices=2, programs=("eval_step",),
-                              loop_correction=False)
+    (report,) = aot.compile_for(
+        config, "v5e-4", num_slices=2, programs=("eval_step",), loop_correction=False
+    )
     assert report.fits and report.num_slices == 2 and report.devices == 8
     config.mesh.data = 1
     with pytest.raises(config_lib.ConfigError, match="mesh.data"):
@@ -88,8 +105,11 @@ def test_unknown_topology_lists_the_known_forms(name):
 
 def test_missing_libtpu_names_the_install_command(monkeypatch):
     real = topology_lib.importlib.util.find_spec
-    monkeypatch.setattr(topology_lib.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "libtpu" else real(name, *a))
+    monkeypatch.setattr(
+        topology_lib.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "libtpu" else real(name, *a),
+    )
     with pytest.raises(topology_lib.TopologyError, match=r"pip install -e '\.\[tpu\]'"):
         topology_lib.topology_devices(topology_lib.parse_topology("v5p-8"))
 
@@ -126,8 +146,9 @@ def test_cli_reports_a_fitting_program_as_json_and_exits_0(repo, tmp_path):
 
 @pytest.mark.parametrize("topology", ["cpu:8", "v5p-64"])
 def test_config_error_comes_before_compiling(repo, topology):
-    result = run_cli(repo, f"--topology={topology}", "--cache=", "--config.mesh.tensor=8",
-                     timeout=120)
+    result = run_cli(
+        repo, f"--topology={topology}", "--cache=", "--config.mesh.tensor=8", timeout=120
+    )
     assert result.returncode == aot.USAGE_EXIT
     assert "model.n_heads" in result.stderr and "mesh.tensor=8" in result.stderr, result.stderr
     assert "compiled" not in result.stdout
@@ -147,7 +168,7 @@ def test_loop_corrected_flops_agree_with_the_formula():
     config = small_config(remat="none")
     config.train.loss_chunks = 2
     config.train.grad_accum_steps = 2
-    report, = aot.compile_for(config, "cpu:8", programs=("train_step",))
+    (report,) = aot.compile_for(config, "cpu:8", programs=("train_step",))
     assert 1.0 <= report.flops / report.flops_formula < 1.15, report
     assert report.tokens_per_step == 16 * 64 and "x 2 microbatches" in report.estimate_source
     topology = topology_lib.parse_topology("cpu:8")
@@ -157,8 +178,10 @@ def test_loop_corrected_flops_agree_with_the_formula():
 
 
 def test_the_tpu_compilers_out_of_memory_refusal_is_a_program_that_does_not_fit():
-    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
-               "HLO temporaries (128.88G) exceeds available HBM (95.74G).")
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+        "HLO temporaries (128.88G) exceeds available HBM (95.74G)."
+    )
     compiled = program_cost._out_of_memory(message, 1.0)
     assert compiled.temp_bytes == int(128.88 * 2**30) and "128.88G" in compiled.out_of_memory
 
@@ -202,14 +225,13 @@ def test_7b_fits_a_v5p_slice(repo):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    report, = aot.compile_for(config, "v5p-128", programs=("train_step",),
-                              loop_correction=False)
+    (report,) = aot.compile_for(config, "v5p-128", programs=("train_step",), loop_correction=False)
     assert report.fits and report.chips == 64
     assert 5 * 2**30 < report.total_bytes < 95 * 2**30, report
     # "auto" is splash on TPU; XLA's attention holds each layer's float32 scores instead
     # (measured: 11.2 against 19.5 GiB of temporaries).
     config.model.attention = "xla"
-    xla, = aot.compile_for(config, "v5p-128", programs=("train_step",), loop_correction=False)
+    (xla,) = aot.compile_for(config, "v5p-128", programs=("train_step",), loop_correction=False)
     assert report.temp_bytes < 0.7 * xla.temp_bytes, (report.temp_bytes, xla.temp_bytes)
 
 
@@ -226,8 +248,15 @@ def test_remat_bounds_memory_with_the_layers_unrolled():
     devices = topology_lib.topology_devices(topology)
     temps = {}
     for remat in ("none", "full"):
-        config = small_config(n_layers=8, d_model=256, d_ff=768, vocab_size=1024,
-                              dtype="bfloat16", remat=remat, scan_unroll=8)
+        config = small_config(
+            n_layers=8,
+            d_model=256,
+            d_ff=768,
+            vocab_size=1024,
+            dtype="bfloat16",
+            remat=remat,
+            scan_unroll=8,
+        )
         config.data.seq_len = 1024
         compiled = program_cost.compile_program(config, devices, topology, "train_step")
         temps[remat] = compiled.temp_bytes

@@ -28,8 +28,10 @@ def slurm_cluster(tmp_path_factory):
     """
     problem = None
     if missing := missing_binaries():
-        problem = (f"SLURM binaries not found: {', '.join(missing)} "
-                   "(apt-get install slurmctld slurmd slurm-client munge)")
+        problem = (
+            f"SLURM binaries not found: {', '.join(missing)} "
+            "(apt-get install slurmctld slurmd slurm-client munge)"
+        )
     elif os.geteuid() != 0:
         problem = "slurmd must run as root to start jobs; run the SLURM tests as root"
     if problem:
@@ -67,20 +69,30 @@ def _wait_for_line(path: pathlib.Path, pattern: str, cluster, job_id, timeout=40
 
 @pytest.mark.slow  # a SLURM cluster and 3 training processes
 def test_sbatch_two_tasks_preempted_requeued_ends_as_one_process_run(
-        slurm_cluster, tmp_path, repo, tokenizer_path):
+    slurm_cluster, tmp_path, repo, tokenizer_path
+):
     """`sbatch --ntasks=2 launch/slurm.sbatch ...` trains with 2 processes (gloo), takes the
     SIGTERM a preempting cluster sends, saves, requeues itself and resumes: its per-step
     losses and final parameters equal, bit for bit, those of one unbroken 1-process run."""
     steps = 10  # the SIGTERM after step 3 lands with steps to go, however slow the machine
     # The reference: one process with the 2 devices the 2 SLURM tasks have between them.
     reference = subprocess.Popen(
-        cli(tokenizer_path, tmp_path / "unbroken", steps, every=1000), cwd=repo,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**_job_env(repo), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+        cli(tokenizer_path, tmp_path / "unbroken", steps, every=1000),
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**_job_env(repo), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
 
     workdir = tmp_path / "slurm-run"
-    job = slurm_cluster.sbatch("--ntasks=2", repo / SBATCH,
-                               *cli(tokenizer_path, workdir, steps, every=1000)[3:],
-                               cwd=tmp_path, env=_job_env(repo))
+    job = slurm_cluster.sbatch(
+        "--ntasks=2",
+        repo / SBATCH,
+        *cli(tokenizer_path, workdir, steps, every=1000)[3:],
+        cwd=tmp_path,
+        env=_job_env(repo),
+    )
     log = tmp_path / f"slurm-{job}.out"  # SLURM's default: in the submit directory
     _wait_for_line(log, r"^0: step 3/", slurm_cluster, job)
     # Without --batch: to the job's steps (the srun tasks), as --signal=TERM@N is sent.
@@ -164,12 +176,18 @@ print("step 1/1 on", os.environ["FAKE_WORKER"])
 sys.exit(3 if os.environ["FAKE_WORKER"] == os.environ.get("FAKE_FAIL") else 0)
 """
 
-STUBS = {"git": '[ "$1" = clone ] && mkdir -p jaxlm; exit 0',  # clone, fetch, checkout
-         "python3": "mkdir -p .venv/bin && : > .venv/bin/activate",  # python3 -m venv .venv
-         "pip": "exit 0"}
+STUBS = {
+    "git": '[ "$1" = clone ] && mkdir -p jaxlm; exit 0',  # clone, fetch, checkout
+    "python3": "mkdir -p .venv/bin && : > .venv/bin/activate",  # python3 -m venv .venv
+    "pip": "exit 0",
+}
 
 # Train arguments a shell would mangle if the script quoted them wrong.
-TRICKY = ["--config=configs/tiny.py", "--workdir=/mnt/runs/a b", "--config.name=it's \"q\" $HOME `x` \\ ;"]
+TRICKY = [
+    "--config=configs/tiny.py",
+    "--workdir=/mnt/runs/a b",
+    '--config.name=it\'s "q" $HOME `x` \\ ;',
+]
 
 
 def _tpu_vm(tmp_path, repo, *flags, **settings):
@@ -177,9 +195,11 @@ def _tpu_vm(tmp_path, repo, *flags, **settings):
     argument lists it recorded."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    scripts = {"gcloud": FAKE_GCLOUD.format(python=sys.executable),
-               "python": FAKE_PYTHON.format(python=sys.executable),
-               **{name: f"#!/bin/sh\n{body}\n" for name, body in STUBS.items()}}
+    scripts = {
+        "gcloud": FAKE_GCLOUD.format(python=sys.executable),
+        "python": FAKE_PYTHON.format(python=sys.executable),
+        **{name: f"#!/bin/sh\n{body}\n" for name, body in STUBS.items()},
+    }
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
@@ -187,28 +207,63 @@ def _tpu_vm(tmp_path, repo, *flags, **settings):
     # Variables the test's own environment has (CI exports JAXLM_REQUIRE_SLURM) would read as
     # ones the script passed on.
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("JAXLM", "MEGASCALE"))}
-    env = {**inherited, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "GCLOUD_RECORD": str(record), "FAKE_WORKERS": str(tmp_path / "workers"),
-           "TPU": "my-v5p", "ZONE": "us-east5-a", "REPO": "https://example.com/jaxlm.git",
-           "REF": "abc123", **settings}
-    result = subprocess.run(["bash", repo / "launch/tpu_vm.sh", *flags], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120, check=False)
-    calls = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+    env = {
+        **inherited,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "GCLOUD_RECORD": str(record),
+        "FAKE_WORKERS": str(tmp_path / "workers"),
+        "TPU": "my-v5p",
+        "ZONE": "us-east5-a",
+        "REPO": "https://example.com/jaxlm.git",
+        "REF": "abc123",
+        **settings,
+    }
+    result = subprocess.run(
+        ["bash", repo / "launch/tpu_vm.sh", *flags],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    calls = (
+        [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+    )
     return result, calls
 
 
 def _replay(dry_run_output: str) -> list[list[str]]:
     """The gcloud arguments of each printed line, pasted into bash."""
-    lines = "".join(line[2:] + "\n" for line in dry_run_output.splitlines() if line.startswith("+ "))
+    lines = "".join(
+        line[2:] + "\n" for line in dry_run_output.splitlines() if line.startswith("+ ")
+    )
     replay = subprocess.run(
-        ["bash", "-c", 'gcloud() { "$0" -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@"; }\n'
-         + lines, sys.executable], capture_output=True, text=True, check=True)
+        [
+            "bash",
+            "-c",
+            'gcloud() { "$0" -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@"; }\n'
+            + lines,
+            sys.executable,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return [json.loads(line) for line in replay.stdout.splitlines()]
 
 
 def test_tpu_vm_dry_run_prints_every_gcloud_command_and_runs_none(tmp_path, repo):
-    result, calls = _tpu_vm(tmp_path, repo, "--dry_run", *TRICKY, ACCELERATOR="v5p-128",
-                            RUNTIME="v2-alpha-tpuv5", NUM_SLICES="2", DELETE_AFTER="1")
+    result, calls = _tpu_vm(
+        tmp_path,
+        repo,
+        "--dry_run",
+        *TRICKY,
+        ACCELERATOR="v5p-128",
+        RUNTIME="v2-alpha-tpuv5",
+        NUM_SLICES="2",
+        DELETE_AFTER="1",
+    )
     assert result.returncode == 0, result.stderr
     assert calls == []
     printed = [["gcloud", *c] for c in _replay(result.stdout)]
@@ -216,13 +271,21 @@ def test_tpu_vm_dry_run_prints_every_gcloud_command_and_runs_none(tmp_path, repo
         ["gcloud", "compute", "tpus", "queued-resources"],  # create
         ["gcloud", "compute", "tpus", "queued-resources"],  # its state, polled
         ["gcloud", "compute", "tpus", "tpu-vm"],  # worker 0's address
-        ["gcloud", "compute", "tpus", "tpu-vm"], ["gcloud", "compute", "tpus", "tpu-vm"],  # start
-        ["gcloud", "compute", "tpus", "tpu-vm"], ["gcloud", "compute", "tpus", "tpu-vm"],  # stop
-        ["gcloud", "compute", "tpus", "queued-resources"]]  # delete
+        ["gcloud", "compute", "tpus", "tpu-vm"],
+        ["gcloud", "compute", "tpus", "tpu-vm"],  # start
+        ["gcloud", "compute", "tpus", "tpu-vm"],
+        ["gcloud", "compute", "tpus", "tpu-vm"],  # stop
+        ["gcloud", "compute", "tpus", "queued-resources"],
+    ]  # delete
     create = printed[0]
     assert create[4:6] == ["create", "my-v5p"]
-    assert {"--zone=us-east5-a", "--node-count=2", "--node-prefix=my-v5p",
-            "--accelerator-type=v5p-128", "--runtime-version=v2-alpha-tpuv5"} <= set(create)
+    assert {
+        "--zone=us-east5-a",
+        "--node-count=2",
+        "--node-prefix=my-v5p",
+        "--accelerator-type=v5p-128",
+        "--runtime-version=v2-alpha-tpuv5",
+    } <= set(create)
     starts = printed[3:5]
     assert [c[4:6] for c in starts] == [["ssh", "my-v5p-0"], ["ssh", "my-v5p-1"]]
     assert all("--worker=all" in c and "--zone=us-east5-a" in c for c in printed[3:7])
@@ -238,25 +301,42 @@ def test_tpu_vm_starts_every_worker_with_the_arguments_as_typed(tmp_path, repo):
     assert [c[3:5] for c in starts] == [["ssh", "my-v5p-0"], ["ssh", "my-v5p-1"]]
     assert all("--worker=all" in c and "--zone=us-east5-a" in c for c in starts)
     # What the dry run printed is what ran (but the address, unknown before it is asked for).
-    printed = [[a.replace("COORDINATOR_IP", "10.0.0.7") for a in c] for c in _replay(dry_run.stdout)]
+    printed = [
+        [a.replace("COORDINATOR_IP", "10.0.0.7") for a in c] for c in _replay(dry_run.stdout)
+    ]
     assert printed[:3] == [calls[0], *starts]
     for slice_id in (0, 1):
         for worker in (0, 1):
-            got = json.loads((tmp_path / f"workers/my-v5p-{slice_id}/{worker}/train.json").read_text())
+            got = json.loads(
+                (tmp_path / f"workers/my-v5p-{slice_id}/{worker}/train.json").read_text()
+            )
             assert got["argv"] == ["-m", "jaxlm.train", *TRICKY]
-            assert got["env"] == {"JAXLM_DISTRIBUTED": "1", "MEGASCALE_NUM_SLICES": "2",
-                                  "MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.7:8080",
-                                  "MEGASCALE_SLICE_ID": str(slice_id)}
+            assert got["env"] == {
+                "JAXLM_DISTRIBUTED": "1",
+                "MEGASCALE_NUM_SLICES": "2",
+                "MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.7:8080",
+                "MEGASCALE_SLICE_ID": str(slice_id),
+            }
             logs = list((tmp_path / f"workers/my-v5p-{slice_id}/{worker}/jaxlm-logs").glob("*.log"))
             assert len(logs) == 1 and f"on my-v5p-{slice_id}/{worker}" in logs[0].read_text()
     # Each slice's stream (all its workers) is kept here too.
-    local = {p.name.removesuffix("-r1.log"): p.read_text() for p in (tmp_path / "logs/tpu_vm").iterdir()}
+    local = {
+        p.name.removesuffix("-r1.log"): p.read_text() for p in (tmp_path / "logs/tpu_vm").iterdir()
+    }
     assert "step 1/1 on my-v5p-1/0" in local["my-v5p-1"] and "on my-v5p-1/1" in local["my-v5p-1"]
 
 
 def test_tpu_vm_failed_worker_stops_every_worker_and_reports_it(tmp_path, repo):
-    result, calls = _tpu_vm(tmp_path, repo, *TRICKY, NUM_SLICES="2", FAKE_FAIL="my-v5p-1/1",
-                            ACCELERATOR="v5p-128", RUNTIME="v2-alpha-tpuv5", DELETE_AFTER="1")
+    result, calls = _tpu_vm(
+        tmp_path,
+        repo,
+        *TRICKY,
+        NUM_SLICES="2",
+        FAKE_FAIL="my-v5p-1/1",
+        ACCELERATOR="v5p-128",
+        RUNTIME="v2-alpha-tpuv5",
+        DELETE_AFTER="1",
+    )
     assert result.returncode == 3, result.stdout + result.stderr
     assert "a slice failed (exit 3): stopping the training process on every worker" in result.stdout
     stops = [c for c in calls if "ssh" in c and "kill -TERM" in c[c.index("--command") + 1]]

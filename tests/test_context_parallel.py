@@ -17,8 +17,15 @@ from jaxlm import step as step_lib
 from jaxlm.attention import balanced_order as balance_lib
 from jaxlm.attention import context_parallel as cp
 from jaxlm.attention import ring_kernels, ring_xla
-from support import (assert_attention_matches_reference, assert_directional_derivatives,
-                     factory_for, one_document_batch, packed_batch, ref_attention, small_config)
+from support import (
+    assert_attention_matches_reference,
+    assert_directional_derivatives,
+    factory_for,
+    one_document_batch,
+    packed_batch,
+    ref_attention,
+    small_config,
+)
 
 LENGTH, HEAD_DIM = 64, 16
 
@@ -28,17 +35,22 @@ def test_balanced_order_round_trips_and_gives_shard_i_chunks_i_and_mirror(shards
     length = 4 * shards * 3
     x = np.arange(2 * length).reshape(2, length)
     balanced = np.asarray(balance_lib.balance(jnp.asarray(x), shards))
-    np.testing.assert_array_equal(np.asarray(balance_lib.restore(jnp.asarray(balanced), shards)),
-                                  x)
+    np.testing.assert_array_equal(np.asarray(balance_lib.restore(jnp.asarray(balanced), shards)), x)
     np.testing.assert_array_equal(balanced[0], balance_lib.original_index(length, shards))
     c = length // (2 * shards)
     for i, shard in enumerate(np.split(balanced[0], shards)):
-        want = np.concatenate([np.arange(i * c, (i + 1) * c),
-                               np.arange((2 * shards - 1 - i) * c, (2 * shards - i) * c)])
+        want = np.concatenate(
+            [
+                np.arange(i * c, (i + 1) * c),
+                np.arange((2 * shards - 1 - i) * c, (2 * shards - i) * c),
+            ]
+        )
         np.testing.assert_array_equal(shard, want)
     # Every shard gets the same number of causal (query, key) pairs.
-    pairs = [int(np.sum(shard[:, None] >= np.arange(length)[None, :]))
-             for shard in np.split(balanced[0], shards)]
+    pairs = [
+        int(np.sum(shard[:, None] >= np.arange(length)[None, :]))
+        for shard in np.split(balanced[0], shards)
+    ]
     assert len(set(pairs)) == 1
 
 
@@ -56,31 +68,40 @@ def _inputs(n_heads, n_kv, rows, batch=2, seed=0):
 def _sharded(fn, mesh_shape):
     """fn traced under a mesh of the given axis sizes and the default logical rules."""
     shape = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1, **mesh_shape}
-    mesh = sharding_lib.make_mesh(shape, jax.devices()[:int(np.prod(list(shape.values())))])
+    mesh = sharding_lib.make_mesh(shape, jax.devices()[: int(np.prod(list(shape.values())))])
 
     def run(*args):
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.axis_rules()):
             return jax.jit(fn)(*args)
+
     return run
 
 
 def _context_parallel(strategy, shards, block_impl="xla"):
     """Attention over rows in the original order: balance, attend over shards, restore.
     `block_impl` "splash": the TPU kernels (splash, the ring's Pallas blocks) interpreted."""
+
     def attend(q, k, v, seg):
         b = lambda a: None if a is None else balance_lib.balance(a, shards)  # noqa: E731
-        return balance_lib.restore(cp.attention(b(q), b(k), b(v), b(seg), strategy, block_impl,
-                                                splash_interpret=True), shards)
+        return balance_lib.restore(
+            cp.attention(b(q), b(k), b(v), b(seg), strategy, block_impl, splash_interpret=True),
+            shards,
+        )
+
     return attend
 
 
 @pytest.mark.parametrize("strategy", cp.STRATEGIES)
-@pytest.mark.parametrize("mesh, group, rows", [
-    (dict(sequence=2), 1, "packed"),
-    (dict(sequence=4, tensor=2), 2, "causal"),
-    (dict(sequence=8), 4, "packed"),
-    (dict(sequence=2, data=2, tensor=2), 2, "packed"),
-], ids=str)
+@pytest.mark.parametrize(
+    "mesh, group, rows",
+    [
+        (dict(sequence=2), 1, "packed"),
+        (dict(sequence=4, tensor=2), 2, "causal"),
+        (dict(sequence=8), 4, "packed"),
+        (dict(sequence=2, data=2, tensor=2), 2, "packed"),
+    ],
+    ids=str,
+)
 def test_attention_matches_float64_reference(strategy, mesh, group, rows):
     """Values, and gradients as directional derivatives of the reference."""
     check_against_reference(_context_parallel(strategy, mesh["sequence"]), mesh, group, rows)
@@ -100,8 +121,9 @@ def check_against_reference(attend, mesh, group, rows):
         return jnp.sum(out * weights), out
 
     args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
-    (_, out), grads = _sharded(jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True),
-                               mesh)(*args)
+    (_, out), grads = _sharded(
+        jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True), mesh
+    )(*args)
     assert_attention_matches_reference(out, grads, q, k, v, segments, weights, 1e-5, 1e-4)
 
 
@@ -113,10 +135,14 @@ def test_ring_in_query_tiles_matches_float64_reference(monkeypatch, tile):
     test_attention_matches_float64_reference("ring", dict(sequence=2), 2, "packed")
 
 
-@pytest.mark.parametrize("mesh, group, rows", [
-    (dict(sequence=2), 2, "packed"),
-    (dict(sequence=4, tensor=2), 1, "causal"),
-], ids=str)
+@pytest.mark.parametrize(
+    "mesh, group, rows",
+    [
+        (dict(sequence=2), 2, "packed"),
+        (dict(sequence=4, tensor=2), 1, "causal"),
+    ],
+    ids=str,
+)
 def test_ring_autodiff_backward_equals_custom_vjp(monkeypatch, mesh, group, rows):
     """The ring's backward by autodiff through the forward loop (query tiles rematerialized)
     gives the custom VJP's loss and gradients, and the reference's."""
@@ -125,9 +151,12 @@ def test_ring_autodiff_backward_equals_custom_vjp(monkeypatch, mesh, group, rows
     seg_arg = None if seg is None else jnp.asarray(seg)
     weights = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.float32)
     attend = _context_parallel("ring", mesh["sequence"])
-    run = _sharded(jax.value_and_grad(
-        lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, seg_arg)) * weights), argnums=(0, 1, 2)),
-        mesh)
+    run = _sharded(
+        jax.value_and_grad(
+            lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, seg_arg)) * weights), argnums=(0, 1, 2)
+        ),
+        mesh,
+    )
     args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
     results = {"custom_vjp": run(*args)}
     with ring_autodiff.autodiff_backward():
@@ -137,9 +166,16 @@ def test_ring_autodiff_backward_equals_custom_vjp(monkeypatch, mesh, group, rows
     segments = seg if seg is not None else np.ones((2, LENGTH), np.int32)
     w = np.asarray(weights, np.float64)
     assert_directional_derivatives(
-        lambda q, k, v: sum(np.sum(np.sin(ref_attention(q[b], k[b], v[b], segments[b])) * w[b])
-                            for b in range(q.shape[0])),
-        (q, k, v), results["autodiff"][1], np.random.default_rng(3), tries=1, tol=1e-4)
+        lambda q, k, v: sum(
+            np.sum(np.sin(ref_attention(q[b], k[b], v[b], segments[b])) * w[b])
+            for b in range(q.shape[0])
+        ),
+        (q, k, v),
+        results["autodiff"][1],
+        np.random.default_rng(3),
+        tries=1,
+        tol=1e-4,
+    )
 
 
 def test_bfloat16_strategies_stay_within_rounding_of_float32(monkeypatch):
@@ -154,13 +190,16 @@ def test_bfloat16_strategies_stay_within_rounding_of_float32(monkeypatch):
     def loss_and_grads(attend):
         return jax.value_and_grad(
             lambda q, k, v: jnp.sum(attend(q, k, v, seg).astype(jnp.float32) ** 2),
-            argnums=(0, 1, 2))
+            argnums=(0, 1, 2),
+        )
 
     exact = jax.jit(loss_and_grads(attention_lib.xla_attention))(
-        *(a.astype(jnp.float32) for a in (q, k, v)))
+        *(a.astype(jnp.float32) for a in (q, k, v))
+    )
     for strategy, block_impl in [(s, "xla") for s in cp.STRATEGIES] + [("ring", "splash")]:
-        got = _sharded(loss_and_grads(_context_parallel(strategy, 4, block_impl)),
-                       dict(sequence=4))(q, k, v)
+        got = _sharded(
+            loss_and_grads(_context_parallel(strategy, 4, block_impl)), dict(sequence=4)
+        )(q, k, v)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(exact)):
             scale = float(np.max(np.abs(b)))
             np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=1e-2 * scale, rtol=0)
@@ -178,25 +217,42 @@ def test_splash_block_under_all_gather_matches_reference():
 
     def attend(q, k, v, seg):
         b = lambda a: balance_lib.balance(a, 2)  # noqa: E731
-        return balance_lib.restore(cp.attention(b(q), b(k), b(v), b(seg), "all_gather", "splash",
-                                                blocks, splash_interpret=True), 2)
+        return balance_lib.restore(
+            cp.attention(
+                b(q), b(k), b(v), b(seg), "all_gather", "splash", blocks, splash_interpret=True
+            ),
+            2,
+        )
 
     args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
-    out, grads = _sharded(jax.value_and_grad(
-        lambda q, k, v: (lambda o: (jnp.sum(jnp.sin(o)), o))(attend(q, k, v, jnp.asarray(seg))),
-        argnums=(0, 1, 2), has_aux=True), dict(sequence=2, tensor=2))(*args)
-    np.testing.assert_allclose(out[1][0], ref_attention(q[0], k[0], v[0], seg[0]),
-                               atol=1e-5, rtol=1e-5)
+    out, grads = _sharded(
+        jax.value_and_grad(
+            lambda q, k, v: (lambda o: (jnp.sum(jnp.sin(o)), o))(attend(q, k, v, jnp.asarray(seg))),
+            argnums=(0, 1, 2),
+            has_aux=True,
+        ),
+        dict(sequence=2, tensor=2),
+    )(*args)
+    np.testing.assert_allclose(
+        out[1][0], ref_attention(q[0], k[0], v[0], seg[0]), atol=1e-5, rtol=1e-5
+    )
     assert_directional_derivatives(
-        lambda q, k, v: np.sum(np.sin(ref_attention(q[0], k[0], v[0], seg[0]))), (q, k, v),
-        grads, np.random.default_rng(5), tries=1, tol=1e-4)
+        lambda q, k, v: np.sum(np.sin(ref_attention(q[0], k[0], v[0], seg[0]))),
+        (q, k, v),
+        grads,
+        np.random.default_rng(5),
+        tries=1,
+        tol=1e-4,
+    )
 
 
 def test_ring_never_gathers_keys_and_values():
     """The ring moves K/V with collective-permutes only: no all-gather in the program."""
     attend = _context_parallel("ring", 8)
-    q, k, v, seg = (jnp.asarray(a, jnp.float32) if a.dtype.kind == "f" else jnp.asarray(a)
-                    for a in _inputs(4, 2, "packed"))
+    q, k, v, seg = (
+        jnp.asarray(a, jnp.float32) if a.dtype.kind == "f" else jnp.asarray(a)
+        for a in _inputs(4, 2, "packed")
+    )
     shape = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 8}
     mesh = sharding_lib.make_mesh(shape, jax.devices())
     grad = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, seg) ** 2), argnums=(0, 1, 2))
@@ -210,23 +266,30 @@ def _loss_and_grads(config, batch, devices):
     factory = factory_for(config, devices)
     state = factory.create(jax.random.key(0))
     with factory.context():
+
         def loss_fn(params, batch):
-            total, count = step_lib.loss_sum_and_count(factory.model, params, batch,
-                                                       config.train.loss_chunks)
+            total, count = step_lib.loss_sum_and_count(
+                factory.model, params, batch, config.train.loss_chunks
+            )
             return total / count
+
         placed = jax.device_put(batch, factory.batch_sharding)
         loss, grads = jax.jit(jax.value_and_grad(loss_fn))(state["params"], placed)
     return float(loss), jax.tree.map(np.asarray, grads)
 
 
-@pytest.mark.parametrize("strategy, mesh, rows", [
-    ("all_gather", dict(sequence=2, data=4), "packed"),
-    ("all_gather", dict(sequence=4, tensor=2), "causal"),
-    ("all_gather", dict(sequence=8), "packed"),
-    ("ring", dict(sequence=2, data=2, tensor=2), "causal"),
-    ("ring", dict(sequence=4, data=2), "packed"),
-    ("ring", dict(sequence=8), "packed"),
-], ids=str)
+@pytest.mark.parametrize(
+    "strategy, mesh, rows",
+    [
+        ("all_gather", dict(sequence=2, data=4), "packed"),
+        ("all_gather", dict(sequence=4, tensor=2), "causal"),
+        ("all_gather", dict(sequence=8), "packed"),
+        ("ring", dict(sequence=2, data=2, tensor=2), "causal"),
+        ("ring", dict(sequence=4, data=2), "packed"),
+        ("ring", dict(sequence=8), "packed"),
+    ],
+    ids=str,
+)
 def test_whole_model_equals_one_device(strategy, mesh, rows):
     """Loss and every parameter gradient of the GQA model (4 heads, 2 kv heads) with the
     sequence split equal the single-device run in float32."""

@@ -21,19 +21,34 @@ from jaxlm import train as train_lib  # noqa: E402
 from jaxlm.data import tokenizer as tokenizer_lib  # noqa: E402
 from jaxlm.model import Transformer  # noqa: E402
 
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def hf_model(seed=0, vocab=97, kv=2, tied=False, rope_scaling=None, head_dim=None, **changes):
     """A random float32 LlamaForCausalLM; norm weights are random too, so they are tested."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=kv, head_dim=head_dim or 8,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv,
+        head_dim=head_dim or 8,
         # a copy: transformers writes rope_theta into the dict it is given
-        rms_norm_eps=1e-5, rope_theta=500.0, rope_scaling=dict(rope_scaling or {}) or None,
-        tie_word_embeddings=tied, max_position_embeddings=512, **changes)
+        rms_norm_eps=1e-5,
+        rope_theta=500.0,
+        rope_scaling=dict(rope_scaling or {}) or None,
+        tie_word_embeddings=tied,
+        max_position_embeddings=512,
+        **changes,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -70,8 +85,9 @@ def tokens_for(vocab, length=24, rows=2, seed=1):
 CASES = {  # kv heads, tied, rope scaling, explicit head_dim (!= hidden / heads), shard size
     "kv1-untied-sharded": dict(kv=1, tied=False, max_shard_size="20KB"),
     "kv2-tied-llama3": dict(kv=2, tied=True, rope_scaling=LLAMA3),
-    "kv4-untied-llama3-head_dim16-sharded": dict(kv=4, tied=False, rope_scaling=LLAMA3,
-                                                 head_dim=16, max_shard_size="30KB"),
+    "kv4-untied-llama3-head_dim16-sharded": dict(
+        kv=4, tied=False, rope_scaling=LLAMA3, head_dim=16, max_shard_size="30KB"
+    ),
     "kv2-tied-sharded": dict(kv=2, tied=True, max_shard_size="20KB"),
 }
 
@@ -95,7 +111,8 @@ def test_import_matches_transformers_and_export_round_trips(tmp_path, case):
     convert.export_hf(run_dir, out_dir, max_shard_size="20KB")
     assert len(list(out_dir.glob("model-*.safetensors"))) > 1
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(
-        out_dir, attn_implementation="eager", dtype=torch.float32).eval()
+        out_dir, attn_implementation="eager", dtype=torch.float32
+    ).eval()
     np.testing.assert_allclose(hf_logits(reloaded, tokens), got, atol=1e-5, rtol=0)
     original, again = model.state_dict(), reloaded.state_dict()
     assert original.keys() == again.keys()
@@ -128,10 +145,13 @@ def test_llama3_frequencies_match_transformers():
     """The scaled inverse frequencies themselves, against transformers' rope initialiser."""
     from jaxlm.model import rope_frequencies
 
-    config = transformers.LlamaConfig(head_dim=64, hidden_size=256, num_attention_heads=4,
-                                      rope_theta=500000.0, rope_scaling={
-                                          **LLAMA3, "original_max_position_embeddings": 8192,
-                                          "rope_theta": 500000.0})
+    config = transformers.LlamaConfig(
+        head_dim=64,
+        hidden_size=256,
+        num_attention_heads=4,
+        rope_theta=500000.0,
+        rope_scaling={**LLAMA3, "original_max_position_embeddings": 8192, "rope_theta": 500000.0},
+    )
     init = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["llama3"]
     want, _ = init(config, "cpu")
     got = rope_frequencies(32, 500000.0, (8.0, 1.0, 4.0, 8192))
@@ -146,10 +166,14 @@ BAD = [
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"sliding_window": 4096}, "sliding_window"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
-     "rope_parameters.rope_type"),
-    ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
-     "rope_scaling.rope_type"),
+    (
+        {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+        "rope_parameters.rope_type",
+    ),
+    (
+        {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+        "rope_scaling.rope_type",
+    ),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
     ({"hidden_size": None}, "hidden_size"),
 ]
@@ -184,14 +208,22 @@ def _json_tokenizer(directory):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=90, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+        vocab_size=90,
+        special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
-        "eos_token": "<|end_of_text|>"}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<|begin_of_text|>",
+                "eos_token": "<|end_of_text|>",
+            }
+        )
+    )
     return tok.get_vocab_size()
 
 
@@ -254,8 +286,10 @@ def test_converted_model_trains_from_init_from(tmp_path, tokenizer_path):
     assert (tmp_path / "finetune" / "checkpoints" / "2").is_dir()
 
 
-@pytest.mark.parametrize("field,value", [("rope_scaling", "yarn"), ("rope_scaling_factor", 0.5),
-                                         ("rope_low_freq_factor", 8.0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("rope_scaling", "yarn"), ("rope_scaling_factor", 0.5), ("rope_low_freq_factor", 8.0)],
+)
 def test_rope_scaling_config_fields_are_validated(field, value):
     config = config_lib.default_config()
     config.model.rope_scaling = "llama3"
@@ -276,18 +310,31 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
     convert.import_hf(tmp_path / "hf", tmp_path / "run")
     run = run_lib.load(tmp_path / "run")
     prompts = [list(tokens_for(300, length=n, rows=1, seed=n)[0]) for n in (5, 11)]
-    got = generate_lib.generate(run.params, run.config, prompts, max_new_tokens=12,
-                                temperature=0.0, **{**run.kwargs(), "eos_id": None})
+    got = generate_lib.generate(
+        run.params,
+        run.config,
+        prompts,
+        max_new_tokens=12,
+        temperature=0.0,
+        **{**run.kwargs(), "eos_id": None},
+    )
     model.generation_config.eos_token_id = None
     for prompt, tokens in zip(prompts, got):
         with torch.no_grad():
-            want = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12,
-                                  min_new_tokens=12, pad_token_id=0)[0, len(prompt):]
+            want = model.generate(
+                torch.tensor([prompt]),
+                do_sample=False,
+                max_new_tokens=12,
+                min_new_tokens=12,
+                pad_token_id=0,
+            )[0, len(prompt) :]
         assert list(tokens) == want.tolist()
 
 
 def test_cli_names_an_output_directory_that_is_a_file(tmp_path):
     """Checked before the run is read: a file where --to_hf's directory goes is one line."""
     (tmp_path / "out").write_text("not a directory")
-    with pytest.raises(SystemExit, match=r"convert error: --to_hf=.*out is a file, not a directory"):
+    with pytest.raises(
+        SystemExit, match=r"convert error: --to_hf=.*out is a file, not a directory"
+    ):
         convert.main([f"--from_run={tmp_path / 'run'}", f"--to_hf={tmp_path / 'out'}"])

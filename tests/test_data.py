@@ -24,8 +24,10 @@ from jaxlm import train as train_lib
 from jaxlm.data import pipeline, prepare, prepared
 from support import small_config
 
-WORDS = ("alpha beta gamma delta model token batch shard grain jax flax optax orbax "
-         "packing segment position rotary norm layer head vocab loss step").split()
+WORDS = (
+    "alpha beta gamma delta model token batch shard grain jax flax optax orbax "
+    "packing segment position rotary norm layer head vocab loss step"
+).split()
 VOCAB = 320  # tokenizer pieces; the models here have 384 rows
 MAX_CHARS = 20_000
 WORKER = pathlib.Path(__file__).resolve().parent / "data_worker.py"
@@ -59,18 +61,30 @@ def corpus(tmp_path_factory):
         for text in docs(80):
             f.write(json.dumps({"text": text}) + "\n")
     paragraphs = docs(40)
-    (root / "c.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(
-        "\n\n\n".join(paragraphs).encode()))
+    (root / "c.txt.zst").write_bytes(
+        zstandard.ZstdCompressor().compress("\n\n\n".join(paragraphs).encode())
+    )
     (root / "d.txt").write_text("")  # an empty file
-    bad = {"missing_key": [f"{root}/a.jsonl:121"], "invalid_json": [f"{root}/a.jsonl:122"],
-           "too_long": [f"{root}/a.jsonl:123"], "invalid_utf8": [f"{root}/a.jsonl:124"],
-           "empty_file": [f"{root}/d.txt"]}
+    bad = {
+        "missing_key": [f"{root}/a.jsonl:121"],
+        "invalid_json": [f"{root}/a.jsonl:122"],
+        "too_long": [f"{root}/a.jsonl:123"],
+        "invalid_utf8": [f"{root}/a.jsonl:124"],
+        "empty_file": [f"{root}/d.txt"],
+    }
     return root, good, bad
 
 
 def _prepare(corpus_root, output, **extra):
-    return prepare.prepare(f"{corpus_root}/*", output, txt_mode="blank_line", val_fraction=0.1,
-                           workers=2, max_document_chars=MAX_CHARS, **extra)
+    return prepare.prepare(
+        f"{corpus_root}/*",
+        output,
+        txt_mode="blank_line",
+        val_fraction=0.1,
+        workers=2,
+        max_document_chars=MAX_CHARS,
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +96,10 @@ def data_dir(corpus, tmp_path_factory):
 
 def _all_records(data_dir):
     dataset = prepared.PreparedDataset(data_dir)
-    return {split: [dataset.documents(split)[i] for i in range(len(dataset.documents(split)))]
-            for split in prepared.SPLITS}
+    return {
+        split: [dataset.documents(split)[i] for i in range(len(dataset.documents(split)))]
+        for split in prepared.SPLITS
+    }
 
 
 def test_prepare_keeps_every_good_document_and_reports_each_bad_one(corpus, data_dir, capsys):
@@ -106,8 +122,16 @@ def test_prepare_keeps_every_good_document_and_reports_each_bad_one(corpus, data
 
 def test_prepare_summary_names_file_and_line(corpus, tmp_path, capsys):
     root, _, bad = corpus
-    prepare.main([f"--input={root}/a.jsonl", f"--output={tmp_path / 'out'}", "--train_tokenizer",
-                  f"--vocab_size={VOCAB}", f"--max_document_chars={MAX_CHARS}", "--workers=1"])
+    prepare.main(
+        [
+            f"--input={root}/a.jsonl",
+            f"--output={tmp_path / 'out'}",
+            "--train_tokenizer",
+            f"--vocab_size={VOCAB}",
+            f"--max_document_chars={MAX_CHARS}",
+            "--workers=1",
+        ]
+    )
     out = capsys.readouterr().out
     for reason in ("missing_key", "invalid_json", "too_long", "invalid_utf8"):
         assert f"skipped 1 x {prepare.readers.SKIP_REASONS[reason]} (e.g. {bad[reason][0]})" in out
@@ -117,11 +141,18 @@ def test_prepare_summary_names_file_and_line(corpus, tmp_path, capsys):
 def test_prepare_with_nothing_usable_stops_with_the_reasons(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"body": 1}\n\n')
     with pytest.raises(SystemExit, match=r"no usable training documents.*without the text key"):
-        prepare.main([f"--input={tmp_path}/bad.jsonl", f"--output={tmp_path / 'out'}",
-                      "--train_tokenizer", "--workers=1"])
+        prepare.main(
+            [
+                f"--input={tmp_path}/bad.jsonl",
+                f"--output={tmp_path / 'out'}",
+                "--train_tokenizer",
+                "--workers=1",
+            ]
+        )
     with pytest.raises(SystemExit, match=r"matches no file"):
-        prepare.main([f"--input={tmp_path}/none*.jsonl", f"--output={tmp_path / 'out'}",
-                      "--train_tokenizer"])
+        prepare.main(
+            [f"--input={tmp_path}/none*.jsonl", f"--output={tmp_path / 'out'}", "--train_tokenizer"]
+        )
 
 
 def test_interrupted_prepare_redoes_only_unfinished_pieces(corpus, data_dir, tmp_path, capsys):
@@ -140,21 +171,33 @@ def test_interrupted_prepare_redoes_only_unfinished_pieces(corpus, data_dir, tmp
     assert "resuming: 3 of 4 pieces already done" in capsys.readouterr().out
     assert kept.stat().st_mtime_ns == mtime  # finished pieces were not redone
     assert json.loads((output / prepared.METADATA).read_text()) == first
-    assert [len(d) for d in _all_records(output)["train"]] == \
-           [len(d) for d in _all_records(data_dir)["train"]]
+    assert [len(d) for d in _all_records(output)["train"]] == [
+        len(d) for d in _all_records(data_dir)["train"]
+    ]
 
 
 def test_llama_style_tokenizer_is_used_as_is(corpus, tmp_path):
     """Special ids come from the model file (here deliberately not the usual 0/1/2, no pad)."""
     model = tmp_path / "llama.model"
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus[1]), model_prefix=str(model.with_suffix("")),
-        vocab_size=300, model_type="bpe", unk_id=2, bos_id=0, eos_id=1, pad_id=-1,
-        byte_fallback=True, minloglevel=2)
+        sentence_iterator=iter(corpus[1]),
+        model_prefix=str(model.with_suffix("")),
+        vocab_size=300,
+        model_type="bpe",
+        unk_id=2,
+        bos_id=0,
+        eos_id=1,
+        pad_id=-1,
+        byte_fallback=True,
+        minloglevel=2,
+    )
     _prepare(corpus[0], tmp_path / "out", tokenizer=model)
     meta = json.loads((tmp_path / "out" / prepared.METADATA).read_text())
-    assert {k: meta["tokenizer"][k] for k in ("bos_id", "eos_id", "pad_id")} == \
-           {"bos_id": 0, "eos_id": 1, "pad_id": -1}
+    assert {k: meta["tokenizer"][k] for k in ("bos_id", "eos_id", "pad_id")} == {
+        "bos_id": 0,
+        "eos_id": 1,
+        "pad_id": -1,
+    }
     doc = _all_records(tmp_path / "out")["train"][0]
     assert doc[0] == 0 and doc[-1] == 1 and 0 not in doc[1:] and 1 not in doc[:-1]
 
@@ -168,8 +211,8 @@ def test_packing_keeps_every_token_once_and_marks_document_boundaries(data_dir):
     stream = np.concatenate([r["inputs"] for r in batch])
     targets = np.concatenate([r["targets"] for r in batch])
     n = int(documents.lengths.sum())
-    assert (stream[n:] == 0).all() and (targets[n - 1:] == 0).all()  # only the tail is padding
-    assert (targets[:n - 1] == stream[1:n]).all()
+    assert (stream[n:] == 0).all() and (targets[n - 1 :] == 0).all()  # only the tail is padding
+    assert (targets[: n - 1] == stream[1:n]).all()
     # Split the stream after each eos: the same documents, each exactly once.
     ends = np.flatnonzero(stream[:n] == eos) + 1
     rebuilt = sorted(tuple(d) for d in np.split(stream[:n], ends[:-1]))
@@ -196,8 +239,13 @@ def _equal(a, b):
 
 
 def _worker(*args, env=None, timeout=240):
-    result = subprocess.run([sys.executable, str(WORKER), *map(str, args)], capture_output=True,
-                            text=True, timeout=timeout, env=env)
+    result = subprocess.run(
+        [sys.executable, str(WORKER), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -223,12 +271,33 @@ def test_two_processes_assemble_the_single_process_global_batch(data_dir, tmp_pa
         port = s.getsockname()[1]
     processes = []
     for rank in range(2):
-        env = {**os.environ, "JAXLM_DISTRIBUTED": "1", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-               "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(rank), "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-        processes.append(subprocess.Popen(
-            [sys.executable, str(WORKER), "multihost", data_dir, "32", "8", "3", tmp_path / "mh.npz"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "JAXLM_DISTRIBUTED": "1",
+            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(rank),
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        }
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(WORKER),
+                    "multihost",
+                    data_dir,
+                    "32",
+                    "8",
+                    "3",
+                    tmp_path / "mh.npz",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     for p in processes:
         out, _ = p.communicate(timeout=240)
         assert p.returncode == 0, out[-3000:]
@@ -252,7 +321,9 @@ def _train_config(source, tokenizer=""):
 def test_train_three_steps_from_a_prepared_corpus(data_dir, tmp_path):
     last = train_lib.train(_train_config(f"arrayrecord:{data_dir}"), tmp_path / "run")
     assert np.isfinite(last["loss"]) and np.isfinite(last["val_loss"])
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
 
 
@@ -262,11 +333,15 @@ class JaxlmTestText(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-            {"text": tfds.features.Text()}))
+        return tfds.core.DatasetInfo(
+            builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()})
+        )
 
     def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(60, 0), "validation": self._generate_examples(6, 1)}
+        return {
+            "train": self._generate_examples(60, 0),
+            "validation": self._generate_examples(6, 1),
+        }
 
     def _generate_examples(self, n, seed):
         rng = random.Random(seed)
@@ -314,17 +389,30 @@ def test_source_files_prepare_as_text_one_document_per_file(data_dir, tmp_path):
     texts = {name: _text(rng, 30) for name in ("a.py", "b.c", "c.rs", "README.md")}
     for name, text in texts.items():
         (tmp_path / name).write_text(text)
-    prepare.main([f"--input={tmp_path}/*.*", f"--output={tmp_path / 'out'}", "--workers=1",
-                  f"--tokenizer={data_dir / prepared.TOKENIZER}", "--val_fraction=0"])
+    prepare.main(
+        [
+            f"--input={tmp_path}/*.*",
+            f"--output={tmp_path / 'out'}",
+            "--workers=1",
+            f"--tokenizer={data_dir / prepared.TOKENIZER}",
+            "--val_fraction=0",
+        ]
+    )
     assert _decoded_train_documents(tmp_path / "out") == sorted(texts.values())
 
 
 def test_format_text_reads_any_extension_and_without_it_the_error_names_the_flag(
-        data_dir, tmp_path):
+    data_dir, tmp_path
+):
     text = _text(random.Random(2), 30)
     (tmp_path / "notes.weird").write_text(text)
-    args = [f"--input={tmp_path}/notes.weird", f"--output={tmp_path / 'out'}", "--workers=1",
-            f"--tokenizer={data_dir / prepared.TOKENIZER}", "--val_fraction=0"]
+    args = [
+        f"--input={tmp_path}/notes.weird",
+        f"--output={tmp_path / 'out'}",
+        "--workers=1",
+        f"--tokenizer={data_dir / prepared.TOKENIZER}",
+        "--val_fraction=0",
+    ]
     with pytest.raises(SystemExit, match=r"notes.weird: unknown input format.*--format=text") as e:
         prepare.main(args)
     assert "\n" not in str(e.value.code)  # one line

@@ -52,22 +52,24 @@ def hf(run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
     convert.export_hf(run_dir, out, dtype="float32")
     return transformers.AutoModelForCausalLM.from_pretrained(
-        out, dtype=torch.float32, attn_implementation="eager").eval()
+        out, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 def reference_logprobs(hf, tokens):
     """log P(tokens[i] | tokens[:i]) for i >= 1, float64, from transformers."""
     with torch.no_grad():
         logits = hf(torch.tensor([tokens[:-1]])).logits[0].double()
-    return torch.log_softmax(logits, -1)[torch.arange(len(tokens) - 1),
-                                         torch.tensor(tokens[1:])].numpy()
+    return torch.log_softmax(logits, -1)[
+        torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])
+    ].numpy()
 
 
 def reference_document_nll(hf, tokens):
     """Summed NLL of tokens[1:], each window predicting CONTEXT tokens from the one before."""
     total = 0.0
     for start in range(1, len(tokens), CONTEXT):
-        total -= reference_logprobs(hf, tokens[start - 1:start + CONTEXT]).sum()
+        total -= reference_logprobs(hf, tokens[start - 1 : start + CONTEXT]).sum()
     return total
 
 
@@ -76,15 +78,20 @@ def test_document_loss_and_perplexity_match_transformers(run_dir, hf):
     sp = run.tokenizer
     docs = [[sp.bos_id()] + sp.encode(t) + [sp.eos_id()] for t in TEXTS]
     assert max(map(len, docs)) > 2 * CONTEXT  # several windows
-    got = eval_lib.score_documents(run, [np.asarray(d) for d in docs], batch_size=4,
-                                   n_bytes=sum(len(t.encode()) for t in TEXTS))
+    got = eval_lib.score_documents(
+        run,
+        [np.asarray(d) for d in docs],
+        batch_size=4,
+        n_bytes=sum(len(t.encode()) for t in TEXTS),
+    )
     nll = sum(reference_document_nll(hf, d) for d in docs)
     tokens = sum(len(d) - 1 for d in docs)
     assert got["tokens"] == tokens and got["documents"] == len(TEXTS)
     np.testing.assert_allclose(got["loss"], nll / tokens, rtol=1e-5)
     np.testing.assert_allclose(got["perplexity"], math.exp(nll / tokens), rtol=1e-5)
-    np.testing.assert_allclose(got["bits_per_byte"],
-                               nll / math.log(2) / sum(len(t.encode()) for t in TEXTS), rtol=1e-5)
+    np.testing.assert_allclose(
+        got["bits_per_byte"], nll / math.log(2) / sum(len(t.encode()) for t in TEXTS), rtol=1e-5
+    )
 
 
 def test_sft_documents_are_scored_on_their_responses(run_dir, hf):
@@ -103,9 +110,9 @@ def harness_split(sp, context, choice):
     """lm-evaluation-harness' tokenization of a (context, choice) pair, re-derived."""
     if context.endswith(" "):
         stripped = context.rstrip(" ")
-        context, choice = stripped, context[len(stripped):] + choice
+        context, choice = stripped, context[len(stripped) :] + choice
     context_ids = sp.encode(context) if context else []
-    return [sp.bos_id()] + context_ids, sp.encode(context + choice)[len(context_ids):]
+    return [sp.bos_id()] + context_ids, sp.encode(context + choice)[len(context_ids) :]
 
 
 def test_multiple_choice_log_likelihoods_and_accuracy_match_transformers(run_dir, hf, tmp_path):
@@ -116,7 +123,7 @@ def test_multiple_choice_log_likelihoods_and_accuracy_match_transformers(run_dir
         row = []
         for choice in item["choices"]:
             context, continuation = harness_split(sp, item["context"], choice)
-            row.append(reference_logprobs(hf, context + continuation)[-len(continuation):].sum())
+            row.append(reference_logprobs(hf, context + continuation)[-len(continuation) :].sum())
         want.append(np.array(row))
     # The right answer is the reference's pick for the first two items and another choice for
     # the last two, so accuracy is 0.5 exactly when the picks agree.
@@ -129,19 +136,31 @@ def test_multiple_choice_log_likelihoods_and_accuracy_match_transformers(run_dir
     for row, logprobs in zip(got["per_item"], want):
         np.testing.assert_allclose(row["logprobs"], logprobs, rtol=1e-5, atol=1e-5)
     assert got["acc"] == 0.5 and got["items"] == 4
-    normalised = [np.argmax(w / [len(c) for c in it["choices"]]) == it["answer"]
-                  for w, it in zip(want, ITEMS)]
+    normalised = [
+        np.argmax(w / [len(c) for c in it["choices"]]) == it["answer"] for w, it in zip(want, ITEMS)
+    ]
     assert got["acc_norm"] == np.mean(normalised)
 
 
 def test_the_models_own_greedy_continuation_is_greedy(run_dir):
     run = run_lib.load(run_dir)
     context = [run.tokenizer.bos_id()] + run.tokenizer.encode("def main(")
-    greedy = gen.generate(run.params, run.config, [context], max_new_tokens=4, temperature=0.0,
-                          **{**run.kwargs(), "eos_id": None})[0]
+    greedy = gen.generate(
+        run.params,
+        run.config,
+        [context],
+        max_new_tokens=4,
+        temperature=0.0,
+        **{**run.kwargs(), "eos_id": None},
+    )[0]
     other = greedy[:-1] + [(greedy[-1] + 1) % run.config.vocab_size]
-    scores = eval_lib.score(run, [eval_lib.Request(tuple(context), tuple(greedy)),
-                                  eval_lib.Request(tuple(context), tuple(other))])
+    scores = eval_lib.score(
+        run,
+        [
+            eval_lib.Request(tuple(context), tuple(greedy)),
+            eval_lib.Request(tuple(context), tuple(other)),
+        ],
+    )
     assert scores[0].greedy and not scores[1].greedy
     assert scores[0].logprob > scores[1].logprob
 
@@ -167,12 +186,23 @@ def test_cli_scores_texts_a_prepared_split_and_choices(run_dir, tmp_path, repo, 
     texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS) + "not json\n")
     items = tmp_path / "items.jsonl"
     items.write_text("".join(json.dumps({**item, "answer": 0}) + "\n" for item in ITEMS))
-    prepare.main([f"--input={texts}", f"--output={tmp_path / 'prepared'}",
-                  f"--tokenizer={tokenizer_path}", "--val_fraction=0.5"])
+    prepare.main(
+        [
+            f"--input={texts}",
+            f"--output={tmp_path / 'prepared'}",
+            f"--tokenizer={tokenizer_path}",
+            "--val_fraction=0.5",
+        ]
+    )
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "jaxlm.eval", f"--from={run_dir}", *args],
-                              cwd=repo, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [sys.executable, "-m", "jaxlm.eval", f"--from={run_dir}", *args],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     done = cli(f"--data={texts}", f"--choices={items}", f"--output={tmp_path / 'out.json'}")
     assert done.returncode == 0, done.stderr
@@ -183,7 +213,8 @@ def test_cli_scores_texts_a_prepared_split_and_choices(run_dir, tmp_path, repo, 
     run = run_lib.load(run_dir, shard_rows=True)
     sp = run.tokenizer
     want = eval_lib.score_documents(
-        run, [np.asarray([sp.bos_id()] + sp.encode(t) + [sp.eos_id()]) for t in TEXTS])
+        run, [np.asarray([sp.bos_id()] + sp.encode(t) + [sp.eos_id()]) for t in TEXTS]
+    )
     np.testing.assert_allclose(out["documents"]["loss"], want["loss"], rtol=1e-6)
 
     done = cli(f"--data={tmp_path / 'prepared'}", "--split=validation")
@@ -193,8 +224,10 @@ def test_cli_scores_texts_a_prepared_split_and_choices(run_dir, tmp_path, repo, 
     # Bad input: one line naming what to fix, no traceback.
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"context": "a", "choices": ["b", "c"], "answer": 2}) + "\n")
-    for args, message in [((f"--choices={bad}",), f"{bad}:1: \"answer\" is 2"),
-                          ((f"--data={tmp_path}/none*.jsonl",), "matches no file"),
-                          ((), "give --data")]:
+    for args, message in [
+        ((f"--choices={bad}",), f'{bad}:1: "answer" is 2'),
+        ((f"--data={tmp_path}/none*.jsonl",), "matches no file"),
+        ((), "give --data"),
+    ]:
         done = cli(*args)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr

@@ -31,14 +31,25 @@ def tiny_config(tokenizer_path, steps, every=2, log_every=1):
 
 
 def cli(tokenizer_path, workdir, steps, every=2, log_every=1):
-    return [sys.executable, "-m", "jaxlm.train", "--config=configs/tiny.py", f"--workdir={workdir}",
-            f"--config.train.steps={steps}", "--config.train.warmup_steps=1",
-            f"--config.train.log_every={log_every}", "--config.data.seq_len=64",
-            f"--config.checkpoint.every={every}", f"--config.data.tokenizer={tokenizer_path}"]
+    return [
+        sys.executable,
+        "-m",
+        "jaxlm.train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.train.steps={steps}",
+        "--config.train.warmup_steps=1",
+        f"--config.train.log_every={log_every}",
+        "--config.data.seq_len=64",
+        f"--config.checkpoint.every={every}",
+        f"--config.data.tokenizer={tokenizer_path}",
+    ]
 
 
 def final_params(workdir, steps, config):
-    checkpoints = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", keep=3, probe=False)
+    checkpoints = checkpoint_lib.Checkpointer(
+        pathlib.Path(workdir) / "checkpoints", keep=3, probe=False
+    )
     assert checkpoints.latest_step() == steps
     factory = factory_for(config)
     state, meta = checkpoints.restore(steps, factory.trained(factory.abstract))  # LoRA: adapters
@@ -52,12 +63,18 @@ def metric_rows(workdir):
 
 def deterministic(rows):
     """Metric rows without the fields that time the run."""
-    return [{k: v for k, v in row.items() if k not in metrics_lib.WALL_CLOCK_FIELDS} for row in rows]
+    return [
+        {k: v for k, v in row.items() if k not in metrics_lib.WALL_CLOCK_FIELDS} for row in rows
+    ]
 
 
 def finished_checkpoints(workdir):
     directory = pathlib.Path(workdir) / "checkpoints"
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+    return (
+        sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+        if directory.is_dir()
+        else []
+    )
 
 
 def run_until(command, cwd, pattern=None, delay=0.0, timeout=300):
@@ -65,8 +82,14 @@ def run_until(command, cwd, pattern=None, delay=0.0, timeout=300):
 
     Returns the exit code and the output; with no pattern, runs to the end.
     """
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     selector = selectors.DefaultSelector()
     selector.register(process.stdout, selectors.EVENT_READ)
     output, deadline, kill_at = [], time.monotonic() + timeout, None
@@ -95,13 +118,16 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path, repo, tokenizer_path
     # while it trains; the delays after it are random.
     rng = random.Random(1234)
     workdir = tmp_path / "killed"
-    kills = [("saving checkpoint", 0.1),  # in the middle of the first async save
-             ("step 4/10 | saving", rng.uniform(0.0, 0.3)),  # after checkpoint 4: window [4]
-             ("step 9/10 | loss", 0.0)]  # row 9 written, checkpoint 10 not yet
+    kills = [
+        ("saving checkpoint", 0.1),  # in the middle of the first async save
+        ("step 4/10 | saving", rng.uniform(0.0, 0.3)),  # after checkpoint 4: window [4]
+        ("step 9/10 | loss", 0.0),
+    ]  # row 9 written, checkpoint 10 not yet
     killed_mid_save = stale_rows = 0
     for pattern, delay in kills:
-        code, output = run_until(cli(tokenizer_path, workdir, steps, every, log_every), repo,
-                                 pattern, delay)
+        code, output = run_until(
+            cli(tokenizer_path, workdir, steps, every, log_every), repo, pattern, delay
+        )
         assert code == -signal.SIGKILL, output[-2000:]
         killed_mid_save += any((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
         newest = max(finished_checkpoints(workdir), default=0)
@@ -131,8 +157,11 @@ def assert_ends_as_unbroken(tmp_path, workdir, steps, config):
     assert deterministic(rows) == deterministic(metric_rows(tmp_path / "unbroken"))
 
     def board(run):
-        return [(tag, step, value) for tag, step, value in tensorboard_view(run / "tensorboard")
-                if tag not in metrics_lib.WALL_CLOCK_FIELDS]
+        return [
+            (tag, step, value)
+            for tag, step, value in tensorboard_view(run / "tensorboard")
+            if tag not in metrics_lib.WALL_CLOCK_FIELDS
+        ]
 
     assert board(workdir) == board(tmp_path / "unbroken")
     return rows
@@ -149,8 +178,10 @@ def test_killed_in_and_across_seq_len_stages_resumes_exactly(tmp_path, repo, tok
     train_lib.train(config, tmp_path / "unbroken")
 
     workdir = tmp_path / "killed"
-    command = [*cli(tokenizer_path, workdir, steps, every=3),
-               f"--config.data.seq_len_schedule={SCHEDULE}"]
+    command = [
+        *cli(tokenizer_path, workdir, steps, every=3),
+        f"--config.data.seq_len_schedule={SCHEDULE}",
+    ]
     # Killed in stage 2 (the newest checkpoint, 3, is in stage 1), then in stage 3 (checkpoint
     # 6 ends stage 2): the first resume starts inside stage 1 and crosses into stage 2 again,
     # the second starts right at stage 3. Compiling a new stage gives the saves time to finish.
@@ -174,16 +205,23 @@ def test_killed_in_and_across_seq_len_stages_resumes_exactly(tmp_path, repo, tok
 @pytest.mark.slow  # other processes
 def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path, repo, tokenizer_path):
     workdir = tmp_path / "run"
-    process = subprocess.Popen(cli(tokenizer_path, workdir, 200, every=1000), cwd=repo,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        cli(tokenizer_path, workdir, 200, every=1000),
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     for line in process.stdout:
         if line.startswith("step 3/"):
             process.send_signal(signal.SIGTERM)
             break
     output = process.communicate(timeout=300)[0]
     assert process.returncode == train_lib.PREEMPTED_EXIT_CODE, output[-2000:]
-    checkpoints = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    checkpoints = sorted(
+        int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()
+    )
     assert len(checkpoints) == 1 and 3 <= checkpoints[0] < 200
     saved = checkpoints[0]
     assert f"checkpoint saved at step {saved}" in output
@@ -243,7 +281,9 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, target):
     assert step == 7 and meta["step"] == 7
     q = restored["params"]["layers"]["attn"]["q"]
     assert q.sharding == factory.shardings["params"]["layers"]["attn"]["q"]
-    for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(restored))):
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(restored))
+    ):
         np.testing.assert_array_equal(a, b)
 
 
@@ -254,8 +294,14 @@ def test_two_processes_save_and_resume(tmp_path, repo, tokenizer_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     for steps in (2, 3):
         command = ["bash", "launch/local.sh", "2", *cli(tokenizer_path, workdir, steps)[3:]]
-        result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600,
-                                env={**env, "JAX_PLATFORMS": "cpu"})
+        result = subprocess.run(
+            command,
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**env, "JAX_PLATFORMS": "cpu"},
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {workdir / 'checkpoints' / '2'}" in result.stdout
     assert [r["step"] for r in metric_rows(workdir) if "loss" in r] == [1, 2, 3]
@@ -318,7 +364,9 @@ def test_init_from_takes_params_but_not_optimizer_or_step(tmp_path, tokenizer_pa
     checkpoints = checkpoint_lib.Checkpointer(tmp_path / "finetune" / "checkpoints", keep=3)
     state, meta = checkpoints.restore(1, factory_for(config).abstract)
     checkpoints.close()
-    for a, b in zip(jax.tree.leaves(source_params), jax.tree.leaves(jax.device_get(state["params"]))):
+    for a, b in zip(
+        jax.tree.leaves(source_params), jax.tree.leaves(jax.device_get(state["params"]))
+    ):
         np.testing.assert_array_equal(a, b)
     counts = [int(x) for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) == 0]
     assert counts and all(c == 1 for c in counts), counts  # a fresh optimizer, one update old
@@ -350,18 +398,22 @@ def read_only_mount(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["a_file", "read_only"])
-def test_workdir_that_cannot_be_one_is_one_line_not_a_traceback(where, tmp_path, repo,
-                                                                 tokenizer_path, request):
+def test_workdir_that_cannot_be_one_is_one_line_not_a_traceback(
+    where, tmp_path, repo, tokenizer_path, request
+):
     if where == "a_file":
         workdir = tmp_path / "notes.txt"
         workdir.write_text("not a run directory")
         words = [f"--workdir={workdir} is a file, not a directory", "give a new directory"]
     else:
         workdir = request.getfixturevalue("read_only_mount") / "run"
-        words = [f"--workdir={workdir} cannot be created (Read-only file system)",
-                 "choose a directory you can write to"]
-    result = subprocess.run(cli(tokenizer_path, workdir, 2), capture_output=True, text=True,
-                            timeout=300, cwd=repo)
+        words = [
+            f"--workdir={workdir} cannot be created (Read-only file system)",
+            "choose a directory you can write to",
+        ]
+    result = subprocess.run(
+        cli(tokenizer_path, workdir, 2), capture_output=True, text=True, timeout=300, cwd=repo
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]

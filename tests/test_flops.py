@@ -26,16 +26,19 @@ SMALL = shape(vocab_size=32000, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4
 ONE_B = shape(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632)
 
 
-@pytest.mark.parametrize("m, head_dim, seq_len, causal, full_square", [
-    # per layer: q,k,v,o 256*64*(4+4+4+4) = 262,144; MLP 3*256*768 = 589,824
-    # 6 * 4 * 851,968 = 20,447,232; head 6*256*32000 = 49,152,000;
-    # attention 6 * 4 layers * 256 * (4*64) = 1,572,864 causal, twice that full-square
-    (SMALL, 64, 256, 71_172_096, 72_744_960),
-    # per layer: 2048*64*(32+32+4+4) = 9,437,184; MLP 3*2048*5632 = 34,603,008
-    # 6 * 22 * 44,040,192 = 5,813,305,344; head 6*2048*32000 = 393,216,000;
-    # attention 6 * 22 * 2048 * 2048 = 553,648,128 causal
-    (ONE_B, 64, 2048, 6_760_169_472, 7_313_817_600),
-])
+@pytest.mark.parametrize(
+    "m, head_dim, seq_len, causal, full_square",
+    [
+        # per layer: q,k,v,o 256*64*(4+4+4+4) = 262,144; MLP 3*256*768 = 589,824
+        # 6 * 4 * 851,968 = 20,447,232; head 6*256*32000 = 49,152,000;
+        # attention 6 * 4 layers * 256 * (4*64) = 1,572,864 causal, twice that full-square
+        (SMALL, 64, 256, 71_172_096, 72_744_960),
+        # per layer: 2048*64*(32+32+4+4) = 9,437,184; MLP 3*2048*5632 = 34,603,008
+        # 6 * 22 * 44,040,192 = 5,813,305,344; head 6*2048*32000 = 393,216,000;
+        # attention 6 * 22 * 2048 * 2048 = 553,648,128 causal
+        (ONE_B, 64, 2048, 6_760_169_472, 7_313_817_600),
+    ],
+)
 def test_flops_per_token_hand_computed(m, head_dim, seq_len, causal, full_square):
     assert metrics.flops_per_token(m, head_dim, seq_len, causal=True) == causal
     assert metrics.flops_per_token(m, head_dim, seq_len, causal=False) == full_square
@@ -77,11 +80,15 @@ def test_full_square_count_agrees_with_xla(n_heads, n_kv_heads):
         return total / count
 
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    batch = {"inputs": tokens, "targets": tokens,
-             "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.bool_)}
+    batch = {
+        "inputs": tokens,
+        "targets": tokens,
+        "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.bool_),
+    }
     with factory.context():
-        compiled = jax.jit(jax.value_and_grad(loss)).lower(factory.abstract["params"],
-                                                            batch).compile()
+        compiled = (
+            jax.jit(jax.value_and_grad(loss)).lower(factory.abstract["params"], batch).compile()
+        )
     expected = metrics.flops_per_token(m, derived.head_dim, seq_len, causal=False)
     expected *= batch_size * seq_len
     assert _xla_flops(compiled) == pytest.approx(expected, rel=0.05)
@@ -89,8 +96,14 @@ def test_full_square_count_agrees_with_xla(n_heads, n_kv_heads):
 
 def test_throughput_and_mfu_arithmetic():
     # Step times 2 s, 1 s, 4 s: the median (2 s) sets the rate; 4096 tokens per step.
-    summary = metrics.throughput([2.0, 1.0, 4.0], 4096, flops_causal=1e9, flops_full_square=1.5e9,
-                                 peak_total=8e12, n_devices=4)
+    summary = metrics.throughput(
+        [2.0, 1.0, 4.0],
+        4096,
+        flops_causal=1e9,
+        flops_full_square=1.5e9,
+        peak_total=8e12,
+        n_devices=4,
+    )
     assert summary["step_ms_median"] == 2000 and summary["step_ms_min"] == 1000
     assert summary["step_ms_max"] == 4000 and summary["steps"] == 3
     assert summary["tokens_per_second"] == 2048
@@ -117,8 +130,9 @@ def test_cpu_peak_is_one_measurement_for_the_host(monkeypatch):
     """Simulated CPU devices share the cores: the peak is not multiplied by their count."""
     assert len(jax.devices()) == 8
     asked = []
-    monkeypatch.setattr(metrics, "measure_cpu_peak",
-                        lambda repeats: asked.append(repeats) or 1.5e11)
+    monkeypatch.setattr(
+        metrics, "measure_cpu_peak", lambda repeats: asked.append(repeats) or 1.5e11
+    )
     peak, source = metrics.peak_flops_total(jax.devices(), cpu_repeats=20)
     assert peak == 1.5e11 and source.startswith("measured: best of 20") and asked == [20]
 

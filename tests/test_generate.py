@@ -13,8 +13,16 @@ from jaxlm import param_layout
 from jaxlm import run as run_lib
 
 # Weights large enough that logits are far from ties: argmax comparisons are meaningful.
-CFG = model_lib.ModelConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                            head_dim=16, d_ff=128, init_std=0.15)
+CFG = model_lib.ModelConfig(
+    vocab_size=96,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    d_ff=128,
+    init_std=0.15,
+)
 MAX_LEN = 64
 
 
@@ -30,8 +38,9 @@ def prompts(lengths, seed=0):
 
 
 def full_logits(params, tokens):
-    return np.asarray(model_lib.Transformer(CFG).apply({"params": params},
-                                                       jnp.asarray([tokens], jnp.int32))[0])
+    return np.asarray(
+        model_lib.Transformer(CFG).apply({"params": params}, jnp.asarray([tokens], jnp.int32))[0]
+    )
 
 
 @pytest.mark.parametrize("unstacked", [False, True], ids=["scanned", "unstacked"])
@@ -41,31 +50,32 @@ def test_cached_greedy_is_argmax_of_the_full_forward_at_every_step(params, unsta
     decode_params, cfg = param_layout.for_decoding(params, CFG) if unstacked else (params, CFG)
     assert cfg.scan_layers != unstacked and ("layers_1" in decode_params) == unstacked
     prompt = prompts([5])[0]
-    out = gen.generate(decode_params, cfg, [prompt], max_len=MAX_LEN, max_new_tokens=20,
-                       temperature=0.0)[0]
+    out = gen.generate(
+        decode_params, cfg, [prompt], max_len=MAX_LEN, max_new_tokens=20, temperature=0.0
+    )[0]
     assert len(out) == 20
     logits = full_logits(params, prompt + out[:-1])
-    expected = logits[len(prompt) - 1:].argmax(-1)
+    expected = logits[len(prompt) - 1 :].argmax(-1)
     np.testing.assert_array_equal(out, expected)
     assert len(set(out)) > 1  # not one token repeated: the check has teeth
 
 
 def test_a_batch_of_mixed_lengths_equals_each_prompt_alone(params):
     batch = prompts([3, 17, 9, 1], seed=2)  # 17 needs a bigger bucket than the others
-    together = gen.generate(params, CFG, batch, max_len=MAX_LEN, max_new_tokens=12,
-                            temperature=0.0)
+    together = gen.generate(params, CFG, batch, max_len=MAX_LEN, max_new_tokens=12, temperature=0.0)
     for prompt, out in zip(batch, together):
-        alone = gen.generate(params, CFG, [prompt], max_len=MAX_LEN, max_new_tokens=12,
-                             temperature=0.0)[0]
+        alone = gen.generate(
+            params, CFG, [prompt], max_len=MAX_LEN, max_new_tokens=12, temperature=0.0
+        )[0]
         assert out == alone
 
 
 def test_top_k_1_is_greedy(params):
     batch = prompts([4, 11], seed=3)
-    greedy = gen.generate(params, CFG, batch, max_len=MAX_LEN, max_new_tokens=10,
-                          temperature=0.0)
-    top1 = gen.generate(params, CFG, batch, max_len=MAX_LEN, max_new_tokens=10,
-                        temperature=1.0, top_k=1, seed=5)
+    greedy = gen.generate(params, CFG, batch, max_len=MAX_LEN, max_new_tokens=10, temperature=0.0)
+    top1 = gen.generate(
+        params, CFG, batch, max_len=MAX_LEN, max_new_tokens=10, temperature=1.0, top_k=1, seed=5
+    )
     assert top1 == greedy
 
 
@@ -99,16 +109,25 @@ def test_the_same_seed_gives_the_same_tokens(params):
 
 def test_generation_stops_at_eos_and_at_the_context(params):
     prompt = prompts([5])[0]
-    greedy = gen.generate(params, CFG, [prompt], max_len=MAX_LEN, max_new_tokens=8,
-                          temperature=0.0)[0]
-    stopped = gen.generate(params, CFG, [prompt, prompt[:2]], max_len=MAX_LEN,
-                           max_new_tokens=8, temperature=0.0, eos_id=greedy[3])
-    assert stopped[0] == greedy[:greedy.index(greedy[3])]
+    greedy = gen.generate(
+        params, CFG, [prompt], max_len=MAX_LEN, max_new_tokens=8, temperature=0.0
+    )[0]
+    stopped = gen.generate(
+        params,
+        CFG,
+        [prompt, prompt[:2]],
+        max_len=MAX_LEN,
+        max_new_tokens=8,
+        temperature=0.0,
+        eos_id=greedy[3],
+    )
+    assert stopped[0] == greedy[: greedy.index(greedy[3])]
     near_end = prompts([MAX_LEN - 3])[0]
-    out = gen.generate(params, CFG, [near_end], max_len=MAX_LEN, max_new_tokens=10,
-                       temperature=0.0)[0]
+    out = gen.generate(
+        params, CFG, [near_end], max_len=MAX_LEN, max_new_tokens=10, temperature=0.0
+    )[0]
     assert len(out) == 3  # the context is full
-    expected = full_logits(params, near_end + out[:-1])[len(near_end) - 1:].argmax(-1)
+    expected = full_logits(params, near_end + out[:-1])[len(near_end) - 1 :].argmax(-1)
     np.testing.assert_array_equal(out, expected)
 
 
@@ -117,8 +136,11 @@ def test_sharded_generation_matches_one_device(params):
 
     mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 2, "sequence": 1})
     rules = sharding_lib.axis_rules((("batch", None), ("length", None)))
-    boxed = jax.eval_shape(lambda: model_lib.Transformer(CFG).init(
-        jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
+    boxed = jax.eval_shape(
+        lambda: model_lib.Transformer(CFG).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))[
+            "params"
+        ]
+    )
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
     sharded = jax.device_put(params, shardings)
     q_spec = sharded["layers"]["attn"]["q"].sharding.spec
@@ -143,13 +165,16 @@ def test_prompt_lengths_in_one_bucket_compile_nothing_new(params, monkeypatch):
     assert [gen.bucket_length(n, MAX_LEN) for n in (1, 16, 17, 40)] == [16, 16, 32, 64]
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(prompts_tokens=[list(range(MAX_LEN))]), "context is 64 tokens"),
-    (dict(prompts_tokens=[[1, 2], []]), "prompt 1 is empty"),
-    (dict(top_p=0.0), "top_p=0.0"),
-    (dict(top_p=1.5), "top_p=1.5"),
-    (dict(prompts_tokens=[[1, CFG.vocab_size]]), "outside"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(prompts_tokens=[list(range(MAX_LEN))]), "context is 64 tokens"),
+        (dict(prompts_tokens=[[1, 2], []]), "prompt 1 is empty"),
+        (dict(top_p=0.0), "top_p=0.0"),
+        (dict(top_p=1.5), "top_p=1.5"),
+        (dict(prompts_tokens=[[1, CFG.vocab_size]]), "outside"),
+    ],
+)
 def test_bad_input_is_a_clear_error(params, bad, message):
     kwargs = {"prompts_tokens": [[1, 2, 3]], "max_len": MAX_LEN, "temperature": 1.0, **bad}
     with pytest.raises(gen.GenerateError, match=message):
@@ -184,12 +209,18 @@ def test_a_run_generates_on_its_mesh_as_the_full_forward_says(run_dir):
     assert up.sharding.shard_shape(up.shape) == (up.shape[0] // 4, up.shape[1] // 2)
     sp = run.tokenizer
     tokens = [sp.bos_id()] + sp.encode("def main(")
-    out = gen.generate(run.params, run.config, [tokens], max_new_tokens=6, temperature=0.0,
-                       **{**run.kwargs(), "eos_id": None})[0]
+    out = gen.generate(
+        run.params,
+        run.config,
+        [tokens],
+        max_new_tokens=6,
+        temperature=0.0,
+        **{**run.kwargs(), "eos_id": None},
+    )[0]
     model = model_lib.Transformer(run.config)
     unsharded = jax.device_get(run.params)
     logits = model.apply({"params": unsharded}, jnp.asarray([tokens + out[:-1]]))[0]
-    np.testing.assert_array_equal(out, np.asarray(logits[len(tokens) - 1:]).argmax(-1))
+    np.testing.assert_array_equal(out, np.asarray(logits[len(tokens) - 1 :]).argmax(-1))
 
 
 def test_a_run_without_a_tokenizer_is_a_clear_error(run_dir, tmp_path):
@@ -218,8 +249,14 @@ def test_cli_streams_and_writes_jsonl(run_dir, repo, tmp_path):
 
     def cli(*args):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-        return subprocess.run([sys.executable, "-m", "jaxlm.generate", f"--from={run_dir}", *args],
-                              cwd=repo, capture_output=True, text=True, timeout=600, env=env)
+        return subprocess.run(
+            [sys.executable, "-m", "jaxlm.generate", f"--from={run_dir}", *args],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
 
     streamed = cli("--prompt=def main(", "--prompt=import", "--max_new_tokens=8", "--temperature=0")
     assert streamed.returncode == 0, streamed.stderr[-3000:]
@@ -228,8 +265,9 @@ def test_cli_streams_and_writes_jsonl(run_dir, repo, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "def main("}) + "\n" + json.dumps("import") + "\n")
     out = tmp_path / "out.jsonl"
-    written = cli(f"--prompts_file={prompts}", f"--output={out}", "--max_new_tokens=8",
-                  "--temperature=0")
+    written = cli(
+        f"--prompts_file={prompts}", f"--output={out}", "--max_new_tokens=8", "--temperature=0"
+    )
     assert written.returncode == 0, written.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["def main(", "import"]
@@ -283,10 +321,18 @@ def test_7b_prefill_and_decode_compile_on_an_fsdp_by_tensor_mesh(repo):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", GENERATE_7B], cwd=repo, capture_output=True,
-                            text=True, timeout=600, env={
-                                **os.environ, "JAX_PLATFORMS": "cpu",
-                                "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    result = subprocess.run(
+        [sys.executable, "-c", GENERATE_7B],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        },
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert "tensor" in got["cache_spec"]  # kv heads split over the tensor axis

@@ -35,7 +35,10 @@ def _logits_fn(factory):
 
     def logits(params, batch):
         with factory.context():
-            return np.asarray(forward(params, sharding_lib.global_batch(batch, factory.batch_sharding)))
+            return np.asarray(
+                forward(params, sharding_lib.global_batch(batch, factory.batch_sharding))
+            )
+
     return logits
 
 
@@ -53,8 +56,13 @@ def _with_random_b(adapters, seed=0):
     """Adapters whose B is random too (B starts at zero), so the update is not a no-op."""
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: (0.3 * rng.standard_normal(x.shape)).astype(x.dtype)
-        if path[-1].key.endswith("_lora_b") else x, adapters)
+        lambda path, x: (
+            (0.3 * rng.standard_normal(x.shape)).astype(x.dtype)
+            if path[-1].key.endswith("_lora_b")
+            else x
+        ),
+        adapters,
+    )
 
 
 def test_zero_b_is_the_base_bit_for_bit_and_merged_weights_keep_the_logits(base):
@@ -74,7 +82,9 @@ def test_zero_b_is_the_base_bit_for_bit_and_merged_weights_keep_the_logits(base)
     batch = packed_batch(small_config(), 16)
     lora_logits = _logits_fn(factory)
     expected = base_logits(base_params, batch)
-    np.testing.assert_array_equal(lora_logits(lora_lib.join(adapters, base_params), batch), expected)
+    np.testing.assert_array_equal(
+        lora_logits(lora_lib.join(adapters, base_params), batch), expected
+    )
 
     # With B random too, the adapted logits are those of the merged weights W + s A B.
     adapters = _with_random_b(adapters)
@@ -92,8 +102,11 @@ def test_steps_train_only_the_adapters_and_keep_the_base_dtype(base):
     base_params = jax.tree.map(lambda x: x.astype("bfloat16"), base[1])
     adapters = jax.device_get(factory.create_trained(jax.random.key(0)))
     # The optimizer state exists for the adapters alone.
-    adam = next(s for s in jax.tree.leaves(adapters["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
-                if hasattr(s, "mu"))
+    adam = next(
+        s
+        for s in jax.tree.leaves(adapters["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
+        if hasattr(s, "mu")
+    )
     assert jax.tree.structure(adam.mu) == jax.tree.structure(adapters["params"])
 
     batch = packed_batch(config, 16)
@@ -108,8 +121,12 @@ def test_steps_train_only_the_adapters_and_keep_the_base_dtype(base):
         batch = sharding_lib.global_batch(batch, factory.batch_sharding)
         # The step's gradient norm is that of the whole model's gradient cut to the adapters.
         whole = jax.device_get(jax.jit(jax.grad(loss))(state["params"], batch))
-        expected = np.sqrt(sum(np.sum(np.square(g, dtype=np.float64))
-                               for g in jax.tree.leaves(lora_lib.split(whole)[0])))
+        expected = np.sqrt(
+            sum(
+                np.sum(np.square(g, dtype=np.float64))
+                for g in jax.tree.leaves(lora_lib.split(whole)[0])
+            )
+        )
         state, metrics = train_step(state, batch)
         np.testing.assert_allclose(float(metrics["grad_norm"]), expected, rtol=1e-5)
         for _ in range(2):
@@ -127,15 +144,19 @@ def test_memory_line_shows_optimizer_state_for_the_adapters_only():
     factory = factory_for(lora_config(fsdp=8))
 
     def per_device(tree):
-        return sum(np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
-                   for a in jax.tree.leaves(tree))
+        return sum(
+            np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+            for a in jax.tree.leaves(tree)
+        )
 
     adapters = per_device(factory.trained(factory.abstract)["params"])
     optimizer = per_device(factory.abstract["opt_state"])
     assert optimizer == 2 * adapters + 8  # Adam's two moments of the adapters, two step counts
     line = train_lib._memory_per_device(factory)
-    assert (f"LoRA adapters {train_lib._bytes(adapters)}" in line
-            and f"optimizer state {train_lib._bytes(optimizer)}" in line), line
+    assert (
+        f"LoRA adapters {train_lib._bytes(adapters)}" in line
+        and f"optimizer state {train_lib._bytes(optimizer)}" in line
+    ), line
 
 
 def test_sharded_mesh_trains_as_one_device(base):
@@ -151,7 +172,9 @@ def test_sharded_mesh_trains_as_one_device(base):
         losses = []
         with factory.context():
             for seed in range(2):
-                batch = sharding_lib.global_batch(packed_batch(config, 16, seed), factory.batch_sharding)
+                batch = sharding_lib.global_batch(
+                    packed_batch(config, 16, seed), factory.batch_sharding
+                )
                 state, metrics = train_step(state, batch)
                 losses.append(float(metrics["loss"]))
         results.append((losses, jax.device_get(factory.trained(state)["params"])))
@@ -161,12 +184,15 @@ def test_sharded_mesh_trains_as_one_device(base):
         np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max())
 
 
-@pytest.mark.parametrize("field,value,words", [
-    ("lora_rank", -1, ["config.train.lora_rank=-1", "0 (LoRA off)"]),
-    ("lora_targets", ("q", "qkv"), ["config.train.lora_targets=('q', 'qkv')", "'gate'"]),
-    ("lora_targets", (), ["config.train.lora_targets=()", "non-empty"]),
-    ("lora_alpha", 0.0, ["config.train.lora_alpha=0.0", "positive"]),
-])
+@pytest.mark.parametrize(
+    "field,value,words",
+    [
+        ("lora_rank", -1, ["config.train.lora_rank=-1", "0 (LoRA off)"]),
+        ("lora_targets", ("q", "qkv"), ["config.train.lora_targets=('q', 'qkv')", "'gate'"]),
+        ("lora_targets", (), ["config.train.lora_targets=()", "non-empty"]),
+        ("lora_alpha", 0.0, ["config.train.lora_alpha=0.0", "positive"]),
+    ],
+)
 def test_bad_lora_config_names_the_field(field, value, words):
     config = lora_config()
     config.train[field] = value
@@ -177,6 +203,7 @@ def test_bad_lora_config_names_the_field(field, value, words):
 
 
 # --- whole runs: checkpoints, merge, export, resume, and what goes wrong ------------------------
+
 
 def lora_run_config(tokenizer_path, base_dir, steps):
     config = tiny_config(tokenizer_path, steps)
@@ -196,8 +223,11 @@ def runs(tmp_path_factory, tokenizer_path):
     root = tmp_path_factory.mktemp("lora_runs")
     base_config = tiny_config(tokenizer_path, 1)
     base = jax.device_get(factory_for(base_config).create(jax.random.key(1))["params"])
-    convert.save_params(root / "base" / "checkpoints", base, {
-        "step": 0, "config": base_config.to_dict(), "tokenizer": tokenizer_path})
+    convert.save_params(
+        root / "base" / "checkpoints",
+        base,
+        {"step": 0, "config": base_config.to_dict(), "tokenizer": tokenizer_path},
+    )
     config = lora_run_config(tokenizer_path, root / "base", LORA_STEPS)
     train_lib.train(config, root / "unbroken")
     return root, config
@@ -219,9 +249,11 @@ def test_checkpoint_holds_adapters_and_a_base_reference_and_merges(runs, tmp_pat
     assert merged_meta["config"]["train"]["lora_rank"] == 0
     # The merged checkpoint's logits are those of the base with the checkpointed adapters.
     factory = factory_for(config)
-    trained = jax.device_get(checkpoint_lib.Checkpointer(
-        root / "unbroken" / "checkpoints", keep=3, probe=False).restore(
-            step, factory.trained(factory.abstract))[0])
+    trained = jax.device_get(
+        checkpoint_lib.Checkpointer(root / "unbroken" / "checkpoints", keep=3, probe=False).restore(
+            step, factory.trained(factory.abstract)
+        )[0]
+    )
     base_params = convert.read_run(root / "base")[0]
     batch = packed_batch(config, 8)
     lora_logits = _logits_fn(factory)(lora_lib.join(trained["params"], base_params), batch)
@@ -232,23 +264,30 @@ def test_checkpoint_holds_adapters_and_a_base_reference_and_merges(runs, tmp_pat
     # ... and it exports like any other run.
     convert.main([f"--from_run={tmp_path / 'merged'}", f"--to_hf={tmp_path / 'hf'}"])
     tensors = load_file(tmp_path / "hf" / "model.safetensors")
-    np.testing.assert_array_equal(tensors["model.layers.1.mlp.down_proj.weight"],
-                                  merged["layers"]["mlp"]["down"][1].T)
+    np.testing.assert_array_equal(
+        tensors["model.layers.1.mlp.down_proj.weight"], merged["layers"]["mlp"]["down"][1].T
+    )
 
 
 def test_lora_mistakes_are_named(runs, tmp_path, capsys):
     root, config = runs
     no_base = config.copy_and_resolve_references()
     no_base.checkpoint.init_from = ""
-    with pytest.raises(config_lib.ConfigError, match="lora_rank=4 needs config.checkpoint.init_from"):
+    with pytest.raises(
+        config_lib.ConfigError, match="lora_rank=4 needs config.checkpoint.init_from"
+    ):
         train_lib.train(no_base, tmp_path / "a")
     other = lora_run_config(config.data.tokenizer, root / "base", LORA_STEPS + 1)
     other.train.lora_targets = ("q", "v")
-    with pytest.raises(config_lib.ConfigError,
-                       match=r"= \(4, 8.0, \('q', 'v'\)\) but .* with \(4, 8.0, \('down', 'gate'"):
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"= \(4, 8.0, \('q', 'v'\)\) but .* with \(4, 8.0, \('down', 'gate'",
+    ):
         train_lib.train(other, root / "unbroken")
     with pytest.raises(checkpoint_lib.CheckpointError, match="holds adapters only; merge"):
-        train_lib.train(lora_run_config(config.data.tokenizer, root / "unbroken", 2), tmp_path / "b")
+        train_lib.train(
+            lora_run_config(config.data.tokenizer, root / "unbroken", 2), tmp_path / "b"
+        )
     with pytest.raises(convert.ConvertError, match="is not a LoRA run"):
         convert.merge_lora(root / "base", tmp_path / "c")
     with pytest.raises(run_lib.RunError, match="is a LoRA run .* --merge_lora"):
@@ -256,10 +295,14 @@ def test_lora_mistakes_are_named(runs, tmp_path, capsys):
 
     (root / "base").rename(root / "base-moved")  # the base is gone
     try:
-        with pytest.raises(checkpoint_lib.CheckpointError,
-                           match=r"trained beside the base model .*base/checkpoints/0.*put that"):
-            train_lib.train(lora_run_config(config.data.tokenizer, root / "base-moved",
-                                            LORA_STEPS + 1), root / "unbroken")
+        with pytest.raises(
+            checkpoint_lib.CheckpointError,
+            match=r"trained beside the base model .*base/checkpoints/0.*put that",
+        ):
+            train_lib.train(
+                lora_run_config(config.data.tokenizer, root / "base-moved", LORA_STEPS + 1),
+                root / "unbroken",
+            )
         with pytest.raises(convert.ConvertError, match="is not there; put it back"):
             convert.merge_lora(root / "unbroken", tmp_path / "d")
     finally:
@@ -269,9 +312,13 @@ def test_lora_mistakes_are_named(runs, tmp_path, capsys):
 @pytest.mark.slow  # other processes
 def test_killed_lora_run_resumes_exactly(runs, repo, tmp_path):
     root, config = runs
-    command = [*cli(config.data.tokenizer, tmp_path / "killed", LORA_STEPS),
-               "--config.train.lora_rank=4", "--config.train.lora_alpha=8.0",
-               "--config.train.lr=0.01", f"--config.checkpoint.init_from={root / 'base' / 'checkpoints'}"]
+    command = [
+        *cli(config.data.tokenizer, tmp_path / "killed", LORA_STEPS),
+        "--config.train.lora_rank=4",
+        "--config.train.lora_alpha=8.0",
+        "--config.train.lr=0.01",
+        f"--config.checkpoint.init_from={root / 'base' / 'checkpoints'}",
+    ]
     code, output = run_until(command, repo, "step 5/6 | loss")
     assert code == -signal.SIGKILL, output[-3000:]
     assert "LoRA rank 4" in output and "optimizer state" in output
@@ -297,8 +344,9 @@ def test_lora_flops_formula_agrees_with_xla():
     adapters, frozen = lora_lib.split(factory.abstract["params"])
 
     def loss(adapters, frozen, batch):
-        total, count = step_lib.loss_sum_and_count(factory.model, lora_lib.join(adapters, frozen),
-                                                   batch)
+        total, count = step_lib.loss_sum_and_count(
+            factory.model, lora_lib.join(adapters, frozen), batch
+        )
         return total / count
 
     tokens = jax.ShapeDtypeStruct((4, 128), np.int32)
@@ -306,8 +354,9 @@ def test_lora_flops_formula_agrees_with_xla():
     with factory.context():
         analysis = jax.jit(jax.grad(loss)).lower(adapters, frozen, batch).compile().cost_analysis()
     xla = (analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"] / (4 * 128)
-    per_token = metrics.flops_per_token(m, derived.head_dim, 128, causal=False, lora_rank=4,
-                                        lora_targets=config.train.lora_targets)
+    per_token = metrics.flops_per_token(
+        m, derived.head_dim, 128, causal=False, lora_rank=4, lora_targets=config.train.lora_targets
+    )
     # Nothing before the first layer trains, so the gradient of its q, k, v projections'
     # input (2 * their params, 2 * rank * d_model for each adapted one) is dead code to XLA.
     d_attn, d_kv = m.n_heads * derived.head_dim, m.n_kv_heads * derived.head_dim

@@ -40,8 +40,10 @@ def test_value_and_derivatives_match_numpy(chunks):
     for _ in range(3):  # directional derivatives by central differences, in float64
         dx, dh = rng.standard_normal(x.shape), rng.standard_normal(head.shape)
         eps = 1e-5
-        numeric = (_numpy_loss(x + eps * dx, head + eps * dh, targets, weights)
-                   - _numpy_loss(x - eps * dx, head - eps * dh, targets, weights)) / (2 * eps)
+        numeric = (
+            _numpy_loss(x + eps * dx, head + eps * dh, targets, weights)
+            - _numpy_loss(x - eps * dx, head - eps * dh, targets, weights)
+        ) / (2 * eps)
         analytic = float(np.sum(np.asarray(gx) * dx) + np.sum(np.asarray(gh) * dh))
         assert abs(analytic - numeric) < 1e-3 * abs(numeric)
 
@@ -62,8 +64,9 @@ def test_bfloat16_inputs_give_close_float32_loss_and_bfloat16_gradients():
     low = [jnp.asarray(a, jnp.bfloat16) for a in (x, head)]
     loss, (gx, gh) = jax.value_and_grad(cross_entropy_sum, argnums=(0, 1))(*low, t, w, 4)
     assert loss.dtype == jnp.float32 and gx.dtype == gh.dtype == jnp.bfloat16
-    reference = _numpy_loss(np.asarray(low[0], np.float64), np.asarray(low[1], np.float64),
-                            targets, weights)
+    reference = _numpy_loss(
+        np.asarray(low[0], np.float64), np.asarray(low[1], np.float64), targets, weights
+    )
     assert abs(float(loss) - reference) < 1e-3 * abs(reference)
 
 
@@ -76,8 +79,11 @@ def test_bfloat16_gradients_are_rounded_once_after_the_cotangent():
     head = np.repeat(rng.standard_normal((d, 1)), v, axis=1).astype(jnp.bfloat16)
     targets = rng.integers(0, v, (b, l))
     scale = np.float32(1 / 3)
-    grad_head = jax.grad(lambda h: scale * cross_entropy_sum(
-        jnp.asarray(x), h, jnp.asarray(targets), jnp.ones((b, l)), 3))(jnp.asarray(head))
+    grad_head = jax.grad(
+        lambda h: (
+            scale * cross_entropy_sum(jnp.asarray(x), h, jnp.asarray(targets), jnp.ones((b, l)), 3)
+        )
+    )(jnp.asarray(head))
     softmax_grad = np.full((b, l, v), 0.25)
     np.put_along_axis(softmax_grad, targets[..., None], -0.75, axis=-1)
     exact = np.einsum("bld,blv->dv", x.astype(np.float64), softmax_grad).astype(np.float32)
@@ -87,8 +93,9 @@ def test_bfloat16_gradients_are_rounded_once_after_the_cotangent():
 def test_slices_must_divide_the_sequence():
     x, head, targets, weights = _problem()
     with pytest.raises(ValueError, match="loss_chunks"):
-        cross_entropy_sum(jnp.asarray(x), jnp.asarray(head), jnp.asarray(targets),
-                          jnp.asarray(weights), 5)
+        cross_entropy_sum(
+            jnp.asarray(x), jnp.asarray(head), jnp.asarray(targets), jnp.asarray(weights), 5
+        )
 
 
 def test_token_cross_entropy_matches_optax_and_numpy():
@@ -101,8 +108,9 @@ def test_token_cross_entropy_matches_optax_and_numpy():
         return lambda lg: jnp.sum(fn(lg, targets_j) * jnp.asarray(weights, jnp.float32))
 
     got, got_grad = jax.value_and_grad(total(token_cross_entropy))(logits)
-    want, want_grad = jax.value_and_grad(
-        total(optax.softmax_cross_entropy_with_integer_labels))(logits)
+    want, want_grad = jax.value_and_grad(total(optax.softmax_cross_entropy_with_integer_labels))(
+        logits
+    )
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(float(got), _numpy_loss(x, head, targets, weights), rtol=1e-5)

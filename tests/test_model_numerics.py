@@ -14,14 +14,25 @@ from jaxlm import model as model_lib
 from jaxlm.model import ModelConfig, Transformer
 from support import assert_directional_derivatives
 
-CFG = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
-           rope_theta=10000.0, norm_eps=1e-5, init_std=0.2)
+CFG = dict(
+    vocab_size=97,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    d_ff=48,
+    rope_theta=10000.0,
+    norm_eps=1e-5,
+    init_std=0.2,
+)
 
 
 # ---- reference, written without jaxlm: float64, loops where they make the math plain ----
 
+
 def ref_rmsnorm(x, scale, eps):
-    return x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + eps) * scale
+    return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps) * scale
 
 
 def ref_llama3_frequency(freq, scaling):
@@ -90,6 +101,7 @@ def ref_forward(params, tokens, positions, segments, cfg, tied):
 
 # ---- tests ----
 
+
 def _model(tied=False, **changes):
     return Transformer(ModelConfig(**{**CFG, "tie_embeddings": tied, **changes}))
 
@@ -100,8 +112,13 @@ def _params(model, length=16):
     # Norm scales start at 1; perturb them so the test sees whether they are applied.
     rng = np.random.default_rng(1)
     return jax.tree_util.tree_map_with_path(
-        lambda path, a: a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype)
-        if "scale" in jax.tree_util.keystr(path) else a, params)
+        lambda path, a: (
+            a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype)
+            if "scale" in jax.tree_util.keystr(path)
+            else a
+        ),
+        params,
+    )
 
 
 def _packed_row(rng, lengths=(5, 6, 3), total=16):
@@ -124,14 +141,18 @@ def test_forward_matches_numpy_reference(tied, scaling):
     rng = np.random.default_rng(0)
     rows = [_packed_row(rng), _packed_row(rng, lengths=(16,))]
     tokens, positions, segments = (np.stack(parts) for parts in zip(*rows))
-    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
-                                  jnp.asarray(segments))
+    logits = jax.jit(model.apply)(
+        {"params": params}, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments)
+    )
     assert logits.dtype == jnp.float32 and logits.shape == (2, 16, CFG["vocab_size"])
     for b in range(2):
-        expected = ref_forward(params, tokens[b], positions[b], segments[b],
-                               {**CFG, "rope_scaling": scaling}, tied)
+        expected = ref_forward(
+            params, tokens[b], positions[b], segments[b], {**CFG, "rope_scaling": scaling}, tied
+        )
         real = segments[b] != 0  # padding rows attend only to padding; not compared
-        np.testing.assert_allclose(np.asarray(logits[b])[real], expected[real], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(logits[b])[real], expected[real], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_packed_documents_equal_documents_alone():
@@ -141,12 +162,16 @@ def test_packed_documents_equal_documents_alone():
     lengths = (5, 7, 4)
     tokens, positions, segments = _packed_row(rng, lengths)
     apply = jax.jit(model.apply)
-    packed = apply({"params": params}, jnp.asarray(tokens[None]), jnp.asarray(positions[None]),
-                   jnp.asarray(segments[None]))[0]
+    packed = apply(
+        {"params": params},
+        jnp.asarray(tokens[None]),
+        jnp.asarray(positions[None]),
+        jnp.asarray(segments[None]),
+    )[0]
     start = 0
     for n in lengths:
-        alone = apply({"params": params}, jnp.asarray(tokens[None, start:start + n]))[0]
-        np.testing.assert_allclose(packed[start:start + n], alone, atol=1e-5, rtol=1e-5)
+        alone = apply({"params": params}, jnp.asarray(tokens[None, start : start + n]))[0]
+        np.testing.assert_allclose(packed[start : start + n], alone, atol=1e-5, rtol=1e-5)
         start += n
 
 
@@ -169,12 +194,14 @@ def test_blocked_attention_matches_reference_values_and_derivatives(blocks):
     f32 = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
     (_, out), grads = jax.jit(jax.value_and_grad(blocked, argnums=(0, 1, 2), has_aux=True))(*f32)
     for b in range(2):
-        np.testing.assert_allclose(out[b], ref_attention(q[b], k[b], v[b], segments[b]),
-                                   atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(
+            out[b], ref_attention(q[b], k[b], v[b], segments[b]), atol=1e-5, rtol=1e-5
+        )
 
     def ref_objective(q, k, v):
-        return sum(np.sum(ref_attention(q[b], k[b], v[b], segments[b]) * weights[b])
-                   for b in range(2))
+        return sum(
+            np.sum(ref_attention(q[b], k[b], v[b], segments[b]) * weights[b]) for b in range(2)
+        )
 
     assert_directional_derivatives(ref_objective, (q, k, v), grads, rng, tries=3, tol=1e-4)
 
@@ -184,17 +211,23 @@ def test_rotary_table_matches_reference_for_any_positions():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 6, 3, 8)).astype(np.float32)
     positions = np.array([[0, 1, 2, 0, 1, 2], [5, 6, 7, 8, 9, 10]])
-    got = np.asarray(model_lib.apply_rotary(jnp.asarray(x), jnp.asarray(positions), 500.0,
-                                            max_position=16))
+    got = np.asarray(
+        model_lib.apply_rotary(jnp.asarray(x), jnp.asarray(positions), 500.0, max_position=16)
+    )
     for row in range(2):
         want = ref_rope(x[row].astype(np.float64), positions[row], 500.0)
         np.testing.assert_allclose(got[row], want, rtol=1e-5, atol=1e-5)
-    packed = np.asarray(model_lib.apply_rotary(jnp.asarray(x[:1]), jnp.asarray(positions[:1]),
-                                               500.0))
-    np.testing.assert_allclose(packed[0], ref_rope(x[0].astype(np.float64), positions[0], 500.0),
-                               rtol=1e-5, atol=1e-5)
-    scaled = np.asarray(model_lib.apply_rotary(jnp.asarray(x), jnp.asarray(positions), 500.0,
-                                               max_position=16, scaling=LLAMA3_SCALING))
+    packed = np.asarray(
+        model_lib.apply_rotary(jnp.asarray(x[:1]), jnp.asarray(positions[:1]), 500.0)
+    )
+    np.testing.assert_allclose(
+        packed[0], ref_rope(x[0].astype(np.float64), positions[0], 500.0), rtol=1e-5, atol=1e-5
+    )
+    scaled = np.asarray(
+        model_lib.apply_rotary(
+            jnp.asarray(x), jnp.asarray(positions), 500.0, max_position=16, scaling=LLAMA3_SCALING
+        )
+    )
     for row in range(2):
         want = ref_rope(x[row].astype(np.float64), positions[row], 500.0, LLAMA3_SCALING)
         np.testing.assert_allclose(scaled[row], want, rtol=1e-5, atol=1e-5)
@@ -251,10 +284,18 @@ def test_attention_blocks_must_divide_the_sequence():
     assert attention_lib.query_blocks(512) == 4 and attention_lib.query_blocks(16) == 1
 
 
-@pytest.mark.parametrize("changes", [
-    dict(remat="full"), dict(remat="save_dots"), dict(remat="save_dots_no_batch"),
-    dict(remat="save_dots_and_attention"), dict(scan_unroll=2), dict(remat="full", scan_unroll=2),
-], ids=str)
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(remat="full"),
+        dict(remat="save_dots"),
+        dict(remat="save_dots_no_batch"),
+        dict(remat="save_dots_and_attention"),
+        dict(scan_unroll=2),
+        dict(remat="full", scan_unroll=2),
+    ],
+    ids=str,
+)
 def test_remat_and_unrolling_change_nothing_but_speed_and_memory(changes):
     plain, rematted = _model(), _model(**changes)
     params = _params(plain)

@@ -16,8 +16,9 @@ def _reference_block(q, k, v, q_pos, k_pos, q_seg, k_seg, scale):
     group = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     s = np.einsum("bhtd,bhsd->bhts", q, k) * scale
-    allowed = ((k_pos[None, :] <= q_pos[:, None])[None]
-               & (q_seg[:, :, None] == k_seg[:, None, :]))[:, None]
+    allowed = ((k_pos[None, :] <= q_pos[:, None])[None] & (q_seg[:, :, None] == k_seg[:, None, :]))[
+        :, None
+    ]
     s = np.where(allowed, s, -np.inf)
     m = np.max(s, axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
@@ -39,26 +40,37 @@ def test_block_forward_matches_float64_with_rows_that_see_nothing():
     k_pos = np.arange(16, 32).astype(np.int32)
     q_seg = np.stack([np.repeat([1, 2], 8), np.ones(16)]).astype(np.int32)
     k_seg = np.stack([np.repeat([1, 2], 8), np.ones(16)]).astype(np.int32)
-    out, lse = rk.block_forward(*map(jnp.asarray, (q, k, v, q_pos, k_pos, q_seg, k_seg)),
-                                scale=0.3, block_q=8, block_k=8, interpret=True)
+    out, lse = rk.block_forward(
+        *map(jnp.asarray, (q, k, v, q_pos, k_pos, q_seg, k_seg)),
+        scale=0.3,
+        block_q=8,
+        block_k=8,
+        interpret=True,
+    )
     want_out, want_lse = _reference_block(q, k, v, q_pos, k_pos, q_seg, k_seg, 0.3)
     np.testing.assert_allclose(out, want_out, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(want_lse))
     assert not np.all(np.isfinite(want_lse)) and np.any(np.isfinite(want_lse))
-    np.testing.assert_allclose(np.where(np.isfinite(lse), lse, 0),
-                               np.where(np.isfinite(want_lse), want_lse, 0), atol=1e-5)
+    np.testing.assert_allclose(
+        np.where(np.isfinite(lse), lse, 0), np.where(np.isfinite(want_lse), want_lse, 0), atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("mesh, group, rows", [
-    (dict(sequence=2), 1, "packed"),
-    (dict(sequence=4), 2, "causal"),
-    (dict(sequence=2, tensor=2), 4, "packed"),
-], ids=str)
+@pytest.mark.parametrize(
+    "mesh, group, rows",
+    [
+        (dict(sequence=2), 1, "packed"),
+        (dict(sequence=4), 2, "causal"),
+        (dict(sequence=2, tensor=2), 4, "packed"),
+    ],
+    ids=str,
+)
 def test_ring_with_kernel_blocks_matches_float64_reference(monkeypatch, mesh, group, rows):
     """Values, and gradients as directional derivatives of the reference, with 8 x 8 tiles
     (several per block, some skipped by the mask); block_impl "splash" runs the ring's
     blocks in these kernels."""
     monkeypatch.setattr(rk, "BLOCK_Q", 8)
     monkeypatch.setattr(rk, "BLOCK_K", 8)
-    check_against_reference(_context_parallel("ring", mesh["sequence"], "splash"), mesh, group,
-                            rows)
+    check_against_reference(
+        _context_parallel("ring", mesh["sequence"], "splash"), mesh, group, rows
+    )

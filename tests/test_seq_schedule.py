@@ -23,13 +23,23 @@ BAD = [
     (((0, 64), (10, 128)), {}, ["last length must be data.seq_len=256"]),
     (((0, 96), (10, 256)), {}, ["length 96", "divide data.seq_len=256"]),
     (((0, 1), (10, 256)), {}, ["length 1 must be at least 2"]),
-    (((0, 2), (10, 256)), {"mesh.sequence": 4, "mesh.fsdp": 2}, ["length 2", "2 * mesh.sequence=4"]),
+    (
+        ((0, 2), (10, 256)),
+        {"mesh.sequence": 4, "mesh.fsdp": 2},
+        ["length 2", "2 * mesh.sequence=4"],
+    ),
     (((0, 2), (10, 256)), {"train.loss_chunks": 4}, ["length 2", "train.loss_chunks=4"]),
-    (((0, 8), (10, 256)), {"train.loss_chunks": 8, "mesh.sequence": 2, "mesh.fsdp": 4},
-     ["length 8", "train.loss_chunks=8", "mesh.sequence=2"]),
+    (
+        ((0, 8), (10, 256)),
+        {"train.loss_chunks": 8, "mesh.sequence": 2, "mesh.fsdp": 4},
+        ["length 8", "train.loss_chunks=8", "mesh.sequence=2"],
+    ),
     (((0,), (10, 256)), {}, ["(start_step, seq_len) integer pairs"]),
-    (((0, 64), (10, 256)), {"model.attention": "splash", "model.splash_block_kv": 512},
-     ["length 64", "splash", "model.splash_block_kv=512"]),
+    (
+        ((0, 64), (10, 256)),
+        {"model.attention": "splash", "model.splash_block_kv": 512},
+        ["length 64", "splash", "model.splash_block_kv=512"],
+    ),
 ]
 
 
@@ -114,6 +124,7 @@ def test_training_runs_each_stage_at_its_length(tmp_path, tokenizer_path, monkey
                 return step(state, batch)
             finally:
                 in_train[0] = False
+
         return recorded
 
     monkeypatch.setattr(step_lib, "loss_sum_and_count", counting_loss)
@@ -127,18 +138,26 @@ def test_training_runs_each_stage_at_its_length(tmp_path, tokenizer_path, monkey
     assert calls == [(8 * 64 // lengths[s], lengths[s]) for s in range(1, 7) for _ in range(2)]
     assert all(2 * rows * length == 16 * 64 for rows, length in calls)
     # Each stage compiled once.
-    assert {shape: n for (kind, shape), n in traced.items() if kind == "train"} == \
-           {(32, 16): 1, (16, 32): 1, (8, 64): 1}
+    assert {shape: n for (kind, shape), n in traced.items() if kind == "train"} == {
+        (32, 16): 1,
+        (16, 32): 1,
+        (8, 64): 1,
+    }
     assert {shape for kind, shape in traced if kind == "eval"} == {(8, 64)}  # at data.seq_len
 
     out = capsys.readouterr().out
-    for line in ("step 1/6 | seq_len stage 1/3 starts: 64 rows of 16 tokens per step",
-                 "step 3/6 | seq_len stage 2/3 starts: 32 rows of 32 tokens per step",
-                 "step 5/6 | seq_len stage 3/3 starts: 16 rows of 64 tokens per step"):
+    for line in (
+        "step 1/6 | seq_len stage 1/3 starts: 64 rows of 16 tokens per step",
+        "step 3/6 | seq_len stage 2/3 starts: 32 rows of 32 tokens per step",
+        "step 5/6 | seq_len stage 3/3 starts: 16 rows of 64 tokens per step",
+    ):
         assert line in out, out[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [(r["step"], r["seq_len"], r["rows_per_step"]) for r in rows if "seq_len" in r] == \
-           [(1, 16, 64), (3, 32, 32), (5, 64, 16)]
+    assert [(r["step"], r["seq_len"], r["rows_per_step"]) for r in rows if "seq_len" in r] == [
+        (1, 16, 64),
+        (3, 32, 32),
+        (5, 64, 16),
+    ]
     # MFU counts the FLOPs of the current length (peak 1e12 here); a stage's first step
     # compiles and is not timed.
     timed = {r["step"]: r["mfu"] * 1e12 / r["tokens_per_second"] for r in rows if "mfu" in r}
@@ -150,7 +169,8 @@ def test_training_runs_each_stage_at_its_length(tmp_path, tokenizer_path, monkey
     # The learning rate runs on by optimizer step, whatever the stage.
     schedule = train_lib.optim.schedule(config.train)
     assert [r["lr"] for r in rows if "lr" in r] == pytest.approx(
-        [float(schedule(s - 1)) for s in range(1, 7)])
+        [float(schedule(s - 1)) for s in range(1, 7)]
+    )
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
 
 

@@ -35,30 +35,71 @@ JINJA = {
         "{% else %}{% set content = message['content'] %}{% endif %}"
         "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
         "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
-        "{% endif %}{% endfor %}"),
+        "{% endif %}{% endfor %}"
+    ),
     "llama3": (
         "{% set loop_messages = messages %}{% for message in loop_messages %}"
         "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
         "+ message['content'] | trim + '<|eot_id|>' %}"
         "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-        "{{ content }}{% endfor %}"),
-    "chatml": ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' "
-               "+ message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"),
+        "{{ content }}{% endfor %}"
+    ),
+    "chatml": (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' "
+        "+ message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    ),
 }
 BOS_TOKEN = {"llama2": "<s>", "llama3": "<|begin_of_text|>", "chatml": ""}
 
 
 def trained_span(template, content):
     """The text the mask must cover for one assistant turn: its words and end of turn."""
-    return {"llama2": f" {content.strip()} </s>", "llama3": f"{content.strip()}<|eot_id|>",
-            "chatml": f"{content}<|im_end|>"}[template]
+    return {
+        "llama2": f" {content.strip()} </s>",
+        "llama3": f"{content.strip()}<|eot_id|>",
+        "chatml": f"{content}<|im_end|>",
+    }[template]
 
 
-SPECIALS = ["<s>", "</s>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-            "<|eot_id|>", "<|im_start|>", "<|im_end|>"]
-WORDS = ("what", "is", "the", "answer", "to", "this", "question", "please", "say", "it",
-         "again", "in", "fewer", "words", "the", "sky", "is", "blue", "because", "of",
-         "scattering", "def", "return", "value", "list", "of", "items")
+SPECIALS = [
+    "<s>",
+    "</s>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|im_start|>",
+    "<|im_end|>",
+]
+WORDS = (
+    "what",
+    "is",
+    "the",
+    "answer",
+    "to",
+    "this",
+    "question",
+    "please",
+    "say",
+    "it",
+    "again",
+    "in",
+    "fewer",
+    "words",
+    "the",
+    "sky",
+    "is",
+    "blue",
+    "because",
+    "of",
+    "scattering",
+    "def",
+    "return",
+    "value",
+    "list",
+    "of",
+    "items",
+)
 CONVERSATION = [
     {"role": "system", "content": "You answer briefly."},
     {"role": "user", "content": "what is the sky?  "},
@@ -76,12 +117,17 @@ def json_tokenizer(tmp_path_factory):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIALS,
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+        vocab_size=300,
+        special_tokens=SPECIALS,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([" ".join(WORDS)] * 20, trainer)
     tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+        )
+    )
     return directory / "tokenizer.json"
 
 
@@ -90,24 +136,30 @@ def sp_tokenizer(tmp_path_factory):
     """A small sentencepiece model as jaxlm trains them (bos 1, eos 2, dummy prefix)."""
     path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
     rng = np.random.default_rng(0)
-    docs = [" ".join(rng.choice(WORDS, 30)) + "\n[INST] <<SYS>> [/INST] <</SYS>>\n"
-            for _ in range(300)]
+    docs = [
+        " ".join(rng.choice(WORDS, 30)) + "\n[INST] <<SYS>> [/INST] <</SYS>>\n" for _ in range(300)
+    ]
     tokenizer_lib.train(docs, 300, path)
     return path
 
 
 @pytest.mark.parametrize("template", ["llama2", "llama3", "chatml"])
-def test_mask_is_exactly_the_assistant_turns_of_the_models_own_template(template,
-                                                                        json_tokenizer):
+def test_mask_is_exactly_the_assistant_turns_of_the_models_own_template(template, json_tokenizer):
     tokens, mask = sft.Encoder(tokenizer_lib.load(json_tokenizer), template).encode(
-        sft.messages_of({"messages": CONVERSATION}))
-    rendered = jinja2.Environment().from_string(JINJA[template]).render(
-        messages=CONVERSATION, bos_token=BOS_TOKEN[template], eos_token="</s>")
+        sft.messages_of({"messages": CONVERSATION})
+    )
+    rendered = (
+        jinja2.Environment()
+        .from_string(JINJA[template])
+        .render(messages=CONVERSATION, bos_token=BOS_TOKEN[template], eos_token="</s>")
+    )
     if template == "chatml":
         rendered = rendered.removesuffix("\n")  # after the last turn jaxlm stops: nothing to train
     raw = tokenizers.Tokenizer.from_file(str(json_tokenizer))
-    ends = [len(raw.decode(tokens[:i + 1].tolist(), skip_special_tokens=False))
-            for i in range(len(tokens))]
+    ends = [
+        len(raw.decode(tokens[: i + 1].tolist(), skip_special_tokens=False))
+        for i in range(len(tokens))
+    ]
     assert raw.decode(tokens.tolist(), skip_special_tokens=False) == rendered
     spans, at = [], 0
     for m in CONVERSATION:
@@ -121,7 +173,9 @@ def test_mask_is_exactly_the_assistant_turns_of_the_models_own_template(template
         assert all(e <= a or s >= b or (a <= s and e <= b) for a, b in spans)
     assert mask.tolist() == expected
     # The user's "<|eot_id|>" stayed text: llama3 has one per message, the others none.
-    assert tokens.tolist().count(raw.token_to_id("<|eot_id|>")) == (5 if template == "llama3" else 0)
+    assert tokens.tolist().count(raw.token_to_id("<|eot_id|>")) == (
+        5 if template == "llama3" else 0
+    )
 
 
 def test_llama2_and_plain_on_sentencepiece_are_metas_tokenization(sp_tokenizer):
@@ -142,8 +196,10 @@ def test_llama2_and_plain_on_sentencepiece_are_metas_tokenization(sp_tokenizer):
     assert tokens.tolist() == expected_tokens
     assert mask.tolist() == expected_mask
 
-    record = {"prompt": "def f(items):\n    \"\"\"the list of items\"\"\"\n",
-              "completion": "    return items\n"}
+    record = {
+        "prompt": 'def f(items):\n    """the list of items"""\n',
+        "completion": "    return items\n",
+    }
     tokens, mask = sft.Encoder(sp, "plain").encode(sft.messages_of(record))
     whole = sp.encode(record["prompt"] + record["completion"])
     n = len(sp.encode(record["prompt"]))
@@ -154,8 +210,11 @@ def test_llama2_and_plain_on_sentencepiece_are_metas_tokenization(sp_tokenizer):
 def test_a_template_whose_tokens_the_tokenizer_lacks_is_an_error_naming_the_field(sp_tokenizer):
     sp = tokenizer_lib.load(sp_tokenizer)
     for template, token in (("llama3", "<|begin_of_text|>"), ("chatml", "<|im_start|>")):
-        with pytest.raises(ValueError, match=rf"data.chat_template='{template}' needs the special "
-                                             rf"token '{token}'.*'llama2' or 'plain'"):
+        with pytest.raises(
+            ValueError,
+            match=rf"data.chat_template='{template}' needs the special "
+            rf"token '{token}'.*'llama2' or 'plain'",
+        ):
             sft.Encoder(sp, template)
 
 
@@ -166,12 +225,13 @@ def _write_jsonl(path, lines):
             f.write(b"\n")
 
 
-def test_prepare_sft_stores_the_mask_and_reports_every_bad_record(sp_tokenizer, tmp_path,
-                                                                   capsys):
+def test_prepare_sft_stores_the_mask_and_reports_every_bad_record(sp_tokenizer, tmp_path, capsys):
     user = {"role": "user", "content": "what is the sky"}
     answer = {"role": "assistant", "content": "blue"}
-    good = [{"prompt": "what is the sky", "completion": " blue"},
-            {"messages": [{"role": "system", "content": "be brief"}, user, answer, user]}]
+    good = [
+        {"prompt": "what is the sky", "completion": " blue"},
+        {"messages": [{"role": "system", "content": "be brief"}, user, answer, user]},
+    ]
     bad = {
         "no_messages": {"text": "what is the sky"},
         "unknown_role": {"messages": [{"role": "robot", "content": "beep"}, answer]},
@@ -185,8 +245,15 @@ def test_prepare_sft_stores_the_mask_and_reports_every_bad_record(sp_tokenizer, 
     path = tmp_path / "chats.jsonl"
     _write_jsonl(path, [good[0], *bad.values(), good[1]])
     out = tmp_path / "out"
-    meta = prepare.prepare(str(path), out, tokenizer=sp_tokenizer, sft=True,
-                           chat_template="llama2", val_fraction=0.0, workers=1)
+    meta = prepare.prepare(
+        str(path),
+        out,
+        tokenizer=sp_tokenizer,
+        sft=True,
+        chat_template="llama2",
+        val_fraction=0.0,
+        workers=1,
+    )
     printed = capsys.readouterr().out
     for line, reason in enumerate(bad, 2):
         assert meta["skipped"]["counts"][reason] == 1
@@ -201,18 +268,27 @@ def test_prepare_sft_stores_the_mask_and_reports_every_bad_record(sp_tokenizer, 
         np.testing.assert_array_equal(docs[i], np.stack([tokens, mask]))
     assert meta["splits"]["train"]["trained_tokens"] == sum(int(docs[i][1].sum()) for i in range(2))
     with pytest.raises(ValueError, match=r"chat_template='chatml' needs the special token"):
-        prepare.prepare(str(path), tmp_path / "other", tokenizer=sp_tokenizer, sft=True,
-                        chat_template="chatml", workers=1)
+        prepare.prepare(
+            str(path),
+            tmp_path / "other",
+            tokenizer=sp_tokenizer,
+            sft=True,
+            chat_template="chatml",
+            workers=1,
+        )
 
 
 def test_a_tokenizer_json_stays_one_in_the_prepared_dataset(json_tokenizer, tmp_path):
     """Issue 16: it was copied in as tokenizer.model and loaded as sentencepiece."""
-    _write_jsonl(tmp_path / "text.jsonl", [{"text": " ".join(WORDS[i:i + 9])} for i in range(20)])
+    _write_jsonl(tmp_path / "text.jsonl", [{"text": " ".join(WORDS[i : i + 9])} for i in range(20)])
     out = tmp_path / "out"
-    prepare.prepare(str(tmp_path / "text.jsonl"), out, tokenizer=json_tokenizer,
-                    val_fraction=0.2, workers=1)
-    assert sorted(p.name for p in out.glob("tokenizer*")) == ["tokenizer.json",
-                                                              "tokenizer_config.json"]
+    prepare.prepare(
+        str(tmp_path / "text.jsonl"), out, tokenizer=json_tokenizer, val_fraction=0.2, workers=1
+    )
+    assert sorted(p.name for p in out.glob("tokenizer*")) == [
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     path = prepared.PreparedDataset(out).tokenizer_path
     tok = tokenizer_lib.load(path)
     assert isinstance(tok, tokenizer_lib.JsonTokenizer) and path.name == "tokenizer.json"
@@ -238,10 +314,14 @@ def _conversations(sp_tokenizer, n, seed=0, max_words=12):
 
     def words():
         return " ".join(rng.choice(WORDS, rng.integers(1, max_words)))
+
     docs = []
     for _ in range(n):
-        turns = [{"role": r, "content": words()} for _ in range(rng.integers(1, 3))
-                 for r in ("user", "assistant")]
+        turns = [
+            {"role": r, "content": words()}
+            for _ in range(rng.integers(1, 3))
+            for r in ("user", "assistant")
+        ]
         docs.append(sft.record_of(*encoder.encode(turns)))
     return docs
 
@@ -278,12 +358,12 @@ def test_overflow_policies_count_and_keep_a_correct_mask(sp_tokenizer):
     seq_len = max(d.shape[1] for d in docs) + 4
     turns = [{"role": r, "content": f"{w} {w}"} for w in WORDS for r in ("user", "assistant")]
     long = sft.record_of(*sft.Encoder(tokenizer_lib.load(sp_tokenizer), "llama2").encode(turns))
-    assert long.shape[1] > 2 * seq_len and 0 < long[1, -(seq_len + 1):].mean() < 1
+    assert long.shape[1] > 2 * seq_len and 0 < long[1, -(seq_len + 1) :].mean() < 1
     dropped = pipeline.PackedConversations([*docs, long], seq_len, seed=0, overflow="drop")
     assert dropped.overflowed == 1 and 6 not in dropped.row_docs
     assert "1 longer than seq_len + 1" in dropped.describe() and "dropped" in dropped.describe()
     kept = pipeline.PackedConversations([long], seq_len, seed=0, overflow="truncate_left")
-    row, tail = kept[0], long[:, -(seq_len + 1):]
+    row, tail = kept[0], long[:, -(seq_len + 1) :]
     np.testing.assert_array_equal(row["inputs"], tail[0, :-1])
     np.testing.assert_array_equal(row["targets"], tail[0, 1:])
     np.testing.assert_array_equal(row["loss_mask"], tail[1, 1:] == 1)
@@ -296,6 +376,7 @@ def test_sft_batches_resume_exactly(sp_tokenizer):
 
     def batches():
         return pipeline.train_batches(rows, 4, config)
+
     first = batches()
     expected = [next(first) for _ in range(5)]
     second = batches()

@@ -23,8 +23,11 @@ def _loss_and_grads(factory, params, batch):
         return total / count
 
     params_sharding = factory.shardings["params"]
-    fn = jax.jit(jax.value_and_grad(loss_fn), in_shardings=(params_sharding, factory.batch_sharding),
-                 out_shardings=(None, params_sharding))
+    fn = jax.jit(
+        jax.value_and_grad(loss_fn),
+        in_shardings=(params_sharding, factory.batch_sharding),
+        out_shardings=(None, params_sharding),
+    )
     with factory.context():
         return fn(params, sharding_lib.global_batch(batch, factory.batch_sharding))
 
@@ -41,8 +44,9 @@ def reference():
 
 def _assert_matches_reference(loss, grads, ref_loss, ref_grads):
     assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
-    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(grads)),
-                            jax.tree.leaves(ref_grads)):
+    for (path, g), r in zip(
+        jax.tree_util.tree_leaves_with_path(jax.device_get(grads)), jax.tree.leaves(ref_grads)
+    ):
         scale = np.abs(r).max()
         assert np.abs(g - r).max() <= 1e-5 * scale, jax.tree_util.keystr(path)
 
@@ -61,16 +65,21 @@ def test_loss_and_gradients_agree_across_meshes(name, reference):
     _assert_matches_reference(*_loss_and_grads(factory, params_here, batch), ref_loss, ref_grads)
 
 
-@pytest.mark.parametrize("mesh", [dict(data=1, fsdp=1, tensor=1),
-                                  dict(data=2, fsdp=2, tensor=2),
-                                  dict(data=1, fsdp=2, tensor=2, sequence=2)])
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        dict(data=1, fsdp=1, tensor=1),
+        dict(data=2, fsdp=2, tensor=2),
+        dict(data=1, fsdp=2, tensor=2, sequence=2),
+    ],
+)
 def test_loss_in_slices_gives_the_same_loss_and_gradients(mesh, reference):
     """train.loss_chunks=4 (jaxlm.loss) against the whole-logits reference, on sharded
     meshes too: vocab split over tensor, rows over sequence."""
     params, batch, ref_loss, ref_grads = reference
     config = small_config(**mesh)
     config.train.loss_chunks = 4
-    factory = factory_for(config, jax.devices()[:int(np.prod(list(mesh.values())))])
+    factory = factory_for(config, jax.devices()[: int(np.prod(list(mesh.values())))])
     assert factory.loss_chunks == 4  # what make_train_step / make_eval_step will use
     params_here = jax.device_put(params, factory.shardings["params"])
     _assert_matches_reference(*_loss_and_grads(factory, params_here, batch), ref_loss, ref_grads)
@@ -114,11 +123,18 @@ def test_weights_are_sharded_as_the_rules_say():
         # Each device really holds only its shard.
         shard = leaf.addressable_shards[0].data
         mesh_shape = leaf.sharding.mesh.shape
-        split = [int(np.prod([mesh_shape[n] for n in ((a,) if isinstance(a, str) else a)]))
-                 if a else 1 for a in spec]
-        assert shard.shape == tuple(n // s for n, s in zip(leaf.shape, split + [1] * (leaf.ndim - len(split))))
+        split = [
+            int(np.prod([mesh_shape[n] for n in ((a,) if isinstance(a, str) else a)])) if a else 1
+            for a in spec
+        ]
+        assert shard.shape == tuple(
+            n // s for n, s in zip(leaf.shape, split + [1] * (leaf.ndim - len(split)))
+        )
     # Adam's moments follow their parameters.
-    adam = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
-            if hasattr(s, "mu")]
+    adam = [
+        s
+        for s in jax.tree.leaves(state["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
+        if hasattr(s, "mu")
+    ]
     assert adam, "no Adam state found"
     assert adam[0].mu["layers"]["attn"]["q"].sharding.spec == P(None, embed, "tensor", None)

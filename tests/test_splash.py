@@ -26,8 +26,9 @@ def _inputs(n_heads, n_kv, rows, seed=0, batch=2):
     if rows == "causal":
         return q, k, v, None, np.ones((batch, LENGTH), np.int32)
     packed = np.concatenate([np.full(n, i + 1) for i, n in enumerate(PACKED_LENGTHS)])
-    segments = np.stack([packed if b % 2 == 0 else np.ones(LENGTH, np.int64)
-                         for b in range(batch)]).astype(np.int32)
+    segments = np.stack(
+        [packed if b % 2 == 0 else np.ones(LENGTH, np.int64) for b in range(batch)]
+    ).astype(np.int32)
     return q, k, v, segments, segments
 
 
@@ -59,12 +60,14 @@ def test_values_and_derivatives_match_float64_reference(rows, group, dtype):
     assert_attention_matches_reference(out, grads, q, k, v, segments, weights, tol, 10 * tol)
 
 
-@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2),
-                                  dict(data=8)], ids=str)
+@pytest.mark.parametrize(
+    "mesh", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, tensor=2), dict(data=8)], ids=str
+)
 def test_sharded_over_devices_equals_unsharded(mesh):
     """One shard_map: rows over (data, fsdp), heads over tensor; each device its share."""
-    q, k, v, seg, _ = (jnp.asarray(a) if a is not None else None
-                       for a in _inputs(4, 2, "packed", batch=8))
+    q, k, v, seg, _ = (
+        jnp.asarray(a) if a is not None else None for a in _inputs(4, 2, "packed", batch=8)
+    )
     q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
 
     def loss(q, k, v):
@@ -73,7 +76,7 @@ def test_sharded_over_devices_equals_unsharded(mesh):
     want_out = jax.jit(_splash)(q, k, v, seg)
     want_grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
     shape = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1, **mesh}
-    device_mesh = sharding_lib.make_mesh(shape, jax.devices()[:int(np.prod(list(shape.values())))])
+    device_mesh = sharding_lib.make_mesh(shape, jax.devices()[: int(np.prod(list(shape.values())))])
     with jax.set_mesh(device_mesh), nn.logical_axis_rules(sharding_lib.axis_rules()):
         out = jax.jit(_splash)(q, k, v, seg)
         grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
@@ -82,8 +85,16 @@ def test_sharded_over_devices_equals_unsharded(mesh):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-MODEL = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-             d_ff=48, init_std=0.2)
+MODEL = dict(
+    vocab_size=97,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    d_ff=48,
+    init_std=0.2,
+)
 
 
 def _attention(impl):
@@ -103,8 +114,9 @@ def test_model_with_splash_under_scan_and_remat_equals_xla_attention(remat):
     rng = np.random.default_rng(3)
     tokens = jnp.asarray(rng.integers(0, MODEL["vocab_size"], (2, LENGTH)))
     _, _, _, segments, _ = _inputs(4, 2, "packed")  # row 0 packed, row 1 one document
-    positions = jnp.asarray(np.stack([np.concatenate([np.arange(n) for n in PACKED_LENGTHS]),
-                                      np.arange(LENGTH)]))
+    positions = jnp.asarray(
+        np.stack([np.concatenate([np.arange(n) for n in PACKED_LENGTHS]), np.arange(LENGTH)])
+    )
     segments = jnp.asarray(segments)
     splash_model = Transformer(ModelConfig(**MODEL, attention=_attention("splash"), remat=remat))
     xla_model = Transformer(ModelConfig(**MODEL, attention=_attention("xla")))
@@ -126,27 +138,37 @@ def test_model_with_splash_under_scan_and_remat_equals_xla_attention(remat):
 def test_remat_policy_keeps_the_forward_inside_shard_map():
     """Under a mesh the kernel sits inside shard_map; the policy still sees it."""
     tokens = jnp.zeros((4, LENGTH), jnp.int32)
-    mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 1, "tensor": 2, "sequence": 1},
-                                  jax.devices()[:4])
+    mesh = sharding_lib.make_mesh(
+        {"data": 2, "fsdp": 1, "tensor": 2, "sequence": 1}, jax.devices()[:4]
+    )
     counts = {}
     for remat in ("full", "save_attention"):
-        model = Transformer(ModelConfig(**{**MODEL, "vocab_size": 96},
-                                        attention=_attention("splash"), remat=remat))
+        model = Transformer(
+            ModelConfig(**{**MODEL, "vocab_size": 96}, attention=_attention("splash"), remat=remat)
+        )
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.axis_rules()):
             params = nn.unbox(model.init(jax.random.key(0), tokens))["params"]
             counts[remat] = _forward_kernels(
-                jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens))), params)
+                jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens))), params
+            )
     assert counts == {"full": 2, "save_attention": 1}
 
 
-@pytest.mark.parametrize("changes, field", [
-    (dict(mesh={"sequence": 4, "fsdp": -1}, model={"context_parallel": "ring"}),
-     "data.seq_len"),  # the ring's Pallas blocks: shards of 64 tokens are not 128 lanes
-    (dict(mesh={"sequence": 4, "fsdp": -1}, model={"splash_block_q": 48}),
-     "model.splash_block_q"),  # divides the row (256), not a shard's 64 queries
-    (dict(model={"splash_block_kv": 96}), "model.splash_block_kv"),
-    (dict(model={"splash_block_q": 20}), "model.splash_block_q"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (
+            dict(mesh={"sequence": 4, "fsdp": -1}, model={"context_parallel": "ring"}),
+            "data.seq_len",
+        ),  # the ring's Pallas blocks: shards of 64 tokens are not 128 lanes
+        (
+            dict(mesh={"sequence": 4, "fsdp": -1}, model={"splash_block_q": 48}),
+            "model.splash_block_q",
+        ),  # divides the row (256), not a shard's 64 queries
+        (dict(model={"splash_block_kv": 96}), "model.splash_block_kv"),
+        (dict(model={"splash_block_q": 20}), "model.splash_block_q"),
+    ],
+)
 def test_splash_settings_that_cannot_work_name_the_field(changes, field):
     config = small_config()
     config.data.seq_len = 256

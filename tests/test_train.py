@@ -19,8 +19,11 @@ from support import factory_for, one_document_batch, small_config, tensorboard_v
 
 
 def _adam_state(opt_state):
-    return [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "mu"))
-            if hasattr(s, "mu")][0]
+    return [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+        if hasattr(s, "mu")
+    ][0]
 
 
 def _run_steps(config, batches):
@@ -42,7 +45,7 @@ def test_accumulating_four_microbatches_equals_one_big_batch():
     batch = one_document_batch(big, 32)
     micro = small_config(fsdp=8)
     micro.train.global_batch_size, micro.train.grad_accum_steps, micro.train.eps = 32, 4, 1e-4
-    pieces = [{k: v[i * 8:(i + 1) * 8] for k, v in batch.items()} for i in range(4)]
+    pieces = [{k: v[i * 8 : (i + 1) * 8] for k, v in batch.items()} for i in range(4)]
 
     one = _run_steps(big, [batch])
     accumulated = _run_steps(micro, pieces)
@@ -83,12 +86,26 @@ def test_tiny_config_learns(tmp_path, tokenizer_path):
 @pytest.mark.slow  # a subprocess
 def test_cli_trains_and_writes_metrics_and_checkpoint(tmp_path, repo, tokenizer_path):
     workdir = tmp_path / "run"
-    command = [sys.executable, "-m", "jaxlm.train", "--config=configs/tiny.py",
-               f"--workdir={workdir}", "--config.train.steps=3", "--config.train.log_every=1",
-               "--config.data.seq_len=64", f"--config.data.tokenizer={tokenizer_path}",
-               "--config.train.loss_chunks=4"]  # train and eval steps through jaxlm.loss
-    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    command = [
+        sys.executable,
+        "-m",
+        "jaxlm.train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        "--config.train.steps=3",
+        "--config.train.log_every=1",
+        "--config.data.seq_len=64",
+        f"--config.data.tokenizer={tokenizer_path}",
+        "--config.train.loss_chunks=4",
+    ]  # train and eval steps through jaxlm.loss
+    result = subprocess.run(
+        command,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [r for r in _metrics(workdir) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -121,10 +138,19 @@ print(json.dumps(dict(
 
 @pytest.mark.slow  # a subprocess
 def test_7b_compiles_for_64_devices_within_memory(repo):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=64",
-           "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", AOT_7B], cwd=repo, capture_output=True,
-                            text=True, timeout=900, env=env)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=64",
+        "JAX_PLATFORMS": "cpu",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", AOT_7B],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["devices"] == 64
@@ -157,7 +183,9 @@ def test_run_paths_keep_uris_and_make_local_ones_absolute(tmp_path, monkeypatch)
     path is resolved once, so what a run prints can be pasted from anywhere."""
     from jaxlm import files
 
-    assert str(files.path("gs://bucket/runs/7b") / "checkpoints") == "gs://bucket/runs/7b/checkpoints"
+    assert (
+        str(files.path("gs://bucket/runs/7b") / "checkpoints") == "gs://bucket/runs/7b/checkpoints"
+    )
     assert not files.is_local("gs://bucket/runs/7b")
     monkeypatch.chdir(tmp_path)
     assert str(files.path("runs/x")) == str(tmp_path / "runs" / "x")
@@ -166,4 +194,5 @@ def test_run_paths_keep_uris_and_make_local_ones_absolute(tmp_path, monkeypatch)
     files.write_atomically(target, "a\n")
     files.write_atomically(target, b"b\n")
     assert target.read_text() == "b\n" and sorted(p.name for p in target.parent.iterdir()) == [
-        "metrics.jsonl"]
+        "metrics.jsonl"
+    ]

@@ -26,7 +26,7 @@ MESHES = {
 
 def _mesh(**shape):
     sizes = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1, **shape}
-    return sharding_lib.make_mesh(sizes, jax.devices()[:int(np.prod(list(sizes.values())))])
+    return sharding_lib.make_mesh(sizes, jax.devices()[: int(np.prod(list(sizes.values())))])
 
 
 def _numpy_loss_and_grads(x, head, targets, weights):
@@ -36,11 +36,18 @@ def _numpy_loss_and_grads(x, head, targets, weights):
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     loss = -np.sum(np.take_along_axis(log_probs, targets[..., None], -1)[..., 0] * weights)
     grad_logits = np.exp(log_probs)
-    np.put_along_axis(grad_logits, targets[..., None], np.take_along_axis(
-        grad_logits, targets[..., None], -1) - 1, axis=-1)
+    np.put_along_axis(
+        grad_logits,
+        targets[..., None],
+        np.take_along_axis(grad_logits, targets[..., None], -1) - 1,
+        axis=-1,
+    )
     grad_logits *= weights[..., None]
-    return (loss, np.einsum("blv,dv->bld", grad_logits, head),
-            np.einsum("bld,blv->dv", x, grad_logits))
+    return (
+        loss,
+        np.einsum("blv,dv->bld", grad_logits, head),
+        np.einsum("bld,blv->dv", x, grad_logits),
+    )
 
 
 def _problem(seed=0, b=8, l=16, d=16, v=64):
@@ -55,16 +62,20 @@ def _problem(seed=0, b=8, l=16, d=16, v=64):
 
 def _on_mesh(mesh, x, head, targets, weights, chunks):
     """jaxlm's loss and gradients, inputs placed as the train step places them."""
-    fn = jax.jit(jax.value_and_grad(loss_lib.cross_entropy_sum, argnums=(0, 1)),
-                 static_argnums=4)
+    fn = jax.jit(jax.value_and_grad(loss_lib.cross_entropy_sum, argnums=(0, 1)), static_argnums=4)
     if mesh is None:
         return fn(x, head, targets, weights, chunks)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.DEFAULT_RULES):
         assert loss_lib.vocab_axes() == ("tensor",)
         rows = NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length")))
         head_sharding = NamedSharding(mesh, nn.logical_to_mesh_axes(("embed", "vocab")))
-        return fn(jax.device_put(x, rows), jax.device_put(head, head_sharding),
-                  jax.device_put(targets, rows), jax.device_put(weights, rows), chunks)
+        return fn(
+            jax.device_put(x, rows),
+            jax.device_put(head, head_sharding),
+            jax.device_put(targets, rows),
+            jax.device_put(weights, rows),
+            chunks,
+        )
 
 
 def _assert_close(got, expected, tol=1e-5):
@@ -75,9 +86,14 @@ def _assert_close(got, expected, tol=1e-5):
 def test_the_reference_gradients_are_the_derivatives_of_the_reference_loss():
     x, head, targets, weights = _problem(seed=1, b=2, l=4, d=8, v=12)
     _, grad_x, grad_head = _numpy_loss_and_grads(x, head, targets, weights)
-    assert_directional_derivatives(lambda x, h: _numpy_loss_and_grads(x, h, targets, weights)[0],
-                                   [x, head], [grad_x, grad_head], np.random.default_rng(2),
-                                   tries=3, tol=1e-6)
+    assert_directional_derivatives(
+        lambda x, h: _numpy_loss_and_grads(x, h, targets, weights)[0],
+        [x, head],
+        [grad_x, grad_head],
+        np.random.default_rng(2),
+        tries=3,
+        tol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("chunks", [1, 4])
@@ -85,8 +101,12 @@ def test_the_reference_gradients_are_the_derivatives_of_the_reference_loss():
 def test_loss_and_gradients_match_float64_numpy(name, chunks):
     x, head, targets, weights = _problem()
     expected = _numpy_loss_and_grads(x, head, targets, weights)
-    args = (jnp.asarray(x, jnp.float32), jnp.asarray(head, jnp.float32),
-            jnp.asarray(targets, jnp.int32), jnp.asarray(weights, jnp.float32))
+    args = (
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(head, jnp.float32),
+        jnp.asarray(targets, jnp.int32),
+        jnp.asarray(weights, jnp.float32),
+    )
     loss, (grad_x, grad_head) = _on_mesh(_mesh(**MESHES[name]), *args, chunks)
     assert abs(float(loss) - expected[0]) <= 1e-5 * abs(expected[0])
     _assert_close(grad_x, expected[1])
@@ -102,8 +122,9 @@ def test_loss_and_gradients_match_float64_numpy(name, chunks):
 def test_bfloat16_inputs_give_float32_loss_and_bfloat16_gradients():
     x, head, targets, weights = _problem(seed=3)
     low = [jnp.asarray(a, jnp.bfloat16) for a in (x, head)]
-    loss, (grad_x, grad_head) = _on_mesh(_mesh(tensor=4), *low, jnp.asarray(targets),
-                                         jnp.asarray(weights, jnp.float32), 2)
+    loss, (grad_x, grad_head) = _on_mesh(
+        _mesh(tensor=4), *low, jnp.asarray(targets), jnp.asarray(weights, jnp.float32), 2
+    )
     assert loss.dtype == jnp.float32 and grad_x.dtype == grad_head.dtype == jnp.bfloat16
     expected = _numpy_loss_and_grads(*(np.asarray(a, np.float64) for a in low), targets, weights)
     assert abs(float(loss) - expected[0]) <= 1e-3 * abs(expected[0])
@@ -113,15 +134,24 @@ def test_bfloat16_inputs_give_float32_loss_and_bfloat16_gradients():
 def test_a_sequence_split_the_slices_do_not_divide_is_refused():
     x, head, targets, weights = _problem()
     with pytest.raises(ValueError, match="loss_chunks"):  # 16 positions, 8 per device, 16 chunks
-        _on_mesh(_mesh(tensor=2, sequence=2), x.astype(np.float32), head.astype(np.float32),
-                 targets, weights.astype(np.float32), 16)
+        _on_mesh(
+            _mesh(tensor=2, sequence=2),
+            x.astype(np.float32),
+            head.astype(np.float32),
+            targets,
+            weights.astype(np.float32),
+            16,
+        )
 
 
 def _all_gather_shapes(hlo: str) -> list:
     """The shapes (dims) in the result types of every all-gather in compiled HLO text."""
     types = re.findall(r"= (.*?) all-gather(?:-start)?\(", hlo)
-    return [tuple(int(n) for n in dims.split(",") if n)
-            for t in types for dims in re.findall(r"\[([0-9,]*)\]", t)]
+    return [
+        tuple(int(n) for n in dims.split(",") if n)
+        for t in types
+        for dims in re.findall(r"\[([0-9,]*)\]", t)
+    ]
 
 
 @pytest.mark.parametrize("chunks", [1, 4])
@@ -133,12 +163,19 @@ def test_no_device_gathers_or_holds_whole_logits(chunks):
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.DEFAULT_RULES):
         rows = NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length")))
         head = NamedSharding(mesh, nn.logical_to_mesh_axes(("embed", "vocab")))
-        args = (jax.ShapeDtypeStruct((b, l, d), jnp.float32, sharding=rows),
-                jax.ShapeDtypeStruct((d, v), jnp.float32, sharding=head),
-                jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=rows),
-                jax.ShapeDtypeStruct((b, l), jnp.float32, sharding=rows))
-        compiled = jax.jit(jax.value_and_grad(loss_lib.cross_entropy_sum, argnums=(0, 1)),
-                           static_argnums=4).lower(*args, chunks).compile()
+        args = (
+            jax.ShapeDtypeStruct((b, l, d), jnp.float32, sharding=rows),
+            jax.ShapeDtypeStruct((d, v), jnp.float32, sharding=head),
+            jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=rows),
+            jax.ShapeDtypeStruct((b, l), jnp.float32, sharding=rows),
+        )
+        compiled = (
+            jax.jit(
+                jax.value_and_grad(loss_lib.cross_entropy_sum, argnums=(0, 1)), static_argnums=4
+            )
+            .lower(*args, chunks)
+            .compile()
+        )
     text = compiled.as_text()
     assert "all-reduce" in text  # the softmax statistics are combined over the shards
     assert not [s for s in _all_gather_shapes(text) if v in s], _all_gather_shapes(text)
@@ -150,8 +187,9 @@ def test_no_device_gathers_or_holds_whole_logits(chunks):
 def test_all_gather_shapes_finds_a_vocab_sized_gather():
     """The HLO check above can fail: a gathered head shows up."""
     mesh = _mesh(tensor=8)
-    head = jax.device_put(jnp.zeros((32, 4096)),
-                          NamedSharding(mesh, jax.sharding.PartitionSpec(None, "tensor")))
+    head = jax.device_put(
+        jnp.zeros((32, 4096)), NamedSharding(mesh, jax.sharding.PartitionSpec(None, "tensor"))
+    )
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
     text = jax.jit(lambda h: h * 2, out_shardings=replicated).lower(head).compile().as_text()
     assert (32, 4096) in _all_gather_shapes(text)
@@ -159,8 +197,13 @@ def test_all_gather_shapes_finds_a_vocab_sized_gather():
 
 # The whole model: one train-step loss and gradients, vocab-parallel vs one device.
 
-STEP_MESHES = [(dict(tensor=2), 1), (dict(tensor=4), 1), (dict(tensor=4), 4),
-               (dict(data=2, tensor=2, sequence=2), 2), (dict(fsdp=2, tensor=4), 1)]
+STEP_MESHES = [
+    (dict(tensor=2), 1),
+    (dict(tensor=4), 1),
+    (dict(tensor=4), 4),
+    (dict(data=2, tensor=2, sequence=2), 2),
+    (dict(fsdp=2, tensor=4), 1),
+]
 
 
 def _step_config(**mesh):
@@ -175,9 +218,11 @@ def _loss_and_grads(factory, params, batch):
         return total / count
 
     params_sharding = factory.shardings["params"]
-    fn = jax.jit(jax.value_and_grad(loss_fn),
-                 in_shardings=(params_sharding, factory.batch_sharding),
-                 out_shardings=(None, params_sharding))
+    fn = jax.jit(
+        jax.value_and_grad(loss_fn),
+        in_shardings=(params_sharding, factory.batch_sharding),
+        out_shardings=(None, params_sharding),
+    )
     with factory.context():
         batch = sharding_lib.global_batch(batch, factory.batch_sharding)
         jaxpr = str(jax.make_jaxpr(fn)(params, batch))
@@ -201,13 +246,15 @@ def test_model_loss_and_gradients_match_one_device(mesh, chunks, one_device):
     params, batch, ref_loss, ref_grads = one_device
     config = _step_config(**mesh)
     config.train.loss_chunks = chunks
-    factory = factory_for(config, jax.devices()[:int(np.prod(list(mesh.values())))])
+    factory = factory_for(config, jax.devices()[: int(np.prod(list(mesh.values())))])
     (loss, grads), jaxpr = _loss_and_grads(
-        factory, jax.device_put(params, factory.shardings["params"]), batch)
+        factory, jax.device_put(params, factory.shardings["params"]), batch
+    )
     assert "shard_map" in jaxpr  # the vocab-parallel loss ran
     assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
-    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(grads)),
-                            jax.tree.leaves(ref_grads)):
+    for (path, g), r in zip(
+        jax.tree_util.tree_leaves_with_path(jax.device_get(grads)), jax.tree.leaves(ref_grads)
+    ):
         assert np.abs(g - r).max() <= 1e-5 * np.abs(r).max(), jax.tree_util.keystr(path)
 
 
@@ -219,8 +266,9 @@ def test_train_and_eval_steps_on_tensor4_match_one_device(one_device):
         global_batch = sharding_lib.global_batch(batch, factory.batch_sharding)
         eval_sum, count = step_lib.make_eval_step(factory)(state["params"], global_batch)
         _, metrics = step_lib.make_train_step(factory)(state, global_batch)
-    ref_norm = np.sqrt(sum(np.sum(np.square(g, dtype=np.float64))
-                           for g in jax.tree.leaves(ref_grads)))
+    ref_norm = np.sqrt(
+        sum(np.sum(np.square(g, dtype=np.float64)) for g in jax.tree.leaves(ref_grads))
+    )
     assert abs(float(eval_sum) / float(count) - ref_loss) <= 1e-5 * ref_loss
     assert abs(float(metrics["loss"]) - ref_loss) <= 1e-5 * ref_loss
     assert abs(float(metrics["grad_norm"]) - ref_norm) <= 1e-5 * ref_norm

@@ -25,12 +25,25 @@ from jaxlm.attention.context_parallel import STRATEGIES
 from jaxlm.attention.cudnn import cudnn_attention
 from jaxlm.attention.remat import REMAT_POLICIES
 from jaxlm.attention.splash import splash_attention, splash_block_sizes
-from jaxlm.attention.xla import (TPU_MAX_QUERY_BLOCKS, cached_attention, query_blocks,
-                                 xla_attention)
+from jaxlm.attention.xla import TPU_MAX_QUERY_BLOCKS, cached_attention, query_blocks, xla_attention
 
-__all__ = ["IMPLEMENTATIONS", "REMAT_POLICIES", "STRATEGIES", "Settings", "attend", "balance",
-           "cached_attention", "cudnn_attention", "original_index", "resolve", "restore",
-           "sequence_shards", "splash_attention", "splash_block_sizes", "xla_attention"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "REMAT_POLICIES",
+    "STRATEGIES",
+    "Settings",
+    "attend",
+    "balance",
+    "cached_attention",
+    "cudnn_attention",
+    "original_index",
+    "resolve",
+    "restore",
+    "sequence_shards",
+    "splash_attention",
+    "splash_block_sizes",
+    "xla_attention",
+]
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
 
@@ -78,17 +91,28 @@ def attend(q, k, v, segment_ids, settings: Settings = Settings()):
     if shards > 1:
         splash = impl == "splash"
         return context_parallel.attention(
-            q, k, v, segment_ids, s.context_parallel, block_impl="splash" if splash else "xla",
-            splash_blocks=splash_block_sizes(q.shape[1] // shards, s.splash_block_q,
-                                             s.splash_block_kv) if splash else None,
-            splash_interpret=(s.splash_interpret if s.splash_interpret is not None
-                              else on != "tpu"))
+            q,
+            k,
+            v,
+            segment_ids,
+            s.context_parallel,
+            block_impl="splash" if splash else "xla",
+            splash_blocks=splash_block_sizes(
+                q.shape[1] // shards, s.splash_block_q, s.splash_block_kv
+            )
+            if splash
+            else None,
+            splash_interpret=(
+                s.splash_interpret if s.splash_interpret is not None else on != "tpu"
+            ),
+        )
     if impl == "cudnn":
         return cudnn_attention(q, k, v, segment_ids)
     if impl == "xla":
         blocks = query_blocks(q.shape[1], max_blocks=TPU_MAX_QUERY_BLOCKS) if on == "tpu" else None
         return xla_attention(q, k, v, segment_ids, blocks, s.float32_scores)
     if impl == "splash":
-        return splash_attention(q, k, v, segment_ids, s.splash_block_q, s.splash_block_kv,
-                                s.splash_interpret)
+        return splash_attention(
+            q, k, v, segment_ids, s.splash_block_q, s.splash_block_kv, s.splash_interpret
+        )
     raise ValueError(f"unknown attention implementation {impl!r}; use one of {IMPLEMENTATIONS}")

@@ -38,8 +38,11 @@ def _gathered_block(q, k, v, q_index, k_index, q_seg, k_seg):
 
     Normalised before the PV product, unlike jaxlm.attention.xla's (after it): merging the
     two would change this path's rounding."""
-    scores = jnp.where(causal_mask(q_index, k_index, q_seg, k_seg), grouped_scores(q, k),
-                       jnp.finfo(jnp.float32).min)
+    scores = jnp.where(
+        causal_mask(q_index, k_index, q_seg, k_seg),
+        grouped_scores(q, k),
+        jnp.finfo(jnp.float32).min,
+    )
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
@@ -51,13 +54,22 @@ def _all_gather_xla(q, k, v, seg, axes, shards):
     q_index = index.reshape(shards, -1)[jax.lax.axis_index(axes)]
     gather = functools.partial(jax.lax.all_gather, axis_name=axes, axis=1, tiled=True)
     k_seg = None if seg is None else gather(seg)
-    out = _gathered_block(group_heads(q, k.shape[2]), gather(k), gather(v), q_index, index,
-                          seg, k_seg)
+    out = _gathered_block(
+        group_heads(q, k.shape[2]), gather(k), gather(v), q_index, index, seg, k_seg
+    )
     return out.reshape(q.shape)
 
 
-def attention(q, k, v, segment_ids, strategy: str = "all_gather", block_impl: str = "xla",
-              splash_blocks=None, splash_interpret: bool = True):
+def attention(
+    q,
+    k,
+    v,
+    segment_ids,
+    strategy: str = "all_gather",
+    block_impl: str = "xla",
+    splash_blocks=None,
+    splash_interpret: bool = True,
+):
     """Causal GQA attention of rows in the balanced order, split over the traced mesh.
 
     q [b, l, h, d], k, v [b, l, kv, d], segment_ids [b, l] or None, all in the balanced order
@@ -75,18 +87,22 @@ def attention(q, k, v, segment_ids, strategy: str = "all_gather", block_impl: st
     axes = mesh_axes.spec_axes(length_axes)
     shards = mesh_axes.axes_size(mesh, length_axes)
     if q.shape[1] % (2 * shards):
-        raise ValueError(f"context parallelism over {shards} shards needs a row length "
-                         f"divisible by {2 * shards}; got {q.shape[1]}")
+        raise ValueError(
+            f"context parallelism over {shards} shards needs a row length "
+            f"divisible by {2 * shards}; got {q.shape[1]}"
+        )
     axes = axes[0] if len(axes) == 1 else axes
     seq_spec = P(rows, length_axes, heads)
     if strategy == "all_gather" and block_impl == "splash":
-        return splash.all_gather_splash(q, k, v, segment_ids, axes, splash_blocks,
-                                        splash_interpret)
+        return splash.all_gather_splash(q, k, v, segment_ids, axes, splash_blocks, splash_interpret)
     if strategy == "all_gather":
         block = _all_gather_xla
     else:
-        blocks = (ring_kernels.PallasBlocks(splash_interpret) if block_impl == "splash"
-                  else ring_xla.XlaBlocks())
+        blocks = (
+            ring_kernels.PallasBlocks(splash_interpret)
+            if block_impl == "splash"
+            else ring_xla.XlaBlocks()
+        )
         block = functools.partial(ring.ring_attention, blocks=blocks)
     seg_spec = () if segment_ids is None else (P(rows, length_axes),)
 
@@ -94,6 +110,10 @@ def attention(q, k, v, segment_ids, strategy: str = "all_gather", block_impl: st
         return block(q, k, v, seg[0] if seg else None, axes, shards)
 
     args = (q, k, v) + (() if segment_ids is None else (segment_ids,))
-    return jax.shard_map(per_shard, mesh=mesh, check_vma=False,
-                         in_specs=(seq_spec, seq_spec, seq_spec) + seg_spec,
-                         out_specs=seq_spec)(*args)
+    return jax.shard_map(
+        per_shard,
+        mesh=mesh,
+        check_vma=False,
+        in_specs=(seq_spec, seq_spec, seq_spec) + seg_spec,
+        out_specs=seq_spec,
+    )(*args)

@@ -14,5 +14,4 @@ def cudnn_attention(q, k, v, segment_ids):
     mask = None
     if segment_ids is not None:
         mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                        implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")

@@ -41,5 +41,6 @@ REMAT_POLICIES = {
     "save_dots": _policies.checkpoint_dots,
     "save_dots_no_batch": _policies.checkpoint_dots_with_no_batch_dims,
     "save_dots_and_attention": _policies.save_from_both_policies(
-        _policies.checkpoint_dots_with_no_batch_dims, _save_attention),
+        _policies.checkpoint_dots_with_no_batch_dims, _save_attention
+    ),
 }

@@ -46,8 +46,9 @@ def forward(blocks, q, k, v, seg, axes, shards: int):
     state = blocks.start(q)
     k_seg = seg
     for step in range(shards):
-        state = blocks.forward(state, q, k, v, q_index, index[(me - step) % shards], seg,
-                               k_seg, step == 0)
+        state = blocks.forward(
+            state, q, k, v, q_index, index[(me - step) % shards], seg, k_seg, step == 0
+        )
         if step < shards - 1:
             k, v = (_to_next(a, axes, shards) for a in (k, v))
             if k_seg is not None:
@@ -63,8 +64,20 @@ def _backward(blocks, q, k, v, seg, out, lse, do, axes, shards: int):
     dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     k_seg = seg
     for step in range(shards):
-        dq, dk, dv = blocks.backward((dq, dk, dv), q, k, v, do, delta, lse, q_index,
-                                     index[(me - step) % shards], seg, k_seg, step == 0)
+        dq, dk, dv = blocks.backward(
+            (dq, dk, dv),
+            q,
+            k,
+            v,
+            do,
+            delta,
+            lse,
+            q_index,
+            index[(me - step) % shards],
+            seg,
+            k_seg,
+            step == 0,
+        )
         # The key block's gradients travel with it; after the last step one more hop
         # brings them home.
         dk, dv = (_to_next(a, axes, shards) for a in (dk, dv))

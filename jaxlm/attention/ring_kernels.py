@@ -75,8 +75,24 @@ def _run(q_last_ref, k_first_ref, i, j):
 # ---------------------------------------------------------------------------- forward
 
 
-def _forward_kernel(q_last_ref, k_first_ref, q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref,
-                    q_seg_ref, k_seg_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, scale):
+def _forward_kernel(
+    q_last_ref,
+    k_first_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    q_pos_ref,
+    k_pos_ref,
+    q_seg_ref,
+    k_seg_ref,
+    o_ref,
+    lse_ref,
+    m_scr,
+    l_scr,
+    acc_scr,
+    *,
+    scale,
+):
     i, j = pl.program_id(2), pl.program_id(3)
     block_k = k_ref.shape[0]
 
@@ -110,13 +126,16 @@ def _forward_kernel(q_last_ref, k_first_ref, q_ref, k_ref, v_ref, q_pos_ref, k_p
 
 def _bounds(q_pos, k_pos, block_q, block_k):
     """Scalar prefetch: each query tile's last position, each key tile's first."""
-    return (jnp.max(q_pos.reshape(-1, block_q), axis=1),
-            jnp.min(k_pos.reshape(-1, block_k), axis=1))
+    return (
+        jnp.max(q_pos.reshape(-1, block_q), axis=1),
+        jnp.min(k_pos.reshape(-1, block_k), axis=1),
+    )
 
 
 def _vectors(q_pos, k_pos, q_seg, k_seg):
     """Positions and segment ids laid out for the kernels: query side lane-broadcast
     [.., t, 128], key side sublane-broadcast [.., 8, s]."""
+
     def lanes(a):
         return jnp.broadcast_to(a[..., None], (*a.shape, LANES))
 
@@ -137,13 +156,16 @@ def _row_grid_specs(bq, bk, d, group):
     """Block specs on a (batch, query head, query tile, key tile) grid: a query-side tile, a
     key/value tile, a query-side lane-broadcast row vector, and the four mask vectors."""
     q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, *_: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d),
-                           lambda b, h, i, j, *_: (b, _kv_head(h, group), j, 0))
+    kv_spec = pl.BlockSpec(
+        (None, None, bk, d), lambda b, h, i, j, *_: (b, _kv_head(h, group), j, 0)
+    )
     row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, *_: (b, h, i, 0))
-    vector_specs = [pl.BlockSpec((bq, LANES), lambda b, h, i, j, *_: (i, 0)),
-                    pl.BlockSpec((SUBLANES, bk), lambda b, h, i, j, *_: (0, j)),
-                    pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
-                    pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j, *_: (b, 0, j))]
+    vector_specs = [
+        pl.BlockSpec((bq, LANES), lambda b, h, i, j, *_: (i, 0)),
+        pl.BlockSpec((SUBLANES, bk), lambda b, h, i, j, *_: (0, j)),
+        pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
+        pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j, *_: (b, 0, j)),
+    ]
     return q_spec, kv_spec, row_spec, vector_specs
 
 
@@ -152,9 +174,20 @@ def _compiler_params(semantics):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "interpret"))
-def block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, scale: float,
-                  block_q: int | None = None, block_k: int | None = None,
-                  interpret: bool = False):
+def block_forward(
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    q_seg,
+    k_seg,
+    *,
+    scale: float,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    interpret: bool = False,
+):
     """Attention of q over the block (k, v): out float32 [b, h, t, d] (normalized over this
     block's keys; 0 where a row sees none) and its log-sum-exp float32 [b, h, t]."""
     (b, h, t, d), kv, s = q.shape, k.shape[1], k.shape[2]
@@ -165,13 +198,20 @@ def block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, scale: float,
     out, lse = pl.pallas_call(
         functools.partial(_forward_kernel, scale=scale),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=grid, in_specs=[q_spec, kv_spec, kv_spec, *vector_specs],
+            num_scalar_prefetch=2,
+            grid=grid,
+            in_specs=[q_spec, kv_spec, kv_spec, *vector_specs],
             out_specs=[q_spec, row_spec],
-            scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
-                            pltpu.VMEM((bq, LANES), jnp.float32),
-                            pltpu.VMEM((bq, d), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct((b, h, t, d), jnp.float32),
-                   jax.ShapeDtypeStruct((b, h, t, LANES), jnp.float32)],
+            scratch_shapes=[
+                pltpu.VMEM((bq, LANES), jnp.float32),
+                pltpu.VMEM((bq, LANES), jnp.float32),
+                pltpu.VMEM((bq, d), jnp.float32),
+            ],
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct((b, h, t, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, h, t, LANES), jnp.float32),
+        ],
         compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
     )(*bounds, q, k, v, *vectors)
@@ -181,20 +221,46 @@ def block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, scale: float,
 # ---------------------------------------------------------------------------- backward
 
 
-def _probs_and_ds(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_ref,
-                  q_seg_ref, k_seg_ref, scale):
+def _probs_and_ds(
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    q_pos_ref,
+    k_pos_ref,
+    q_seg_ref,
+    k_seg_ref,
+    scale,
+):
     """The block's probabilities (by the global log-sum-exp) and dS = P * (dP - D)."""
     block_k = k_ref.shape[0]
     mask = _mask(q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, block_k)
     s = _scores(q_ref[...], k_ref[...], scale)
     p = jnp.where(mask, jnp.exp(s - _widen(lse_ref[...], block_k)), 0.0)
-    dp = jax.lax.dot_general(do_ref[...], v_ref[...], _TRANS_B,
-                             preferred_element_type=jnp.float32)
+    dp = jax.lax.dot_general(do_ref[...], v_ref[...], _TRANS_B, preferred_element_type=jnp.float32)
     return p, p * (dp - _widen(delta_ref[...], block_k))
 
 
-def _dq_kernel(q_last_ref, k_first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, dq_ref, dq_scr, *, scale):
+def _dq_kernel(
+    q_last_ref,
+    k_first_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    q_pos_ref,
+    k_pos_ref,
+    q_seg_ref,
+    k_seg_ref,
+    dq_ref,
+    dq_scr,
+    *,
+    scale,
+):
     i, j = pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -203,19 +269,48 @@ def _dq_kernel(q_last_ref, k_first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
 
     @pl.when(_run(q_last_ref, k_first_ref, i, j))
     def _():
-        _, ds = _probs_and_ds(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref,
-                              k_pos_ref, q_seg_ref, k_seg_ref, scale)
-        dq_scr[...] += scale * jax.lax.dot(ds.astype(k_ref.dtype), k_ref[...],
-                                           preferred_element_type=jnp.float32)
+        _, ds = _probs_and_ds(
+            q_ref,
+            k_ref,
+            v_ref,
+            do_ref,
+            lse_ref,
+            delta_ref,
+            q_pos_ref,
+            k_pos_ref,
+            q_seg_ref,
+            k_seg_ref,
+            scale,
+        )
+        dq_scr[...] += scale * jax.lax.dot(
+            ds.astype(k_ref.dtype), k_ref[...], preferred_element_type=jnp.float32
+        )
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _():
         dq_ref[...] = dq_scr[...]
 
 
-def _dkv_kernel(q_last_ref, k_first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, dk_ref, dv_ref, dk_scr, dv_scr,
-                *, scale):
+def _dkv_kernel(
+    q_last_ref,
+    k_first_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    q_pos_ref,
+    k_pos_ref,
+    q_seg_ref,
+    k_seg_ref,
+    dk_ref,
+    dv_ref,
+    dk_scr,
+    dv_scr,
+    *,
+    scale,
+):
     j, g, i = pl.program_id(2), pl.program_id(3), pl.program_id(4)
 
     @pl.when((g == 0) & (i == 0))
@@ -225,12 +320,25 @@ def _dkv_kernel(q_last_ref, k_first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d
 
     @pl.when(_run(q_last_ref, k_first_ref, i, j))
     def _():
-        p, ds = _probs_and_ds(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref,
-                              k_pos_ref, q_seg_ref, k_seg_ref, scale)
-        dv_scr[...] += jax.lax.dot(p.astype(do_ref.dtype).T, do_ref[...],
-                                   preferred_element_type=jnp.float32)
-        dk_scr[...] += scale * jax.lax.dot(ds.astype(q_ref.dtype).T, q_ref[...],
-                                           preferred_element_type=jnp.float32)
+        p, ds = _probs_and_ds(
+            q_ref,
+            k_ref,
+            v_ref,
+            do_ref,
+            lse_ref,
+            delta_ref,
+            q_pos_ref,
+            k_pos_ref,
+            q_seg_ref,
+            k_seg_ref,
+            scale,
+        )
+        dv_scr[...] += jax.lax.dot(
+            p.astype(do_ref.dtype).T, do_ref[...], preferred_element_type=jnp.float32
+        )
+        dk_scr[...] += scale * jax.lax.dot(
+            ds.astype(q_ref.dtype).T, q_ref[...], preferred_element_type=jnp.float32
+        )
 
     @pl.when((g == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1))
     def _():
@@ -239,9 +347,23 @@ def _dkv_kernel(q_last_ref, k_first_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "interpret"))
-def block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, do, lse, delta, *, scale: float,
-                   block_q: int | None = None, block_k: int | None = None,
-                   interpret: bool = False):
+def block_backward(
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    q_seg,
+    k_seg,
+    do,
+    lse,
+    delta,
+    *,
+    scale: float,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    interpret: bool = False,
+):
     """Gradients of the block (float32): dq [b, h, t, d], dk and dv [b, kv, s, d], given the
     rows' global log-sum-exp `lse` and D = rowsum(dO * O) `delta`, both [b, h, t], and dO."""
     (b, h, t, d), kv, s = q.shape, k.shape[1], k.shape[2]
@@ -255,9 +377,12 @@ def block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, do, lse, delta, *, scale
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(b, h, t // bq, s // bk),
+            num_scalar_prefetch=2,
+            grid=(b, h, t // bq, s // bk),
             in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *vector_specs],
-            out_specs=q_spec, scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
+            out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+        ),
         out_shape=jax.ShapeDtypeStruct((b, h, t, d), jnp.float32),
         compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
@@ -265,26 +390,37 @@ def block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, do, lse, delta, *, scale
 
     # dk, dv: grid (b, kv heads, key tiles, heads of the group, query tiles), the last two
     # reduced.
-    q_spec = pl.BlockSpec((None, None, bq, d),
-                          lambda b_, k_, j, g, i, *_: (b_, k_ * group + g, i, 0))
+    q_spec = pl.BlockSpec(
+        (None, None, bq, d), lambda b_, k_, j, g, i, *_: (b_, k_ * group + g, i, 0)
+    )
     kv_spec = pl.BlockSpec((None, None, bk, d), lambda b_, k_, j, g, i, *_: (b_, k_, j, 0))
-    row_spec = pl.BlockSpec((None, None, bq, LANES),
-                            lambda b_, k_, j, g, i, *_: (b_, k_ * group + g, i, 0))
+    row_spec = pl.BlockSpec(
+        (None, None, bq, LANES), lambda b_, k_, j, g, i, *_: (b_, k_ * group + g, i, 0)
+    )
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(b, kv, s // bk, group, t // bq),
-            in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                      pl.BlockSpec((bq, LANES), lambda b_, k_, j, g, i, *_: (i, 0)),
-                      pl.BlockSpec((SUBLANES, bk), lambda b_, k_, j, g, i, *_: (0, j)),
-                      pl.BlockSpec((None, bq, LANES), lambda b_, k_, j, g, i, *_: (b_, i, 0)),
-                      pl.BlockSpec((None, SUBLANES, bk),
-                                   lambda b_, k_, j, g, i, *_: (b_, 0, j))],
+            num_scalar_prefetch=2,
+            grid=(b, kv, s // bk, group, t // bq),
+            in_specs=[
+                q_spec,
+                kv_spec,
+                kv_spec,
+                q_spec,
+                row_spec,
+                row_spec,
+                pl.BlockSpec((bq, LANES), lambda b_, k_, j, g, i, *_: (i, 0)),
+                pl.BlockSpec((SUBLANES, bk), lambda b_, k_, j, g, i, *_: (0, j)),
+                pl.BlockSpec((None, bq, LANES), lambda b_, k_, j, g, i, *_: (b_, i, 0)),
+                pl.BlockSpec((None, SUBLANES, bk), lambda b_, k_, j, g, i, *_: (b_, 0, j)),
+            ],
             out_specs=[kv_spec, kv_spec],
-            scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
+        ),
         out_shape=[jax.ShapeDtypeStruct((b, kv, s, d), jnp.float32)] * 2,
         compiler_params=_compiler_params(
-            ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+            ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
+        ),
         interpret=interpret,
     )(*args)
     return dq, dk, dv
@@ -315,13 +451,22 @@ class PallasBlocks:
 
     def forward(self, state, q, k, v, q_index, k_index, q_seg, k_seg, diagonal: bool):
         """The block's (out, lse) added to the running ones by log-sum-exp weights."""
-        out_b, lse_b = block_forward(q, k, v, q_index, k_index, q_seg, k_seg,
-                                     scale=q.shape[-1] ** -0.5, interpret=self.interpret)
+        out_b, lse_b = block_forward(
+            q,
+            k,
+            v,
+            q_index,
+            k_index,
+            q_seg,
+            k_seg,
+            scale=q.shape[-1] ** -0.5,
+            interpret=self.interpret,
+        )
         if diagonal:  # the diagonal block: every row sees itself, so lse is finite after it
             return out_b, lse_b
         out, lse = state
         new = jnp.logaddexp(lse, lse_b)
-        out = (out * jnp.exp(lse - new)[..., None] + out_b * jnp.exp(lse_b - new)[..., None])
+        out = out * jnp.exp(lse - new)[..., None] + out_b * jnp.exp(lse_b - new)[..., None]
         return out, new
 
     def finish(self, state, q):
@@ -331,9 +476,22 @@ class PallasBlocks:
     def delta(self, do, out):
         return jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
-    def backward(self, grads, q, k, v, do, delta, lse, q_index, k_index, q_seg, k_seg,
-                 diagonal: bool):
-        pq, pk, pv = block_backward(q, k, v, q_index, k_index, q_seg, k_seg, do, lse, delta,
-                                    scale=q.shape[-1] ** -0.5, interpret=self.interpret)
+    def backward(
+        self, grads, q, k, v, do, delta, lse, q_index, k_index, q_seg, k_seg, diagonal: bool
+    ):
+        pq, pk, pv = block_backward(
+            q,
+            k,
+            v,
+            q_index,
+            k_index,
+            q_seg,
+            k_seg,
+            do,
+            lse,
+            delta,
+            scale=q.shape[-1] ** -0.5,
+            interpret=self.interpret,
+        )
         dq, dk, dv = grads
         return dq + pq, dk + pk, dv + pv

@@ -26,14 +26,14 @@ def _to_tiles(a, tile, axis):
     if a is None:
         return None
     axis %= a.ndim
-    return jnp.moveaxis(a.reshape(*a.shape[:axis], -1, tile, *a.shape[axis + 1:]), axis, 0)
+    return jnp.moveaxis(a.reshape(*a.shape[:axis], -1, tile, *a.shape[axis + 1 :]), axis, 0)
 
 
 def _from_tiles(a, axis):
     """The inverse of _to_tiles (`axis` as in the untiled array)."""
     axis %= a.ndim - 1
     a = jnp.moveaxis(a, 0, axis)
-    return a.reshape(*a.shape[:axis], -1, *a.shape[axis + 2:])
+    return a.reshape(*a.shape[:axis], -1, *a.shape[axis + 2 :])
 
 
 def _put(full, part, where: slice, axis: int):
@@ -41,8 +41,11 @@ def _put(full, part, where: slice, axis: int):
     dynamic-update-slice inside lax.cond's branches trips libtpu's copy insertion)."""
     axis %= full.ndim
     start, stop, _ = where.indices(full.shape[axis])
-    pieces = [jax.lax.slice_in_dim(full, 0, start, axis=axis), part,
-              jax.lax.slice_in_dim(full, stop, full.shape[axis], axis=axis)]
+    pieces = [
+        jax.lax.slice_in_dim(full, 0, start, axis=axis),
+        part,
+        jax.lax.slice_in_dim(full, stop, full.shape[axis], axis=axis),
+    ]
     return jnp.concatenate([p for p in pieces if p.shape[axis]], axis=axis)
 
 
@@ -74,8 +77,9 @@ def _bias(q_index, k_index, q_seg, k_seg):
     return jnp.where(causal_mask(q_index, k_index, q_seg, k_seg), 0.0, -jnp.inf)
 
 
-def _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols,
-                    remat: bool = False):
+def _partial_update(
+    state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols, remat: bool = False
+):
     """Online-softmax update of the running (max, sum, out) rows `rows` by keys `cols`, a
     tile of queries at a time (each row's update is independent of the others). `remat`:
     for autodiff, each tile's scores are recomputed in the backward rather than kept."""
@@ -92,14 +96,21 @@ def _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols,
         p = jnp.exp(s - m_safe[..., None])
         alpha = jnp.exp(m_old - m_safe)
         l_new = alpha * l_old + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("bkgts,bskd->btkgd", p.astype(vc.dtype), vc,
-                        preferred_element_type=jnp.float32)
+        pv = jnp.einsum(
+            "bkgts,bskd->btkgd", p.astype(vc.dtype), vc, preferred_element_type=jnp.float32
+        )
         return m_new, l_new, jnp.moveaxis(alpha, -1, 1)[..., None] * o_old + pv
 
     if remat:
         update = jax.checkpoint(update)
-    row_args = (q[:, rows], q_index[rows], None if q_seg is None else q_seg[:, rows],
-                m[..., rows], l[..., rows], o[:, rows])
+    row_args = (
+        q[:, rows],
+        q_index[rows],
+        None if q_seg is None else q_seg[:, rows],
+        m[..., rows],
+        l[..., rows],
+        o[:, rows],
+    )
     axes = (1, 0, 1, -1, -1, 1)
     tile = _query_tile(row_args[1].shape[0])
     if tile == row_args[1].shape[0]:  # one tile: no loop
@@ -121,16 +132,23 @@ def _partial_grads(q, k, v, do, delta, lse, q_index, k_index, q_seg, k_seg, rows
     def tile_grads(carry, xs):
         qt, qit, qst, dot, delta_t, lse_t = xs
         p = jnp.exp(grouped_scores(qt, kc) + _bias(qit, kic, qst, ksc) - lse_t[..., None])
-        dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(dot.dtype), dot,
-                        preferred_element_type=jnp.float32)
+        dv = jnp.einsum(
+            "bkgts,btkgd->bskd", p.astype(dot.dtype), dot, preferred_element_type=jnp.float32
+        )
         dp = jnp.einsum("btkgd,bskd->bkgts", dot, vc, preferred_element_type=jnp.float32)
         ds = (p * (dp - delta_t[..., None]) * scale).astype(qt.dtype)
         dq = jnp.einsum("bkgts,bskd->btkgd", ds, kc, preferred_element_type=jnp.float32)
         dk = jnp.einsum("bkgts,btkgd->bskd", ds, qt, preferred_element_type=jnp.float32)
         return (carry[0] + dk, carry[1] + dv), dq
 
-    row_args = (q[:, rows], q_index[rows], None if q_seg is None else q_seg[:, rows],
-                do[:, rows], delta[..., rows], lse[..., rows])
+    row_args = (
+        q[:, rows],
+        q_index[rows],
+        None if q_seg is None else q_seg[:, rows],
+        do[:, rows],
+        delta[..., rows],
+        lse[..., rows],
+    )
     zeros = jnp.zeros(kc.shape, jnp.float32), jnp.zeros(vc.shape, jnp.float32)
     tile = _query_tile(row_args[1].shape[0])
     if tile == row_args[1].shape[0]:  # one tile: no loop
@@ -159,13 +177,18 @@ class XlaBlocks:
 
     def start(self, q):
         b, t, kv, g, d = q.shape
-        return (jnp.full((b, kv, g, t), -jnp.inf), jnp.zeros((b, kv, g, t)),
-                jnp.zeros((b, t, kv, g, d), jnp.float32))
+        return (
+            jnp.full((b, kv, g, t), -jnp.inf),
+            jnp.zeros((b, kv, g, t)),
+            jnp.zeros((b, t, kv, g, d), jnp.float32),
+        )
 
     def forward(self, state, q, k, v, q_index, k_index, q_seg, k_seg, diagonal: bool):
         def update(state, rows, cols):
-            return _partial_update(state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols,
-                                   self.remat)
+            return _partial_update(
+                state, q, k, v, q_index, k_index, q_seg, k_seg, rows, cols, self.remat
+            )
+
         return _on_allowed_part(update, state, q_index, k_index, diagonal)
 
     def finish(self, state, q):
@@ -176,12 +199,18 @@ class XlaBlocks:
     def delta(self, do, out):
         return jnp.einsum("btkgd,btkgd->bkgt", do.astype(jnp.float32), out.astype(jnp.float32))
 
-    def backward(self, grads, q, k, v, do, delta, lse, q_index, k_index, q_seg, k_seg,
-                 diagonal: bool):
+    def backward(
+        self, grads, q, k, v, do, delta, lse, q_index, k_index, q_seg, k_seg, diagonal: bool
+    ):
         def accumulate(grads, rows, cols):
             dq, dk, dv = grads
-            pq, pk, pv = _partial_grads(q, k, v, do, delta, lse, q_index, k_index, q_seg, k_seg,
-                                        rows, cols)
-            return (_put(dq, dq[:, rows] + pq, rows, 1), _put(dk, dk[:, cols] + pk, cols, 1),
-                    _put(dv, dv[:, cols] + pv, cols, 1))
+            pq, pk, pv = _partial_grads(
+                q, k, v, do, delta, lse, q_index, k_index, q_seg, k_seg, rows, cols
+            )
+            return (
+                _put(dq, dq[:, rows] + pq, rows, 1),
+                _put(dk, dk[:, cols] + pk, cols, 1),
+                _put(dv, dv[:, cols] + pv, cols, 1),
+            )
+
         return _on_allowed_part(accumulate, grads, q_index, k_index, diagonal)

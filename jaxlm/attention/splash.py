@@ -22,25 +22,37 @@ def splash_block_sizes(length: int, block_q: int, block_kv: int) -> splash.Block
     """The kernel's tiles, forward and backward, clipped to the row length."""
     bq, bkv = min(block_q, length), min(block_kv, length)
     if length % bq or length % bkv or bkv % 128:
-        raise ValueError(f"splash attention needs blocks that divide the row length {length} "
-                         f"and key blocks a multiple of 128; got block_q={bq}, block_kv={bkv} "
-                         "(set model.splash_block_q / model.splash_block_kv)")
-    return splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
-                             block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
-                             block_q_dq=bq, block_kv_dq=bkv)
+        raise ValueError(
+            f"splash attention needs blocks that divide the row length {length} "
+            f"and key blocks a multiple of 128; got block_q={bq}, block_kv={bkv} "
+            "(set model.splash_block_q / model.splash_block_kv)"
+        )
+    return splash.BlockSizes(
+        block_q=bq,
+        block_kv=bkv,
+        block_kv_compute=bkv,
+        block_q_dkv=bq,
+        block_kv_dkv=bkv,
+        block_kv_dkv_compute=bkv,
+        block_q_dq=bq,
+        block_kv_dq=bkv,
+    )
 
 
-def _splash_kernel(heads: int, length: int, blocks: splash.BlockSizes, head_shards: int,
-                   interpret: bool):
+def _splash_kernel(
+    heads: int, length: int, blocks: splash.BlockSizes, head_shards: int, interpret: bool
+):
     """The causal splash kernel for [heads, length, head_dim] inputs. Built at each trace
     (its block tables become arrays of that trace; jax caches the host-side mask work)."""
     mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
-    return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=head_shards,
-                                  q_seq_shards=1, interpret=interpret)
+    return splash.make_splash_mha(
+        mask, block_sizes=blocks, head_shards=head_shards, q_seq_shards=1, interpret=interpret
+    )
 
 
-def splash_attention(q, k, v, segment_ids, block_q: int = 512, block_kv: int = 512,
-                     interpret: bool | None = None):
+def splash_attention(
+    q, k, v, segment_ids, block_q: int = 512, block_kv: int = 512, interpret: bool | None = None
+):
     """Causal GQA attention with the Pallas splash kernel (jax.experimental.pallas.ops.tpu).
 
     k and v keep their kv heads (the kernel maps query head h to kv head h // group, as
@@ -53,7 +65,7 @@ def splash_attention(q, k, v, segment_ids, block_q: int = 512, block_kv: int = 5
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     blocks = splash_block_sizes(length, block_q, block_kv)
-    q = jnp.swapaxes(q * jnp.asarray(head_dim ** -0.5, q.dtype), 1, 2)  # [b, h, l, d]
+    q = jnp.swapaxes(q * jnp.asarray(head_dim**-0.5, q.dtype), 1, 2)  # [b, h, l, d]
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     if segment_ids is None:
         segment_ids = jnp.ones((batch, length), jnp.int32)
@@ -62,9 +74,11 @@ def splash_attention(q, k, v, segment_ids, block_q: int = 512, block_kv: int = 5
     spec = nn.logical_to_mesh_axes(("batch", "act_heads", "length", None))
     rows, heads = (spec[0], spec[1]) if not mesh.empty else (None, None)
     if not mesh.empty and mesh_axes.axes_size(mesh, spec[2]) > 1:
-        raise ValueError("splash_attention takes whole rows: the logical axis 'length' maps "
-                         f"to mesh axes {spec[2]}; a split sequence goes through "
-                         "jaxlm.attention.attend")
+        raise ValueError(
+            "splash_attention takes whole rows: the logical axis 'length' maps "
+            f"to mesh axes {spec[2]}; a split sequence goes through "
+            "jaxlm.attention.attend"
+        )
     head_shards = mesh_axes.axes_size(mesh, heads) if heads else 1
     kernel = _splash_kernel(n_heads, length, blocks, head_shards, bool(interpret))
 
@@ -75,12 +89,14 @@ def splash_attention(q, k, v, segment_ids, block_q: int = 512, block_kv: int = 5
     if mesh.empty:
         out = per_shard(kernel, q, k, v, segment_ids)
     else:
-        kernel_spec = kernel.manual_sharding_spec(
-            jax.sharding.NamedSharding(mesh, P(heads, None)))
+        kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(heads, None)))
         out = jax.shard_map(
-            per_shard, mesh=mesh, check_vma=False,
+            per_shard,
+            mesh=mesh,
+            check_vma=False,
             in_specs=(kernel_spec, P(rows, heads), P(rows, heads), P(rows, heads), P(rows)),
-            out_specs=P(rows, heads))(kernel, q, k, v, segment_ids)
+            out_specs=P(rows, heads),
+        )(kernel, q, k, v, segment_ids)
     return jnp.swapaxes(out, 1, 2)
 
 
@@ -101,8 +117,9 @@ class _BalancedCausalMask(splash.Mask):
 
 def _balanced_kernel(length, shards, heads, head_shards, blocks, interpret):
     mask = splash.MultiHeadMask([_BalancedCausalMask(length, shards)] * heads)
-    return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=head_shards,
-                                  q_seq_shards=shards, interpret=interpret)
+    return splash.make_splash_mha(
+        mask, block_sizes=blocks, head_shards=head_shards, q_seq_shards=shards, interpret=interpret
+    )
 
 
 def _all_gather_per_shard(kernel, q, k, v, seg, axes):
@@ -121,17 +138,22 @@ def all_gather_splash(q, k, v, segment_ids, axes, blocks: splash.BlockSizes, int
     mesh = jax.sharding.get_abstract_mesh()
     rows, length_axes, heads = nn.logical_to_mesh_axes(("batch", "length", "act_heads"))
     shards = mesh_axes.axes_size(mesh, length_axes)
-    kernel = _balanced_kernel(q.shape[1], shards, q.shape[2], mesh_axes.axes_size(mesh, heads),
-                              blocks, interpret)
+    kernel = _balanced_kernel(
+        q.shape[1], shards, q.shape[2], mesh_axes.axes_size(mesh, heads), blocks, interpret
+    )
     kernel_spec = kernel.manual_sharding_spec(
-        jax.sharding.NamedSharding(mesh, P(heads, length_axes)))
+        jax.sharding.NamedSharding(mesh, P(heads, length_axes))
+    )
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
     scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q * scale, k, v))  # [b, h, l, d]
     spec = P(rows, heads, length_axes)
     out = jax.shard_map(
-        functools.partial(_all_gather_per_shard, axes=axes), mesh=mesh, check_vma=False,
-        in_specs=(kernel_spec, spec, spec, spec, P(rows, length_axes)), out_specs=spec,
+        functools.partial(_all_gather_per_shard, axes=axes),
+        mesh=mesh,
+        check_vma=False,
+        in_specs=(kernel_spec, spec, spec, spec, P(rows, length_axes)),
+        out_specs=spec,
     )(kernel, q, k, v, segment_ids)
     return jnp.swapaxes(out, 1, 2)

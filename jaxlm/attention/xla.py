@@ -44,7 +44,7 @@ def _block_mask(q_start: int, q_len: int, k_len: int, segment_ids) -> jax.Array:
     mask = causal_mask(jnp.arange(q_start, q_start + q_len), jnp.arange(k_len), None, None)
     if segment_ids is None:
         return mask
-    return mask & same_segment(segment_ids[:, q_start:q_start + q_len], segment_ids[:, :k_len])
+    return mask & same_segment(segment_ids[:, q_start : q_start + q_len], segment_ids[:, :k_len])
 
 
 def _attend(q, k, v, mask, scores_dtype=jnp.float32, kv_layout: str = "bskd"):
@@ -70,8 +70,7 @@ def _attend(q, k, v, mask, scores_dtype=jnp.float32, kv_layout: str = "bskd"):
     top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
     weights = jnp.exp(scores - top).astype(v.dtype)
     total = jnp.sum(weights, axis=-1, dtype=jnp.float32)  # [b, kv, group, q]
-    out = jnp.einsum(f"bkgqs,{kv_layout}->bqkgd", weights, v,
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"bkgqs,{kv_layout}->bqkgd", weights, v, preferred_element_type=jnp.float32)
     return (out / jnp.moveaxis(total, -1, 1)[..., None]).astype(v.dtype)
 
 
@@ -89,8 +88,7 @@ def query_blocks(length: int, min_block: int = 128, max_blocks: int = 4) -> int:
     return max(blocks, 1)
 
 
-def xla_attention(q, k, v, segment_ids, blocks: int | None = None,
-                  float32_scores: bool = True):
+def xla_attention(q, k, v, segment_ids, blocks: int | None = None, float32_scores: bool = True):
     """Causal attention in plain XLA ops; GQA by grouping query heads, never repeating k, v.
 
     Queries are cut into `blocks` static blocks, each attending only to the keys up to its
@@ -111,7 +109,7 @@ def xla_attention(q, k, v, segment_ids, blocks: int | None = None,
     for i in range(blocks):
         end = (i + 1) * size
         mask = _block_mask(i * size, size, end, segment_ids)
-        outs.append(_attend(q[:, i * size:end], k[:, :end], v[:, :end], mask, scores_dtype))
+        outs.append(_attend(q[:, i * size : end], k[:, :end], v[:, :end], mask, scores_dtype))
     out = outs[0] if blocks == 1 else jnp.concatenate(outs, axis=1)
     return out.reshape(batch, length, n_heads, head_dim)
 

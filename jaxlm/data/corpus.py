@@ -46,12 +46,16 @@ def builtin_instructions(max_chars: int = 800) -> list[dict]:
             continue
         lines = text.splitlines(keepends=True)
         for node in tree.body:
-            if not (isinstance(node, ast.FunctionDef) and ast.get_docstring(node)
-                    and len(node.body) > 1 and not node.decorator_list):
+            if not (
+                isinstance(node, ast.FunctionDef)
+                and ast.get_docstring(node)
+                and len(node.body) > 1
+                and not node.decorator_list
+            ):
                 continue
             split = node.body[1].lineno - 1  # the body after the docstring
-            prompt = "".join(lines[node.lineno - 1:split])
-            completion = "".join(lines[split:node.end_lineno])
+            prompt = "".join(lines[node.lineno - 1 : split])
+            completion = "".join(lines[split : node.end_lineno])
             if completion.strip() and len(prompt) + len(completion) <= max_chars:
                 records.append({"prompt": prompt, "completion": completion})
     return records
@@ -61,8 +65,11 @@ def builtin_documents(split: str, val_fraction: float) -> list[str]:
     """Texts of the `train` or `validation` documents, in sorted path order."""
     if split not in ("train", "validation"):
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
-    docs = [text for rel, text in _python_files()
-            if _is_validation(rel, val_fraction) == (split == "validation")]
+    docs = [
+        text
+        for rel, text in _python_files()
+        if _is_validation(rel, val_fraction) == (split == "validation")
+    ]
     if not docs:
         raise FileNotFoundError(f"no .py files for the {split} split under {stdlib_root()}")
     return docs

@@ -51,9 +51,11 @@ class ArrayRecordDocuments:
         self.lengths = np.asarray(lengths, np.int64)
         self.masked = masked
         if len(self._source) != len(self.lengths):
-            raise ValueError(f"{len(self._source)} records in {len(paths)} shards but "
-                             f"{len(self.lengths)} lengths; the prepared dataset is inconsistent, "
-                             "prepare it again")
+            raise ValueError(
+                f"{len(self._source)} records in {len(paths)} shards but "
+                f"{len(self.lengths)} lengths; the prepared dataset is inconsistent, "
+                "prepare it again"
+            )
 
     def __len__(self) -> int:
         return len(self.lengths)

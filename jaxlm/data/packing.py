@@ -59,8 +59,10 @@ class PackedRows:
         return 1 - max(0, self.n_tokens - 1) / (len(self) * self.seq_len)
 
     def describe(self) -> str:
-        return (f"{self.n_tokens:,} tokens in {len(self):,} rows of {self.seq_len} "
-                f"({100 * self.padding_fraction:.2f}% padding)")
+        return (
+            f"{self.n_tokens:,} tokens in {len(self):,} rows of {self.seq_len} "
+            f"({100 * self.padding_fraction:.2f}% padding)"
+        )
 
     def _span(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens [start, stop) of the concatenation and their 1-based document numbers."""
@@ -70,7 +72,9 @@ class PackedRows:
         for k in range(first, last + 1):
             doc_start = int(self.ends[k - 1]) if k else 0
             doc = self.documents[int(self.order[k])]
-            piece = doc[max(start, doc_start) - doc_start:min(stop, int(self.ends[k])) - doc_start]
+            piece = doc[
+                max(start, doc_start) - doc_start : min(stop, int(self.ends[k])) - doc_start
+            ]
             tokens.append(piece)
             doc_ids.append(np.full(len(piece), k + 1, np.int32))
         return np.concatenate(tokens), np.concatenate(doc_ids)
@@ -83,7 +87,7 @@ class PackedRows:
         doc_ids = np.zeros(length + 1, np.int32)
         if stop > start:
             chunk, chunk_docs = self._span(start, stop)
-            tokens[:len(chunk)], doc_ids[:len(chunk)] = chunk, chunk_docs
+            tokens[: len(chunk)], doc_ids[: len(chunk)] = chunk, chunk_docs
         return _row(tokens, doc_ids)
 
 
@@ -95,8 +99,13 @@ def _row(tokens: np.ndarray, doc_ids: np.ndarray, trained: np.ndarray | None = N
     loss_mask = (doc_ids[1:] == doc) & (doc != 0)
     if trained is not None:
         loss_mask &= trained[1:] == 1
-    return {"inputs": tokens[:-1], "targets": tokens[1:], "positions": positions,
-            "segment_ids": segment_ids, "loss_mask": loss_mask}
+    return {
+        "inputs": tokens[:-1],
+        "targets": tokens[1:],
+        "positions": positions,
+        "segment_ids": segment_ids,
+        "loss_mask": loss_mask,
+    }
 
 
 class PackedConversations:
@@ -111,24 +120,34 @@ class PackedConversations:
     answers, their mask bits with them, stay). Both are counted (`overflowed`).
     """
 
-    def __init__(self, documents: Documents | list[np.ndarray], seq_len: int, seed: int,
-                 overflow: str = "drop"):
+    def __init__(
+        self,
+        documents: Documents | list[np.ndarray],
+        seq_len: int,
+        seed: int,
+        overflow: str = "drop",
+    ):
         if isinstance(documents, list):
             documents = InMemoryDocuments(documents)
         if overflow not in sft.OVERFLOW_POLICIES:
-            raise ConfigError(f"config.data.sft_overflow={overflow!r}: use one of "
-                              f"{sft.OVERFLOW_POLICIES}")
+            raise ConfigError(
+                f"config.data.sft_overflow={overflow!r}: use one of {sft.OVERFLOW_POLICIES}"
+            )
         self.documents, self.seq_len, self.overflow = documents, seq_len, overflow
         capacity = seq_len + 1
         lengths = np.asarray(documents.lengths, np.int64)
         too_long = lengths > capacity
         self.overflowed = int(too_long.sum())
-        self.overflowed_tokens = int((lengths[too_long] - capacity).sum()
-                                     if overflow == "truncate_left" else lengths[too_long].sum())
+        self.overflowed_tokens = int(
+            (lengths[too_long] - capacity).sum()
+            if overflow == "truncate_left"
+            else lengths[too_long].sum()
+        )
         candidates = np.flatnonzero(~too_long) if overflow == "drop" else np.arange(len(lengths))
         order = np.random.default_rng(seed).permutation(candidates)
-        self.row_docs, self.row_starts = _first_fit(order, np.minimum(lengths, capacity)[order],
-                                                    capacity)
+        self.row_docs, self.row_starts = _first_fit(
+            order, np.minimum(lengths, capacity)[order], capacity
+        )
         self.n_conversations = len(order)
         self.n_tokens = int(np.minimum(lengths, capacity)[order].sum())
 
@@ -141,17 +160,19 @@ class PackedConversations:
         real = 0
         lengths = np.minimum(self.documents.lengths, self.seq_len + 1)
         for i in range(len(self.row_starts) - 1):
-            docs = self.row_docs[self.row_starts[i]:self.row_starts[i + 1]]
+            docs = self.row_docs[self.row_starts[i] : self.row_starts[i + 1]]
             real += min(int(lengths[docs].sum()), self.seq_len)
         return 1 - real / (len(self) * self.seq_len)
 
     def describe(self) -> str:
         lost = {"drop": "dropped", "truncate_left": "truncated from the left"}[self.overflow]
-        return (f"{self.n_conversations:,} conversations, {self.n_tokens:,} tokens in "
-                f"{len(self):,} rows of {self.seq_len} ({100 * self.padding_fraction:.2f}% "
-                f"padding); {self.overflowed:,} longer than seq_len + 1 = {self.seq_len + 1} "
-                f"tokens {lost} ({self.overflowed_tokens:,} tokens lost; "
-                "data.sft_overflow)")
+        return (
+            f"{self.n_conversations:,} conversations, {self.n_tokens:,} tokens in "
+            f"{len(self):,} rows of {self.seq_len} ({100 * self.padding_fraction:.2f}% "
+            f"padding); {self.overflowed:,} longer than seq_len + 1 = {self.seq_len + 1} "
+            f"tokens {lost} ({self.overflowed_tokens:,} tokens lost; "
+            "data.sft_overflow)"
+        )
 
     def __getitem__(self, i: int) -> dict:
         capacity = self.seq_len + 1
@@ -160,10 +181,14 @@ class PackedConversations:
         doc_ids = np.zeros(capacity, np.int32)
         at = 0
         if len(self.row_starts) > 1:
-            for k, d in enumerate(self.row_docs[self.row_starts[i]:self.row_starts[i + 1]]):
+            for k, d in enumerate(self.row_docs[self.row_starts[i] : self.row_starts[i + 1]]):
                 record = self.documents[int(d)][:, -capacity:]  # truncate_left, if longer
                 n = record.shape[1]
-                tokens[at:at + n], mask[at:at + n], doc_ids[at:at + n] = record[0], record[1], k + 1
+                tokens[at : at + n], mask[at : at + n], doc_ids[at : at + n] = (
+                    record[0],
+                    record[1],
+                    k + 1,
+                )
                 at += n
         return _row(tokens, doc_ids, mask)
 
@@ -210,8 +235,9 @@ def cut_rows(batch: dict, seq_len: int) -> dict:
     rows, length = batch["inputs"].shape
     if seq_len == length:
         return batch
-    pieces = {k: np.asarray(v).reshape(rows * (length // seq_len), seq_len)
-              for k, v in batch.items()}
+    pieces = {
+        k: np.asarray(v).reshape(rows * (length // seq_len), seq_len) for k, v in batch.items()
+    }
     # Segment ids already tell documents apart within a row; renumber them per piece.
     pieces["segment_ids"], pieces["positions"] = _layout(pieces["segment_ids"])
     return pieces

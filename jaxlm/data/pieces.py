@@ -46,20 +46,33 @@ def list_pieces(inputs: list[str], records_per_piece: int) -> list[dict]:
                     continue  # no validation split: train is split by hash below
                 n = len(tfds_source.open_split(name, tfds_split))
                 for start in range(0, n, records_per_piece):
-                    pieces.append({"tfds": name, "tfds_split": tfds_split, "start": start,
-                                   "stop": min(n, start + records_per_piece),
-                                   "split": split if "validation" in names else None})
+                    pieces.append(
+                        {
+                            "tfds": name,
+                            "tfds_split": tfds_split,
+                            "start": start,
+                            "stop": min(n, start + records_per_piece),
+                            "split": split if "validation" in names else None,
+                        }
+                    )
         else:
             patterns.append(spec)
     for path in readers.expand(patterns) if patterns else []:
         stat = os.stat(path)
-        pieces.append({"file": os.path.abspath(path), "size": stat.st_size,
-                       "mtime_ns": stat.st_mtime_ns, "split": None})
+        pieces.append(
+            {
+                "file": os.path.abspath(path),
+                "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+                "split": None,
+            }
+        )
     return pieces
 
 
-def read_conversations(path: str, max_chars: int, skipped: readers.Skipped,
-                       input_format: str = "auto"):
+def read_conversations(
+    path: str, max_chars: int, skipped: readers.Skipped, input_format: str = "auto"
+):
     """(messages, where) for each usable SFT record of a JSONL file; the rest to `skipped`."""
     if readers.format_of(path, input_format) != "jsonl":
         raise ValueError(f"{path}: SFT records are read from .jsonl files (optionally .gz/.zst)")
@@ -78,12 +91,19 @@ def read_conversations(path: str, max_chars: int, skipped: readers.Skipped,
 def read_piece(piece: dict, args: Settings, skipped: readers.Skipped):
     """(text, where) for each usable document of the piece; (messages, where) with sft."""
     if "file" in piece and args.sft:
-        yield from read_conversations(piece["file"], args.max_document_chars, skipped,
-                                      args.input_format)
+        yield from read_conversations(
+            piece["file"], args.max_document_chars, skipped, args.input_format
+        )
         return
     if "file" in piece:
-        yield from readers.read(piece["file"], args.text_key, args.txt_mode,
-                                args.max_document_chars, skipped, args.input_format)
+        yield from readers.read(
+            piece["file"],
+            args.text_key,
+            args.txt_mode,
+            args.max_document_chars,
+            skipped,
+            args.input_format,
+        )
         return
     source = tfds_source.open_split(piece["tfds"], piece["tfds_split"])
     for i in range(piece["start"], piece["stop"]):
@@ -108,6 +128,7 @@ class _ShardWriter:
 
     def __init__(self, root: epath.Path, split: str, index: int):
         from array_record.python.array_record_module import ArrayRecordWriter
+
         self.path = prepared.shard_path(root, split, index)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
@@ -144,9 +165,13 @@ def init_worker(tokenizer_path: str, chat_template: str) -> None:
 
 def piece_options(args: Settings, tokenizer_path) -> dict:
     """Everything besides the input that decides a piece's output (checked on resume)."""
-    options = {"text_key": args.text_key, "txt_mode": args.txt_mode,
-               "val_fraction": args.val_fraction, "max_document_chars": args.max_document_chars,
-               "tokenizer_sha256": prepared.file_sha256(tokenizer_path)}
+    options = {
+        "text_key": args.text_key,
+        "txt_mode": args.txt_mode,
+        "val_fraction": args.val_fraction,
+        "max_document_chars": args.max_document_chars,
+        "tokenizer_sha256": prepared.file_sha256(tokenizer_path),
+    }
     if args.sft:
         options["chat_template"] = args.chat_template
     if args.input_format != "auto":  # only then: earlier runs' markers stay valid
@@ -182,13 +207,16 @@ def prepare_piece(job: tuple[int, dict, dict, Settings]) -> dict:
     skipped = readers.Skipped()
     writers = {split: _ShardWriter(root, split, index) for split in prepared.SPLITS}
     for record, text in _records(piece, args, skipped):
-        split = piece["split"] or ("validation" if is_validation(text, args.val_fraction)
-                                   else "train")
+        split = piece["split"] or (
+            "validation" if is_validation(text, args.val_fraction) else "train"
+        )
         writers[split].write(record)
     for writer in writers.values():
         writer.finish()
     result = {
-        "index": index, "piece": piece, "options": options,
+        "index": index,
+        "piece": piece,
+        "options": options,
         "documents": {s: len(w.lengths) for s, w in writers.items()},
         "tokens": {s: int(sum(w.lengths)) for s, w in writers.items()},
         "skipped": skipped.to_json(),

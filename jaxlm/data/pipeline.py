@@ -39,20 +39,26 @@ def tokenize(sp, documents: list[str]) -> list[np.ndarray]:
     """Each document as `bos + pieces + eos` int32 ids."""
     prefix = [sp.bos_id()] if sp.bos_id() >= 0 else []
     suffix = [sp.eos_id()] if sp.eos_id() >= 0 else []
-    return [np.asarray(prefix + ids + suffix, TOKEN_DTYPE)
-            for ids in sp.encode(documents, num_threads=2)]
+    return [
+        np.asarray(prefix + ids + suffix, TOKEN_DTYPE)
+        for ids in sp.encode(documents, num_threads=2)
+    ]
 
 
 def _process_share(global_batch_size: int) -> tuple[int, int, int]:
     count, index = jax.process_count(), jax.process_index()
     if global_batch_size % count:
-        raise ConfigError(f"a batch of {global_batch_size} sequences cannot be split evenly over "
-                          f"{count} processes; make train.global_batch_size / "
-                          f"train.grad_accum_steps a multiple of {count}")
+        raise ConfigError(
+            f"a batch of {global_batch_size} sequences cannot be split evenly over "
+            f"{count} processes; make train.global_batch_size / "
+            f"train.grad_accum_steps a multiple of {count}"
+        )
     return global_batch_size // count, index, count
 
 
-def train_dataset(rows: PackedRows | PackedConversations, global_batch_size: int, seed: int) -> grain.MapDataset:
+def train_dataset(
+    rows: PackedRows | PackedConversations, global_batch_size: int, seed: int
+) -> grain.MapDataset:
     """This process's batches: element k is its share of global batch k.
 
     Global batch k is rows k*B .. (k+1)*B-1 of the shuffled stream whatever the number of
@@ -63,7 +69,9 @@ def train_dataset(rows: PackedRows | PackedConversations, global_batch_size: int
     return batches[index::count]
 
 
-def eval_dataset(rows: PackedRows | PackedConversations, global_batch_size: int, n_batches: int) -> grain.MapDataset:
+def eval_dataset(
+    rows: PackedRows | PackedConversations, global_batch_size: int, n_batches: int
+) -> grain.MapDataset:
     """A fixed list of validation batches (the same every evaluation)."""
     local, index, count = _process_share(global_batch_size)
     batches = grain.MapDataset.source(rows).repeat().batch(local)
@@ -98,8 +106,11 @@ class Batches:
 def train_batches(rows: PackedRows | PackedConversations, micro_batch_size: int, config) -> Batches:
     """This process's training batches as config asks (seed, threads, prefetch): what the
     train loop reads, and so what the benchmarks time."""
-    return Batches(train_dataset(rows, micro_batch_size, config.seed), config.data.num_threads,
-                   config.data.prefetch)
+    return Batches(
+        train_dataset(rows, micro_batch_size, config.seed),
+        config.data.num_threads,
+        config.data.prefetch,
+    )
 
 
 @dataclasses.dataclass
@@ -128,42 +139,66 @@ def _builtin(config, workdir: epath.Path):
     train_docs = corpus.builtin_documents("train", d.val_fraction)
     val_docs = corpus.builtin_documents("validation", d.val_fraction)
     sp, sp_path = load_or_train_tokenizer(config, workdir, train_docs)
-    return (sp, sp_path, InMemoryDocuments(tokenize(sp, train_docs)),
-            InMemoryDocuments(tokenize(sp, val_docs)), f"builtin:{d.val_fraction}")
+    return (
+        sp,
+        sp_path,
+        InMemoryDocuments(tokenize(sp, train_docs)),
+        InMemoryDocuments(tokenize(sp, val_docs)),
+        f"builtin:{d.val_fraction}",
+    )
 
 
 def _prepared(config, root: epath.Path):
     """A prepared directory's documents; its own tokenizer unless the config names the same."""
     dataset = prepared.PreparedDataset(root)
     sp_path = dataset.tokenizer_path
-    if config.data.tokenizer and (prepared.file_sha256(config.data.tokenizer)
-                                  != prepared.file_sha256(sp_path)):
-        raise ConfigError(f"config.data.tokenizer={config.data.tokenizer!r} is not the tokenizer "
-                          f"{root} was prepared with ({sp_path}); leave data.tokenizer empty to "
-                          "use the dataset's own, or prepare the data again with yours")
+    if config.data.tokenizer and (
+        prepared.file_sha256(config.data.tokenizer) != prepared.file_sha256(sp_path)
+    ):
+        raise ConfigError(
+            f"config.data.tokenizer={config.data.tokenizer!r} is not the tokenizer "
+            f"{root} was prepared with ({sp_path}); leave data.tokenizer empty to "
+            "use the dataset's own, or prepare the data again with yours"
+        )
     template = dataset.metadata.get("chat_template", "")
     if dataset.is_sft and config.data.chat_template not in ("", template):
-        raise ConfigError(f"config.data.chat_template={config.data.chat_template!r}, but {root} "
-                          f"was prepared with --chat_template={template}; leave it empty or "
-                          "prepare the data again with yours")
+        raise ConfigError(
+            f"config.data.chat_template={config.data.chat_template!r}, but {root} "
+            f"was prepared with --chat_template={template}; leave it empty or "
+            "prepare the data again with yours"
+        )
     if not dataset.metadata["splits"]["validation"]["documents"]:
-        raise ConfigError(f"config.data.source: {root} has no validation documents; prepare it "
-                          "with --val_fraction above 0 (e.g. 0.01)")
-    return (tokenizer_lib.load(sp_path), os.fspath(sp_path), dataset.documents("train"),
-            dataset.documents("validation"), f"prepared:{dataset.fingerprint()}")
+        raise ConfigError(
+            f"config.data.source: {root} has no validation documents; prepare it "
+            "with --val_fraction above 0 (e.g. 0.01)"
+        )
+    return (
+        tokenizer_lib.load(sp_path),
+        os.fspath(sp_path),
+        dataset.documents("train"),
+        dataset.documents("validation"),
+        f"prepared:{dataset.fingerprint()}",
+    )
 
 
-def _prepare_once(config, root: epath.Path, what: str, tokenizer: str,
-                  **arguments) -> epath.Path:
+def _prepare_once(config, root: epath.Path, what: str, tokenizer: str, **arguments) -> epath.Path:
     """prepare() into `root` on process 0 (it resumes, so a finished one costs a listing) with
     `tokenizer`, or one trained for it; the other processes wait for it."""
     if jax.process_index() == 0:
         d = config.data
-        tokenizer = ({"tokenizer": tokenizer} if tokenizer
-                     else {"train_tokenizer": True, "vocab_size": config.model.vocab_size})
+        tokenizer = (
+            {"tokenizer": tokenizer}
+            if tokenizer
+            else {"train_tokenizer": True, "vocab_size": config.model.vocab_size}
+        )
         try:
-            prepare.prepare(output=root, val_fraction=d.val_fraction,
-                            workers=os.cpu_count() or 1, **tokenizer, **arguments)
+            prepare.prepare(
+                output=root,
+                val_fraction=d.val_fraction,
+                workers=os.cpu_count() or 1,
+                **tokenizer,
+                **arguments,
+            )
         except ValueError as e:
             raise ConfigError(f"config.data.source={d.source}: {e}") from e
     if jax.process_count() > 1:
@@ -176,8 +211,14 @@ def _prepare_tfds(config, name: str, workdir: epath.Path) -> epath.Path:
     root = workdir / "data" / ("tfds-" + name.replace("/", "_").replace(":", "_"))
     if (root / prepared.METADATA).is_file():
         return root
-    return _prepare_once(config, root, "tfds", config.data.tokenizer, inputs=f"tfds:{name}",
-                         text_key=config.data.text_key)
+    return _prepare_once(
+        config,
+        root,
+        "tfds",
+        config.data.tokenizer,
+        inputs=f"tfds:{name}",
+        text_key=config.data.text_key,
+    )
 
 
 def model_tokenizer(config, init_tokenizer: str = "") -> str:
@@ -209,9 +250,11 @@ def _prepare_sft(config, pattern: str, workdir: epath.Path, init_tokenizer: str)
     if pattern == "builtin":
         pattern = write_builtin_instructions(workdir)
     if not d.chat_template:
-        raise ConfigError(f"config.data.source={d.source!r} needs config.data.chat_template: "
-                          f"one of {', '.join(sft.TEMPLATES)} (how the model's conversations "
-                          "are laid out; 'plain' for prompt/completion data on a base model)")
+        raise ConfigError(
+            f"config.data.source={d.source!r} needs config.data.chat_template: "
+            f"one of {', '.join(sft.TEMPLATES)} (how the model's conversations "
+            "are laid out; 'plain' for prompt/completion data on a base model)"
+        )
     tokenizer = model_tokenizer(config, init_tokenizer)
     if tokenizer:  # its special tokens suit the template: say so in the config's words
         try:
@@ -219,8 +262,15 @@ def _prepare_sft(config, pattern: str, workdir: epath.Path, init_tokenizer: str)
         except ValueError as e:
             raise ConfigError(str(e)) from e
     key = hashlib.sha256(f"{pattern}|{d.chat_template}|{tokenizer}".encode()).hexdigest()[:12]
-    return _prepare_once(config, workdir / "data" / f"sft-{key}", "sft", tokenizer,
-                         inputs=pattern, sft=True, chat_template=d.chat_template)
+    return _prepare_once(
+        config,
+        workdir / "data" / f"sft-{key}",
+        "sft",
+        tokenizer,
+        inputs=pattern,
+        sft=True,
+        chat_template=d.chat_template,
+    )
 
 
 def _source(config, workdir: epath.Path, init_tokenizer: str):
@@ -236,9 +286,11 @@ def _source(config, workdir: epath.Path, init_tokenizer: str):
     if d.source.startswith(SFT):
         root = _prepare_sft(config, d.source.removeprefix(SFT), workdir, init_tokenizer)
         return _prepared(config, root)
-    raise ConfigError(f"config.data.source={d.source!r}: use 'builtin', "
-                      f"'{ARRAYRECORD}DIR' (from python -m jaxlm.data.prepare), "
-                      f"'{tfds_source.PREFIX}NAME' or '{SFT}GLOB'")
+    raise ConfigError(
+        f"config.data.source={d.source!r}: use 'builtin', "
+        f"'{ARRAYRECORD}DIR' (from python -m jaxlm.data.prepare), "
+        f"'{tfds_source.PREFIX}NAME' or '{SFT}GLOB'"
+    )
 
 
 def rows_for(documents: Documents, config):
@@ -247,8 +299,10 @@ def rows_for(documents: Documents, config):
     if not documents.masked:
         return PackedRows(documents, d.seq_len, seed=config.seed)
     if d.seq_len_schedule:
-        raise ConfigError("config.data.seq_len_schedule: not with SFT data (conversations are "
-                          "packed whole into rows of data.seq_len); set it to ()")
+        raise ConfigError(
+            "config.data.seq_len_schedule: not with SFT data (conversations are "
+            "packed whole into rows of data.seq_len); set it to ()"
+        )
     return PackedConversations(documents, d.seq_len, seed=config.seed, overflow=d.sft_overflow)
 
 
@@ -264,14 +318,18 @@ def build(config, workdir: str | os.PathLike, init_tokenizer: str = "") -> Data:
     except (FileNotFoundError, ValueError) as e:  # a missing or unreadable file named by the config
         raise ConfigError(str(e)) from e
     if sp.vocab_size() > config.model.vocab_size:
-        raise ConfigError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
-                          f"tokenizer's vocabulary ({sp.vocab_size()} pieces, {sp_path}); set "
-                          f"model.vocab_size to at least {sp.vocab_size()}")
+        raise ConfigError(
+            f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
+            f"tokenizer's vocabulary ({sp.vocab_size()} pieces, {sp_path}); set "
+            f"model.vocab_size to at least {sp.vocab_size()}"
+        )
     stream = f"{source_id}|seq_len={d.seq_len}|seed={config.seed}"
     if train_docs.masked:
         stream += f"|overflow={d.sft_overflow}"
     return Data(
-        tokenizer=sp, tokenizer_path=sp_path,
-        train_rows=rows_for(train_docs, config), val_rows=rows_for(val_docs, config),
+        tokenizer=sp,
+        tokenizer_path=sp_path,
+        train_rows=rows_for(train_docs, config),
+        val_rows=rows_for(val_docs, config),
         fingerprint=hashlib.sha256(stream.encode()).hexdigest()[:16],
     )

@@ -69,32 +69,52 @@ class Settings:
         if not self.inputs:
             raise ValueError("inputs (--input): give at least one glob or tfds:NAME")
         if self.train_tokenizer == bool(self.tokenizer):
-            raise ValueError("give exactly one of tokenizer=PATH (--tokenizer) or "
-                             "train_tokenizer=True (--train_tokenizer)")
+            raise ValueError(
+                "give exactly one of tokenizer=PATH (--tokenizer) or "
+                "train_tokenizer=True (--train_tokenizer)"
+            )
         if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"val_fraction={self.val_fraction} (--val_fraction): must be in [0, 1)")
+            raise ValueError(
+                f"val_fraction={self.val_fraction} (--val_fraction): must be in [0, 1)"
+            )
         if self.workers < 1:
             raise ValueError(f"workers={self.workers} (--workers): must be at least 1")
         if self.txt_mode not in readers.TXT_MODES:
-            raise ValueError(f"txt_mode={self.txt_mode!r} (--txt_mode): use one of "
-                             f"{readers.TXT_MODES}")
+            raise ValueError(
+                f"txt_mode={self.txt_mode!r} (--txt_mode): use one of {readers.TXT_MODES}"
+            )
         if self.input_format not in readers.FORMATS:
-            raise ValueError(f"input_format={self.input_format!r} (--format): use one of "
-                             f"{readers.FORMATS}")
+            raise ValueError(
+                f"input_format={self.input_format!r} (--format): use one of {readers.FORMATS}"
+            )
         if self.sft and self.chat_template not in sft.TEMPLATES:
-            raise ValueError(f"chat_template={self.chat_template!r} (--chat_template): with sft, "
-                             f"name the layout of the conversations: one of "
-                             f"{', '.join(sft.TEMPLATES)}")
+            raise ValueError(
+                f"chat_template={self.chat_template!r} (--chat_template): with sft, "
+                f"name the layout of the conversations: one of "
+                f"{', '.join(sft.TEMPLATES)}"
+            )
         if self.sft and any(spec.startswith(tfds_source.PREFIX) for spec in self.inputs):
             raise ValueError("inputs (--input): sft reads JSONL files, not tfds:NAME")
 
 
-def prepare(inputs: str | list[str], output: str | os.PathLike, *, tokenizer: str | None = None,
-            train_tokenizer: bool = False, vocab_size: int = 32000,
-            tokenizer_sample_chars: int = 100_000_000, text_key: str = "text",
-            txt_mode: str = "file", input_format: str = "auto", val_fraction: float = 0.01,
-            max_document_chars: int = 5_000_000, tfds_records_per_piece: int = 100_000,
-            workers: int | None = None, sft: bool = False, chat_template: str = "") -> dict:
+def prepare(
+    inputs: str | list[str],
+    output: str | os.PathLike,
+    *,
+    tokenizer: str | None = None,
+    train_tokenizer: bool = False,
+    vocab_size: int = 32000,
+    tokenizer_sample_chars: int = 100_000_000,
+    text_key: str = "text",
+    txt_mode: str = "file",
+    input_format: str = "auto",
+    val_fraction: float = 0.01,
+    max_document_chars: int = 5_000_000,
+    tfds_records_per_piece: int = 100_000,
+    workers: int | None = None,
+    sft: bool = False,
+    chat_template: str = "",
+) -> dict:
     """Prepare (or finish preparing) `output` from `inputs`; return the metadata written.
 
     inputs: globs of .txt/.jsonl/source files (optionally .gz/.zst) or tfds:NAME, read by
@@ -104,69 +124,125 @@ def prepare(inputs: str | list[str], output: str | os.PathLike, *, tokenizer: st
     prompt-completion records, laid out by chat_template. Bad arguments: ValueError.
     """
     settings = Settings(
-        inputs=(inputs,) if isinstance(inputs, str) else tuple(inputs), output=os.fspath(output),
-        tokenizer=os.fspath(tokenizer) if tokenizer else None, train_tokenizer=train_tokenizer,
-        vocab_size=vocab_size, tokenizer_sample_chars=tokenizer_sample_chars, text_key=text_key,
-        txt_mode=txt_mode, input_format=input_format, val_fraction=val_fraction,
+        inputs=(inputs,) if isinstance(inputs, str) else tuple(inputs),
+        output=os.fspath(output),
+        tokenizer=os.fspath(tokenizer) if tokenizer else None,
+        train_tokenizer=train_tokenizer,
+        vocab_size=vocab_size,
+        tokenizer_sample_chars=tokenizer_sample_chars,
+        text_key=text_key,
+        txt_mode=txt_mode,
+        input_format=input_format,
+        val_fraction=val_fraction,
         max_document_chars=max_document_chars,
-        tfds_records_per_piece=tfds_records_per_piece, workers=workers or os.cpu_count() or 1,
-        sft=sft, chat_template=chat_template)
+        tfds_records_per_piece=tfds_records_per_piece,
+        workers=workers or os.cpu_count() or 1,
+        sft=sft,
+        chat_template=chat_template,
+    )
     settings.check()
     return run(settings)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The CLI's flags, named as prepare()'s arguments (`--input` fills `inputs`)."""
-    p = argparse.ArgumentParser(prog="python -m jaxlm.data.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", dest="inputs", action="append", required=True,
-                   help="glob of .txt/.jsonl or source files (.py, .md, ...; optionally "
-                        ".gz/.zst), or tfds:NAME; repeat the flag for several")
+    p = argparse.ArgumentParser(
+        prog="python -m jaxlm.data.prepare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        required=True,
+        help="glob of .txt/.jsonl or source files (.py, .md, ...; optionally "
+        ".gz/.zst), or tfds:NAME; repeat the flag for several",
+    )
     p.add_argument("--output", required=True, help="directory to write the prepared dataset to")
-    p.add_argument("--tokenizer", help="sentencepiece .model (LLaMA's works as is) or Hugging "
-                                       "Face tokenizer.json to tokenize with")
-    p.add_argument("--train_tokenizer", action="store_true",
-                   help="train a BPE tokenizer on a sample of the input first")
+    p.add_argument(
+        "--tokenizer",
+        help="sentencepiece .model (LLaMA's works as is) or Hugging "
+        "Face tokenizer.json to tokenize with",
+    )
+    p.add_argument(
+        "--train_tokenizer",
+        action="store_true",
+        help="train a BPE tokenizer on a sample of the input first",
+    )
     p.add_argument("--vocab_size", type=int, default=32000, help="with --train_tokenizer")
-    p.add_argument("--tokenizer_sample_chars", type=int, default=100_000_000,
-                   help="with --train_tokenizer: characters of input to train it on")
+    p.add_argument(
+        "--tokenizer_sample_chars",
+        type=int,
+        default=100_000_000,
+        help="with --train_tokenizer: characters of input to train it on",
+    )
     p.add_argument("--text_key", default="text", help="JSONL / TFDS field holding the text")
-    p.add_argument("--txt_mode", choices=readers.TXT_MODES, default="file",
-                   help=".txt files: one document per file, or per blank-line-separated block")
-    p.add_argument("--format", dest="input_format", choices=readers.FORMATS, default="auto",
-                   help="how to read the input files: by their extension (.txt and source files "
-                        "as text, .jsonl), or all as text (any extension) or all as JSONL")
-    p.add_argument("--val_fraction", type=float, default=0.01,
-                   help="share of documents held out for validation (by a hash of the text)")
-    p.add_argument("--max_document_chars", type=int, default=5_000_000,
-                   help="skip (and count) documents longer than this")
+    p.add_argument(
+        "--txt_mode",
+        choices=readers.TXT_MODES,
+        default="file",
+        help=".txt files: one document per file, or per blank-line-separated block",
+    )
+    p.add_argument(
+        "--format",
+        dest="input_format",
+        choices=readers.FORMATS,
+        default="auto",
+        help="how to read the input files: by their extension (.txt and source files "
+        "as text, .jsonl), or all as text (any extension) or all as JSONL",
+    )
+    p.add_argument(
+        "--val_fraction",
+        type=float,
+        default=0.01,
+        help="share of documents held out for validation (by a hash of the text)",
+    )
+    p.add_argument(
+        "--max_document_chars",
+        type=int,
+        default=5_000_000,
+        help="skip (and count) documents longer than this",
+    )
     p.add_argument("--tfds_records_per_piece", type=int, default=100_000)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--sft", action="store_true",
-                   help="inputs are JSONL chat records {messages: [{role, content}]} or "
-                        "{prompt, completion}: store tokens and the loss mask")
-    p.add_argument("--chat_template", default="", choices=("", *sft.TEMPLATES),
-                   help="with --sft: how a conversation is laid out (jaxlm.data.sft)")
+    p.add_argument(
+        "--sft",
+        action="store_true",
+        help="inputs are JSONL chat records {messages: [{role, content}]} or "
+        "{prompt, completion}: store tokens and the loss mask",
+    )
+    p.add_argument(
+        "--chat_template",
+        default="",
+        choices=("", *sft.TEMPLATES),
+        help="with --sft: how a conversation is laid out (jaxlm.data.sft)",
+    )
     return p.parse_args(argv)
 
 
 # --- the tokenizer ---------------------------------------------------------------------------
+
 
 def tokenizer_for(args: Settings, pieces: list[dict]) -> epath.Path:
     """Copy the given tokenizer into the output under the name of its kind (tokenizer.model or
     tokenizer.json, with the Hugging Face files beside it), or train one on the input."""
     root = epath.Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
-    present = [root / name for name in (prepared.TOKENIZER, "tokenizer.json")
-               if (root / name).exists()]
+    present = [
+        root / name for name in (prepared.TOKENIZER, "tokenizer.json") if (root / name).exists()
+    ]
     if args.tokenizer:
         source = epath.Path(args.tokenizer)
         tokenizer_lib.load(source, "--tokenizer")  # fails clearly if it is neither kind
         target = root / prepared.tokenizer_file(source)
-        if any(p != target or prepared.file_sha256(p) != prepared.file_sha256(source)
-               for p in present):
-            raise ValueError(f"{args.output} was prepared with another tokenizer; give a new "
-                             f"--output or delete {args.output} first")
+        if any(
+            p != target or prepared.file_sha256(p) != prepared.file_sha256(source) for p in present
+        ):
+            raise ValueError(
+                f"{args.output} was prepared with another tokenizer; give a new "
+                f"--output or delete {args.output} first"
+            )
         if not present:
             extras = HF_TOKENIZER_EXTRAS if target.name == "tokenizer.json" else ()
             for name in extras:
@@ -177,17 +253,24 @@ def tokenizer_for(args: Settings, pieces: list[dict]) -> epath.Path:
     target = root / prepared.TOKENIZER
     if present:
         if present != [target]:
-            raise ValueError(f"{args.output} was prepared with another tokenizer; give a new "
-                             f"--output or delete {args.output} first")
+            raise ValueError(
+                f"{args.output} was prepared with another tokenizer; give a new "
+                f"--output or delete {args.output} first"
+            )
         print(f"reusing the tokenizer already trained in {target}")
         return target
-    print(f"training a {args.vocab_size}-piece BPE tokenizer on up to "
-          f"{args.tokenizer_sample_chars:,} characters of the input ...", flush=True)
+    print(
+        f"training a {args.vocab_size}-piece BPE tokenizer on up to "
+        f"{args.tokenizer_sample_chars:,} characters of the input ...",
+        flush=True,
+    )
     skipped = readers.Skipped()
     sample = list(_sample_texts(pieces, args, skipped))
     if not sample:
-        raise ValueError(f"no usable training documents in {list(args.inputs)} to train a "
-                         "tokenizer on: " + "; ".join(skipped.report() or ["the input is empty"]))
+        raise ValueError(
+            f"no usable training documents in {list(args.inputs)} to train a "
+            "tokenizer on: " + "; ".join(skipped.report() or ["the input is empty"])
+        )
     tokenizer_lib.train(sample, args.vocab_size, target)
     return target
 
@@ -209,6 +292,7 @@ def _sample_texts(pieces: list[dict], args: Settings, skipped: readers.Skipped):
 
 # --- the whole run ---------------------------------------------------------------------------
 
+
 def run(args: Settings) -> dict:
     """Prepare (or finish preparing) args.output; return the metadata written."""
     root = epath.Path(args.output)
@@ -226,8 +310,9 @@ def run(args: Settings) -> dict:
         (root / prepared.METADATA).unlink()
 
     options = pieces_lib.piece_options(args, tokenizer_path)
-    results = {i: r for i, p in enumerate(pieces)
-               if (r := pieces_lib.finished(root, i, p, options))}
+    results = {
+        i: r for i, p in enumerate(pieces) if (r := pieces_lib.finished(root, i, p, options))
+    }
     todo = [(i, p, options, args) for i, p in enumerate(pieces) if i not in results]
     if results:
         print(f"resuming: {len(results)} of {len(pieces)} pieces already done")
@@ -250,24 +335,36 @@ def run(args: Settings) -> dict:
     splits = {}
     for split in prepared.SPLITS:
         kept = [i for i in sorted(results) if results[i]["documents"][split]]
-        splits[split] = {"pieces": kept,
-                         "documents": sum(results[i]["documents"][split] for i in kept),
-                         "tokens": sum(results[i]["tokens"][split] for i in kept)}
+        splits[split] = {
+            "pieces": kept,
+            "documents": sum(results[i]["documents"][split] for i in kept),
+            "tokens": sum(results[i]["tokens"][split] for i in kept),
+        }
         if args.sft:
-            splits[split]["trained_tokens"] = sum(results[i]["trained_tokens"][split]
-                                                  for i in kept)
+            splits[split]["trained_tokens"] = sum(results[i]["trained_tokens"][split] for i in kept)
     for r in results.values():
         skipped.merge(r["skipped"])
     if not splits["train"]["documents"]:
-        raise ValueError(f"no usable training documents in {list(args.inputs)}: "
-                         + "; ".join(skipped.report() or ["the input is empty"]))
+        raise ValueError(
+            f"no usable training documents in {list(args.inputs)}: "
+            + "; ".join(skipped.report() or ["the input is empty"])
+        )
     metadata = {
-        "format": prepared.FORMAT, "kind": "sft" if args.sft else "text",
-        "inputs": list(args.inputs), "text_key": args.text_key, "txt_mode": args.txt_mode,
-        "val_fraction": args.val_fraction, "max_document_chars": args.max_document_chars,
-        "tokenizer": {"file": tokenizer_path.name, "sha256": prepared.file_sha256(tokenizer_path),
-                      "vocab_size": sp.vocab_size(), "bos_id": sp.bos_id(),
-                      "eos_id": sp.eos_id(), "pad_id": sp.pad_id()},
+        "format": prepared.FORMAT,
+        "kind": "sft" if args.sft else "text",
+        "inputs": list(args.inputs),
+        "text_key": args.text_key,
+        "txt_mode": args.txt_mode,
+        "val_fraction": args.val_fraction,
+        "max_document_chars": args.max_document_chars,
+        "tokenizer": {
+            "file": tokenizer_path.name,
+            "sha256": prepared.file_sha256(tokenizer_path),
+            "vocab_size": sp.vocab_size(),
+            "bos_id": sp.bos_id(),
+            "eos_id": sp.eos_id(),
+            "pad_id": sp.pad_id(),
+        },
         "splits": splits,
         "skipped": skipped.to_json(),
         "pieces": len(pieces),
@@ -279,16 +376,22 @@ def run(args: Settings) -> dict:
     prepared.write_json_atomic(root / prepared.METADATA, metadata)
 
     for split, s in splits.items():
-        trained = (f" ({s['trained_tokens']:,} trained by the loss mask)" if args.sft else "")
-        print(f"{split}: {s['documents']:,} {'conversations' if args.sft else 'documents'}, "
-              f"{s['tokens']:,} tokens{trained}")
+        trained = f" ({s['trained_tokens']:,} trained by the loss mask)" if args.sft else ""
+        print(
+            f"{split}: {s['documents']:,} {'conversations' if args.sft else 'documents'}, "
+            f"{s['tokens']:,} tokens{trained}"
+        )
     for line in skipped.report():
         print(line)
     if new_tokens:
-        print(f"tokenized {new_tokens:,} tokens in {seconds:.1f} s "
-              f"({new_tokens / seconds:,.0f} tokens/s, {workers} workers)")
-    print(f"wrote {root}; train on it with --config.data.source=arrayrecord:{root} "
-          f"--config.model.vocab_size={sp.vocab_size()} (or larger)")
+        print(
+            f"tokenized {new_tokens:,} tokens in {seconds:.1f} s "
+            f"({new_tokens / seconds:,.0f} tokens/s, {workers} workers)"
+        )
+    print(
+        f"wrote {root}; train on it with --config.data.source=arrayrecord:{root} "
+        f"--config.model.vocab_size={sp.vocab_size()} (or larger)"
+    )
     return metadata
 
 

@@ -71,15 +71,22 @@ class PreparedDataset:
         self.root = epath.Path(root)
         meta_path = self.root / METADATA
         if not meta_path.is_file():
-            hint = ("an unfinished prepare (run the same prepare command again to finish it)"
-                    if (self.root / "pieces").is_dir() else "not a prepared dataset")
-            raise ConfigError(f"{field}: {self.root} has no {METADATA}: {hint}. Prepare one with "
-                              f"`python -m jaxlm.data.prepare --input=... --output={self.root} "
-                              "--tokenizer=... (or --train_tokenizer --vocab_size=N)`")
+            hint = (
+                "an unfinished prepare (run the same prepare command again to finish it)"
+                if (self.root / "pieces").is_dir()
+                else "not a prepared dataset"
+            )
+            raise ConfigError(
+                f"{field}: {self.root} has no {METADATA}: {hint}. Prepare one with "
+                f"`python -m jaxlm.data.prepare --input=... --output={self.root} "
+                "--tokenizer=... (or --train_tokenizer --vocab_size=N)`"
+            )
         self.metadata = json.loads(meta_path.read_text())
         if self.metadata.get("format") != FORMAT:
-            raise ConfigError(f"{field}: {meta_path} has format {self.metadata.get('format')!r}, "
-                              f"this jaxlm reads {FORMAT!r}; prepare the data again")
+            raise ConfigError(
+                f"{field}: {meta_path} has format {self.metadata.get('format')!r}, "
+                f"this jaxlm reads {FORMAT!r}; prepare the data again"
+            )
 
     @property
     def tokenizer_path(self) -> epath.Path:
@@ -94,8 +101,9 @@ class PreparedDataset:
         pieces = self.metadata["splits"][split]["pieces"]
         paths = [shard_path(self.root, split, p) for p in pieces]
         lengths = [_load_npy(lengths_path(self.root, split, p)) for p in pieces]
-        return ArrayRecordDocuments(paths, np.concatenate(lengths) if lengths else np.zeros(0),
-                                    masked=self.is_sft)
+        return ArrayRecordDocuments(
+            paths, np.concatenate(lengths) if lengths else np.zeros(0), masked=self.is_sft
+        )
 
     def fingerprint(self) -> str:
         """Changes when the prepared data does (for the resume check)."""

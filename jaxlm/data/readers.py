@@ -32,7 +32,7 @@ SKIP_REASONS = {
     "empty_assistant": "SFT record with an empty assistant turn (or completion)",
     "no_assistant": "SFT record without an assistant turn",
     "turn_order": "SFT record whose turns the chat template cannot lay out (llama2: "
-                  "user and assistant alternating after an optional system)",
+    "user and assistant alternating after an optional system)",
 }
 EXAMPLES_KEPT = 5
 TXT_MODES = ("file", "blank_line")
@@ -41,12 +41,65 @@ FORMATS = ("auto", "text", "jsonl")
 # Read as text (like .txt) by their extension: prose, markup and source code, whose usual
 # corpus unit is the file. Anything else needs --format=text (e.g. a Makefile).
 TEXT_EXTENSIONS = (
-    ".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org", ".adoc",
-    ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".cxx", ".hh", ".hpp", ".hxx", ".cu", ".cuh",
-    ".java", ".kt", ".scala", ".js", ".jsx", ".mjs", ".ts", ".tsx", ".go", ".rs", ".rb", ".php",
-    ".swift", ".cs", ".hs", ".ml", ".lua", ".pl", ".r", ".jl", ".sh", ".bash", ".sql",
-    ".html", ".css", ".xml", ".yaml", ".yml", ".toml", ".proto", ".zig", ".dart", ".ex",
-    ".erl", ".clj", ".el", ".f90", ".v", ".sv",
+    ".txt",
+    ".text",
+    ".md",
+    ".markdown",
+    ".rst",
+    ".tex",
+    ".org",
+    ".adoc",
+    ".py",
+    ".pyi",
+    ".c",
+    ".h",
+    ".cc",
+    ".cpp",
+    ".cxx",
+    ".hh",
+    ".hpp",
+    ".hxx",
+    ".cu",
+    ".cuh",
+    ".java",
+    ".kt",
+    ".scala",
+    ".js",
+    ".jsx",
+    ".mjs",
+    ".ts",
+    ".tsx",
+    ".go",
+    ".rs",
+    ".rb",
+    ".php",
+    ".swift",
+    ".cs",
+    ".hs",
+    ".ml",
+    ".lua",
+    ".pl",
+    ".r",
+    ".jl",
+    ".sh",
+    ".bash",
+    ".sql",
+    ".html",
+    ".css",
+    ".xml",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".proto",
+    ".zig",
+    ".dart",
+    ".ex",
+    ".erl",
+    ".clj",
+    ".el",
+    ".f90",
+    ".v",
+    ".sv",
 )
 
 
@@ -67,22 +120,25 @@ class Skipped:
         for reason, count in other["counts"].items():
             self.counts[reason] += count
             kept = self.examples.setdefault(reason, [])
-            kept.extend(other["examples"].get(reason, [])[:EXAMPLES_KEPT - len(kept)])
+            kept.extend(other["examples"].get(reason, [])[: EXAMPLES_KEPT - len(kept)])
 
     def to_json(self) -> dict:
         return {"counts": dict(self.counts), "examples": self.examples}
 
     def report(self) -> list[str]:
-        return [f"skipped {count:,} x {SKIP_REASONS[reason]} (e.g. {', '.join(self.examples[reason])})"
-                for reason, count in sorted(self.counts.items())]
+        return [
+            f"skipped {count:,} x {SKIP_REASONS[reason]} (e.g. {', '.join(self.examples[reason])})"
+            for reason, count in sorted(self.counts.items())
+        ]
 
 
 def expand(patterns: list[str]) -> list[str]:
     """Sorted files matching the glob patterns; a pattern matching nothing is an error."""
     files = []
     for pattern in patterns:
-        matched = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                         if os.path.isfile(p))
+        matched = sorted(
+            p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+        )
         if not matched:
             raise FileNotFoundError(f"--input={pattern!r} matches no file")
         files.extend(matched)
@@ -96,15 +152,17 @@ def _open_binary(path: str) -> IO[bytes]:
         try:
             import zstandard
         except ImportError as e:
-            raise ImportError(f"{path}: reading .zst needs the zstandard package: "
-                              "pip install zstandard") from e
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"),
-                                                                            closefd=True))
+            raise ImportError(
+                f"{path}: reading .zst needs the zstandard package: pip install zstandard"
+            ) from e
+        return io.BufferedReader(
+            zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        )
     return open(path, "rb")
 
 
 def format_of(path: str, input_format: str = "auto") -> str:
-    """"txt" or "jsonl": how `path` is read, by `input_format` or else by its extension."""
+    """ "txt" or "jsonl": how `path` is read, by `input_format` or else by its extension."""
     if input_format not in FORMATS:
         raise ValueError(f"--format={input_format!r}; use one of {FORMATS}")
     if input_format != "auto":
@@ -114,16 +172,18 @@ def format_of(path: str, input_format: str = "auto") -> str:
         return "jsonl"
     if name.endswith(TEXT_EXTENSIONS):
         return "txt"
-    raise ValueError(f"{path}: unknown input format; use .txt, .jsonl or a source file such as "
-                     ".py or .md (optionally .gz or .zst), or read any text file with "
-                     "--format=text")
+    raise ValueError(
+        f"{path}: unknown input format; use .txt, .jsonl or a source file such as "
+        ".py or .md (optionally .gz or .zst), or read any text file with "
+        "--format=text"
+    )
 
 
 def _decode(raw: bytes, path: str, line: int, skipped: Skipped) -> str | None:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        newlines = raw[:e.start].count(b"\n")
+        newlines = raw[: e.start].count(b"\n")
         skipped.add("invalid_utf8", f"{path}:{line + newlines}")
         return None
 
@@ -154,9 +214,14 @@ def json_records(path: str, skipped: Skipped) -> Iterator[tuple[dict, str]]:
         skipped.add("empty_file", path)
 
 
-def read(path: str, text_key: str = "text", txt_mode: str = "file",
-         max_chars: int = 10_000_000, skipped: Skipped | None = None,
-         input_format: str = "auto") -> Iterator[tuple[str, str]]:
+def read(
+    path: str,
+    text_key: str = "text",
+    txt_mode: str = "file",
+    max_chars: int = 10_000_000,
+    skipped: Skipped | None = None,
+    input_format: str = "auto",
+) -> Iterator[tuple[str, str]]:
     """(text, 'file:line') for each usable document of `path`; the rest go to `skipped`.
     `input_format` (see FORMATS) overrides what the extension says."""
     skipped = skipped if skipped is not None else Skipped()

@@ -38,10 +38,10 @@ OVERFLOW_POLICIES = ("drop", "truncate_left")
 BOS, EOS = "bos", "eos"  # the tokenizer's own begin / end of sequence
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Special:
     """A special token by name: BOS, EOS, or the token's text (e.g. "<|eot_id|>")."""
+
     name: str
 
 
@@ -52,15 +52,20 @@ def messages_of(record) -> list[dict]:
     if "messages" in record:
         messages = record["messages"]
     elif "prompt" in record and "completion" in record:
-        messages = [{"role": "user", "content": record["prompt"]},
-                    {"role": "assistant", "content": record["completion"]}]
+        messages = [
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["completion"]},
+        ]
     else:
         raise BadRecord("no_messages")
     if not isinstance(messages, list) or not messages:
         raise BadRecord("no_messages")
     for m in messages:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
             raise BadRecord("bad_message")
         if m["role"] not in ROLES:
             raise BadRecord("unknown_role")
@@ -69,10 +74,11 @@ def messages_of(record) -> list[dict]:
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise BadRecord("no_assistant")
-    return [{"role": m["role"], "content": m["content"]} for m in messages[:last + 1]]
+    return [{"role": m["role"], "content": m["content"]} for m in messages[: last + 1]]
 
 
 # --- the templates: conversation -> [(segment, trained)] ----------------------------------
+
 
 def llama2(messages: list[dict]) -> list[tuple]:
     """Llama 2 chat: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>`
@@ -99,9 +105,14 @@ def llama3(messages: list[dict]) -> list[tuple]:
     segments = [(Special("<|begin_of_text|>"), False)]
     for m in messages:
         trained = m["role"] == "assistant"
-        segments += [(Special("<|start_header_id|>"), False), (m["role"], False),
-                     (Special("<|end_header_id|>"), False), ("\n\n", False),
-                     (m["content"].strip(), trained), (Special("<|eot_id|>"), trained)]
+        segments += [
+            (Special("<|start_header_id|>"), False),
+            (m["role"], False),
+            (Special("<|end_header_id|>"), False),
+            ("\n\n", False),
+            (m["content"].strip(), trained),
+            (Special("<|eot_id|>"), trained),
+        ]
     return segments
 
 
@@ -110,8 +121,13 @@ def chatml(messages: list[dict]) -> list[tuple]:
     segments = []
     for m in messages:
         trained = m["role"] == "assistant"
-        segments += [(Special("<|im_start|>"), False), (f"{m['role']}\n", False),
-                     (m["content"], trained), (Special("<|im_end|>"), trained), ("\n", False)]
+        segments += [
+            (Special("<|im_start|>"), False),
+            (f"{m['role']}\n", False),
+            (m["content"], trained),
+            (Special("<|im_end|>"), trained),
+            ("\n", False),
+        ]
     return segments[:-1]  # nothing after the last turn's end (it would train nothing)
 
 
@@ -128,14 +144,21 @@ def plain(messages: list[dict]) -> list[tuple]:
 
 
 TEMPLATES: dict[str, Callable[[list[dict]], list[tuple]]] = {
-    "llama2": llama2, "llama3": llama3, "chatml": chatml, "plain": plain}
-SPECIALS = {"llama2": (BOS, EOS), "plain": (BOS, EOS),
-            "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                       "<|eot_id|>"),
-            "chatml": ("<|im_start|>", "<|im_end|>")}
+    "llama2": llama2,
+    "llama3": llama3,
+    "chatml": chatml,
+    "plain": plain,
+}
+SPECIALS = {
+    "llama2": (BOS, EOS),
+    "plain": (BOS, EOS),
+    "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+}
 
 
 # --- tokenizing segments --------------------------------------------------------------------
+
 
 class Encoder:
     """Token ids of a template's segments for one tokenizer (sentencepiece or tokenizer.json).
@@ -154,7 +177,8 @@ class Encoder:
                     f"{field}={template!r} needs the special token {name!r}, which the tokenizer "
                     f"does not have as one token; use a tokenizer that has it (the model's own: "
                     f"Llama 3's tokenizer.json for llama3, a ChatML one for chatml), or "
-                    f"{field}='llama2' or 'plain', which use the tokenizer's bos / eos")
+                    f"{field}='llama2' or 'plain', which use the tokenizer's bos / eos"
+                )
             self.ids[name] = int(token)
         self._start, self._continue = self._text_encoders(tokenizer)
 

@@ -19,12 +19,20 @@ from jaxlm import files
 
 # Ids follow LLaMA's tokenizer (unk 0, bos 1, eos 2); trained ones add pad at 3.
 TRAINER_OPTIONS = dict(
-    model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+    model_type="bpe",
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=3,
     byte_fallback=True,  # no unknown tokens: unseen bytes become byte pieces
-    normalization_rule_name="identity", remove_extra_whitespaces=False,
-    allow_whitespace_only_pieces=True, split_digits=True,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    allow_whitespace_only_pieces=True,
+    split_digits=True,
     user_defined_symbols=["\n"],  # lines are sentences for training, so teach it newlines
-    input_sentence_size=300_000, shuffle_input_sentence=True, max_sentence_length=8192,
+    input_sentence_size=300_000,
+    shuffle_input_sentence=True,
+    max_sentence_length=8192,
     minloglevel=2,
 )
 
@@ -43,8 +51,10 @@ class JsonTokenizer:
         self._tokenizer = tokenizers.Tokenizer.from_str(path.read_text())
         config = path.parent / "tokenizer_config.json"
         special = json.loads(config.read_text()) if config.is_file() else {}
-        self._ids = {name: self._token_id(special.get(f"{name}_token"))
-                     for name in ("bos", "eos", "pad", "unk")}
+        self._ids = {
+            name: self._token_id(special.get(f"{name}_token"))
+            for name in ("bos", "eos", "pad", "unk")
+        }
 
     def _token_id(self, token) -> int:
         if isinstance(token, dict):  # {"content": "<|begin_of_text|>", ...}
@@ -94,28 +104,37 @@ def load(path: epath.PathLike, field: str = "config.data.tokenizer"):
     """A sentencepiece processor for a `.model` file; a JsonTokenizer for a `.json` one."""
     path = epath.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{field}={str(path)!r}: no such tokenizer file (a sentencepiece "
-                                ".model or a Hugging Face tokenizer.json)")
+        raise FileNotFoundError(
+            f"{field}={str(path)!r}: no such tokenizer file (a sentencepiece "
+            ".model or a Hugging Face tokenizer.json)"
+        )
     if path.suffix == ".json":
         try:
             return JsonTokenizer(path)
         except Exception as e:  # tokenizers raises its own Exception type on a bad file
-            raise ValueError(f"{field}={str(path)!r} is not a Hugging Face tokenizer.json: "
-                             f"{e}") from e
+            raise ValueError(
+                f"{field}={str(path)!r} is not a Hugging Face tokenizer.json: {e}"
+            ) from e
     try:
         return spm.SentencePieceProcessor(model_proto=path.read_bytes())
     except (RuntimeError, OSError) as e:
         raise ValueError(f"{field}={str(path)!r} is not a sentencepiece model: {e}") from e
 
 
-def train(documents: Iterable[str], vocab_size: int, output: epath.PathLike,
-          seed: int = 0) -> spm.SentencePieceProcessor:
+def train(
+    documents: Iterable[str], vocab_size: int, output: epath.PathLike, seed: int = 0
+) -> spm.SentencePieceProcessor:
     """Train a BPE tokenizer on the non-blank lines of `documents`; write it to `output`."""
     spm.set_random_generator_seed(seed)
     lines = (line for doc in documents for line in doc.splitlines() if line.strip())
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=model,
-                                   vocab_size=vocab_size, num_threads=2, **TRAINER_OPTIONS)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines,
+        model_writer=model,
+        vocab_size=vocab_size,
+        num_threads=2,
+        **TRAINER_OPTIONS,
+    )
     output = epath.Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     files.write_atomically(output, model.getvalue())  # never leave half a model behind
