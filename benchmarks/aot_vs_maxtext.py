@@ -72,8 +72,7 @@ import subprocess
 import tempfile
 import time
 
-from benchmarks import results_table
-from benchmarks import vs_peers
+from benchmarks import results_table, vs_peers
 from jaxlm import platforms
 
 REPO = vs_peers.REPO

@@ -27,8 +27,7 @@ from benchmarks import results_table
 from jaxlm import config as config_lib
 from jaxlm import generate as gen
 from jaxlm import model as model_lib
-from jaxlm import platforms
-from jaxlm import param_layout
+from jaxlm import param_layout, platforms
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 

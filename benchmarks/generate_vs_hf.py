@@ -79,9 +79,8 @@ def run_jaxlm(config, hf_dir: pathlib.Path, batch: int, length: int, new_tokens:
     jax.config.update("jax_compilation_cache_dir", str(hf_dir / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     from jaxlm import config as config_lib
-    from jaxlm import convert
+    from jaxlm import convert, param_layout
     from jaxlm import generate as gen
-    from jaxlm import param_layout
 
     derived = config_lib.validate(config, 1)
     cfg = config_lib.model_config(config, derived)

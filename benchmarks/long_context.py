@@ -24,8 +24,7 @@ import jax
 from absl import app, flags
 
 from benchmarks import results_table
-from jaxlm import aot
-from jaxlm import platforms
+from jaxlm import aot, platforms
 from jaxlm import topology as topology_lib
 
 _gib = results_table.gib

@@ -27,9 +27,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import results_table, synthetic
-from jaxlm import cli
+from jaxlm import cli, platforms
 from jaxlm import metrics as metrics_lib
-from jaxlm import platforms
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 

@@ -20,8 +20,7 @@ import jax
 from absl import app, flags
 
 from benchmarks import results_table
-from jaxlm import aot
-from jaxlm import platforms
+from jaxlm import aot, platforms
 
 _gib = results_table.gib
 

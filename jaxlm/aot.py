@@ -38,10 +38,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import cli
+from jaxlm import cli, metrics, platforms
 from jaxlm import config as config_lib
-from jaxlm import metrics
-from jaxlm import platforms
 from jaxlm.program_cost import ProgramCost, compile_program, layer_corrected, load_cache, save_cache
 from jaxlm.topology import (
     TOPOLOGY_FORMS,

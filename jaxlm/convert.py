@@ -34,12 +34,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import jaxlm
-from jaxlm import cli
+from jaxlm import cli, files, hf_config, param_layout, platforms
 from jaxlm import config as config_lib
-from jaxlm import files
-from jaxlm import hf_config
-from jaxlm import param_layout
-from jaxlm import platforms
 from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.hf_config import ConvertError

@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import json
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import flax.linen as nn
 import jax
@@ -38,12 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from jaxlm import files
+from jaxlm import files, platforms
 from jaxlm import generate as gen
 from jaxlm import model as model_lib
-from jaxlm import platforms
-from jaxlm.errors import EvalError
 from jaxlm import run as run_lib
+from jaxlm.errors import EvalError
 
 LOGITS_BUDGET = 1 << 27  # float32 logits held at once, per device (512 MiB)
 

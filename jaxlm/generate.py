@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import json
 import sys
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -33,9 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from jaxlm import files
+from jaxlm import files, platforms
 from jaxlm import model as model_lib
-from jaxlm import platforms
 from jaxlm import run as run_lib
 from jaxlm.errors import GenerateError
 

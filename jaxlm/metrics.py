@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from jaxlm import files
-from jaxlm import param_layout
+from jaxlm import files, param_layout
 
 # Dense bf16 peak FLOP/s per device, from vendor spec sheets (DESIGN.md). Matched by
 # substring against jax.Device.device_kind, most specific first.

@@ -23,10 +23,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import files
+from jaxlm import files, param_layout
 from jaxlm import lora as lora_lib
 from jaxlm import model as model_lib
-from jaxlm import param_layout
 
 CHECKPOINTS = "checkpoints"  # RUN/checkpoints/STEP/{state,meta}
 

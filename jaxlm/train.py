@@ -25,12 +25,9 @@ from tqdm import tqdm
 
 import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import cli
+from jaxlm import cli, files, optim, platforms
 from jaxlm import config as config_lib
-from jaxlm import files
 from jaxlm import metrics as metrics_lib
-from jaxlm import optim
-from jaxlm import platforms
 from jaxlm import run as run_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib

@@ -45,6 +45,7 @@ def main(mode, data_dir, seq_len, batch_size, *rest):
     elif mode == "multihost":
         import jax
         from jax.experimental import multihost_utils
+
         from jaxlm import sharding as sharding_lib
 
         sharding_lib.maybe_initialize_distributed()

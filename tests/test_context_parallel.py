@@ -8,15 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from benchmarks import ring_autodiff
-from jaxlm import attention as attention_lib
-from jaxlm import config as config_lib
-from jaxlm import sharding as sharding_lib
-from jaxlm import step as step_lib
-from jaxlm.attention import balanced_order as balance_lib
-from jaxlm.attention import context_parallel as cp
-from jaxlm.attention import ring_kernels, ring_xla
 from support import (
     assert_attention_matches_reference,
     assert_directional_derivatives,
@@ -26,6 +17,15 @@ from support import (
     ref_attention,
     small_config,
 )
+
+from benchmarks import ring_autodiff
+from jaxlm import attention as attention_lib
+from jaxlm import config as config_lib
+from jaxlm import sharding as sharding_lib
+from jaxlm import step as step_lib
+from jaxlm.attention import balanced_order as balance_lib
+from jaxlm.attention import context_parallel as cp
+from jaxlm.attention import ring_kernels, ring_xla
 
 LENGTH, HEAD_DIM = 64, 16
 

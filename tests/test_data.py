@@ -18,11 +18,11 @@ import pytest
 import sentencepiece as spm
 import tensorflow_datasets as tfds
 import zstandard
+from support import small_config
 
 from jaxlm import config as config_lib
 from jaxlm import train as train_lib
 from jaxlm.data import pipeline, prepare, prepared
-from support import small_config
 
 WORDS = (
     "alpha beta gamma delta model token batch shard grain jax flax optax orbax "

@@ -14,12 +14,12 @@ import time
 import jax
 import numpy as np
 import pytest
+from support import factory_for, small_config, tensorboard_view
 
 from configs import tiny
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import train as train_lib
-from support import factory_for, small_config, tensorboard_view
 
 
 def tiny_config(tokenizer_path, steps, every=2, log_every=1):

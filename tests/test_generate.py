@@ -1,11 +1,10 @@
 """Generation with a KV cache (jaxlm.generate) against the full forward pass."""
 
-import numpy as np
-import pytest
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from jaxlm import generate as gen
 from jaxlm import model as model_lib

@@ -9,18 +9,17 @@ import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from support import factory_for, packed_batch, small_config
+from test_fault_tolerance import assert_ends_as_unbroken, cli, run_until, tiny_config
 
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
-from jaxlm import convert
+from jaxlm import convert, metrics
 from jaxlm import lora as lora_lib
-from jaxlm import metrics
 from jaxlm import run as run_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 from jaxlm import train as train_lib
-from support import factory_for, packed_batch, small_config
-from test_fault_tolerance import assert_ends_as_unbroken, cli, run_until, tiny_config
 
 
 def lora_config(**mesh):

@@ -3,9 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-
 import optax
+import pytest
 
 from jaxlm.loss import cross_entropy_sum, token_cross_entropy
 

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from support import assert_directional_derivatives
 
 from jaxlm import attention as attention_lib
 from jaxlm import model as model_lib
 from jaxlm.model import ModelConfig, Transformer
-from support import assert_directional_derivatives
 
 CFG = dict(
     vocab_size=97,

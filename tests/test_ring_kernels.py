@@ -5,9 +5,9 @@ block against float64 NumPy, and the whole ring with them against the float64 re
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_context_parallel import _context_parallel, check_against_reference
 
 from jaxlm.attention import ring_kernels as rk
-from test_context_parallel import _context_parallel, check_against_reference
 
 
 def _reference_block(q, k, v, q_pos, k_pos, q_seg, k_seg, scale):

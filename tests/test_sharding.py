@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from support import factory_for, packed_batch, small_config
 
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
-from support import factory_for, packed_batch, small_config
 
 MESHES = {
     "one_device": dict(data=1, fsdp=1, tensor=1),

@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import assert_attention_matches_reference, small_config
 
 from jaxlm import attention as attention_lib
 from jaxlm import config as config_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm.model import ModelConfig, Transformer
-from support import assert_attention_matches_reference, small_config
 
 LENGTH, HEAD_DIM, BLOCK = 256, 64, 128
 PACKED_LENGTHS = (100, 90, 66)  # documents that cross the 128-token block boundaries

@@ -10,12 +10,12 @@ import time
 import jax
 import numpy as np
 import pytest
+from support import factory_for, one_document_batch, small_config, tensorboard_view
 
 from configs import tiny
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 from jaxlm import train as train_lib
-from support import factory_for, one_document_batch, small_config, tensorboard_view
 
 
 def _adam_state(opt_state):

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
+from support import assert_directional_derivatives, factory_for, packed_batch, small_config
 
 from jaxlm import loss as loss_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
-from support import assert_directional_derivatives, factory_for, packed_batch, small_config
 
 MESHES = {
     "tensor2": dict(tensor=2),

@@ -10,7 +10,8 @@ travels with the tokens through every source; `masked` says which kind a source 
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import grain
 import numpy as np

@@ -27,8 +27,8 @@ from jax.experimental import multihost_utils
 from jaxlm.data import corpus, prepare, prepared, sft, tfds_source
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.documents import TOKEN_DTYPE, Documents, InMemoryDocuments
-from jaxlm.errors import ConfigError
 from jaxlm.data.packing import PackedConversations, PackedRows, cut_rows  # noqa: F401
+from jaxlm.errors import ConfigError
 
 FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 ARRAYRECORD = "arrayrecord:"

@@ -16,7 +16,8 @@ import gzip
 import io
 import json
 import os
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 SKIP_REASONS = {
     "empty_file": "empty file",

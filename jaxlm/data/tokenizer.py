@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Iterable
+from collections.abc import Iterable
 
 import sentencepiece as spm
 from etils import epath
