@@ -46,11 +46,11 @@ skew those small programs, so for them only, on both sides alike: windowed einsu
 (ESTIMATE_LIBTPU_ARGS; otherwise some fsdp matmuls become loops over the shards, each counted
 once), and remat keeps its recomputation (prevent_cse=True, which MaxText sets itself when
 unrolled; forced for jaxlm, whose prevent_cse=False for a rolled scan would let XLA merge
-the recompute away once the 1-layer loop is removed, which its scanned step cannot). Memory is always that of the real scanned
-L-layer program with default compiler flags. A Pallas kernel is a custom call whose FLOPs the
-cost model does not see; the per-layer FLOPs column shows that, and for splash rows the table
-adds, to both sides alike, a floor for the attention kernel: its causal matmul FLOPs
-(forward, remat forward, backward 2x) at the chip's peak.
+the recompute away once the 1-layer loop is removed, which its scanned step cannot). Memory is
+always that of the real scanned L-layer program with default compiler flags. A Pallas kernel
+is a custom call whose FLOPs the cost model does not see; the per-layer FLOPs column shows
+that, and for splash rows the table adds, to both sides alike, a floor for the attention
+kernel: its causal matmul FLOPs (forward, remat forward, backward 2x) at the chip's peak.
 
 Results are appended to benchmarks/results/tpu-aot-vs-maxtext.md (a section per run: machine,
 versions, settings, table) and .jsonl (everything). Each compile runs in a fresh process

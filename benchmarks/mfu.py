@@ -228,9 +228,10 @@ def main(argv):
         f"step time    median {row['step_ms_median']:.1f} ms, min {row['step_ms_min']:.1f}, "
         f"max {row['step_ms_max']:.1f} over {len(times)} steps (after {_WARMUP.value} warmup)"
     )
+    per_device = row["tokens_per_second_per_device"]
     print(
-        f"throughput   {row['tokens_per_second']:,.0f} tokens/s, {row['tokens_per_second_per_device']:,.0f}"
-        f" per device, {row['tflops_per_device']:.1f} model TFLOP/s per device"
+        f"throughput   {row['tokens_per_second']:,.0f} tokens/s, {per_device:,.0f} per device, "
+        f"{row['tflops_per_device']:.1f} model TFLOP/s per device"
     )
     print(
         f"MFU          {100 * row['mfu_causal']:.1f}% causal, {100 * row['mfu_full_square']:.1f}% "

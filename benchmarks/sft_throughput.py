@@ -140,12 +140,15 @@ def main(argv):
                 f"{k:8s}: {row[k]['positions_per_s']:,.0f} positions/s "
                 f"({step_s:.3f} s/step), {row[k]['real_tokens_per_s']:,.0f} real tokens/s, "
                 f"{row[k]['trained_tokens_per_s']:,.0f} trained tokens/s; padding "
-                f"{100 * padding:.2f}%, masked-token fraction {100 * row[k]['masked_fraction']:.1f}%"
+                f"{100 * padding:.2f}%, masked-token fraction "
+                f"{100 * row[k]['masked_fraction']:.1f}%"
                 f" ({len(rows):,} rows)"
             )
+        sft, pre = row["sft"], row["pretrain"]
         print(
-            f"SFT / pre-training: positions/s {row['sft']['positions_per_s'] / row['pretrain']['positions_per_s']:.2f}x, "
-            f"trained tokens/s {row['sft']['trained_tokens_per_s'] / row['pretrain']['trained_tokens_per_s']:.2f}x"
+            f"SFT / pre-training: positions/s "
+            f"{sft['positions_per_s'] / pre['positions_per_s']:.2f}x, trained tokens/s "
+            f"{sft['trained_tokens_per_s'] / pre['trained_tokens_per_s']:.2f}x"
         )
         print(f"recorded in {record(row)}")
 

@@ -368,9 +368,7 @@ def run_side(side: str, python: str, shape: str, steps: int, warmup: int, args) 
         ]
         if side == "torch" and args.torch_mode == "compile":
             cmd.append("--compiled")
-        proc = subprocess.run(
-            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     results = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not results:
         raise RuntimeError(f"{side} exited {proc.returncode}: {_last_line(proc.stderr)}")

@@ -102,9 +102,10 @@ def assert_attention_matches_reference(
 def tensorboard_view(directory):
     """What TensorBoard shows of `directory`'s event files: (tag, step, value) in order.
 
-    Files are read in name order, as TensorBoard does; a SessionLog START at step s (a writer's purge_step) hides
-    the events earlier files logged at steps >= s, as TensorBoard does. A record cut short
-    (a process killed while writing it) ends its file, as it does for TensorBoard.
+    Files are read in name order, as TensorBoard does; a SessionLog START at step s (a writer's
+    purge_step) hides the events earlier files logged at steps >= s, as TensorBoard does. A
+    record cut short (a process killed while writing it) ends its file, as it does for
+    TensorBoard.
     """
     from tensorboardX.proto import event_pb2
 

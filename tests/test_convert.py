@@ -15,10 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxlm import config as config_lib  # noqa: E402
-from jaxlm import (
-    convert,  # noqa: E402
-    hf_config,  # noqa: E402
-)
+from jaxlm import convert, hf_config  # noqa: E402
 from jaxlm import train as train_lib  # noqa: E402
 from jaxlm.data import tokenizer as tokenizer_lib  # noqa: E402
 from jaxlm.model import Transformer  # noqa: E402

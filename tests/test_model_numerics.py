@@ -84,7 +84,7 @@ def ref_forward(params, tokens, positions, segments, cfg, tied):
     x = p["embedding"][tokens]
     layers = p["layers"]
     for layer in range(cfg["n_layers"]):
-        w = jax.tree.map(lambda a: a[layer], layers)
+        w = jax.tree.map(lambda a, layer=layer: a[layer], layers)
         h = ref_rmsnorm(x, w["attn_norm"]["scale"], cfg["norm_eps"])
         q = np.einsum("ld,dhk->lhk", h, w["attn"]["q"])
         k = np.einsum("ld,dhk->lhk", h, w["attn"]["k"])

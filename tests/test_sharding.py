@@ -1,4 +1,4 @@
-"""One step gives the same loss and gradients on every mesh, and weights land where the rules say."""
+"""One step gives the same loss and gradients on every mesh; weights land where the rules say."""
 
 import jax
 import numpy as np

@@ -149,7 +149,7 @@ def test_remat_policy_keeps_the_forward_inside_shard_map():
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.axis_rules()):
             params = nn.unbox(model.init(jax.random.key(0), tokens))["params"]
             counts[remat] = _forward_kernels(
-                jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens))), params
+                jax.grad(lambda p, model=model: jnp.sum(model.apply({"params": p}, tokens))), params
             )
     assert counts == {"full": 2, "save_attention": 1}
 

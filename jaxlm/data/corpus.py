@@ -2,8 +2,8 @@
 
 It needs no download, is the same on every machine with the same Python version, and is
 real text (about 12 MB of code). Test suites are left out. Its functions also make a small
-instruction set (builtin_instructions: docstring -> body) for the SFT demo. Each file is one document; a
-document goes to validation when a hash of its relative path says so, so the split is
+instruction set (builtin_instructions: docstring -> body) for the SFT demo. Each file is one
+document; a document goes to validation when a hash of its relative path says so, so the split is
 fixed whatever order the files are found in.
 """
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxlm.config import ConfigError
 from jaxlm.data import sft
 from jaxlm.data.documents import TOKEN_DTYPE, Documents, InMemoryDocuments
+from jaxlm.errors import ConfigError
 
 OPEN_ROWS = 64  # PackedConversations: rows still being filled at once
 
