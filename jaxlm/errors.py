@@ -29,6 +29,10 @@ class TopologyError(ValueError):
     """A topology name that names no slice, or no compiler to compile for it."""
 
 
+class RunError(ValueError):
+    """A run that cannot be read as asked; the message says which and what to give instead."""
+
+
 class GenerateError(ValueError):
     """A generation request that cannot work; the message says which input and why."""
 

@@ -26,12 +26,9 @@ from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import files, param_layout
 from jaxlm import lora as lora_lib
 from jaxlm import model as model_lib
+from jaxlm.errors import RunError
 
 CHECKPOINTS = "checkpoints"  # RUN/checkpoints/STEP/{state,meta}
-
-
-class RunError(ValueError):
-    """A run that cannot be read as asked; the message says which and what to give instead."""
 
 
 def checkpoints_dir(run_dir: epath.PathLike) -> epath.Path:
