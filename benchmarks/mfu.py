@@ -6,7 +6,7 @@
 Runs real jitted train steps (optimizer included) on synthetic tokens, one document per
 row, or with `--data` on the config's data source (packed rows through the grain pipeline,
 so host input time counts), timing each step after `block_until_ready`. MFU = model FLOPs
-per token (DESIGN.md: 6 * block matmul params + 6 * d_model * vocab + causal attention)
+per token (docs/DESIGN.md: 6 * block matmul params + 6 * d_model * vocab + causal attention)
 * tokens/s / peak FLOP/s of all devices; the full-square attention count is printed beside
 it. A row is appended to benchmarks/results/<device kind>.md, and the same as JSON to
 <device kind>.jsonl.

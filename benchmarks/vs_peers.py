@@ -18,7 +18,7 @@ benchmarks/results/vs_peers-<machine>.md and .jsonl (--results=/tmp/x for trial 
 Every side (and the peak measurement) runs under the same GLIBC_TUNABLES, by default
 transparent huge pages for malloc's large blocks: all three stacks allocate their step
 buffers afresh every step, and on this VM first-touch faults of 4 KiB pages cost each of
-them 5-15% of a step (NOTES.md, session 6). `--glibc_tunables=` runs them
+them 5-15% of a step (benchmarks/results/NOTES.md, session 6). `--glibc_tunables=` runs them
 without.
 
 The file runs in three interpreters (jaxlm's, the torch venv's, the orchestrator's), so only

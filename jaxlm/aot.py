@@ -3,7 +3,7 @@
 Compiles the real train and eval steps for a named TPU slice on any host (libtpu's compiler
 runs on the CPU; no TPU needed; slice names are jaxlm.topology's), or for `cpu:N` simulated
 devices, and reports per device: memory (arguments, temporaries, outputs not aliased,
-against the chip's HBM), FLOPs per step (DESIGN.md's formula, and the compiler's own count
+against the chip's HBM), FLOPs per step (docs/DESIGN.md's formula, and the compiler's own count
 with its loops corrected), and an estimated step time with the tokens/s and MFU it implies.
 `--plan` (jaxlm.plan) searches remat policy, gradient accumulation, loss chunks and the mesh
 split for the fastest setup that fits.
@@ -136,7 +136,7 @@ class Report:
     hbm_bytes: int
     headroom_bytes: int
     flops: float  # per device per step, compiler count, loops corrected (+ splash formula)
-    flops_formula: float  # per device per step, DESIGN.md's model FLOPs
+    flops_formula: float  # per device per step, docs/DESIGN.md's model FLOPs
     flops_note: str
     bytes_accessed: float
     collective_bytes: float
@@ -288,7 +288,7 @@ def format_report(r: Report) -> str:
             f"{format_gib(r.total_bytes)} of {format_gib(r.hbm_bytes)} HBM, headroom "
             f"{format_gib(r.headroom_bytes)}: {verdict}",
             f"  FLOPs per {unit} per step: {r.flops_formula:.4g} by the formula (model FLOPs, "
-            f"DESIGN.md); {r.flops:.4g} by the compiler ({r.flops_note})",
+            f"docs/DESIGN.md); {r.flops:.4g} by the compiler ({r.flops_note})",
             f"  ESTIMATED step time {r.estimated_step_seconds * 1e3:.1f} ms ({r.estimate_source}) "
             f"-> ~{r.tokens_per_second:,.0f} tokens/s, MFU ~{100 * r.mfu:.1f}% (an estimate, "
             f"not a measurement)",

@@ -14,7 +14,7 @@ from etils import epath
 
 from jaxlm import files, param_layout
 
-# Dense bf16 peak FLOP/s per device, from vendor spec sheets (DESIGN.md). Matched by
+# Dense bf16 peak FLOP/s per device, from vendor spec sheets (docs/DESIGN.md). Matched by
 # substring against jax.Device.device_kind, most specific first.
 PEAK_FLOPS = (
     ("TPU v6", 918e12),
@@ -49,7 +49,7 @@ def flops_per_token(
     lora_rank: int = 0,
     lora_targets: tuple = (),
 ) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), DESIGN.md's formula.
+    """Training FLOPs per token (forward + backward = 3x forward), docs/DESIGN.md's formula.
 
     6 * (block matmul params) + 6 * d_model * vocab (LM head) + attention scores and
     values: 6 * n_layers * seq_len * d_attn with causal masking (half the square), or
@@ -77,7 +77,8 @@ def flops_per_token(
 
 
 # Benchmarks take the best of more matmuls than a training run's quick estimate: single
-# 2048^3 calls range 100-160 GFLOP/s within one process on the 2-core VM (NOTES.md).
+# 2048^3 calls range 100-160 GFLOP/s within one process on the 2-core VM
+# (benchmarks/results/NOTES.md).
 BENCHMARK_CPU_PEAK_REPEATS = 20
 
 

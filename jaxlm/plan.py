@@ -34,7 +34,7 @@ class Candidate:
     analytic_bytes: float
     analytic_seconds: float
     tokens_per_step: int
-    model_flops: float  # per device per step, DESIGN.md's formula
+    model_flops: float  # per device per step, docs/DESIGN.md's formula
     peak_flops: float  # per device
     report: aot.Report | None = None  # the compiled train step, when it was compiled
     timed: bool = False  # report's step time is loop-corrected (else: analytic)

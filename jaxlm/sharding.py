@@ -1,6 +1,6 @@
 """The device mesh, the logical-axis rules table, and getting batches onto the mesh.
 
-Logical names (DESIGN.md) map to mesh axes in exactly one table, `DEFAULT_RULES`;
+Logical names (docs/DESIGN.md) map to mesh axes in exactly one table, `DEFAULT_RULES`;
 `config.mesh.rules` replaces entries of it by name.
 """
 

@@ -30,8 +30,8 @@ TOPOLOGY_FORMS = (
 _CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}  # in the slice names' count
 _DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}  # torus dimensions
 # cpu:N has no spec sheet: its devices share the host's RAM, and these nominal rates (a
-# 2-core VM's measured matmul rate, NOTES.md; DDR and memcpy orders of magnitude) only
-# make the estimate's arithmetic run. Labelled "nominal" wherever printed.
+# 2-core VM's measured matmul rate, benchmarks/results/NOTES.md; DDR and memcpy orders of
+# magnitude) only make the estimate's arithmetic run. Labelled "nominal" wherever printed.
 _CPU_NOMINAL = {"peak_flops": 100e9, "hbm_bytes_per_s": 20e9, "ici_bytes_per_s": 10e9}
 
 
