@@ -61,6 +61,16 @@ def assert_directional_derivatives(
         np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
 
 
+def float32_roundoff(values, n_terms: int) -> float:
+    """How far two float32 programs that compute `values` with their sums in different orders
+    (a kernel against the XLA path) may differ from round-off alone: a float32 sum of n terms
+    is off by about eps * sqrt(n) times the size of its terms (round-off errors add like a
+    random walk: Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., sec. 2.8),
+    with the largest of `values` standing for that size. A real error (a mask, a scale, a
+    block out of place) is orders of magnitude above it."""
+    return float(np.finfo(np.float32).eps * np.sqrt(n_terms) * np.max(np.abs(values)))
+
+
 def ref_attention(q, k, v, segments):
     """float64 NumPy: q [L, H, d], k/v [L, KV, d]; query head h reads kv head h // (H / KV);
     a query sees keys at or before it in the same segment."""
