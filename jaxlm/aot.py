@@ -38,7 +38,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import cli, metrics, platforms
+from jaxlm import cli, config_checks, kernel_choice, metrics, platforms
 from jaxlm import config as config_lib
 from jaxlm.program_cost import ProgramCost, compile_program, layer_corrected, load_cache, save_cache
 from jaxlm.topology import (
@@ -62,8 +62,8 @@ PROGRAMS = ("train_step", "eval_step")
 def attention_impl(config, devices) -> str:
     """The attention the step compiles to: "auto" decided by the devices (splash on a TPU
     slice, even from a CPU host), as jaxlm.step.build decides it."""
-    shape = config_lib.resolve_mesh_shape(config.mesh, len(devices))
-    return config_lib.attention_impl(config, shape, devices[0].platform)
+    shape = config_checks.resolve_mesh_shape(config.mesh, len(devices))
+    return kernel_choice.attention_impl(config, shape, devices[0].platform)
 
 
 def _saves_attention(remat: str) -> bool:

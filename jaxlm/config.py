@@ -2,28 +2,35 @@
 
 Every config file under `configs/` starts from `default_config()` and changes fields; no
 other fields exist. `validate()` runs before anything is compiled and raises `ConfigError`
-naming the field, the value and what would be valid. Reading a config from the command
-line (`--config=FILE`, its overrides, their errors) is `jaxlm.cli`'s job.
+naming the field, the value and what would be valid; the checks of one part at a time live
+in `jaxlm.config_checks`, `jaxlm.seq_len_schedule` and `jaxlm.kernel_choice`. Reading a config
+from the command line (`--config=FILE`, its overrides, their errors) is `jaxlm.cli`'s job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from jaxlm import attention as attention_lib
+from jaxlm import kernel_choice, seq_len_schedule
 from jaxlm import model as model_lib
+from jaxlm.config_checks import (
+    check_lora,
+    check_mesh_fit,
+    check_rope_scaling,
+    require,
+    resolve_mesh_shape,
+)
 from jaxlm.data import sft
 from jaxlm.errors import ConfigError  # also jaxlm.config.ConfigError, as before
 
 REMAT_POLICIES = ("none", *attention_lib.REMAT_POLICIES)
 ATTENTION_IMPLS = attention_lib.IMPLEMENTATIONS
 DTYPES = ("float32", "bfloat16", "float16")
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 NONFINITE_POLICIES = ("raise", "skip")
 
 
@@ -159,50 +166,6 @@ def _unknown_fields(given, schema, prefix=""):
             yield from _unknown_fields(given[key], schema[key], name + ".")
 
 
-def _require(ok: bool, field: str, value, valid: str):
-    if not ok:
-        raise ConfigError(f"config.{field}={value!r} is invalid: {valid}")
-
-
-def resolve_mesh_shape(mesh_cfg, n_devices: int) -> dict:
-    shape = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
-    free = [a for a, s in shape.items() if s == -1]
-    _require(
-        len(free) <= 1,
-        f"mesh.{free[-1] if free else 'fsdp'}",
-        -1,
-        f"at most one mesh axis may be -1 (the rest of the devices); got -1 for {free}",
-    )
-    for axis, size in shape.items():
-        _require(size == -1 or size >= 1, f"mesh.{axis}", size, "a positive size or -1")
-    fixed = math.prod(s for s in shape.values() if s != -1)
-    if free:
-        _require(
-            n_devices % fixed == 0,
-            f"mesh.{free[0]}",
-            -1,
-            f"the other axes multiply to {fixed}, which does not divide the "
-            f"{n_devices} devices present",
-        )
-        shape[free[0]] = n_devices // fixed
-    total = math.prod(shape.values())
-    _require(
-        total <= n_devices,
-        "mesh",
-        dict(shape),
-        f"the mesh needs {total} devices but only {n_devices} are present; "
-        f"make the axes multiply to at most {n_devices}, or set one axis to -1",
-    )
-    _require(
-        total == n_devices,
-        "mesh",
-        dict(shape),
-        f"the mesh uses {total} of the {n_devices} devices present; make the axes "
-        f"multiply to {n_devices}, or set one axis to -1",
-    )
-    return shape
-
-
 def count_params(m, head_dim: int) -> int:
     """Parameter count of the Transformer in jaxlm.model, from the config alone."""
     attn = m.d_model * head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
@@ -223,8 +186,8 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
     m, t, d = config.model, config.train, config.data
 
     for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
-        _require(int(m[field]) >= 1, f"model.{field}", m[field], "a positive integer")
-    _require(
+        require(int(m[field]) >= 1, f"model.{field}", m[field], "a positive integer")
+    require(
         m.n_kv_heads <= m.n_heads and m.n_heads % m.n_kv_heads == 0,
         "model.n_kv_heads",
         m.n_kv_heads,
@@ -233,169 +196,123 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
     )
     head_dim = m.head_dim
     if not head_dim:
-        _require(
+        require(
             m.d_model % m.n_heads == 0,
             "model.n_heads",
             m.n_heads,
             f"must divide model.d_model={m.d_model}, or set model.head_dim explicitly",
         )
         head_dim = m.d_model // m.n_heads
-    _require(
+    require(
         head_dim % 2 == 0, "model.head_dim", head_dim, "rotary embeddings need an even head_dim"
     )
-    _check_rope_scaling(m)
-    _require(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {REMAT_POLICIES}")
-    _require(
+    check_rope_scaling(m)
+    require(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {REMAT_POLICIES}")
+    require(
         1 <= int(m.scan_unroll) <= m.n_layers,
         "model.scan_unroll",
         m.scan_unroll,
         f"between 1 and model.n_layers={m.n_layers}",
     )
-    _require(
+    require(
         m.attention in ATTENTION_IMPLS, "model.attention", m.attention, f"one of {ATTENTION_IMPLS}"
     )
-    _require(
+    require(
         m.float32_attention_scores or m.attention in ("xla", "auto"),
         "model.float32_attention_scores",
         m.float32_attention_scores,
         f"only XLA attention has a choice (model.attention={m.attention!r} keeps its "
         "own); set it True, or model.attention='xla'",
     )
-    _require(
+    require(
         m.context_parallel in attention_lib.STRATEGIES,
         "model.context_parallel",
         m.context_parallel,
         f"one of {attention_lib.STRATEGIES}",
     )
     for field in ("dtype", "param_dtype"):
-        _require(m[field] in DTYPES, f"model.{field}", m[field], f"one of {DTYPES}")
+        require(m[field] in DTYPES, f"model.{field}", m[field], f"one of {DTYPES}")
 
     kind, _, where = d.source.partition(":")
-    _require(
+    require(
         d.source == "builtin" or (kind in ("arrayrecord", "tfds", "sft") and where),
         "data.source",
         d.source,
         "'builtin', 'arrayrecord:DIR' (from python -m "
         "jaxlm.data.prepare), 'tfds:NAME' or 'sft:GLOB' (chat JSONL)",
     )
-    _require(
+    require(
         d.chat_template in ("", *sft.TEMPLATES),
         "data.chat_template",
         d.chat_template,
         f"one of {', '.join(sft.TEMPLATES)} (or '' for a prepared dataset's own)",
     )
-    _require(
+    require(
         kind != "sft" or d.chat_template,
         "data.chat_template",
         d.chat_template,
         f"data.source={d.source!r} needs one of {', '.join(sft.TEMPLATES)}",
     )
-    _require(
+    require(
         d.sft_overflow in sft.OVERFLOW_POLICIES,
         "data.sft_overflow",
         d.sft_overflow,
         f"one of {sft.OVERFLOW_POLICIES}",
     )
-    _require(
+    require(
         kind != "sft" or not d.seq_len_schedule,
         "data.seq_len_schedule",
         d.seq_len_schedule,
         "() with SFT data (conversations are packed whole into rows of data.seq_len)",
     )
-    _require(d.seq_len >= 2, "data.seq_len", d.seq_len, "at least 2 tokens")
-    _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "between 0 and 1")
-    _require(d.eval_batches >= 1, "data.eval_batches", d.eval_batches, "at least 1")
-    _require(t.steps >= 1, "train.steps", t.steps, "at least 1")
-    _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "at least 1")
-    _require(
+    require(d.seq_len >= 2, "data.seq_len", d.seq_len, "at least 2 tokens")
+    require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "between 0 and 1")
+    require(d.eval_batches >= 1, "data.eval_batches", d.eval_batches, "at least 1")
+    require(t.steps >= 1, "train.steps", t.steps, "at least 1")
+    require(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "at least 1")
+    require(
         t.loss_chunks >= 1 and d.seq_len % t.loss_chunks == 0,
         "train.loss_chunks",
         t.loss_chunks,
         f"a positive divisor of data.seq_len={d.seq_len}",
     )
-    _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "zero or more")
-    _require(t.log_every >= 1, "train.log_every", t.log_every, "at least 1")
-    _require(t.eval_every >= 1, "train.eval_every", t.eval_every, "at least 1")
-    _require(
-        config.checkpoint.every >= 1, "checkpoint.every", config.checkpoint.every, "at least 1"
-    )
-    _require(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, "at least 1")
-    _require(
+    require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "zero or more")
+    require(t.log_every >= 1, "train.log_every", t.log_every, "at least 1")
+    require(t.eval_every >= 1, "train.eval_every", t.eval_every, "at least 1")
+    require(config.checkpoint.every >= 1, "checkpoint.every", config.checkpoint.every, "at least 1")
+    require(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, "at least 1")
+    require(
         config.checkpoint.keep_every >= 0,
         "checkpoint.keep_every",
         config.checkpoint.keep_every,
         "zero (off) or a positive step interval",
     )
-    _require(
+    require(
         t.nonfinite in NONFINITE_POLICIES,
         "train.nonfinite",
         t.nonfinite,
         f"one of {NONFINITE_POLICIES}",
     )
-    _require(
+    require(
         t.max_skips_in_a_row >= 1, "train.max_skips_in_a_row", t.max_skips_in_a_row, "at least 1"
     )
-    _check_lora(t)
+    check_lora(t)
 
     shape = resolve_mesh_shape(config.mesh, n_devices)
-    tensor = shape["tensor"]
-    _require(
-        m.n_heads % tensor == 0,
-        "model.n_heads",
-        m.n_heads,
-        f"must be divisible by mesh.tensor={tensor} (heads are split over the tensor axis)",
-    )
-    _require(
-        m.n_kv_heads % tensor == 0,
-        "model.n_kv_heads",
-        m.n_kv_heads,
-        f"must be divisible by mesh.tensor={tensor} (kv heads are split over the tensor axis)",
-    )
-    _require(
-        m.d_ff % tensor == 0, "model.d_ff", m.d_ff, f"must be divisible by mesh.tensor={tensor}"
-    )
-    _require(
-        m.vocab_size % tensor == 0,
-        "model.vocab_size",
-        m.vocab_size,
-        f"must be divisible by mesh.tensor={tensor}",
-    )
-    _require(
-        m.d_model % (shape["fsdp"] * shape["sequence"]) == 0,
-        "model.d_model",
-        m.d_model,
-        f"must be divisible by mesh.fsdp * mesh.sequence = "
-        f"{shape['fsdp'] * shape['sequence']} (weights are split over both along d_model)",
-    )
-    _require(
-        d.seq_len % (2 * shape["sequence"]) == 0 or shape["sequence"] == 1,
-        "data.seq_len",
-        d.seq_len,
-        f"must be divisible by 2 * mesh.sequence={2 * shape['sequence']} (a row is "
-        "cut into two chunks per sequence shard, jaxlm.attention.balanced_order)",
-    )
-    _require(
-        (d.seq_len // t.loss_chunks) % shape["sequence"] == 0,
-        "train.loss_chunks",
-        t.loss_chunks,
-        f"each loss slice (data.seq_len / train.loss_chunks = "
-        f"{d.seq_len // t.loss_chunks} positions) must be divisible by "
-        f"mesh.sequence={shape['sequence']}",
-    )
-
-    _check_seq_len_schedule(config, shape)
+    check_mesh_fit(config, shape)
+    seq_len_schedule.check(config, shape)
     if m.attention == "splash":
-        check_splash(config, shape)
+        kernel_choice.check_splash(config, shape)
 
     dp = shape["data"] * shape["fsdp"]
-    _require(
+    require(
         t.global_batch_size % t.grad_accum_steps == 0,
         "train.global_batch_size",
         t.global_batch_size,
         f"must be divisible by train.grad_accum_steps={t.grad_accum_steps}",
     )
     micro = t.global_batch_size // t.grad_accum_steps
-    _require(
+    require(
         micro % dp == 0,
         "train.global_batch_size",
         t.global_batch_size,
@@ -413,59 +330,6 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
     )
 
 
-def _check_lora(t) -> None:
-    _require(
-        int(t.lora_rank) >= 0,
-        "train.lora_rank",
-        t.lora_rank,
-        "0 (LoRA off) or a positive rank, e.g. 8",
-    )
-    if not t.lora_rank:
-        return
-    targets = model_lib.LORA_INPUT_AXES
-    _require(
-        len(t.lora_targets) > 0 and all(x in targets for x in t.lora_targets),
-        "train.lora_targets",
-        tuple(t.lora_targets),
-        f"a non-empty tuple of the kernels {tuple(targets)}",
-    )
-    _require(
-        t.lora_alpha > 0,
-        "train.lora_alpha",
-        t.lora_alpha,
-        "a positive scale numerator (the update is lora_alpha / lora_rank * x A B)",
-    )
-
-
-def _check_rope_scaling(m) -> None:
-    _require(
-        m.rope_scaling in ("", "llama3"),
-        "model.rope_scaling",
-        m.rope_scaling,
-        "'' (none) or 'llama3'",
-    )
-    if not m.rope_scaling:
-        return
-    _require(
-        m.rope_scaling_factor >= 1,
-        "model.rope_scaling_factor",
-        m.rope_scaling_factor,
-        "at least 1 (how much longer than the original context)",
-    )
-    _require(
-        0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
-        "model.rope_low_freq_factor",
-        m.rope_low_freq_factor,
-        f"positive and below model.rope_high_freq_factor={m.rope_high_freq_factor}",
-    )
-    _require(
-        int(m.rope_original_max_position) >= 1,
-        "model.rope_original_max_position",
-        m.rope_original_max_position,
-        "a positive context length",
-    )
-
-
 def rope_scaling(m) -> tuple | None:
     """ModelConfig.rope_scaling from a validated config.model."""
     if not m.rope_scaling:
@@ -476,133 +340,6 @@ def rope_scaling(m) -> tuple | None:
         float(m.rope_high_freq_factor),
         int(m.rope_original_max_position),
     )
-
-
-def seq_len_stages(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
-    """((start_step, seq_len), ...) of a validated config; one stage without a schedule."""
-    schedule = config.data.seq_len_schedule
-    return tuple((int(a), int(b)) for a, b in schedule) or ((0, int(config.data.seq_len)),)
-
-
-def stage_at(stages: tuple[tuple[int, int], ...], step: int) -> int:
-    """Index of the stage that the update numbered `step` (1-based, as the loop counts) is in:
-    the last one whose start_step updates are done before it."""
-    return max(k for k, (start, _) in enumerate(stages) if start <= step - 1)
-
-
-def _check_seq_len_schedule(config: ml_collections.ConfigDict, mesh_shape: dict) -> None:
-    schedule, seq_len = config.data.seq_len_schedule, config.data.seq_len
-    chunks = config.train.loss_chunks
-    if not schedule:
-        return
-
-    def require(ok, valid):
-        _require(ok, "data.seq_len_schedule", schedule, valid)
-
-    require(
-        all(
-            isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, int) for x in p)
-            for p in schedule
-        ),
-        "a tuple of (start_step, seq_len) integer pairs, e.g. "
-        f"((0, {max(2, seq_len // 4)}), (1000, {seq_len}))",
-    )
-    starts, lengths = [p[0] for p in schedule], [p[1] for p in schedule]
-    require(starts[0] == 0, "the first stage must start at step 0")
-    require(all(a < b for a, b in zip(starts, starts[1:])), "start steps must strictly increase")
-    require(all(a < b for a, b in zip(lengths, lengths[1:])), "lengths must strictly increase")
-    require(
-        lengths[-1] == seq_len,
-        f"the last length must be data.seq_len={seq_len} (the length "
-        "train.global_batch_size counts rows of)",
-    )
-    sequence = mesh_shape["sequence"]
-    for length in lengths:
-        require(
-            length >= 2 and seq_len % length == 0,
-            f"length {length} must be at least 2 "
-            f"and divide data.seq_len={seq_len} (each row of data.seq_len is cut into "
-            "equal rows)",
-        )
-        split = 2 * sequence if sequence > 1 else 1  # two chunks per shard (context_parallel)
-        require(
-            length % split == 0,
-            f"length {length} must be divisible by {split} (2 * mesh.sequence={sequence})",
-        )
-        require(
-            length % chunks == 0 and (length // chunks) % sequence == 0,
-            f"length {length} must be divisible by train.loss_chunks={chunks}, in slices "
-            f"divisible by mesh.sequence={sequence}",
-        )
-
-
-def check_splash(config: ml_collections.ConfigDict, mesh_shape: dict) -> None:
-    """What the splash kernel needs of a config (also for "auto" once it resolves to splash),
-    at every length of the schedule.
-
-    With a split sequence the kernel runs per shard against gathered keys
-    (context_parallel="all_gather"): query tiles then divide one shard's queries. The ring
-    runs its blocks in jaxlm.attention.ring_kernels instead, whose key tiles need shards of whole
-    128-token lanes."""
-    m, final, shards = config.model, config.data.seq_len, mesh_shape["sequence"]
-    if shards > 1 and m.context_parallel == "ring":
-        for seq_len in sorted({length for _, length in seq_len_stages(config)}, reverse=True):
-            ok = (seq_len // shards) % 128 == 0
-            field, value = (
-                ("data.seq_len", final)
-                if seq_len == final
-                else ("data.seq_len_schedule", config.data.seq_len_schedule)
-            )
-            _require(
-                ok,
-                field,
-                value,
-                f"row lengths whose shards (length / mesh.sequence="
-                f"{shards}) are multiples of 128 for the ring's Pallas blocks (length "
-                f"{seq_len} is not); or use model.attention='xla'",
-            )
-        return
-    for seq_len in sorted({length for _, length in seq_len_stages(config)}, reverse=True):
-        length = seq_len // shards  # one shard's queries
-        for field in ("splash_block_q", "splash_block_kv"):
-            block = min(int(m[field]), length)
-            multiple = 128 if field == "splash_block_kv" else 8
-            ok = block >= 1 and length % block == 0 and block % multiple == 0
-            if seq_len == final:
-                _require(
-                    ok,
-                    f"model.{field}",
-                    m[field],
-                    f"a multiple of {multiple} that divides "
-                    f"{length} (data.seq_len / mesh.sequence) once clipped to it (splash "
-                    "attention's tiles)",
-                )
-            else:
-                _require(
-                    ok,
-                    "data.seq_len_schedule",
-                    config.data.seq_len_schedule,
-                    f"length {seq_len} does not fit splash attention's tiles: model.{field}="
-                    f"{m[field]} clipped to {length} (the length / mesh.sequence) must be a "
-                    f"multiple of {multiple} that divides it; use longer lengths, or "
-                    "model.attention='xla'",
-                )
-
-
-def attention_impl(config: ml_collections.ConfigDict, mesh_shape: dict, platform: str) -> str:
-    """The attention kernel a config runs with on `platform`: "auto" is splash on TPU where
-    splash applies to the config (else xla), cuDNN on GPU in 16-bit, else xla. An explicit
-    "splash" that cannot work is a ConfigError naming the field."""
-    impl = attention_lib.resolve(config.model.attention, platform, config.model.dtype)
-    if impl != "splash":
-        return impl
-    try:
-        check_splash(config, mesh_shape)
-    except ConfigError:
-        if config.model.attention != "auto":
-            raise
-        return "xla"
-    return impl
 
 
 def model_config(

@@ -21,10 +21,10 @@ import optax
 
 from jaxlm import attention as attention_lib
 from jaxlm import config as config_lib
+from jaxlm import kernel_choice, optim
 from jaxlm import lora as lora_lib
 from jaxlm import loss as loss_lib
 from jaxlm import model as model_lib
-from jaxlm import optim
 from jaxlm import sharding as sharding_lib
 
 
@@ -164,7 +164,7 @@ def build(config, devices=None) -> tuple[StateFactory, config_lib.Derived]:
         model_cfg,
         attention=dataclasses.replace(
             model_cfg.attention,
-            impl=config_lib.attention_impl(config, derived.mesh_shape, platform),
+            impl=kernel_choice.attention_impl(config, derived.mesh_shape, platform),
             splash_interpret=platform != "tpu",
         ),
     )

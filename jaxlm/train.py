@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import cli, files, optim, platforms
+from jaxlm import cli, files, optim, platforms, seq_len_schedule
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
@@ -334,11 +334,11 @@ class _Stages:
 
     def __init__(self, config, derived, console, writer):
         self.config, self.derived, self.console, self.writer = config, derived, console, writer
-        self.stages = config_lib.seq_len_stages(config)
+        self.stages = seq_len_schedule.seq_len_stages(config)
         self.stage = self.seq_len = self.flops_per_token = None
 
     def at(self, step: int) -> int:
-        return config_lib.stage_at(self.stages, step)
+        return seq_len_schedule.stage_at(self.stages, step)
 
     def enter(self, step: int) -> None:
         """Move to `step`'s stage and announce it."""

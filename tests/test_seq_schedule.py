@@ -8,6 +8,7 @@ import pytest
 
 from configs import tiny
 from jaxlm import config as config_lib
+from jaxlm import kernel_choice, seq_len_schedule
 from jaxlm import metrics as metrics_lib
 from jaxlm import step as step_lib
 from jaxlm import train as train_lib
@@ -65,14 +66,14 @@ def test_bad_schedule_names_the_field(schedule, changes, words):
 def test_stages_and_auto_attention():
     config = _config(((0, 128), (3, 256)), **{"model.attention": "auto"})
     shape = config_lib.validate(config, 8).mesh_shape
-    stages = config_lib.seq_len_stages(config)
+    stages = seq_len_schedule.seq_len_stages(config)
     assert stages == ((0, 128), (3, 256))
     # A stage starts after start_step updates: updates 1-3 at 128, 4 on at 256.
-    assert [config_lib.stage_at(stages, step) for step in range(1, 7)] == [0, 0, 0, 1, 1, 1]
-    assert config_lib.seq_len_stages(tiny.get_config()) == ((0, 256),)
-    assert config_lib.attention_impl(config, shape, "tpu") == "splash"
+    assert [seq_len_schedule.stage_at(stages, step) for step in range(1, 7)] == [0, 0, 0, 1, 1, 1]
+    assert seq_len_schedule.seq_len_stages(tiny.get_config()) == ((0, 256),)
+    assert kernel_choice.attention_impl(config, shape, "tpu") == "splash"
     config.data.seq_len_schedule = ((0, 64), (3, 256))  # 64 fits no 128-key splash tile
-    assert config_lib.attention_impl(config, shape, "tpu") == "xla"
+    assert kernel_choice.attention_impl(config, shape, "tpu") == "xla"
 
 
 def test_cut_rows_are_the_rows_packed_at_the_shorter_length():

@@ -12,6 +12,7 @@ from support import assert_attention_matches_reference, float32_roundoff, small_
 
 from jaxlm import attention as attention_lib
 from jaxlm import config as config_lib
+from jaxlm import kernel_choice
 from jaxlm import sharding as sharding_lib
 from jaxlm.model import ModelConfig, Transformer
 
@@ -195,16 +196,16 @@ def test_auto_picks_splash_on_tpu_where_it_applies():
     config = small_config()
     config.data.seq_len, config.model.attention = 256, "auto"
     one_device = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}
-    assert config_lib.attention_impl(config, one_device, "tpu") == "splash"
+    assert kernel_choice.attention_impl(config, one_device, "tpu") == "splash"
     # A split sequence: splash per shard under all_gather; the ring's own Pallas blocks
     # (jaxlm.attention.ring_kernels) where its shards are whole 128-token lanes, else "auto" falls
     # back to XLA blocks and an explicit ask fails.
     split = {**one_device, "sequence": 2}
-    assert config_lib.attention_impl(config, split, "tpu") == "splash"
+    assert kernel_choice.attention_impl(config, split, "tpu") == "splash"
     config.model.context_parallel = "ring"
-    assert config_lib.attention_impl(config, split, "tpu") == "splash"
+    assert kernel_choice.attention_impl(config, split, "tpu") == "splash"
     split4 = {**one_device, "sequence": 4}
-    assert config_lib.attention_impl(config, split4, "tpu") == "xla"
+    assert kernel_choice.attention_impl(config, split4, "tpu") == "xla"
     config.model.attention = "splash"
     with pytest.raises(config_lib.ConfigError, match="data.seq_len"):
-        config_lib.attention_impl(config, split4, "tpu")
+        kernel_choice.attention_impl(config, split4, "tpu")
