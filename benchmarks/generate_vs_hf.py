@@ -3,7 +3,7 @@
     python -m benchmarks.generate_vs_hf [--config=configs/125m.py] [--batch=1,8] [--rounds=3]
 
 A random LlamaForCausalLM with the config's shape is saved once (float32 safetensors); jaxlm
-reads those very tensors (jaxlm.convert.read_hf_params). Both decode greedily from the same
+reads those very tensors (jaxlm.hf_weights.read_hf_params). Both decode greedily from the same
 random prompts, every row making all `new_tokens` (no EOS stop). Each measurement is its own
 process, engines alternating (jaxlm, transformers, transformers, jaxlm, ...), so a change in
 the host's load falls on both; a process runs once untimed (compiles, warms caches) and then
@@ -79,14 +79,14 @@ def run_jaxlm(config, hf_dir: pathlib.Path, batch: int, length: int, new_tokens:
     jax.config.update("jax_compilation_cache_dir", str(hf_dir / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     from jaxlm import config as config_lib
-    from jaxlm import convert, param_layout
     from jaxlm import generate as gen
+    from jaxlm import hf_weights, param_layout
 
     derived = config_lib.validate(config, 1)
     cfg = config_lib.model_config(config, derived)
     fields = dict(config.model, head_dim=derived.head_dim)
     params, cfg = param_layout.for_decoding(
-        jax.device_put(convert.read_hf_params(hf_dir, fields, "float32")), cfg, free=True
+        jax.device_put(hf_weights.read_hf_params(hf_dir, fields, "float32")), cfg, free=True
     )
     tokens = prompts(cfg.vocab_size, batch, length).tolist()
     outputs = []

@@ -11,12 +11,12 @@ like any other (--to_hf from a LoRA run merges the same way on the fly).
 
 Importing writes RUN_DIR/checkpoints (an orbax checkpoint that config.checkpoint.init_from
 reads), RUN_DIR/config.py (the model's config, with data.tokenizer and init_from set) and the
-tokenizer files. It reads one layer at a time straight into preallocated stacked arrays, so
-host memory stays near one copy of the model. Exporting writes config.json, safetensors
-shards with their index, and the tokenizer, which transformers' from_pretrained loads.
+tokenizer files, holding near one copy of the model in host memory. Exporting writes
+config.json, safetensors shards with their index, and the tokenizer, which transformers'
+from_pretrained loads.
 
-Hugging Face stores a projection as W [out, in] applied as x @ W.T; jaxlm stores W.T with
-the head axes split out ([d, heads, head_dim] for q). Both rotate the pairs (i, i + hd/2).
+The tensors themselves (names, layout, safetensors files) are jaxlm.hf_weights'; config.json
+is jaxlm.hf_config's. This module writes and reads the run directories around them.
 """
 
 from __future__ import annotations
@@ -30,148 +30,20 @@ import sys
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 import jaxlm
-from jaxlm import cli, files, hf_config, param_layout, platforms
+from jaxlm import cli, files, hf_config, hf_weights, param_layout, platforms
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.hf_config import ConvertError
-from jaxlm.param_layout import get_path, set_path
 
-DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
-IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed by both
-
-
-HF_NAMES = {  # jaxlm path -> Hugging Face name ({}: the layer)
-    ("layers", "attn", "q"): "model.layers.{}.self_attn.q_proj.weight",
-    ("layers", "attn", "k"): "model.layers.{}.self_attn.k_proj.weight",
-    ("layers", "attn", "v"): "model.layers.{}.self_attn.v_proj.weight",
-    ("layers", "attn", "o"): "model.layers.{}.self_attn.o_proj.weight",
-    ("layers", "mlp", "gate"): "model.layers.{}.mlp.gate_proj.weight",
-    ("layers", "mlp", "up"): "model.layers.{}.mlp.up_proj.weight",
-    ("layers", "mlp", "down"): "model.layers.{}.mlp.down_proj.weight",
-    ("layers", "attn_norm", "scale"): "model.layers.{}.input_layernorm.weight",
-    ("layers", "mlp_norm", "scale"): "model.layers.{}.post_attention_layernorm.weight",
-    ("embedding",): "model.embed_tokens.weight",
-    ("final_norm", "scale"): "model.norm.weight",
-    ("head",): "lm_head.weight",
-}
-
-
-def tensor_layout(m: dict) -> list[tuple[tuple, str, tuple, tuple, bool]]:
-    """(jaxlm path, Hugging Face name with {} for the layer, jaxlm shape of one layer,
-    Hugging Face shape, transposed) for every parameter of config.model fields `m`. A matmul
-    kernel is stored transposed there, [out, in], its input and output axes flattened."""
-    rows = []
-    for path, shape, n_in in param_layout.params(m):
-        hf_shape = (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in]))) if n_in else shape
-        rows.append((path, HF_NAMES[path], shape, hf_shape, bool(n_in)))
-    return rows
-
-
-# --- Hugging Face -> jaxlm ----------------------------------------------------------------------
-
-
-def _weight_files(hf_dir: pathlib.Path) -> dict[str, pathlib.Path]:
-    """Tensor name -> the safetensors file holding it (one file, or an index's shards)."""
-    index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: hf_dir / file for name, file in weight_map.items()}
-    single = hf_dir / "model.safetensors"
-    if not single.is_file():
-        raise ConvertError(
-            f"{hf_dir} has neither model.safetensors nor "
-            "model.safetensors.index.json (only safetensors checkpoints convert)"
-        )
-    with safe_open(single, framework="np") as f:
-        return {name: single for name in f.keys()}
-
-
-def _source_dtype(files: dict[str, pathlib.Path]) -> str:
-    name = "model.embed_tokens.weight"
-    if name not in files:
-        raise ConvertError(f"the checkpoint has no tensor {name!r}")
-    with safe_open(files[name], framework="np") as f:
-        kind = f.get_slice(name).get_dtype()
-    if kind not in DTYPES:
-        raise ConvertError(f"tensor {name!r} is {kind}; jaxlm converts {sorted(DTYPES)}")
-    return DTYPES[kind]
-
-
-def _read_into(files: dict, names_and_targets: list, transposed: dict) -> None:
-    """Read each (name, (target view, Hugging Face shape)) into its target. A file is opened
-    per tensor: safetensors maps the file, and the pages a read touches stay resident until
-    the file is closed, which would otherwise add up to a whole shard."""
-    for name, (target, hf_shape) in names_and_targets:
-        if name not in files:
-            raise ConvertError(f"the checkpoint has no tensor {name!r}, which config.json implies")
-        with safe_open(files[name], framework="np") as f:
-            array = f.get_tensor(name)
-        if tuple(array.shape) != tuple(hf_shape):
-            raise ConvertError(
-                f"tensor {name!r} has shape {tuple(array.shape)}; "
-                f"config.json implies {tuple(hf_shape)}"
-            )
-        if transposed[name]:
-            target.reshape(hf_shape[::-1])[...] = array.T
-        else:
-            target[...] = array
-        del array
-
-
-def read_hf_params(hf_dir: pathlib.Path, m: dict, dtype: str) -> dict:
-    """jaxlm's parameter tree (NumPy arrays of `dtype`) from a Hugging Face checkpoint."""
-    files = _weight_files(hf_dir)
-    layout = tensor_layout(m)
-    params: dict = {}
-    transposed = {}
-    for path, name, shape, hf_shape, flip in layout:
-        stacked = path[0] == "layers"
-        set_path(params, path, np.empty(((m["n_layers"],) if stacked else ()) + shape, dtype))
-        for i in range(m["n_layers"] if stacked else 1):
-            transposed[name.format(i)] = flip
-    for i in range(m["n_layers"]):
-        _read_into(
-            files,
-            [
-                (name.format(i), (get_path(params, path)[i], hf_shape))
-                for path, name, _, hf_shape, _ in layout
-                if path[0] == "layers"
-            ],
-            transposed,
-        )
-    _read_into(
-        files,
-        [
-            (name, (get_path(params, path), hf_shape))
-            for path, name, _, hf_shape, _ in layout
-            if path[0] != "layers"
-        ],
-        transposed,
-    )
-    extra = [
-        n
-        for n in files
-        if n not in transposed
-        and not n.endswith(IGNORED)
-        and not (m["tie_embeddings"] and n == "lm_head.weight")
-    ]
-    if extra:
-        raise ConvertError(
-            f"tensors {extra[:4]}{' ...' if len(extra) > 4 else ''} have no place "
-            "in jaxlm's model (biases? another architecture?)"
-        )
-    return params
 
 
 def _copy_tokenizer(hf_dir: pathlib.Path, run_dir: epath.Path) -> str:
@@ -241,7 +113,7 @@ def import_hf(hf_dir, run_dir, param_dtype: str | None = None) -> epath.Path:
     if not (hf_dir / "config.json").is_file():
         raise ConvertError(f"--from_hf={str(hf_dir)!r} has no config.json")
     m = hf_config.to_jaxlm(json.loads((hf_dir / "config.json").read_text()))
-    dtype = param_dtype or _source_dtype(_weight_files(hf_dir))
+    dtype = param_dtype or hf_weights.source_dtype(hf_weights.weight_files(hf_dir))
     if run_lib.checkpoints_dir(run_dir).exists():
         raise ConvertError(f"--to={str(run_dir)!r} already has checkpoints/; choose a new dir")
     files.make_dir(run_dir, "--to")
@@ -259,7 +131,7 @@ def import_hf(hf_dir, run_dir, param_dtype: str | None = None) -> epath.Path:
     config.model.update(m)
     config.model.param_dtype = dtype
     config.data.tokenizer = tokenizer
-    params = read_hf_params(hf_dir, m, dtype)
+    params = hf_weights.read_hf_params(hf_dir, m, dtype)
     save_params(
         run_lib.checkpoints_dir(run_dir),
         params,
@@ -324,21 +196,6 @@ def merge_lora(run, out_run) -> pathlib.Path:
     return pathlib.Path(run_lib.checkpoints_dir(out))
 
 
-def hf_tensors(params: dict, m: dict, dtype: str):
-    """(name, shape, nbytes, make) of each Hugging Face tensor; make() builds it then."""
-    itemsize = np.dtype(dtype).itemsize
-    for path, name, _, hf_shape, flip in tensor_layout(m):
-        source = get_path(params, path)
-        for i in range(m["n_layers"] if path[0] == "layers" else 1):
-            one = source[i] if path[0] == "layers" else source
-
-            def make(one=one, hf_shape=hf_shape, flip=flip):
-                out = one.reshape(hf_shape[::-1]).T if flip else one
-                return np.ascontiguousarray(out.astype(dtype, copy=False))
-
-            yield name.format(i), hf_shape, int(np.prod(hf_shape)) * itemsize, make
-
-
 def _export_tokenizer(path: str, out: pathlib.Path) -> tuple[int | None, int | None]:
     """Copy the run's tokenizer (local or gs://, and Hugging Face files beside it) into the
     local `out`; (bos id, eos id)."""
@@ -390,27 +247,11 @@ def _export_tokenizer(path: str, out: pathlib.Path) -> tuple[int | None, int | N
 def export_hf(run, out_dir, max_shard_size: str | int = "5GB", dtype: str | None = None) -> None:
     """Write a jaxlm run's checkpoint (local or gs://) as a Hugging Face LlamaForCausalLM
     directory (local: safetensors writes local files)."""
-    from huggingface_hub import split_state_dict_into_shards_factory
-
     out = pathlib.Path(files.make_dir(out_dir, "--to_hf"))  # before the long read
     params, meta, step = read_run(run)
     m = param_layout.model_fields(meta["config"]["model"])
     dtype = dtype or m["param_dtype"]
-    tensors = {name: (size, make) for name, _, size, make in hf_tensors(params, m, dtype)}
-    split = split_state_dict_into_shards_factory(
-        tensors,
-        get_storage_size=lambda t: t[0],
-        filename_pattern="model{suffix}.safetensors",
-        max_shard_size=max_shard_size,
-    )
-    for filename, names in split.filename_to_tensors.items():
-        save_file({n: tensors[n][1]() for n in names}, out / filename, metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {
-            "metadata": {"total_size": sum(size for size, _ in tensors.values())},
-            "weight_map": split.tensor_to_filename,
-        }
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    n_files = hf_weights.write_hf_params(params, m, dtype, out, max_shard_size)
     bos, eos = _export_tokenizer(
         meta.get("tokenizer") or meta["config"].get("data", {}).get("tokenizer", ""), out
     )
@@ -421,7 +262,7 @@ def export_hf(run, out_dir, max_shard_size: str | int = "5GB", dtype: str | None
     )
     config = hf_config.from_jaxlm(m, m["head_dim"], dtype, int(max_positions), bos, eos)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    print(f"wrote {out} from step {step}: {len(split.filename_to_tensors)} safetensors file(s)")
+    print(f"wrote {out} from step {step}: {n_files} safetensors file(s)")
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -437,7 +278,7 @@ def parse_args(argv):
     p.add_argument("--to", help="with --from_hf or --merge_lora: the run directory to create")
     p.add_argument(
         "--param_dtype",
-        choices=sorted(set(DTYPES.values())),
+        choices=sorted(set(hf_weights.DTYPES.values())),
         help="with --from_hf: the checkpoint's dtype (default: the source's)",
     )
     p.add_argument("--from_run", help="a jaxlm run directory, its checkpoints/ or one step")
@@ -451,7 +292,7 @@ def parse_args(argv):
     p.add_argument("--max_shard_size", default="5GB", help="with --to_hf: e.g. 5GB, 500MB")
     p.add_argument(
         "--dtype",
-        choices=sorted(set(DTYPES.values())),
+        choices=sorted(set(hf_weights.DTYPES.values())),
         help="with --to_hf: the tensors' dtype (default: the params')",
     )
     args = p.parse_args(argv)

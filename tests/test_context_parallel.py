@@ -25,7 +25,7 @@ from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
 from jaxlm.attention import balanced_order as balance_lib
 from jaxlm.attention import context_parallel as cp
-from jaxlm.attention import ring_kernels, ring_xla
+from jaxlm.attention import ring_pallas, ring_xla
 
 LENGTH, HEAD_DIM = 64, 16
 
@@ -181,8 +181,8 @@ def test_ring_autodiff_backward_equals_custom_vjp(monkeypatch, mesh, group, rows
 def test_bfloat16_strategies_stay_within_rounding_of_float32(monkeypatch):
     """In bfloat16 the strategies round at different points (the ring rescales float32
     partial sums); each stays within bfloat16 rounding of the float32 computation, the ring
-    with its Pallas blocks (jaxlm.attention.ring_kernels, interpreted; 8-query tiles) too."""
-    monkeypatch.setattr(ring_kernels, "BLOCK_Q", 8)
+    with its Pallas blocks (jaxlm.attention.ring_pallas, interpreted; 8-query tiles) too."""
+    monkeypatch.setattr(ring_pallas, "BLOCK_Q", 8)
     q, k, v, seg = _inputs(4, 2, "packed")
     q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
     seg = jnp.asarray(seg)

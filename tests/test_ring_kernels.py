@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_context_parallel import _context_parallel, check_against_reference
 
-from jaxlm.attention import ring_kernels as rk
+from jaxlm.attention import ring_pallas
 
 
 def _reference_block(q, k, v, q_pos, k_pos, q_seg, k_seg, scale):
@@ -40,7 +40,7 @@ def test_block_forward_matches_float64_with_rows_that_see_nothing():
     k_pos = np.arange(16, 32).astype(np.int32)
     q_seg = np.stack([np.repeat([1, 2], 8), np.ones(16)]).astype(np.int32)
     k_seg = np.stack([np.repeat([1, 2], 8), np.ones(16)]).astype(np.int32)
-    out, lse = rk.block_forward(
+    out, lse = ring_pallas.block_forward(
         *map(jnp.asarray, (q, k, v, q_pos, k_pos, q_seg, k_seg)),
         scale=0.3,
         block_q=8,
@@ -69,8 +69,8 @@ def test_ring_with_kernel_blocks_matches_float64_reference(monkeypatch, mesh, gr
     """Values, and gradients as directional derivatives of the reference, with 8 x 8 tiles
     (several per block, some skipped by the mask); block_impl "splash" runs the ring's
     blocks in these kernels."""
-    monkeypatch.setattr(rk, "BLOCK_Q", 8)
-    monkeypatch.setattr(rk, "BLOCK_K", 8)
+    monkeypatch.setattr(ring_pallas, "BLOCK_Q", 8)
+    monkeypatch.setattr(ring_pallas, "BLOCK_K", 8)
     check_against_reference(
         _context_parallel("ring", mesh["sequence"], "splash"), mesh, group, rows
     )

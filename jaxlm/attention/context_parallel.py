@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxlm import mesh_axes
-from jaxlm.attention import ring, ring_kernels, ring_xla, splash
+from jaxlm.attention import ring, ring_pallas, ring_xla, splash
 from jaxlm.attention.balanced_order import original_index
 from jaxlm.attention.xla import causal_mask, group_heads, grouped_scores
 
@@ -75,7 +75,7 @@ def attention(
     q [b, l, h, d], k, v [b, l, kv, d], segment_ids [b, l] or None, all in the balanced order
     (`balance`) and sharded as ("batch", "length", heads). `block_impl` "splash" (TPU) runs
     the all_gather strategy's block in the splash kernel (`splash_blocks`: its BlockSizes)
-    and the ring's blocks in jaxlm.attention.ring_kernels; both in Pallas' interpreter with
+    and the ring's blocks in jaxlm.attention.ring_pallas; both in Pallas' interpreter with
     `splash_interpret`. "xla": XLA ops.
     """
     if strategy not in STRATEGIES:
@@ -99,7 +99,7 @@ def attention(
         block = _all_gather_xla
     else:
         blocks = (
-            ring_kernels.PallasBlocks(splash_interpret)
+            ring_pallas.PallasBlocks(splash_interpret)
             if block_impl == "splash"
             else ring_xla.XlaBlocks()
         )

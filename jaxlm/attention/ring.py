@@ -9,7 +9,7 @@ in benchmarks/ring_autodiff.py): autodiff keeps every step's K/V block for the b
 the custom VJP keeps only the inputs, the output and the log-sum-exp (measured on a v5p-16
 compile, benchmarks/results/ring-variants.md).
 
-A block backend (`ring_xla.XlaBlocks`, `ring_kernels.PallasBlocks`) is a frozen dataclass
+A block backend (`ring_xla.XlaBlocks`, `ring_pallas.PallasBlocks`) is a frozen dataclass
 with: `enter` / `leave` (its layout), `rows` (a shard's length), `start` / `forward` /
 `finish` (the running state of one shard's rows over the held block), `delta` and
 `backward` (one block's gradients given the global log-sum-exp).
