@@ -232,7 +232,9 @@ def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
     nonfinite = _NonFinitePolicy(t, console, window)
     last = {}
     if start == 0:  # where validation loss starts, so a run shows what it learned
-        writer.write(0, {"val_loss": validation_loss()})
+        val_loss = validation_loss()
+        writer.write(0, {"val_loss": val_loss})
+        console.print(f"step 0/{t.steps} | validation loss {val_loss:.4f}")
     try:
         with factory.context():
             for step in range(start + 1, t.steps + 1):
