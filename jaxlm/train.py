@@ -203,6 +203,14 @@ def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
     console = _Console(t.steps, 0, enabled=is_main)
     begin = run_lib.initial_state(config, factory, checkpoints, console.print)
     start, state = begin.step, begin.state
+    if start >= t.steps:  # a rerun of a finished run, or train.steps lowered below it
+        console.print(
+            f"the run is already at step {start} of --config.train.steps={t.steps}: "
+            "nothing to train; raise train.steps to continue"
+        )
+        console.close()
+        checkpoints.close()
+        return {}
     # Checkpoints written before the log window was saved resume with an empty one.
     window = metrics_lib.LogWindow(begin.record.get("log_window"))
     init_tokenizer = (

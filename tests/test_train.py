@@ -214,3 +214,18 @@ def test_console_shows_the_validation_loss_before_training(tmp_path, tokenizer_p
     assert len(step0) == 1, out
     assert float(step0[0].rsplit(" ", 1)[1]) > 8.0
     assert out.index(step0[0]) < out.index("step 2/2 |")
+
+
+def test_run_already_past_train_steps_says_so_and_trains_nothing(tmp_path, tokenizer_path, capsys):
+    train_lib.train(_short_run_config(tokenizer_path, 2), tmp_path)
+    rows = _metrics(tmp_path)
+    capsys.readouterr()
+    assert train_lib.train(_short_run_config(tokenizer_path, 1), tmp_path) == {}
+    out = capsys.readouterr().out
+    assert (
+        "the run is already at step 2 of --config.train.steps=1: nothing to train; "
+        "raise train.steps to continue"
+    ) in out
+    assert "step 1/1" not in out and "done:" not in out
+    assert _metrics(tmp_path) == rows  # nothing logged again, nothing dropped
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
