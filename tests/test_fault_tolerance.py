@@ -19,6 +19,7 @@ from support import factory_for, small_config, tensorboard_view
 from configs import tiny
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import metrics as metrics_lib
+from jaxlm import stop_signals
 from jaxlm import train as train_lib
 
 
@@ -231,6 +232,44 @@ def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path, repo, tokenizer_pa
     assert code == 0, output[-2000:]
     assert f"resumed from {workdir / 'checkpoints' / str(saved)}" in output
     assert [r["step"] for r in metric_rows(workdir) if "loss" in r] == list(range(1, saved + 3))
+
+
+@pytest.mark.slow  # a subprocess
+def test_ctrl_c_saves_and_exits_in_one_line(tmp_path, repo, tokenizer_path):
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(
+        cli(tokenizer_path, workdir, 200, every=1000),
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stdout:
+        if line.startswith("step 3/"):
+            process.send_signal(signal.SIGINT)
+            break
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == train_lib.PREEMPTED_EXIT_CODE, output[-2000:]
+    assert "Traceback" not in output, output[-4000:]
+    saved = finished_checkpoints(workdir)
+    assert len(saved) == 1 and 3 <= saved[0] < 200
+    assert "Ctrl-C: saving a checkpoint at the next step boundary" in output
+    assert f"checkpoint saved at step {saved[0]}; start the same command again" in output
+
+
+def test_a_second_ctrl_c_is_python_s_own_again(capfd):
+    before = signal.getsignal(signal.SIGINT)
+    stop = stop_signals.StopRequest()
+    try:
+        assert signal.getsignal(signal.SIGINT) is not before and not stop.agreed()
+        os.kill(os.getpid(), signal.SIGINT)  # the first: a request to save and stop
+        assert stop.agreed()
+        assert signal.getsignal(signal.SIGINT) is before  # the next one interrupts at once
+        assert "Ctrl-C: saving a checkpoint" in capfd.readouterr().err
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def _corrupt(step_dir: pathlib.Path):
