@@ -14,6 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 from support import factory_for, small_config, tensorboard_view
 
 from configs import tiny
@@ -482,3 +483,19 @@ def test_disk_full_at_save_keeps_last_good_checkpoint(small_disk, tokenizer_path
     again, _ = final_params(workdir, 2, config)
     for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(again)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_opening_a_run_read_only_logs_no_orbax_notices(tmp_path, caplog):
+    """init_from, convert, generate and eval open checkpoints read-only: orbax's notices that
+    it turned saving off are nothing a user can act on; other warnings still pass."""
+    checkpoints = checkpoint_lib.Checkpointer(tmp_path, keep=1, probe=False)
+    checkpoints.save(1, {"params": {"w": np.ones(3, np.float32)}}, {"step": 1})
+    checkpoints.close()
+    with caplog.at_level("WARNING"):
+        manager, step = checkpoint_lib.open_read_only(tmp_path)
+        assert step == 1 and checkpoint_lib.read_meta(manager, step) == {"step": 1}
+        manager.close()
+        absl_logging.warning("Given directory is read only: after opening, this one passes")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "read_only=True" in m], messages
+    assert messages == ["Given directory is read only: after opening, this one passes"]
