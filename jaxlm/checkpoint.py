@@ -11,6 +11,8 @@ reported and the one before it is used. Directories are `etils.epath` paths (thr
 
 from __future__ import annotations
 
+import contextlib
+import logging as python_logging
 import time
 import uuid
 
@@ -137,12 +139,34 @@ def split_step(path: epath.Path) -> tuple[epath.Path, int | None]:
     return path, None
 
 
+# What orbax warns on opening a manager read-only: that it turned the saving options off,
+# and that the directory is read-only. Both are what we asked for, so nothing to act on.
+_READ_ONLY_NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+
+class _DropReadOnlyNotices(python_logging.Filter):
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_READ_ONLY_NOTICES)
+
+
+@contextlib.contextmanager
+def _without_read_only_notices():
+    """Only those notices, only from absl's logger (where orbax logs), only meanwhile."""
+    absl_logger, notices = python_logging.getLogger("absl"), _DropReadOnlyNotices()
+    absl_logger.addFilter(notices)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(notices)
+
+
 def open_read_only(directory: epath.Path, step: int | None = None):
     """A read-only manager over a checkpoints directory, and `step`, or its newest step when
     none is given (None when it has none). The caller closes the manager."""
-    manager = ocp.CheckpointManager(
-        directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True)
-    )
+    with _without_read_only_notices():
+        manager = ocp.CheckpointManager(
+            directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True)
+        )
     return manager, (manager.latest_step() if step is None else step)
 
 

@@ -3,15 +3,15 @@
 Validates the config, builds the mesh, data, model and optimizer, then runs the loop:
 train steps, periodic logging and evaluation, checkpoints. Started again with the same
 workdir it resumes from the newest readable checkpoint and continues exactly as an
-unbroken run would. SIGTERM (what TPU VMs and SLURM send before preemption) saves a
-checkpoint at the next step boundary and exits with PREEMPTED_EXIT_CODE.
+unbroken run would. SIGTERM (what TPU VMs and SLURM send before preemption) or Ctrl-C saves
+a checkpoint at the next step boundary and exits with PREEMPTED_EXIT_CODE; a second Ctrl-C
+stops at once.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 
@@ -19,13 +19,12 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
 import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import cli, files, optim, platforms, seq_len_schedule
+from jaxlm import cli, files, optim, platforms, seq_len_schedule, stop_signals
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
@@ -88,25 +87,6 @@ class _NonFinitePolicy:
                 f"(train.max_skips_in_a_row={self.t.max_skips_in_a_row}); stopping"
             )
         return False
-
-
-class _SigtermFlag:
-    """Set by SIGTERM; every process agrees on it at step boundaries."""
-
-    def __init__(self):
-        self.local = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.local = True
-
-    def agreed(self) -> bool:
-        if jax.process_count() == 1:
-            return self.local
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.local))))
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def evaluate(eval_step, params, eval_data, batch_sharding) -> float:
@@ -178,17 +158,17 @@ def train(config, workdir: epath.PathLike) -> dict:
     """Run (or resume) training as `config` says, in `workdir` (a local path or gs://...);
     return the last logged metrics.
 
-    SIGTERM is caught from the start: one that comes while the run loads, restores or
+    SIGTERM and Ctrl-C are caught from the start: one that comes while the run loads, restores or
     compiles (a cluster's early warning, SLURM's --signal=TERM@N) saves after the first step.
     """
-    sigterm = _SigtermFlag()
+    stop = stop_signals.StopRequest()
     try:
-        return _train(config, files.path(workdir), sigterm)
+        return _train(config, files.path(workdir), stop)
     finally:
-        sigterm.restore()
+        stop.restore()
 
 
-def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
+def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
     factory, derived = step_lib.build(config)  # validates the config first
     t, d = config.train, config.data
     is_main = jax.process_index() == 0
@@ -203,6 +183,14 @@ def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
     console = _Console(t.steps, 0, enabled=is_main)
     begin = run_lib.initial_state(config, factory, checkpoints, console.print)
     start, state = begin.step, begin.state
+    if start >= t.steps:  # a rerun of a finished run, or train.steps lowered below it
+        console.print(
+            f"the run is already at step {start} of --config.train.steps={t.steps}: "
+            "nothing to train; raise train.steps to continue"
+        )
+        console.close()
+        checkpoints.close()
+        return {}
     # Checkpoints written before the log window was saved resume with an empty one.
     window = metrics_lib.LogWindow(begin.record.get("log_window"))
     init_tokenizer = (
@@ -232,7 +220,9 @@ def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
     nonfinite = _NonFinitePolicy(t, console, window)
     last = {}
     if start == 0:  # where validation loss starts, so a run shows what it learned
-        writer.write(0, {"val_loss": validation_loss()})
+        val_loss = validation_loss()
+        writer.write(0, {"val_loss": val_loss})
+        console.print(f"step 0/{t.steps} | validation loss {val_loss:.4f}")
     try:
         with factory.context():
             for step in range(start + 1, t.steps + 1):
@@ -272,7 +262,7 @@ def _train(config, workdir: epath.Path, sigterm: _SigtermFlag) -> dict:
                     console.print(f"step {step}/{t.steps} | validation loss {val_loss:.4f}")
                     throughput.leave_out_since(eval_start)  # not training time
 
-                preempted = sigterm.agreed()
+                preempted = stop.agreed()
                 if step % config.checkpoint.every == 0 or step == t.steps or preempted:
                     console.print(
                         f"step {step}/{t.steps} | saving checkpoint {checkpoints.path(step)}"
@@ -436,6 +426,8 @@ def main(argv):
     except Preempted as e:
         print(f"{e}; start the same command again to resume", flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        sys.exit("interrupted: stopped without saving; the newest checkpoint resumes")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,13 @@ import time
 import jax
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 from support import factory_for, small_config, tensorboard_view
 
 from configs import tiny
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import metrics as metrics_lib
+from jaxlm import stop_signals
 from jaxlm import train as train_lib
 
 
@@ -233,6 +235,44 @@ def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path, repo, tokenizer_pa
     assert [r["step"] for r in metric_rows(workdir) if "loss" in r] == list(range(1, saved + 3))
 
 
+@pytest.mark.slow  # a subprocess
+def test_ctrl_c_saves_and_exits_in_one_line(tmp_path, repo, tokenizer_path):
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(
+        cli(tokenizer_path, workdir, 200, every=1000),
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stdout:
+        if line.startswith("step 3/"):
+            process.send_signal(signal.SIGINT)
+            break
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == train_lib.PREEMPTED_EXIT_CODE, output[-2000:]
+    assert "Traceback" not in output, output[-4000:]
+    saved = finished_checkpoints(workdir)
+    assert len(saved) == 1 and 3 <= saved[0] < 200
+    assert "Ctrl-C: saving a checkpoint at the next step boundary" in output
+    assert f"checkpoint saved at step {saved[0]}; start the same command again" in output
+
+
+def test_a_second_ctrl_c_is_python_s_own_again(capfd):
+    before = signal.getsignal(signal.SIGINT)
+    stop = stop_signals.StopRequest()
+    try:
+        assert signal.getsignal(signal.SIGINT) is not before and not stop.agreed()
+        os.kill(os.getpid(), signal.SIGINT)  # the first: a request to save and stop
+        assert stop.agreed()
+        assert signal.getsignal(signal.SIGINT) is before  # the next one interrupts at once
+        assert "Ctrl-C: saving a checkpoint" in capfd.readouterr().err
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def _corrupt(step_dir: pathlib.Path):
     for path in (step_dir / "state").rglob("*"):
         if path.is_file() and path.stat().st_size > 8:
@@ -443,3 +483,19 @@ def test_disk_full_at_save_keeps_last_good_checkpoint(small_disk, tokenizer_path
     again, _ = final_params(workdir, 2, config)
     for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(again)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_opening_a_run_read_only_logs_no_orbax_notices(tmp_path, caplog):
+    """init_from, convert, generate and eval open checkpoints read-only: orbax's notices that
+    it turned saving off are nothing a user can act on; other warnings still pass."""
+    checkpoints = checkpoint_lib.Checkpointer(tmp_path, keep=1, probe=False)
+    checkpoints.save(1, {"params": {"w": np.ones(3, np.float32)}}, {"step": 1})
+    checkpoints.close()
+    with caplog.at_level("WARNING"):
+        manager, step = checkpoint_lib.open_read_only(tmp_path)
+        assert step == 1 and checkpoint_lib.read_meta(manager, step) == {"step": 1}
+        manager.close()
+        absl_logging.warning("Given directory is read only: after opening, this one passes")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "read_only=True" in m], messages
+    assert messages == ["Given directory is read only: after opening, this one passes"]

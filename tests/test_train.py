@@ -196,3 +196,36 @@ def test_run_paths_keep_uris_and_make_local_ones_absolute(tmp_path, monkeypatch)
     assert target.read_text() == "b\n" and sorted(p.name for p in target.parent.iterdir()) == [
         "metrics.jsonl"
     ]
+
+
+def _short_run_config(tokenizer_path, steps):
+    config = tiny.get_config()
+    config.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128))
+    config.data.update(dict(tokenizer=tokenizer_path, seq_len=64, eval_batches=1))
+    config.train.update(dict(steps=steps, global_batch_size=8, warmup_steps=0, eval_every=2))
+    return config
+
+
+def test_console_shows_the_validation_loss_before_training(tmp_path, tokenizer_path, capsys):
+    train_lib.train(_short_run_config(tokenizer_path, 2), tmp_path)
+    out = capsys.readouterr().out
+    # The README's "from about 8.4" is this line (also for SFT and LoRA runs: same loop).
+    step0 = [line for line in out.splitlines() if line.startswith("step 0/2 | validation loss ")]
+    assert len(step0) == 1, out
+    assert float(step0[0].rsplit(" ", 1)[1]) > 8.0
+    assert out.index(step0[0]) < out.index("step 2/2 |")
+
+
+def test_run_already_past_train_steps_says_so_and_trains_nothing(tmp_path, tokenizer_path, capsys):
+    train_lib.train(_short_run_config(tokenizer_path, 2), tmp_path)
+    rows = _metrics(tmp_path)
+    capsys.readouterr()
+    assert train_lib.train(_short_run_config(tokenizer_path, 1), tmp_path) == {}
+    out = capsys.readouterr().out
+    assert (
+        "the run is already at step 2 of --config.train.steps=1: nothing to train; "
+        "raise train.steps to continue"
+    ) in out
+    assert "step 1/1" not in out and "done:" not in out
+    assert _metrics(tmp_path) == rows  # nothing logged again, nothing dropped
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
