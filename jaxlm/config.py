@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxlm import attention as attention_lib
+from jaxlm import lora as lora_lib
 from jaxlm import model as model_lib
 from jaxlm.data import sft
 from jaxlm.errors import ConfigError  # also jaxlm.config.ConfigError, as before
@@ -422,7 +423,7 @@ def _check_lora(t) -> None:
     )
     if not t.lora_rank:
         return
-    targets = model_lib.LORA_INPUT_AXES
+    targets = lora_lib.LORA_INPUT_AXES
     _require(
         len(t.lora_targets) > 0 and all(x in targets for x in t.lora_targets),
         "train.lora_targets",
