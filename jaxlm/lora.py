@@ -23,7 +23,8 @@ TARGETS = tuple(LORA_INPUT_AXES)
 
 def low_rank_term(module: nn.Module, name: str, x, shape: tuple, names: tuple, cfg):
     """(alpha / rank) * (x A) B, for kernel `name` (`shape`, logical axes `names`) of `module`;
-    A and B are created beside it as params `name`_lora_a and `name`_lora_b.
+    A and B are created beside it as params `name`_lora_a and `name`_lora_b; `cfg` (the model's
+    ModelConfig) gives rank, alpha and the compute dtype.
 
     A [the kernel's input axes, rank] starts random (PEFT's kaiming-uniform bound
     1/sqrt(fan_in)) and B [rank, its output axes] at zero, so training starts from the base
