@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from jaxlm import model as model_lib
+from jaxlm import lora as lora_lib
 from jaxlm.errors import ConfigError
 from jaxlm.mesh_axes import MESH_AXES
 
@@ -119,7 +119,7 @@ def check_lora(t) -> None:
     )
     if not t.lora_rank:
         return
-    targets = model_lib.LORA_INPUT_AXES
+    targets = lora_lib.LORA_INPUT_AXES
     require(
         len(t.lora_targets) > 0 and all(x in targets for x in t.lora_targets),
         "train.lora_targets",

@@ -1,4 +1,5 @@
-"""LoRA's adapters apart from the frozen base weights, and merged back into them.
+"""LoRA's arithmetic: the adapters' low-rank term, and the adapters apart from the frozen base
+weights or merged back into them.
 
 The model (jaxlm.model, `_project`) keeps each adapter beside its kernel in the params tree:
 `q` has `q_lora_a` [layers, d_model, rank] and `q_lora_b` [layers, rank, heads, head_dim].
@@ -9,12 +10,45 @@ jaxlm.run restores it); `merge` folds them into plain weights (jaxlm.convert --m
 
 from __future__ import annotations
 
+import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxlm.model import LORA_INPUT_AXES, LORA_SUFFIXES
-
+# The kernels LoRA can adapt, and how many leading axes of each the input is contracted with.
+LORA_INPUT_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+LORA_SUFFIXES = ("_lora_a", "_lora_b")
 TARGETS = tuple(LORA_INPUT_AXES)
+
+
+def low_rank_term(module: nn.Module, name: str, x, shape: tuple, names: tuple, cfg):
+    """(alpha / rank) * (x A) B, for kernel `name` (`shape`, logical axes `names`) of `module`;
+    A and B are created beside it as params `name`_lora_a and `name`_lora_b; `cfg` (the model's
+    ModelConfig) gives rank, alpha and the compute dtype.
+
+    A [the kernel's input axes, rank] starts random (PEFT's kaiming-uniform bound
+    1/sqrt(fan_in)) and B [rank, its output axes] at zero, so training starts from the base
+    model exactly. Both are float32 whatever the base's dtype; the rank axis is replicated.
+    """
+    n_in, rank = LORA_INPUT_AXES[name], cfg.lora_rank
+    fan_in_uniform = nn.initializers.variance_scaling(
+        1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1
+    )
+    a = module.param(
+        name + LORA_SUFFIXES[0],
+        nn.with_logical_partitioning(fan_in_uniform, names[:n_in] + ("lora_rank",)),
+        shape[:n_in] + (rank,),
+        jnp.float32,
+    )
+    b = module.param(
+        name + LORA_SUFFIXES[1],
+        nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank",) + names[n_in:]),
+        (rank,) + shape[n_in:],
+        jnp.float32,
+    )
+    low = jnp.tensordot(x, a.astype(cfg.dtype), axes=n_in)  # [b, l, rank]
+    low = nn.with_logical_constraint(low, ("batch", "length", None))
+    return (cfg.lora_alpha / rank) * jnp.tensordot(low, b.astype(cfg.dtype), axes=1)
 
 
 def is_adapter(path: tuple) -> bool:

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm import attention
+from jaxlm import attention, lora
 from jaxlm.loss import logits_dot
 
 
@@ -43,14 +43,17 @@ class ModelConfig:
     # scanned layer's weights would be sliced out of the stack, a copy, every step.
     scan_layers: bool = True
     # LoRA: rank 0 is off; else each kernel named in lora_targets gets a trained low-rank
-    # update (lora_alpha / lora_rank) * x A B beside it (see `_project`).
+    # update (lora_alpha / lora_rank) * x A B beside it (jaxlm.lora.low_rank_term).
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple = ()
 
 
-def _init(std: float, names: tuple):
-    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+def _param(module: nn.Module, name: str, shape: tuple, names: tuple, std: float | None = None):
+    """A normal(std, default cfg.init_std) parameter tagged with logical axis names."""
+    std = module.cfg.init_std if std is None else std
+    init = nn.with_logical_partitioning(nn.initializers.normal(std), names)
+    return module.param(name, init, shape, module.cfg.param_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -60,12 +63,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-            (x.shape[-1],),
-            self.param_dtype,
-        )
+        init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
         return (x * scale.astype(jnp.float32)).astype(self.dtype)
@@ -83,11 +82,8 @@ def rope_frequencies(half: int, theta: float, scaling: tuple | None = None):
     wavelength = 2 * jnp.pi / inv_freq
     smooth = (context / wavelength - low) / (high - low)
     between = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    return jnp.where(
-        wavelength < context / high,
-        inv_freq,
-        jnp.where(wavelength > context / low, inv_freq / factor, between),
-    )
+    short, long = wavelength < context / high, wavelength > context / low
+    return jnp.where(short, inv_freq, jnp.where(long, inv_freq / factor, between))
 
 
 def apply_rotary(
@@ -102,11 +98,10 @@ def apply_rotary(
 
     With `table`, sin and cos are computed once per position into a [max_position, d/2] table
     and gathered by `positions` in [0, max_position) (default: the row length; outside it,
-    NaN, which the train step's non-finite guard catches). Inline, XLA's CPU backend repeats
+    NaN, which the train step's non-finite guard catches): inline, XLA's CPU backend repeats
     them for every head; on TPU the gather costs more (`table=False`). Both compute the same
-    float32 angles position * inv_freq (benchmarks/results/NOTES.md). The rotation multiplies
-    in x's dtype, by sin and cos rounded to it, as `transformers` and MaxText do: a float32
-    rotation of bfloat16 q, k measured slower on TPU (NOTES.md, session 11).
+    float32 angles. The rotation multiplies in x's dtype, by sin and cos rounded to it, as
+    `transformers` and MaxText do: faster on TPU than float32 (benchmarks/results/NOTES.md).
     """
     half = x.shape[-1] // 2
     inv_freq = rope_frequencies(half, theta, scaling)
@@ -122,48 +117,15 @@ def apply_rotary(
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def _weight(module: nn.Module, name: str, shape: tuple, names: tuple, std: float, c):
-    """A normal(std)-initialised parameter tagged with logical axis names, cast for compute."""
-    w = module.param(name, _init(std, names), shape, c.param_dtype)
-    return w.astype(c.dtype)
-
-
-# The kernels LoRA can adapt, and how many leading axes of each the input is contracted with.
-LORA_INPUT_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
-LORA_SUFFIXES = ("_lora_a", "_lora_b")
-
-
-def _project(module: nn.Module, name: str, spec: str, x, shape: tuple, names: tuple, std: float):
-    """einsum(spec, x, kernel `name`), plus, where `name` is a LoRA target, its low-rank
-    update (alpha / rank) * (x A) B.
-
-    A [the kernel's input axes, rank] starts random (PEFT's kaiming-uniform bound
-    1/sqrt(fan_in)) and B [rank, its output axes] at zero, so training starts from the base
-    model exactly. Both are float32 whatever the base's dtype; the rank axis is replicated.
-    """
+def _project(module: nn.Module, name: str, spec: str, x, shape, names, into_residual=False):
+    """einsum(spec, x, kernel `name`), plus its LoRA term where `name` is a LoRA target. A
+    kernel writing into the residual stream starts smaller the deeper the model (GPT-2)."""
     c = module.cfg
-    y = jnp.einsum(spec, x, _weight(module, name, shape, names, std, c))
+    std = c.init_std / (2 * c.n_layers) ** 0.5 if into_residual else c.init_std
+    y = jnp.einsum(spec, x, _param(module, name, shape, names, std).astype(c.dtype))
     if not c.lora_rank or name not in c.lora_targets:
         return y
-    n_in = LORA_INPUT_AXES[name]
-    fan_in_uniform = nn.initializers.variance_scaling(
-        1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1
-    )
-    a = module.param(
-        name + "_lora_a",
-        nn.with_logical_partitioning(fan_in_uniform, names[:n_in] + ("lora_rank",)),
-        shape[:n_in] + (c.lora_rank,),
-        jnp.float32,
-    )
-    b = module.param(
-        name + "_lora_b",
-        nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank",) + names[n_in:]),
-        (c.lora_rank,) + shape[n_in:],
-        jnp.float32,
-    )
-    low = jnp.tensordot(x, a.astype(c.dtype), axes=n_in)  # [b, l, rank]
-    low = nn.with_logical_constraint(low, ("batch", "length", None))
-    return y + (c.lora_alpha / c.lora_rank) * jnp.tensordot(low, b.astype(c.dtype), axes=1)
+    return y + lora.low_rank_term(module, name, x, shape, names, c)
 
 
 class Attention(nn.Module):
@@ -178,36 +140,28 @@ class Attention(nn.Module):
         d, h, kv, hd = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
 
         def heads(name, n, axis):  # x -> [b, l, n, hd], n query or kv heads
-            y = _project(
-                self, name, "bld,dhk->blhk", x, (d, n, hd), ("embed", axis, "head_dim"), c.init_std
-            )
+            names = ("embed", axis, "head_dim")
+            y = _project(self, name, "bld,dhk->blhk", x, (d, n, hd), names)
             return nn.with_logical_constraint(y, ("batch", "length", "act_" + axis, None))
 
         q, k, v = heads("q", h, "heads"), heads("k", kv, "kv_heads"), heads("v", kv, "kv_heads")
-        wo = functools.partial(
-            _project,
-            self,
-            "o",
-            "blhk,hkd->bld",
-            shape=(h, hd, d),
-            names=("heads", "head_dim", "embed"),
-            std=c.init_std / (2 * c.n_layers) ** 0.5,
-        )
-        if cache is not None:
-            return self._cached(q, k, v, positions, cache, layer, wo)
-        q, k = (
-            apply_rotary(a, positions, c.rope_theta, table=c.rotary_table, scaling=c.rope_scaling)
-            for a in (q, k)
-        )
-        out = attention.attend(q, k, v, segment_ids, c.attention)
-        return wo(nn.with_logical_constraint(out, ("batch", "length", "act_heads", None)))
+        # Decoding gathers its angles from a table as long as the cache, whatever rotary_table.
+        slots = None if cache is None else cache["k"].shape[3]
+        table = c.rotary_table or cache is not None
+        q = apply_rotary(q, positions, c.rope_theta, slots, table, c.rope_scaling)
+        k = apply_rotary(k, positions, c.rope_theta, slots, table, c.rope_scaling)
+        if cache is None:
+            out = attention.attend(q, k, v, segment_ids, c.attention)
+        else:
+            out, cache = self._cached(q, k, v, positions, cache, layer)
+        out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
+        names = ("heads", "head_dim", "embed")
+        out = _project(self, "o", "blhk,hkd->bld", out, (h, hd, d), names, into_residual=True)
+        return out if cache is None else (out, cache)
 
-    def _cached(self, q, k, v, positions, cache, layer, wo):
-        """Decoding: rotary angles up to the cache's length, then attention over the cache."""
-        c, slots = self.cfg, cache["k"].shape[3]
-        q, k = (
-            apply_rotary(a, positions, c.rope_theta, slots, scaling=c.rope_scaling) for a in (q, k)
-        )
+    @staticmethod
+    def _cached(q, k, v, positions, cache, layer):
+        """Decoding: this call's keys and values written into the cache, then attention over it."""
         rows = jnp.arange(q.shape[0])[:, None]
         # new [b, l, kv, hd] into slots `positions` of cache [layers, b, kv, slots, hd]
         cache = {
@@ -217,8 +171,7 @@ class Attention(nn.Module):
             )
             for name, new in (("k", k), ("v", v))
         }
-        out = attention.cached_attention(q, cache["k"][layer], cache["v"][layer], positions)
-        return wo(nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))), cache
+        return attention.cached_attention(q, cache["k"][layer], cache["v"][layer], positions), cache
 
 
 class MLP(nn.Module):
@@ -227,18 +180,11 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c, up_shape, up_names = self.cfg, (self.cfg.d_model, self.cfg.d_ff), ("embed", "mlp")
-        gate = _project(self, "gate", "bld,df->blf", x, up_shape, up_names, c.init_std)
-        up = _project(self, "up", "bld,df->blf", x, up_shape, up_names, c.init_std)
+        gate = _project(self, "gate", "bld,df->blf", x, up_shape, up_names)
+        up = _project(self, "up", "bld,df->blf", x, up_shape, up_names)
         h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return _project(
-            self,
-            "down",
-            "blf,fd->bld",
-            h,
-            (c.d_ff, c.d_model),
-            ("mlp", "embed"),
-            c.init_std / (2 * c.n_layers) ** 0.5,
-        )
+        shape, names = (c.d_ff, c.d_model), ("mlp", "embed")
+        return _project(self, "down", "blf,fd->bld", h, shape, names, into_residual=True)
 
 
 class Block(nn.Module):
@@ -252,9 +198,8 @@ class Block(nn.Module):
         c = self.cfg
         x, cache = carry if layer is not None else (carry, None)
         norm = functools.partial(RMSNorm, c.norm_eps, c.dtype, c.param_dtype)
-        attn = Attention(c, name="attn")(
-            norm(name="attn_norm")(x), positions, segment_ids, cache, layer
-        )
+        h = norm(name="attn_norm")(x)
+        attn = Attention(c, name="attn")(h, positions, segment_ids, cache, layer)
         if cache is not None:
             attn, cache = attn
         x = x + attn
@@ -274,9 +219,7 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(
-        self, tokens, positions=None, segment_ids=None, head_inputs: bool = False, cache=None
-    ):
+    def __call__(self, tokens, positions=None, segment_ids=None, head_inputs=False, cache=None):
         """Logits, or with `head_inputs` the final hidden states [b, l, d] and the LM head
         [d, vocab] in the compute dtype, for a loss that applies the head itself (jaxlm.loss).
         With a KV `cache` {"k", "v"} [layers, b, kv_heads, slots, head_dim] (decoding, see
@@ -298,12 +241,7 @@ class Transformer(nn.Module):
                 None if a is None else attention.balance(a, shards)
                 for a in (tokens, positions, segment_ids)
             )
-        embedding = self.param(
-            "embedding",
-            _init(c.init_std, ("vocab", "embed")),
-            (c.vocab_size, c.d_model),
-            c.param_dtype,
-        )
+        embedding = _param(self, "embedding", (c.vocab_size, c.d_model), ("vocab", "embed"))
         x = jnp.take(embedding, tokens, axis=0).astype(c.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
@@ -316,12 +254,11 @@ class Transformer(nn.Module):
         if not c.scan_layers:
             cache = None if cache is None else list(cache)
             for i in range(c.n_layers):
+                layer = block(c, name=f"layers_{i}")
                 if cache is None:
-                    x, _ = block(c, name=f"layers_{i}")(x, positions, segment_ids)
+                    x, _ = layer(x, positions, segment_ids)
                 else:
-                    (x, cache[i]), _ = block(c, name=f"layers_{i}")(
-                        (x, cache[i]), positions, segment_ids, 0
-                    )
+                    (x, cache[i]), _ = layer((x, cache[i]), positions, segment_ids, 0)
         else:
             layers = nn.scan(
                 block,
@@ -340,24 +277,17 @@ class Transformer(nn.Module):
                 (x, cache), _ = layers((x, cache), positions, segment_ids, jnp.arange(c.n_layers))
         x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x)
         if shards > 1:
-            x = nn.with_logical_constraint(
-                attention.restore(x, shards), ("batch", "length", "act_embed")
-            )
+            x = attention.restore(x, shards)
+            x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
-        head = (
-            embedding.T
-            if c.tie_embeddings
-            else self.param(
-                "head",
-                _init(c.init_std, ("embed", "vocab")),
-                (c.d_model, c.vocab_size),
-                c.param_dtype,
-            )
-        )
-        if head_inputs:
-            out = x, head.astype(c.dtype)
+        if c.tie_embeddings:
+            head = embedding.T
         else:
-            out = nn.with_logical_constraint(
-                logits_dot(x, head.astype(c.dtype)), ("batch", "length", "act_vocab")
-            )
+            head = _param(self, "head", (c.d_model, c.vocab_size), ("embed", "vocab"))
+        head = head.astype(c.dtype)
+        if head_inputs:
+            out = x, head
+        else:
+            logits = logits_dot(x, head)
+            out = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         return out if cache is None else (out, cache)

@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from jaxlm.model import LORA_INPUT_AXES, LORA_SUFFIXES
+from jaxlm.lora import LORA_INPUT_AXES, LORA_SUFFIXES
 
 STACKED = "layers"  # the subtree of a scanned model's stacked block weights
 ATTENTION = ("q", "k", "v", "o")  # the block kernels under "attn"; the rest are under "mlp"
