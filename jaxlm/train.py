@@ -184,20 +184,10 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
     begin = run_lib.initial_state(config, factory, checkpoints, console.print)
     start, state = begin.step, begin.state
     if start >= t.steps:  # a rerun of a finished run, or train.steps lowered below it
-        console.print(
-            f"the run is already at step {start} of --config.train.steps={t.steps}: "
-            "nothing to train; raise train.steps to continue"
-        )
-        console.close()
-        checkpoints.close()
-        return {}
+        return _nothing_to_train(start, t.steps, console, checkpoints)
     # Checkpoints written before the log window was saved resume with an empty one.
     window = metrics_lib.LogWindow(begin.record.get("log_window"))
-    init_tokenizer = (
-        ""
-        if d.tokenizer or not config.checkpoint.init_from
-        else run_lib.recorded_tokenizer(config.checkpoint.init_from)
-    )
+    init_tokenizer = "" if d.tokenizer else run_lib.recorded_tokenizer(config.checkpoint.init_from)
     data = pipeline.build(config, workdir, init_tokenizer)
     # The first step this run logs: 0 afresh (its val_loss), else the one after the checkpoint.
     # Both logs forget what an earlier run logged from there on.
@@ -234,15 +224,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                         throughput.pause()
                     stages.enter(step)
                 state, calls, grad_norm = _update(
-                    train_step,
-                    state,
-                    train_batches,
-                    stages.seq_len,
-                    factory.batch_sharding,
-                    t,
-                    window,
-                    nonfinite,
-                    step,
+                    train_step, state, train_batches, stages, factory, t, window, nonfinite, step
                 )
                 if compiles:
                     jax.block_until_ready(state)
@@ -345,16 +327,27 @@ class _Stages:
         _announce_stage(self.stages, self.stage, step, t, self.console, self.writer)
 
 
-def _update(train_step, state, batches, seq_len, batch_sharding, t, window, nonfinite, step):
-    """One optimizer update: grad_accum_steps finite microbatches. A non-finite one changes
-    nothing; with nonfinite="skip" another microbatch replaces it. (state, train_step calls,
-    the update's gradient norm)."""
+def _nothing_to_train(start: int, steps: int, console, checkpoints) -> dict:
+    """A run already at or past train.steps: say so in one line, train nothing."""
+    console.print(
+        f"the run is already at step {start} of --config.train.steps={steps}: "
+        "nothing to train; raise train.steps to continue"
+    )
+    console.close()
+    checkpoints.close()
+    return {}
+
+
+def _update(train_step, state, batches, stages, factory, t, window, nonfinite, step):
+    """One optimizer update: grad_accum_steps finite microbatches of the stage's row length. A
+    non-finite one changes nothing; with nonfinite="skip" another microbatch replaces it.
+    (state, train_step calls, the update's gradient norm)."""
     applied = calls = 0
     while applied < t.grad_accum_steps:
         results = []
         for _ in range(t.grad_accum_steps - applied):
-            rows = pipeline.cut_rows(next(batches), seq_len)
-            batch = sharding_lib.global_batch(rows, batch_sharding)
+            rows = pipeline.cut_rows(next(batches), stages.seq_len)
+            batch = sharding_lib.global_batch(rows, factory.batch_sharding)
             state, metrics = train_step(state, batch)
             calls += 1
             results.append(metrics)
