@@ -204,9 +204,9 @@ def test_killed_in_and_across_seq_len_stages_resumes_exactly(tmp_path, repo, tok
     assert stage_rows == [(1, 16), (5, 32), (7, 64)]
 
 
-@pytest.mark.slow  # other processes
-def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path, repo, tokenizer_path):
-    workdir = tmp_path / "run"
+def _signalled_at_step_3(tokenizer_path, workdir, repo, signum) -> str:
+    """A 200-step run sent `signum` once it prints step 3; its output. It must exit as
+    preempted."""
     process = subprocess.Popen(
         cli(tokenizer_path, workdir, 200, every=1000),
         cwd=repo,
@@ -217,10 +217,17 @@ def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path, repo, tokenizer_pa
     )
     for line in process.stdout:
         if line.startswith("step 3/"):
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signum)
             break
     output = process.communicate(timeout=300)[0]
     assert process.returncode == train_lib.PREEMPTED_EXIT_CODE, output[-2000:]
+    return output
+
+
+@pytest.mark.slow  # other processes
+def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path, repo, tokenizer_path):
+    workdir = tmp_path / "run"
+    output = _signalled_at_step_3(tokenizer_path, workdir, repo, signal.SIGTERM)
     checkpoints = sorted(
         int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()
     )
@@ -238,20 +245,7 @@ def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path, repo, tokenizer_pa
 @pytest.mark.slow  # a subprocess
 def test_ctrl_c_saves_and_exits_in_one_line(tmp_path, repo, tokenizer_path):
     workdir = tmp_path / "run"
-    process = subprocess.Popen(
-        cli(tokenizer_path, workdir, 200, every=1000),
-        cwd=repo,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    for line in process.stdout:
-        if line.startswith("step 3/"):
-            process.send_signal(signal.SIGINT)
-            break
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == train_lib.PREEMPTED_EXIT_CODE, output[-2000:]
+    output = _signalled_at_step_3(tokenizer_path, workdir, repo, signal.SIGINT)
     assert "Traceback" not in output, output[-4000:]
     saved = finished_checkpoints(workdir)
     assert len(saved) == 1 and 3 <= saved[0] < 200
