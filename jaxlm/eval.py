@@ -188,9 +188,10 @@ def read_texts(pattern: str, text_key: str = "text") -> tuple[list[str], list[st
     per kind of skipped record."""
     from jaxlm.data import readers
 
-    paths = readers.expand([pattern])
-    if not paths:
-        raise EvalError(f"--data={pattern!r} matches no file")
+    try:
+        paths = readers.expand([pattern], flag="--data")
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
     skipped = readers.Skipped()
     texts = [text for path in paths for text, _ in readers.read(path, text_key, skipped=skipped)]
     return texts, skipped.report()

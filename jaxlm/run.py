@@ -177,7 +177,7 @@ def load(
         steps = list(manager.all_steps())
         manager.close()
         raise RunError(
-            f"{directory} has no checkpoint {step if step is not None else ''}(it has {steps})"
+            f"{directory} has no checkpoint{'' if step is None else f' {step}'} (it has {steps})"
         )
     if record.get("lora_base"):
         raise RunError(

@@ -231,3 +231,11 @@ def test_cli_scores_texts_a_prepared_split_and_choices(run_dir, tmp_path, repo, 
     ]:
         done = cli(*args)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_missing_data_file_names_the_data_flag(tmp_path):
+    """eval reads texts as prepare does, but its flag is --data, not prepare's --input."""
+    from jaxlm.errors import EvalError
+
+    with pytest.raises(EvalError, match=r"^--data='.*none\*\.jsonl' matches no file$"):
+        eval_lib.read_texts(str(tmp_path / "none*.jsonl"))

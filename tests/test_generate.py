@@ -237,6 +237,8 @@ def test_a_run_without_a_tokenizer_is_a_clear_error(run_dir, tmp_path):
     assert run_lib.load(copy, tokenizer=recorded["tokenizer"]).step == 2
     with pytest.raises(run_lib.RunError, match="no checkpoints/"):
         run_lib.load(tmp_path / "nothing")
+    with pytest.raises(run_lib.RunError, match=r"has no checkpoint 150 \(it has \[2\]\)"):
+        run_lib.load(copy, tokenizer=recorded["tokenizer"], step=150)
 
 
 @pytest.mark.slow  # subprocesses

@@ -133,15 +133,16 @@ class Skipped:
         ]
 
 
-def expand(patterns: list[str]) -> list[str]:
-    """Sorted files matching the glob patterns; a pattern matching nothing is an error."""
+def expand(patterns: list[str], flag: str = "--input") -> list[str]:
+    """Sorted files matching the glob patterns; a pattern matching nothing is an error naming
+    the command's `flag`."""
     files = []
     for pattern in patterns:
         matched = sorted(
             p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
         )
         if not matched:
-            raise FileNotFoundError(f"--input={pattern!r} matches no file")
+            raise FileNotFoundError(f"{flag}={pattern!r} matches no file")
         files.extend(matched)
     return sorted(set(files))
 
