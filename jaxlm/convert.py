@@ -244,10 +244,28 @@ def _export_tokenizer(path: str, out: pathlib.Path) -> tuple[int | None, int | N
     return tuple(i if i >= 0 else None for i in ids)
 
 
-def export_hf(run, out_dir, max_shard_size: str | int = "5GB", dtype: str | None = None) -> None:
+def _clear_hf_dir(out: pathlib.Path, overwrite: bool) -> None:
+    """--to_hf, like --to, refuses a directory that already holds a model; with --overwrite its
+    weight files go first, so no shard of the old model survives beside the new ones."""
+    old = sorted(out.glob("*.safetensors")) + sorted(out.glob("*.safetensors.index.json"))
+    if not (old or (out / "config.json").exists()):
+        return
+    if not overwrite:
+        raise ConvertError(
+            f"--to_hf={str(out)!r} already holds a Hugging Face model; choose a new directory, "
+            "or pass --overwrite to replace it"
+        )
+    for path in old:
+        path.unlink()
+
+
+def export_hf(
+    run, out_dir, max_shard_size: str | int = "5GB", dtype: str | None = None, overwrite=False
+) -> None:
     """Write a jaxlm run's checkpoint (local or gs://) as a Hugging Face LlamaForCausalLM
     directory (local: safetensors writes local files)."""
     out = pathlib.Path(files.make_dir(out_dir, "--to_hf"))  # before the long read
+    _clear_hf_dir(out, overwrite)
     params, meta, step = read_run(run)
     m = param_layout.model_fields(meta["config"]["model"])
     dtype = dtype or m["param_dtype"]
@@ -291,6 +309,12 @@ def parse_args(argv):
     )
     p.add_argument("--max_shard_size", default="5GB", help="with --to_hf: e.g. 5GB, 500MB")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --to_hf: replace the model a directory already holds (--to never replaces "
+        "a run's checkpoints)",
+    )
+    p.add_argument(
         "--dtype",
         choices=sorted(set(hf_weights.DTYPES.values())),
         help="with --to_hf: the tensors' dtype (default: the params')",
@@ -326,7 +350,7 @@ def main(argv=None) -> None:
                 f"checkpoint.init_from={directory}"
             )
         else:
-            export_hf(args.from_run, args.to_hf, args.max_shard_size, args.dtype)
+            export_hf(args.from_run, args.to_hf, args.max_shard_size, args.dtype, args.overwrite)
     except (ConvertError, files.PathError) as e:
         sys.exit(f"convert error: {e}")
 

@@ -134,6 +134,10 @@ def test_bfloat16_checkpoint_keeps_its_bits(tmp_path):
     assert meta["config"]["model"]["param_dtype"] == "bfloat16"
     assert params["embedding"].dtype == jnp.bfloat16
     convert.export_hf(tmp_path / "run" / "checkpoints" / "0", tmp_path / "out")  # one step
+    # Like --to, --to_hf refuses a directory that holds a model, unless told to replace it.
+    with pytest.raises(convert.ConvertError, match="already holds.*--overwrite"):
+        convert.export_hf(tmp_path / "run", tmp_path / "out")
+    convert.export_hf(tmp_path / "run", tmp_path / "out", overwrite=True)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert reloaded.dtype == torch.bfloat16
     for name, tensor in model.state_dict().items():
