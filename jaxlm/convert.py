@@ -58,6 +58,10 @@ def _copy_tokenizer(hf_dir: pathlib.Path, run_dir: epath.Path) -> str:
     return ""
 
 
+# The run a converted model's config.py starts a user from: a short fine-tune on modest rows.
+FINETUNE = dict(seq_len=1024, global_batch_size=8, steps=1000, warmup_steps=20, lr=2e-5)
+
+
 def _config_file(m: dict, dtype: str, tokenizer: str, init_from: str, source: str) -> str:
     model_lines = "".join(f"    m.{k} = {v!r}\n" for k, v in m.items())
     compute = "bfloat16" if dtype != "float32" else "float32"
@@ -75,6 +79,15 @@ def _config_file(m: dict, dtype: str, tokenizer: str, init_from: str, source: st
         '    m.param_dtype = "float32"  # the checkpoint is cast on restore\n'
         f"    config.data.tokenizer = {tokenizer!r}\n"
         f"    config.checkpoint.init_from = {init_from!r}\n"
+        "    # A fine-tune's starting point, not default_config()'s pre-training run (256 rows of\n"
+        "    # 4096 tokens). Set data.source to your data, and the batch (a multiple of the\n"
+        "    # devices' count), row length and steps to your run; train prints the tokens per\n"
+        "    # step and the memory per device at start.\n"
+        f"    config.data.seq_len = {FINETUNE['seq_len']}\n"
+        f"    config.train.global_batch_size = {FINETUNE['global_batch_size']}\n"
+        f"    config.train.steps = {FINETUNE['steps']}\n"
+        f"    config.train.warmup_steps = {FINETUNE['warmup_steps']}\n"
+        f"    config.train.lr = {FINETUNE['lr']!r}\n"
         "    return config\n"
     )
 

@@ -239,6 +239,10 @@ def test_tokenizer_json_in_and_out(tmp_path):
     convert.import_hf(tmp_path / "hf", tmp_path / "run")
     config = load_config(tmp_path / "run" / "config.py")
     assert config.data.tokenizer.endswith("tokenizer.json")
+    # A fine-tune's starting point, not the pre-training defaults (256 x 4096 tokens per step).
+    fields = (config.data.seq_len, config.train.global_batch_size, config.train.lr)
+    assert fields == (1024, 8, 2e-5)
+    assert "Set data.source to your data" in (tmp_path / "run" / "config.py").read_text()
     ours = tokenizer_lib.load(config.data.tokenizer)
     assert (ours.bos_id(), ours.eos_id()) == (0, 1)
     assert ours.vocab_size() == vocab
