@@ -2,7 +2,7 @@
 
 RMSNorm -> grouped-query attention with rotary embeddings -> SwiGLU MLP, pre-norm residual
 blocks scanned over layers. Every parameter and the main activations carry logical axis
-names (see DESIGN.md); the model knows nothing about meshes. Logits come out in float32.
+names (see docs/DESIGN.md); the model knows nothing about meshes. Logits come out in float32.
 """
 
 from __future__ import annotations
