@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import cli, files, optim, platforms, seq_len_schedule, stop_signals
+from jaxlm import cli, files, optim, platforms, seq_len_schedule, steps_in_flight, stop_signals
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
@@ -203,12 +203,18 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
     eval_batches = pipeline.eval_dataset(data.val_rows, derived.micro_batch_size, d.eval_batches)
 
     def validation_loss():
-        return evaluate(eval_step, state["params"], eval_batches, factory.batch_sharding)
+        return evaluate(eval_step, steps.state["params"], eval_batches, factory.batch_sharding)
+
+    def run_call(state):  # one microbatch of the current stage's row length
+        rows = pipeline.cut_rows(next(train_batches), stages.seq_len)
+        return train_step(state, sharding_lib.global_batch(rows, factory.batch_sharding))
 
     throughput = metrics_lib.Throughput(_announce_run(config, derived, factory, console))
     stages = _Stages(config, derived, console, writer)
     nonfinite = _NonFinitePolicy(t, console, window)
-    last = {}
+    steps = steps_in_flight.StepsInFlight(run_call, state, t.grad_accum_steps)
+    del state  # the steps in flight own it now (donated at each call)
+    last, stopping = {}, False
     if start == 0:  # where validation loss starts, so a run shows what it learned
         val_loss = validation_loss()
         writer.write(0, {"val_loss": val_loss})
@@ -219,15 +225,19 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                 compiles = not throughput.started
                 if stages.stage != stages.at(step):
                     if stages.stage is not None:  # this step compiles for the new length
-                        jax.block_until_ready(state)
+                        jax.block_until_ready(steps.state)
                         compiles = True
                         throughput.pause()
                     stages.enter(step)
-                state, calls, grad_norm = _update(
-                    train_step, state, train_batches, stages, factory, t, window, nonfinite, step
+                # The next step is queued behind this one unless this step's state is needed
+                # as it is (saved, evaluated, or the last of its row length) or it compiles.
+                holds = compiles or stopping or _state_needed_after(step, config, stages)
+                steps.dispatch(1 if holds else 2)
+                calls, grad_norm = steps.finish_step(
+                    lambda result, step=step: _applied(result, window, nonfinite, step)
                 )
                 if compiles:
-                    jax.block_until_ready(state)
+                    jax.block_until_ready(steps.state)
                     throughput.resume()
                 else:
                     throughput.add(
@@ -244,7 +254,9 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                     console.print(f"step {step}/{t.steps} | validation loss {val_loss:.4f}")
                     throughput.leave_out_since(eval_start)  # not training time
 
-                preempted = stop.agreed()
+                # A stop request saves here, or after the step already in flight.
+                stopping = stop.agreed()
+                preempted = stopping and not steps.in_flight
                 if step % config.checkpoint.every == 0 or step == t.steps or preempted:
                     console.print(
                         f"step {step}/{t.steps} | saving checkpoint {checkpoints.path(step)}"
@@ -252,7 +264,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                     writer.flush()  # the rows up to `step` are on disk before the checkpoint
                     checkpoints.save(
                         step,
-                        factory.trained(state),
+                        factory.trained(steps.state),
                         _record(config, step, data, train_batches, window, begin.lora_base),
                     )
                 console.bar.update(1)
@@ -338,24 +350,22 @@ def _nothing_to_train(start: int, steps: int, console, checkpoints) -> dict:
     return {}
 
 
-def _update(train_step, state, batches, stages, factory, t, window, nonfinite, step):
-    """One optimizer update: grad_accum_steps finite microbatches of the stage's row length. A
-    non-finite one changes nothing; with nonfinite="skip" another microbatch replaces it.
-    (state, train_step calls, the update's gradient norm)."""
-    applied = calls = 0
-    while applied < t.grad_accum_steps:
-        results = []
-        for _ in range(t.grad_accum_steps - applied):
-            rows = pipeline.cut_rows(next(batches), stages.seq_len)
-            batch = sharding_lib.global_batch(rows, factory.batch_sharding)
-            state, metrics = train_step(state, batch)
-            calls += 1
-            results.append(metrics)
-        for result in jax.device_get(results):
-            window.add(result["loss"])
-            if nonfinite.applied(result, step):
-                applied, grad_norm = applied + 1, float(result["grad_norm"])
-    return state, calls, grad_norm
+def _state_needed_after(step: int, config, stages) -> bool:
+    """Whether `step`'s state is used as it is: saved, evaluated, or the last of its stage's
+    row length (the next compiles for another). No step is dispatched past such a one."""
+    t = config.train
+    return (
+        step % config.checkpoint.every == 0
+        or step % t.eval_every == 0
+        or step == t.steps
+        or stages.at(step + 1) != stages.stage
+    )
+
+
+def _applied(result: dict, window, nonfinite, step: int) -> bool:
+    """One microbatch's metrics read back: into the log window; whether its update counts."""
+    window.add(result["loss"])
+    return nonfinite.applied(result, step)
 
 
 def _log(step, t, window, throughput, grad_norm, writer, console) -> dict:
