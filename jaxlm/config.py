@@ -21,6 +21,7 @@ from jaxlm import model as model_lib
 from jaxlm.config_checks import (
     check_lora,
     check_mesh_fit,
+    check_observability,
     check_rope_scaling,
     require,
     resolve_mesh_shape,
@@ -129,6 +130,16 @@ def default_config() -> ml_collections.ConfigDict:
     t.lora_rank = 0
     t.lora_alpha = 16.0
     t.lora_targets = ("q", "k", "v", "o", "gate", "up", "down")
+    # Where the time goes (#29): profiles (jaxlm.profiling), Weights & Biases (jaxlm.wandb_log).
+    # (first, last): a jax.profiler trace of steps first..last in WORKDIR/profile/<first>/;
+    # () none. A step that compiles is left out (the trace starts after it).
+    t.profile_steps = ()
+    t.profile_every = 0  # > 0: the profile_steps window again every this many steps
+    t.wandb_project = ""  # "": no W&B; else log there (pip install 'jaxlm[wandb]')
+    t.wandb_entity = ""  # "": your default entity
+    t.wandb_name = ""  # "": the workdir's name
+    t.wandb_tags = ()
+    t.wandb_mode = "online"  # "online", "offline" (`wandb sync` later) or "disabled"
 
     c.mesh = me = ml_collections.ConfigDict()
     me.data = 1
@@ -297,6 +308,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
         t.max_skips_in_a_row >= 1, "train.max_skips_in_a_row", t.max_skips_in_a_row, "at least 1"
     )
     check_lora(t)
+    check_observability(t)
 
     shape = resolve_mesh_shape(config.mesh, n_devices)
     check_mesh_fit(config, shape)

@@ -134,6 +134,28 @@ def check_lora(t) -> None:
     )
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def check_observability(t) -> None:
+    """config.train's profile and Weights & Biases fields (#29)."""
+    steps = tuple(t.profile_steps)
+    require(
+        steps == () or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
+        "train.profile_steps",
+        steps,
+        "() for none, or (first, last) with 1 <= first <= last, e.g. (10, 12)",
+    )
+    every = int(t.profile_every)
+    require(
+        every == 0 or (steps and every > steps[1] - steps[0] + 1),
+        "train.profile_every",
+        every,
+        "0 (one window), or with train.profile_steps set a period longer than its window",
+    )
+    require(t.wandb_mode in WANDB_MODES, "train.wandb_mode", t.wandb_mode, f"one of {WANDB_MODES}")
+
+
 def check_rope_scaling(m) -> None:
     """config.model's rope scaling fields, as Hugging Face's rope_type "llama3" takes them."""
     require(

@@ -24,7 +24,16 @@ from tqdm import tqdm
 
 import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import cli, files, optim, platforms, seq_len_schedule, steps_in_flight, stop_signals
+from jaxlm import (
+    cli,
+    files,
+    optim,
+    platforms,
+    profiling,
+    seq_len_schedule,
+    steps_in_flight,
+    stop_signals,
+)
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
@@ -214,6 +223,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
     nonfinite = _NonFinitePolicy(t, console, window)
     steps = steps_in_flight.StepsInFlight(run_call, state, t.grad_accum_steps)
     del state  # the steps in flight own it now (donated at each call)
+    profiler = profiling.StepProfiler(t, workdir / "profile", console.print)
     last, stopping = {}, False
     if start == 0:  # where validation loss starts, so a run shows what it learned
         val_loss = validation_loss()
@@ -232,7 +242,8 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                 # The next step is queued behind this one unless this step's state is needed
                 # as it is (saved, evaluated, or the last of its row length) or it compiles.
                 holds = compiles or stopping or _state_needed_after(step, config, stages)
-                steps.dispatch(1 if holds else 2)
+                profiler.before_step(step, compiles)
+                steps.dispatch(1 if holds or profiler.edge(step) else 2)
                 calls, grad_norm = steps.finish_step(
                     lambda result, step=step: _applied(result, window, nonfinite, step)
                 )
@@ -243,6 +254,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                     throughput.add(
                         derived.micro_batch_size * d.seq_len, calls, stages.flops_per_token
                     )
+                profiler.after_step(step, steps.state)
 
                 if step % t.log_every == 0 or step == t.steps:
                     last = _log(step, t, window, throughput, grad_norm, writer, console)
@@ -271,6 +283,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                 if preempted and step < t.steps:
                     raise Preempted(step)
     finally:
+        profiler.close()
         console.close()
         writer.close()
         checkpoints.close()  # waits for the last async save to be complete on disk
