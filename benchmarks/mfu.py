@@ -27,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import results_table, synthetic
-from jaxlm import cli, platforms
+from jaxlm import cli, platforms, profiling
 from jaxlm import metrics as metrics_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
@@ -39,7 +39,15 @@ _RESULTS = flags.DEFINE_string("results", "benchmarks/results", "Where rows are 
 _NOTE = flags.DEFINE_string("note", "", "Free text recorded with the row.")
 _DATA = flags.DEFINE_bool("data", False, "Feed config.data's source instead of synthetic tokens.")
 _WORKDIR = flags.DEFINE_string(
-    "workdir", "/tmp/jaxlm-mfu", "With --data: where the tokenizer and prepared data are cached."
+    "workdir",
+    "/tmp/jaxlm-mfu",
+    "With --data: where the tokenizer and prepared data are cached; with --profile: the trace.",
+)
+_PROFILE = flags.DEFINE_bool(
+    "profile",
+    False,
+    "Trace the measured steps (not compile or warmup) to WORKDIR/profile/<first step>/, as "
+    "train.profile_steps does.",
 )
 
 
@@ -154,10 +162,16 @@ def main(argv):
     for _ in range(_WARMUP.value):
         state, metrics = optimizer_step(state)
     times = []
+    trace = profiling.trace_dir(pathlib.Path(_WORKDIR.value) / "profile", _WARMUP.value + 1)
+    if _PROFILE.value:
+        jax.profiler.start_trace(trace)
     for _ in range(_STEPS.value):
         start = time.perf_counter()
         state, metrics = optimizer_step(state)
         times.append(time.perf_counter() - start)
+    if _PROFILE.value:
+        jax.profiler.stop_trace()
+        print(f"profile      {trace} (README: Profiles)")
     if not np.isfinite(float(metrics["loss"])):
         raise SystemExit(f"loss is {float(metrics['loss'])}: the measured steps are not valid")
 

@@ -31,9 +31,9 @@ import tempfile
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 SHAPES = {  # config name -> (steps, overrides)
-    "tiny": (30, {"train.log_every": 5}),
+    "tiny": (16, {"train.log_every": 4}),
     "125m": (
-        10,
+        6,
         {"train.log_every": 2, "data.seq_len": 128, "train.global_batch_size": 2},
     ),
 }
@@ -89,8 +89,12 @@ def _gaps(trace_file: pathlib.Path) -> dict:
 def _run(tree: str, config_name: str, tokenizer: str, profile: bool) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         code = (
-            f"import sys, json; sys.path.insert(0, {str(REPO)!r}); "
-            "from benchmarks import step_gap; "
+            # This file by its path: `benchmarks` and `jaxlm` must come from the measured tree.
+            "import importlib.util, json; "
+            f"spec = importlib.util.spec_from_file_location('step_gap', {__file__!r}); "
+            "step_gap = importlib.util.module_from_spec(spec); spec.loader.exec_module(step_gap); "
+            "import jaxlm; assert jaxlm.__file__.startswith("
+            f"{os.path.abspath(tree)!r}), jaxlm.__file__; "
             f"print('RESULT', json.dumps(step_gap._child({config_name!r}, {tokenizer!r}, "
             f"{workdir!r}, {profile})))"
         )

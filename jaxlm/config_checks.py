@@ -6,6 +6,7 @@ value and what would be valid.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 from jaxlm import lora as lora_lib
@@ -154,6 +155,12 @@ def check_observability(t) -> None:
         "0 (one window), or with train.profile_steps set a period longer than its window",
     )
     require(t.wandb_mode in WANDB_MODES, "train.wandb_mode", t.wandb_mode, f"one of {WANDB_MODES}")
+    require(
+        not t.wandb_project or importlib.util.find_spec("wandb") is not None,
+        "train.wandb_project",
+        t.wandb_project,
+        "logging to Weights & Biases needs its client: pip install 'jaxlm[wandb]'",
+    )
 
 
 def check_rope_scaling(m) -> None:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from jaxlm import files, param_layout
+from jaxlm import files, goodput, param_layout
 
 # Dense bf16 peak FLOP/s per device, from vendor spec sheets (docs/DESIGN.md). Matched by
 # substring against jax.Device.device_kind, most specific first.
@@ -193,10 +193,11 @@ class Throughput:
         self.start, self.tokens, self.flops = time.perf_counter(), 0, 0.0
 
 
-# Fields of a metrics row that time the run: they differ between any two runs. Every other
-# field (loss, lr, grad_norm, skipped_microbatches, val_loss, seq_len, rows_per_step) is a
-# function of the config and the data alone, the same bit for bit in a resumed run.
-WALL_CLOCK_FIELDS = ("tokens_per_second", "mfu")
+# Fields of a metrics row that time the run (throughput, and jaxlm.goodput's): they differ
+# between any two runs. Every other field (loss, lr, grad_norm, skipped_microbatches,
+# val_loss, seq_len, rows_per_step) is a function of the config and the data alone, the
+# same bit for bit in a resumed run.
+WALL_CLOCK_FIELDS = ("tokens_per_second", "mfu", *goodput.METRIC_FIELDS)
 
 
 class LogWindow:
@@ -246,9 +247,13 @@ class Writer:
     FILENAME = "metrics.jsonl"
 
     def __init__(
-        self, workdir: epath.PathLike, enabled: bool = True, first_step: int | None = None
+        self,
+        workdir: epath.PathLike,
+        enabled: bool = True,
+        first_step: int | None = None,
+        sinks: tuple = (),
     ):
-        self.enabled = enabled
+        self.enabled, self.sinks = enabled, sinks  # sinks: more .write(step, row)s (W&B)
         workdir = files.path(workdir)
         self.path = workdir / self.FILENAME
         self._tb, self._tb_dir, self._tb_files = None, os.fspath(workdir / "tensorboard"), 0
@@ -278,6 +283,8 @@ class Writer:
         for name, value in row.items():
             if name != "step":
                 self._tb.add_scalar(name, value, int(step))
+        for sink in self.sinks:
+            sink.write(int(step), row)
 
     def flush(self) -> None:
         """Put every row written so far into the files: called as a checkpoint is saved, so
@@ -296,3 +303,28 @@ class Writer:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+
+
+def memory_per_device(factory) -> str:
+    """What each device holds of the params and the optimizer state (its largest shards)."""
+
+    def size(tree):
+        return sum(
+            np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+            for a in jax.tree.leaves(tree)
+        )
+
+    abstract = factory.abstract
+    params = f"params {_bytes(size(abstract['params']))}"
+    if factory.lora:
+        params += (
+            f" (LoRA adapters {_bytes(size(factory.trained(abstract)['params']))}, the rest frozen)"
+        )
+    return f"memory per device: {params}, optimizer state {_bytes(size(abstract['opt_state']))}"

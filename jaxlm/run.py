@@ -13,6 +13,7 @@ hands it). jaxlm.checkpoint is the orbax wrapper underneath.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
 import flax.linen as nn
@@ -404,3 +405,35 @@ def initial_state(config, factory, checkpoints, say) -> Start:
         state["params"] = params
         say(f"initialised params from {init_from} (step {source_step})")
     return Start(0, {}, state, None)
+
+
+# ---------------------------------------------------------------- the run's own logs (#29)
+
+GOODPUT = "goodput"  # RUN/goodput/process_<i>.jsonl: jaxlm.goodput's event log
+WANDB_RUN = "wandb_run.json"  # RUN/wandb_run.json: the W&B run a resumed run continues
+
+
+def goodput_log(run_dir: epath.PathLike, process_index: int = 0) -> epath.Path:
+    return epath.Path(run_dir) / GOODPUT / f"process_{process_index}.jsonl"
+
+
+def goodput_events(run_dir: epath.PathLike, process_index: int = 0) -> list[dict]:
+    """One process's goodput events, all attempts, oldest first; a line torn by a kill is
+    left out."""
+    path = goodput_log(run_dir, process_index)
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def wandb_state(run_dir: epath.PathLike) -> dict:
+    """{"id": the W&B run an earlier attempt logged to, "last_step": the last step it logged},
+    or {} when none did."""
+    path = epath.Path(run_dir) / WANDB_RUN
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -16,7 +16,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
@@ -27,12 +26,14 @@ from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import (
     cli,
     files,
+    goodput,
     optim,
     platforms,
     profiling,
     seq_len_schedule,
     steps_in_flight,
     stop_signals,
+    wandb_log,
 )
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
@@ -121,31 +122,6 @@ def _keep_metrics_before(path: epath.Path, first_step: int) -> None:
     files.write_atomically(path, "".join(line + "\n" for line in kept))
 
 
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.1f} {unit}"
-        n /= 1024
-
-
-def _memory_per_device(factory) -> str:
-    """What each device holds of the params and the optimizer state (its largest shards)."""
-
-    def size(tree):
-        return sum(
-            np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
-            for a in jax.tree.leaves(tree)
-        )
-
-    abstract = factory.abstract
-    params = f"params {_bytes(size(abstract['params']))}"
-    if factory.lora:
-        params += (
-            f" (LoRA adapters {_bytes(size(factory.trained(abstract)['params']))}, the rest frozen)"
-        )
-    return f"memory per device: {params}, optimizer state {_bytes(size(abstract['opt_state']))}"
-
-
 def _announce_stage(stages, stage, step, t, console, writer) -> None:
     """Console line where a run starts or resumes in a stage of data.seq_len_schedule, and a
     metrics row {"seq_len", "rows_per_step"} at the step where the stage starts."""
@@ -190,7 +166,14 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
         probe=is_main,
     )
     console = _Console(t.steps, 0, enabled=is_main)
+    here = jax.process_index()  # every process keeps its own account of its time
+    account = goodput.Recorder(
+        run_lib.goodput_log(workdir, here), run_lib.goodput_events(workdir, here)
+    )
+    account.mark("startup")
     begin = run_lib.initial_state(config, factory, checkpoints, console.print)
+    account.mark("restore" if begin.step else "startup")
+    account.resumed_at(begin.step)
     start, state = begin.step, begin.state
     if start >= t.steps:  # a rerun of a finished run, or train.steps lowered below it
         return _nothing_to_train(start, t.steps, console, checkpoints)
@@ -203,7 +186,10 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
     first_logged = start + 1 if start else 0
     if is_main:
         _keep_metrics_before(workdir / metrics_lib.Writer.FILENAME, first_logged)
-    writer = metrics_lib.Writer(workdir, enabled=is_main, first_step=first_logged)
+    wandb_run = wandb_log.WandbRun(config, workdir) if is_main and t.wandb_project else None
+    writer = metrics_lib.Writer(
+        workdir, enabled=is_main, first_step=first_logged, sinks=(wandb_run,) if wandb_run else ()
+    )
     console.bar.update(start)
 
     train_step = step_lib.make_train_step(factory)
@@ -215,7 +201,8 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
         return evaluate(eval_step, steps.state["params"], eval_batches, factory.batch_sharding)
 
     def run_call(state):  # one microbatch of the current stage's row length
-        rows = pipeline.cut_rows(next(train_batches), stages.seq_len)
+        with account.inside("data_wait"):
+            rows = pipeline.cut_rows(next(train_batches), stages.seq_len)
         return train_step(state, sharding_lib.global_batch(rows, factory.batch_sharding))
 
     throughput = metrics_lib.Throughput(_announce_run(config, derived, factory, console))
@@ -225,10 +212,12 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
     del state  # the steps in flight own it now (donated at each call)
     profiler = profiling.StepProfiler(t, workdir / "profile", console.print)
     last, stopping = {}, False
+    account.mark("startup")
     if start == 0:  # where validation loss starts, so a run shows what it learned
         val_loss = validation_loss()
         writer.write(0, {"val_loss": val_loss})
         console.print(f"step 0/{t.steps} | validation loss {val_loss:.4f}")
+        account.mark("eval", step=0)
     try:
         with factory.context():
             for step in range(start + 1, t.steps + 1):
@@ -255,9 +244,11 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                         derived.micro_batch_size * d.seq_len, calls, stages.flops_per_token
                     )
                 profiler.after_step(step, steps.state)
+                account.mark("compile" if compiles else "productive", step=step)
 
                 if step % t.log_every == 0 or step == t.steps:
-                    last = _log(step, t, window, throughput, grad_norm, writer, console)
+                    badput = goodput.fractions(account.summary())
+                    last = _log(step, t, window, throughput, grad_norm, writer, console, badput)
 
                 if step % t.eval_every == 0 or step == t.steps:
                     eval_start = time.perf_counter()
@@ -265,6 +256,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                     writer.write(step, {"val_loss": val_loss})
                     console.print(f"step {step}/{t.steps} | validation loss {val_loss:.4f}")
                     throughput.leave_out_since(eval_start)  # not training time
+                    account.mark("eval", step=step)
 
                 # A stop request saves here, or after the step already in flight.
                 stopping = stop.agreed()
@@ -279,6 +271,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                         factory.trained(steps.state),
                         _record(config, step, data, train_batches, window, begin.lora_base),
                     )
+                    account.mark("checkpoint_save", step=step)
                 console.bar.update(1)
                 if preempted and step < t.steps:
                     raise Preempted(step)
@@ -287,12 +280,17 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
         console.close()
         writer.close()
         checkpoints.close()  # waits for the last async save to be complete on disk
+        account.mark("checkpoint_save")
+        account.close()
+        if wandb_run:
+            wandb_run.close(goodput.fractions(account.summary()))
 
     final = checkpoints.latest_step()
     console.print(
         f"done: metrics {writer.path}, TensorBoard {workdir / 'tensorboard'}, "
         f"checkpoint {checkpoints.path(final) if final else 'none'}"
     )
+    console.print(goodput.describe(account.summary()))
     return last
 
 
@@ -322,7 +320,7 @@ def _announce_run(config, derived, factory, console) -> float:
         f"{derived.mesh_shape}; {t.global_batch_size} x {d.seq_len} tokens per step; "
         f"peak {peak / 1e12:.3g} TFLOP/s ({peak_source})"
     )
-    console.print(_memory_per_device(factory))
+    console.print(metrics_lib.memory_per_device(factory))
     return peak
 
 
@@ -381,7 +379,7 @@ def _applied(result: dict, window, nonfinite, step: int) -> bool:
     return nonfinite.applied(result, step)
 
 
-def _log(step, t, window, throughput, grad_norm, writer, console) -> dict:
+def _log(step, t, window, throughput, grad_norm, writer, console, goodput_fields) -> dict:
     """The metrics row of the steps since the last one, written and printed."""
     last = {
         "loss": window.mean_loss(),
@@ -399,6 +397,8 @@ def _log(step, t, window, throughput, grad_norm, writer, console) -> dict:
     if rates:
         last.update(rates)
         line += f" | tokens/s {last['tokens_per_second']:,.0f} | MFU {100 * last['mfu']:.1f}%"
+    last.update(goodput_fields)
+    line += f" | goodput {100 * last['goodput']:.0f}%"
     writer.write(step, last)
     console.print(line)
     window.reset()
