@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 
 from etils import epath
 
@@ -30,7 +31,7 @@ class WandbRun:
         t, workdir = config.train, epath.Path(workdir)
         self.workdir = workdir
         earlier = run_lib.wandb_state(workdir)
-        self.run_id = earlier.get("id") or wandb.util.generate_id()
+        self.run_id = earlier.get("id") or secrets.token_hex(4)  # W&B: 8 chars, [a-z0-9]
         self.logged_before = earlier.get("last_step", -1)  # the steps W&B has already
         local = not str(workdir).startswith(("gs://", "s3://"))
         self.run = wandb.init(
