@@ -49,14 +49,14 @@ def test_killed_twice_the_account_adds_up_and_counts_the_redone_steps(
     wall, redone = 0.0, 0
     for kill_after in ("step 5/9 | loss", "step 8/9 | loss"):
         begin = time.monotonic()
-        code, output = run_until(command, repo, kill_after, delay=0.0)
+        code, output = run_until(command, repo, kill_after, delay=0.0, timeout=1500)
         wall += time.monotonic() - begin
         assert code == -9, output
         # The steps past the newest checkpoint were computed and will be computed again.
         newest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
         redone += _last_step(metric_rows(workdir)) - newest
     begin = time.monotonic()
-    code, output = run_until(command, repo)
+    code, output = run_until(command, repo, timeout=1500)
     wall += time.monotonic() - begin
     assert code == 0, output
     assert "goodput" in output.splitlines()[-1] and "3 attempt(s)" in output
