@@ -72,7 +72,8 @@ def test_killed_twice_the_account_adds_up_and_counts_the_redone_steps(
     # The account's clock starts when each process does and stops at its last event.
     assert 0.5 * wall < summary["total"] < wall + 5.0
     rows = metric_rows(workdir)
-    assert all(0 < r["goodput"] < 1 for r in rows if "loss" in r)
+    goodputs = [r["goodput"] for r in rows if "loss" in r]
+    assert all(0 <= g < 1 for g in goodputs) and goodputs[-1] > 0  # step 1 only compiled
 
     report = subprocess.run(
         [sys.executable, "-m", "jaxlm.goodput", str(workdir)],

@@ -26,7 +26,17 @@ def test_resumed_runs_log_to_one_wandb_run_without_repeating_a_step(
 ):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    train_lib.train(_config(tokenizer_path, 4), tmp_path)
+
+    class Dies(train_lib.pipeline.Batches):
+        def __next__(self):
+            if self.get_state()["next_index"] == 5:  # step 6's batch, dispatched in step 5
+                raise RuntimeError("killed")
+            return super().__next__()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_lib.pipeline, "Batches", Dies)
+        with pytest.raises(RuntimeError, match="killed"):
+            train_lib.train(_config(tokenizer_path, 6), tmp_path)
     # As if killed after logging step 4 but before its checkpoint was complete: the next
     # attempt resumes at 2 and computes steps 3 and 4 again.
     shutil.rmtree(tmp_path / "checkpoints" / "4")
