@@ -62,6 +62,7 @@ class JaxlmLM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_gen_toks, self.seed, self.progress = int(max_gen_toks), int(seed), progress
         self._rows = eval_lib._rows_per_batch(run, self.batch_size)
+        self._chat = None  # a chat_prompt.ChatPrompt once the harness applies the template
 
     # ------------------------------------------------------------ tokens, as the HF model has them
 
@@ -82,8 +83,35 @@ class JaxlmLM(TemplateLM):
         return self.run.tokenizer_path.replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs):
+        if self._chat is not None:  # a prompt through the chat template: its specials as ids
+            return self._chat.encode(string, add_special_tokens)
         tokens = self.sp.encode(string)
         return eval_lib.with_bos(self.sp, tokens) if add_special_tokens is not False else tokens
+
+    # ------------------------------------------------------------ chat template
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The run's data.chat_template (an SFT run's), by name; None without one."""
+        return self._template_name() if chat_template else None
+
+    def _template_name(self) -> str:
+        config = self.run.run_config
+        name = config.data.get("chat_template", "") if config is not None else ""
+        if not name:
+            raise EvalError(
+                "--apply_chat_template: the run has no chat template (data.chat_template is "
+                "set by SFT runs); evaluate without it"
+            )
+        return name
+
+    def apply_chat_template(self, chat_history: list, add_generation_prompt: bool = True) -> str:
+        """The conversation laid out by the run's template (jaxlm.data.sft), special tokens
+        written as their text; tok_encode turns them back into their ids."""
+        from jaxlm import chat_prompt
+
+        if self._chat is None:
+            self._chat = chat_prompt.ChatPrompt(self.sp, self._template_name())
+        return self._chat.render(chat_history, add_generation_prompt)
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.sp.decode(list(tokens))
@@ -100,6 +128,8 @@ class JaxlmLM(TemplateLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         """(log P(continuation | context), is greedy) per request, split by jaxlm.eval's
         split_pair, the one split `--choices` uses too."""
+        if self._chat is not None:  # prompts hold the template's specials: tok_encode's split
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         pairs = [req.args for req in requests]
         return self._loglikelihood_tokens(
             [(pair, *_as_lists(eval_lib.split_pair(self.sp, *pair))) for pair in pairs],
@@ -304,7 +334,7 @@ def metrics(results: dict) -> dict[str, float]:
     rows = {}
     for task, values in results["results"].items():
         for key, value in values.items():
-            metric = key.split(",")[0]
-            if isinstance(value, (int, float)) and not metric.endswith("_stderr"):
+            metric, filtered = key.partition(",")[::2]  # "acc,none"; not "sample_len"
+            if filtered and isinstance(value, (int, float)) and not metric.endswith("_stderr"):
                 rows[f"{task}/{metric}"] = float(value)
     return rows

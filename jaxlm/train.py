@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import jaxlm
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import cli, files, optim, platforms, seq_len_schedule, stop_signals
+from jaxlm import cli, files, optim, platforms, seq_len_schedule, stop_signals, train_eval
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
@@ -170,6 +170,7 @@ def train(config, workdir: epath.PathLike) -> dict:
 
 def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
     factory, derived = step_lib.build(config)  # validates the config first
+    tasks = train_eval.TaskEval.at_start(config)  # an unloadable lm-eval task stops us here
     t, d = config.train, config.data
     is_main = jax.process_index() == 0
     if is_main:
@@ -205,6 +206,9 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
     def validation_loss():
         return evaluate(eval_step, state["params"], eval_batches, factory.batch_sharding)
 
+    def task_rows(step):  # train.eval_tasks, logged beside val_loss
+        return tasks.log(state["params"], factory, data, step, writer, console) if tasks else {}
+
     throughput = metrics_lib.Throughput(_announce_run(config, derived, factory, console))
     stages = _Stages(config, derived, console, writer)
     nonfinite = _NonFinitePolicy(t, console, window)
@@ -213,6 +217,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
         val_loss = validation_loss()
         writer.write(0, {"val_loss": val_loss})
         console.print(f"step 0/{t.steps} | validation loss {val_loss:.4f}")
+        task_rows(0)
     try:
         with factory.context():
             for step in range(start + 1, t.steps + 1):
@@ -242,6 +247,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                     last["val_loss"] = val_loss = validation_loss()
                     writer.write(step, {"val_loss": val_loss})
                     console.print(f"step {step}/{t.steps} | validation loss {val_loss:.4f}")
+                    last.update(task_rows(step))
                     throughput.leave_out_since(eval_start)  # not training time
 
                 preempted = stop.agreed()

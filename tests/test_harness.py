@@ -174,3 +174,91 @@ def test_without_lm_eval_tasks_name_the_extra(tmp_path, repo):
 def test_an_unknown_task_is_named_before_any_model_runs():
     with pytest.raises(EvalError, match="no_such_task"):
         harness.load_tasks(["no_such_task"])
+
+
+def _training_config(tokenizer_path, tasks, **train):
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128))
+    config.data.update(dict(tokenizer=tokenizer_path, seq_len=64, eval_batches=1))
+    config.train.update(
+        dict(steps=4, global_batch_size=8, warmup_steps=0, eval_every=2, log_every=2, **train)
+    )
+    config.train.eval_tasks = tuple(tasks)
+    config.mesh.update(dict(fsdp=4, tensor=2))
+    config.checkpoint.every = 2
+    return config
+
+
+def test_an_unloadable_training_task_stops_the_run_at_start(tmp_path, tokenizer_path):
+    from jaxlm import train as train_lib
+    from jaxlm.errors import ConfigError
+
+    config = _training_config(tokenizer_path, ["no_such_task"])
+    with pytest.raises(ConfigError, match="train.eval_tasks=.*no_such_task"):
+        train_lib.train(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow  # ~2 min on a 2-core CPU: two short runs, each evaluating a task 3 times
+def test_training_logs_task_rows_and_a_resumed_run_logs_the_same(tmp_path, tokenizer_path):
+    import shutil
+
+    from support import tensorboard_view
+
+    from jaxlm import train as train_lib
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    data = tasks / "choice.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CHOICES))
+    (tasks / "choice.yaml").write_text(TASKS["choice"].format(data=json.dumps(str(data))))
+    config = _training_config(tokenizer_path, [str(tasks)], eval_limit=3)
+    train_lib.train(config, tmp_path / "unbroken")
+
+    def task_rows(workdir):
+        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r for r in rows if any(k.startswith("eval/") for k in r)}
+
+    unbroken = task_rows(tmp_path / "unbroken")
+    assert sorted(unbroken) == [0, 2, 4]
+    keys = {"eval/jaxlm_test_choice/acc", "eval/jaxlm_test_choice/acc_norm"}
+    assert all(set(r) == keys | {"step"} for r in unbroken.values())
+    assert all(abs(r[k] * 3 - round(r[k] * 3)) < 1e-9 for r in unbroken.values() for k in keys)
+    assert {tag for tag, _, _ in tensorboard_view(tmp_path / "unbroken" / "tensorboard")} >= keys
+
+    # the same run stopped after step 2: resumed, its step-4 rows are the unbroken run's
+    shutil.copytree(tmp_path / "unbroken", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
+    train_lib.train(config, tmp_path / "resumed")
+    assert task_rows(tmp_path / "resumed") == unbroken
+
+
+@pytest.mark.parametrize("template", ["llama2", "plain"])
+def test_chat_prompts_tokenize_as_the_exported_hf_tokenizer_does(
+    tokenizer_path, template, tmp_path
+):
+    """The harness renders a chat as one string, specials as their text; the reference is the
+    run's exported fast tokenizer, which reads "<s>" / "</s>" in text as those tokens."""
+    import transformers
+
+    from jaxlm import chat_prompt, hf_tokenizer
+    from jaxlm.data import tokenizer as tokenizer_lib
+
+    sp = tokenizer_lib.load(tokenizer_path)
+    hf_tokenizer.export(tokenizer_path, tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages = [
+        {"role": "system", "content": "Answer in code."},
+        {"role": "user", "content": "Add two numbers."},
+        {"role": "assistant", "content": "def add(a, b): return a + b"},
+        {"role": "user", "content": "And three?"},
+    ]
+    if template == "plain":
+        messages = messages[1:]
+    prompt = chat_prompt.ChatPrompt(sp, template)
+    text = prompt.render(messages, add_generation_prompt=True)
+    ids = prompt.encode(text + " def")
+    assert ids == hf(text + " def", add_special_tokens=False)["input_ids"]
+    assert ids.count(sp.bos_id()) == (2 if template == "llama2" else 1) and ids[0] == sp.bos_id()
