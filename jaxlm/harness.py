@@ -293,7 +293,7 @@ def _task_names(directory: str) -> list[str]:
 
 
 def evaluate(
-    lm: JaxlmLM,
+    lm,
     loaded: dict,
     num_fewshot: int | None = None,
     limit: float | None = None,
@@ -302,14 +302,15 @@ def evaluate(
     output_path: str | None = None,
     bootstrap_iters: int = 100000,
 ) -> dict:
-    """lm_eval.simple_evaluate on the loaded tasks; with `output_path`, the harness's own
-    results (and, with `log_samples`, samples) files written there."""
+    """lm_eval.simple_evaluate of `lm` (a JaxlmLM, or any lm-eval model) on the loaded tasks;
+    with `output_path`, the harness's own results (and, with `log_samples`, samples) files
+    written there."""
     from lm_eval.loggers import EvaluationTracker
 
     tracker = EvaluationTracker(output_path=output_path) if output_path else None
     results = lm_eval.simple_evaluate(
         model=lm,
-        model_args={"path": lm.path, "step": lm.run.step},
+        model_args={"path": lm.path, "step": lm.run.step} if isinstance(lm, JaxlmLM) else None,
         tasks=loaded["names"],
         num_fewshot=num_fewshot,
         limit=limit,
