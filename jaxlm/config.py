@@ -19,6 +19,7 @@ from jaxlm import attention as attention_lib
 from jaxlm import kernel_choice, seq_len_schedule
 from jaxlm import model as model_lib
 from jaxlm.config_checks import (
+    check_eval_tasks,
     check_lora,
     check_mesh_fit,
     check_observability,
@@ -122,6 +123,11 @@ def default_config() -> ml_collections.ConfigDict:
     t.loss_chunks = 1
     t.log_every = 10
     t.eval_every = 200
+    # lm-evaluation-harness tasks at every eval_every, beside val_loss (jaxlm.train_eval; needs
+    # the [eval] extra): harness task names or directories of task YAMLs; () is off.
+    # eval_limit: items per task (0: all). Loaded at start: an unknown task stops the run there.
+    t.eval_tasks = ()
+    t.eval_limit = 0
     t.nonfinite = "raise"  # a non-finite loss or gradient: "raise" (stop) or "skip" the update
     t.max_skips_in_a_row = 10  # with "skip": stop after this many non-finite microbatches in a row
     # LoRA fine-tuning (0: off): low-rank adapters of this rank beside the lora_targets kernels
@@ -309,6 +315,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
     )
     check_lora(t)
     check_observability(t)
+    check_eval_tasks(t)
 
     shape = resolve_mesh_shape(config.mesh, n_devices)
     check_mesh_fit(config, shape)

@@ -191,3 +191,21 @@ def check_rope_scaling(m) -> None:
         m.rope_original_max_position,
         "a positive context length",
     )
+
+
+def check_eval_tasks(t) -> None:
+    """config.train's lm-eval fields: task names (or YAML directories) and a limit; whether
+    lm-eval knows the tasks is checked as the run starts (jaxlm.train_eval)."""
+    require(
+        isinstance(t.eval_tasks, (tuple, list)) and all(isinstance(x, str) for x in t.eval_tasks),
+        "train.eval_tasks",
+        t.eval_tasks,
+        'a tuple of lm-eval task names or task-YAML directories, e.g. ("arc_easy",)',
+    )
+    require(t.eval_limit >= 0, "train.eval_limit", t.eval_limit, "0 (every item) or more")
+    require(
+        not (t.eval_tasks and t.lora_rank),
+        "train.eval_tasks",
+        tuple(t.eval_tasks),
+        "() with LoRA (evaluate the merged run: python -m jaxlm.eval --tasks)",
+    )

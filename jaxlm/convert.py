@@ -12,8 +12,9 @@ like any other (--to_hf from a LoRA run merges the same way on the fly).
 Importing writes RUN_DIR/checkpoints (an orbax checkpoint that config.checkpoint.init_from
 reads), RUN_DIR/config.py (the model's config, with data.tokenizer and init_from set) and the
 tokenizer files, holding near one copy of the model in host memory. Exporting writes
-config.json, safetensors shards with their index, and the tokenizer, which transformers'
-from_pretrained loads.
+config.json, generation_config.json, safetensors shards with their index, and the tokenizer
+(jaxlm.hf_tokenizer: tokenizer.json too, so no protobuf is needed to load it), which
+transformers' from_pretrained loads.
 
 The tensors themselves (names, layout, safetensors files) are jaxlm.hf_weights'; config.json
 is jaxlm.hf_config's. This module writes and reads the run directories around them.
@@ -32,24 +33,17 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import jaxlm
-from jaxlm import cli, files, hf_config, hf_weights, param_layout, platforms
+from jaxlm import cli, files, hf_config, hf_tokenizer, hf_weights, param_layout, platforms
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.hf_config import ConvertError
 
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
-
 
 def _copy_tokenizer(hf_dir: pathlib.Path, run_dir: epath.Path) -> str:
     """Copy the tokenizer files; the one training uses: tokenizer.model (sentencepiece, as
     Llama 2 ships) if present, else tokenizer.json (Llama 3); "" if neither exists."""
-    for name in TOKENIZER_FILES:
+    for name in hf_tokenizer.TOKENIZER_FILES:
         if (hf_dir / name).is_file():
             epath.Path(hf_dir / name).copy(run_dir / name, overwrite=True)
     for name in ("tokenizer.model", "tokenizer.json"):
@@ -209,54 +203,6 @@ def merge_lora(run, out_run) -> pathlib.Path:
     return pathlib.Path(run_lib.checkpoints_dir(out))
 
 
-def _export_tokenizer(path: str, out: pathlib.Path) -> tuple[int | None, int | None]:
-    """Copy the run's tokenizer (local or gs://, and Hugging Face files beside it) into the
-    local `out`; (bos id, eos id)."""
-    if not path or not epath.Path(path).is_file():
-        print(
-            f"warning: the run's tokenizer {path!r} is not there; writing no tokenizer",
-            file=sys.stderr,
-        )
-        return None, None
-    source = epath.Path(path)
-    name = "tokenizer.json" if source.suffix == ".json" else "tokenizer.model"
-    source.copy(out / name, overwrite=True)
-    for extra in TOKENIZER_FILES:
-        if extra != name and (source.parent / extra).is_file():
-            (source.parent / extra).copy(out / extra, overwrite=True)
-    tok = tokenizer_lib.load(out / name, "the run's tokenizer")
-    ids = tok.bos_id(), tok.eos_id()
-    if not (out / "tokenizer_config.json").is_file():  # a tokenizer jaxlm trained
-        special = (
-            {
-                f"{k}_token": tok.id_to_piece(i)
-                for k, i in (
-                    ("bos", ids[0]),
-                    ("eos", ids[1]),
-                    ("unk", tok.unk_id()),
-                    ("pad", tok.pad_id()),
-                )
-                if i >= 0
-            }
-            if name == "tokenizer.model"
-            else {}
-        )
-        kind = "LlamaTokenizer" if name == "tokenizer.model" else "PreTrainedTokenizerFast"
-        (out / "tokenizer_config.json").write_text(
-            json.dumps(
-                {
-                    "tokenizer_class": kind,
-                    "add_bos_token": True,
-                    "add_eos_token": False,
-                    "legacy": False,
-                    **special,
-                },
-                indent=2,
-            )
-        )
-    return tuple(i if i >= 0 else None for i in ids)
-
-
 def _clear_hf_dir(out: pathlib.Path, overwrite: bool) -> None:
     """--to_hf, like --to, refuses a directory that already holds a model; with --overwrite its
     weight files go first, so no shard of the old model survives beside the new ones."""
@@ -283,7 +229,7 @@ def export_hf(
     m = param_layout.model_fields(meta["config"]["model"])
     dtype = dtype or m["param_dtype"]
     n_files = hf_weights.write_hf_params(params, m, dtype, out, max_shard_size)
-    bos, eos = _export_tokenizer(
+    bos, eos = hf_tokenizer.export(
         meta.get("tokenizer") or meta["config"].get("data", {}).get("tokenizer", ""), out
     )
     max_positions = (

@@ -2,6 +2,7 @@
 
     python -m jaxlm.eval --from=runs/tiny --data=data/prepared [--split=validation]
     python -m jaxlm.eval --from=runs/tiny --data='texts/*.jsonl' --choices=items.jsonl
+    python -m jaxlm.eval --from=runs/tiny --tasks=hellaswag,arc_easy  (lm-eval: jaxlm.eval_tasks)
 
 Everything is a log-likelihood request, as in lm-evaluation-harness: the log-probability the
 model gives a continuation after a context. A document of tokens t0..tn (t0 the BOS that
@@ -14,9 +15,10 @@ SFT data (tokens and a loss mask) are scored on their responses only, each after
 precedes it: the completion loss.
 
 A multiple-choice item {"context", "choices", "answer"} asks for log P(choice | context) of
-each choice, tokenized as the harness does: BOS + tokens(context) as the context, and as
-the continuation the tokens of context + choice after those of the context (a space that
-ends the context moves to the choice). `acc` picks the most likely choice, `acc_norm` the
+each choice, split as the harness does (`split_pair`, which jaxlm.harness's lm-eval model
+uses too): BOS + tokens(context) as the context, and as the continuation the tokens of
+context + choice after those of the context (whitespace ending the context moves to the
+choice). `acc` picks the most likely choice, `acc_norm` the
 most likely per character of the choice.
 
 Requests are sorted by length and batched; a batch is padded to a power-of-two length, so
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from jaxlm import files, platforms
+from jaxlm import eval_tasks, files, platforms
 from jaxlm import generate as gen
 from jaxlm import model as model_lib
 from jaxlm import run as run_lib
@@ -95,9 +97,12 @@ def _rows_per_batch(run: run_lib.Run, batch_size: int) -> int:
     return -(-batch_size // ways) * ways
 
 
-def score(run: run_lib.Run, requests: Sequence[Request], batch_size: int = 16) -> list[Score]:
+def score(
+    run: run_lib.Run, requests: Sequence[Request], batch_size: int = 16, progress=None
+) -> list[Score]:
     """A Score for each request, in order. A request longer than the context keeps its last
-    `max_len` inputs (the continuation's end), as the harness does."""
+    `max_len` inputs (the continuation's end), as the harness does. `progress(n)` is told
+    after each batch how many requests it scored."""
     rows = _rows_per_batch(run, batch_size)
     rules = tuple(run.rules)
     scored: list[Score | None] = [None] * len(requests)
@@ -126,6 +131,8 @@ def score(run: run_lib.Run, requests: Sequence[Request], batch_size: int = 16) -
             scored[i] = Score(
                 float(logprob[row, end - n : end].sum()), bool(greedy[row, end - n : end].all())
             )
+        if progress is not None:
+            progress(len(batch))
     return scored
 
 
@@ -161,15 +168,23 @@ def score_documents(
     """Loss (mean NLL per predicted token, nats), perplexity, token and document counts; with
     the texts' UTF-8 byte count, bits per byte as well. A [2, n] document (tokens and loss
     mask, as SFT data is prepared) is scored on its masked-in tokens only."""
-    requests, n_documents = [], 0
+    requests, owner, n_documents = [], [], 0  # owner: the document each request scores
     for doc in documents:
-        requests += masked_requests(*doc) if doc.ndim == 2 else document_requests(doc, run.max_len)
+        mine = masked_requests(*doc) if doc.ndim == 2 else document_requests(doc, run.max_len)
+        requests += mine
+        owner += [n_documents] * len(mine)
         n_documents += 1
     if not requests:
         raise EvalError(
             "no document has a token to predict (two or more tokens; SFT data: a response)"
         )
     scores = score(run, requests, batch_size)
+    per_document = [{"document": i, "nll": 0.0, "tokens": 0} for i in range(n_documents)]
+    for i, request, scored in zip(owner, requests, scores):
+        per_document[i]["nll"] -= scored.logprob
+        per_document[i]["tokens"] += len(request.continuation)
+    for row in per_document:
+        row["loss"] = row.pop("nll") / row["tokens"] if row["tokens"] else None
     total = -sum(s.logprob for s in scores)
     tokens = sum(len(r.continuation) for r in requests)
     result = {
@@ -177,6 +192,7 @@ def score_documents(
         "perplexity": math.exp(total / tokens),
         "tokens": tokens,
         "documents": n_documents,
+        "per_document": per_document,
     }
     if n_bytes:
         result["bits_per_byte"] = total / math.log(2) / n_bytes
@@ -275,20 +291,39 @@ def read_items(path: str) -> list[Item]:
     return items
 
 
+def with_bos(tokenizer, tokens: list[int]) -> list[int]:
+    """BOS + tokens, as training documents start (and a Hugging Face Llama tokenizer encodes)."""
+    return ([tokenizer.bos_id()] if tokenizer.bos_id() >= 0 else []) + list(tokens)
+
+
+def split_pair(tokenizer, context: str, continuation: str) -> Request:
+    """log P(continuation | context) as a token request, split as lm-evaluation-harness's
+    Hugging Face model splits it: whitespace ending the context moves to the continuation;
+    BOS + tokens(context) is the context and the tokens of BOS + context + continuation after
+    it the continuation. An empty context is BOS alone (EOS without a BOS)."""
+    if not context:
+        tokens = tokenizer.encode(continuation)
+        prefix = tokenizer.bos_id() if tokenizer.bos_id() >= 0 else tokenizer.eos_id()
+        if tokens and tokens[0] == prefix:
+            return Request(tuple(tokens[:1]), tuple(tokens[1:]))
+        return Request((prefix,), tuple(tokens))
+    kept = context.rstrip()
+    context, continuation = kept, context[len(kept) :] + continuation
+    context_tokens = with_bos(tokenizer, tokenizer.encode(context))
+    whole = with_bos(tokenizer, tokenizer.encode(context + continuation))
+    return Request(tuple(context_tokens), tuple(whole[len(context_tokens) :]))
+
+
 def choice_requests(tokenizer, item: Item) -> list[Request]:
-    """One request per choice, split into context and continuation as the harness does."""
-    context, spaces = item.context.rstrip(" "), item.context[len(item.context.rstrip(" ")) :]
-    bos = [tokenizer.bos_id()] if tokenizer.bos_id() >= 0 else []
-    context_tokens = tokenizer.encode(context) if context else []
+    """One request per choice, split as the harness splits it (split_pair)."""
     requests = []
     for choice in item.choices:
-        whole = tokenizer.encode(context + spaces + choice)
-        continuation = whole[len(context_tokens) :]
-        if not bos and not context_tokens:
+        request = split_pair(tokenizer, item.context, choice)
+        if not request.context or min(request.context) < 0:
             raise EvalError(f"{item.where}: an empty context needs a tokenizer with a BOS token")
-        if not continuation:
+        if not request.continuation:
             raise EvalError(f"{item.where}: the choice {choice!r} adds no tokens to the context")
-        requests.append(Request(tuple(bos + context_tokens), tuple(continuation)))
+        requests.append(request)
     return requests
 
 
@@ -328,16 +363,18 @@ def main(argv):
     f = flags.FLAGS
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments {argv[1:]}")
-    if not f.data and not f.choices:
+    if not f.data and not f.choices and not f.tasks:
         raise SystemExit(
-            "error: give --data (documents: a prepared dataset or JSONL texts) "
-            "and/or --choices (multiple-choice JSONL)"
+            "error: give --tasks (lm-eval tasks), --data (documents: a prepared dataset or "
+            "JSONL texts) and/or --choices (multiple-choice JSONL)"
         )
     if f.batch_size < 1:
         raise SystemExit(f"error: --batch_size={f.batch_size} is invalid: at least 1")
     results = {}
     try:
         output = files.output_file(f.output, "--output") if f.output else None
+        if f.tasks:
+            eval_tasks.harness()  # no lm-eval: one line naming the extra, before loading
         run = run_lib.load(
             f["from"].value, f.tokenizer, f.step, f.tensor, shard_rows=True, unstack=False
         )
@@ -372,9 +409,11 @@ def main(argv):
             print(
                 f"choices: acc {r['acc']:.4f} | acc_norm {r['acc_norm']:.4f} | {r['items']} items"
             )
+        if f.tasks:
+            eval_tasks.run_from_flags(run, f)
     except (EvalError, run_lib.RunError, files.PathError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    if output:
+    if output and results:
         output.write_text(
             json.dumps({"from": f["from"].value, "step": run.step, **results}, indent=1)
         )
@@ -396,6 +435,7 @@ def _define_flags():
     )
     flags.DEFINE_integer("batch_size", 16, "Rows per forward pass (rounded up to the devices).")
     flags.DEFINE_string("output", None, "Also write the results (and per-item scores) as JSON.")
+    eval_tasks.define_flags()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from jaxlm import (
     seq_len_schedule,
     steps_in_flight,
     stop_signals,
+    train_eval,
     wandb_log,
 )
 from jaxlm import config as config_lib
@@ -155,6 +156,7 @@ def train(config, workdir: epath.PathLike) -> dict:
 
 def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
     factory, derived = step_lib.build(config)  # validates the config first
+    tasks = train_eval.TaskEval.at_start(config)  # an unloadable lm-eval task stops us here
     t, d = config.train, config.data
     is_main = jax.process_index() == 0
     if is_main:
@@ -205,6 +207,11 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
             rows = pipeline.cut_rows(next(train_batches), stages.seq_len)
         return train_step(state, sharding_lib.global_batch(rows, factory.batch_sharding))
 
+    def task_rows(step):  # train.eval_tasks, logged beside val_loss
+        return (
+            tasks.log(steps.state["params"], factory, data, step, writer, console) if tasks else {}
+        )
+
     throughput = metrics_lib.Throughput(_announce_run(config, derived, factory, console))
     stages = _Stages(config, derived, console, writer)
     nonfinite = _NonFinitePolicy(t, console, window)
@@ -218,6 +225,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
         writer.write(0, {"val_loss": val_loss})
         console.print(f"step 0/{t.steps} | validation loss {val_loss:.4f}")
         account.mark("eval", step=0)
+        task_rows(0)
     try:
         with factory.context():
             for step in range(start + 1, t.steps + 1):
@@ -255,6 +263,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                     last["val_loss"] = val_loss = validation_loss()
                     writer.write(step, {"val_loss": val_loss})
                     console.print(f"step {step}/{t.steps} | validation loss {val_loss:.4f}")
+                    last.update(task_rows(step))
                     throughput.leave_out_since(eval_start)  # not training time
                     account.mark("eval", step=step)
 

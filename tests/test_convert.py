@@ -4,7 +4,10 @@ and training from a converted checkpoint."""
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -268,6 +271,61 @@ def test_sentencepiece_tokenizer_exports_for_auto_tokenizer(tmp_path, tokenizer_
     text = "def main():\n    return os.path.join(a, b)"
     assert theirs(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
     assert theirs(text)["input_ids"][0] == sp.bos_id()
+
+
+# Starts with spaces, with a newline, with both: where a Metaspace pre-tokenizer and
+# sentencepiece's dummy prefix part ways; code, digits, bytes the vocabulary lacks.
+TEXTS_ANY_TOKENIZER = [
+    "def main():\n    return os.path.join(a, b)",
+    "  two  spaces\n\nx",
+    " lead",
+    "\n\n  indented = 12345\n",
+    "ünïcödé 😀\ttab",
+    "x\n",
+]
+
+# Makes `import google.protobuf` fail, as in an environment with only transformers and
+# sentencepiece installed.
+NO_PROTOBUF = """
+import sys
+class NoProtobuf:
+    def find_spec(self, name, path=None, target=None):
+        if name == "google.protobuf" or name.startswith("google.protobuf."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoProtobuf())
+"""
+
+
+def test_export_loads_and_encodes_without_protobuf(tmp_path, tokenizer_path):
+    sp = tokenizer_lib.load(tokenizer_path)
+    hf_model(vocab=sp.vocab_size()).save_pretrained(tmp_path / "hf")
+    shutil.copyfile(tokenizer_path, tmp_path / "hf" / "tokenizer.model")
+    convert.import_hf(tmp_path / "hf", tmp_path / "run")
+    convert.export_hf(tmp_path / "run", tmp_path / "out")
+    for name in ("tokenizer.json", "special_tokens_map.json", "generation_config.json"):
+        assert (tmp_path / "out" / name).is_file(), name
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (sp.bos_id(), sp.eos_id())
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(NO_PROTOBUF)
+    load = (
+        "import json, sys, transformers\n"
+        "try:\n    import google.protobuf\n    sys.exit('protobuf was importable')\n"
+        "except ImportError:\n    pass\n"
+        f"t = transformers.AutoTokenizer.from_pretrained({str(tmp_path / 'out')!r})\n"
+        f"texts = {TEXTS_ANY_TOKENIZER!r}\n"
+        "print(json.dumps([t.bos_token_id, t.eos_token_id, [t(x)['input_ids'] for x in texts],"
+        " [t.decode(t(x)['input_ids'], skip_special_tokens=True) for x in texts]]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    bos, eos, ids, decoded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (bos, eos) == (sp.bos_id(), sp.eos_id())
+    assert ids == [[sp.bos_id()] + sp.encode(text) for text in TEXTS_ANY_TOKENIZER]
+    assert decoded == TEXTS_ANY_TOKENIZER
 
 
 @pytest.mark.slow  # ~40 s on a 2-core CPU: tokenizing the built-in corpus, two compiles

@@ -107,9 +107,10 @@ def test_sft_documents_are_scored_on_their_responses(run_dir, hf):
 
 
 def harness_split(sp, context, choice):
-    """lm-evaluation-harness' tokenization of a (context, choice) pair, re-derived."""
-    if context.endswith(" "):
-        stripped = context.rstrip(" ")
+    """lm-evaluation-harness' tokenization of a (context, choice) pair, re-derived: its
+    `_encode_pair` moves all whitespace ending the context (context.rstrip()) to the choice."""
+    if context != context.rstrip():
+        stripped = context.rstrip()
         context, choice = stripped, context[len(stripped) :] + choice
     context_ids = sp.encode(context) if context else []
     return [sp.bos_id()] + context_ids, sp.encode(context + choice)[len(context_ids) :]
@@ -210,6 +211,17 @@ def test_cli_scores_texts_a_prepared_split_and_choices(run_dir, tmp_path, repo, 
     assert "skipped 1 x not a JSON object" in done.stdout
     assert f"perplexity {out['documents']['perplexity']:.3f}" in done.stdout
     assert out["documents"]["documents"] == len(TEXTS) and out["choices"]["items"] == len(ITEMS)
+    # per item, to diff two runs: each choice's log-likelihood, the pick, the answer; each
+    # document's loss and token count
+    assert [len(row["logprobs"]) for row in out["choices"]["per_item"]] == [
+        len(item["choices"]) for item in ITEMS
+    ]
+    assert all(row["answer"] == 0 and "pick" in row for row in out["choices"]["per_item"])
+    per_document = out["documents"]["per_document"]
+    assert sum(d["tokens"] for d in per_document) == out["documents"]["tokens"]
+    assert sum(d["loss"] * d["tokens"] for d in per_document) == pytest.approx(
+        out["documents"]["loss"] * out["documents"]["tokens"], rel=1e-9
+    )
     run = run_lib.load(run_dir, shard_rows=True)
     sp = run.tokenizer
     want = eval_lib.score_documents(
