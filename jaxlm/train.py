@@ -154,21 +154,22 @@ def _announce_stage(stages, stage, step, t, console, writer) -> None:
         writer.write(step, {"seq_len": seq_len, "rows_per_step": rows})
 
 
-def train(config, workdir: epath.PathLike) -> dict:
+def train(config, workdir: epath.PathLike, on_validation=None) -> dict:
     """Run (or resume) training as `config` says, in `workdir` (a local path or gs://...);
-    return the last logged metrics.
+    return the last logged metrics. `on_validation(step, val_loss)`, if given, hears each
+    validation after step 0 (a sweep's pruner; an exception it raises stops the run).
 
     SIGTERM and Ctrl-C are caught from the start: one that comes while the run loads, restores or
     compiles (a cluster's early warning, SLURM's --signal=TERM@N) saves after the first step.
     """
     stop = stop_signals.StopRequest()
     try:
-        return _train(config, files.path(workdir), stop)
+        return _train(config, files.path(workdir), stop, on_validation)
     finally:
         stop.restore()
 
 
-def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
+def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_validation) -> dict:
     factory, derived = step_lib.build(config)  # validates the config first
     t, d = config.train, config.data
     is_main = jax.process_index() == 0
@@ -243,6 +244,8 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                     writer.write(step, {"val_loss": val_loss})
                     console.print(f"step {step}/{t.steps} | validation loss {val_loss:.4f}")
                     throughput.leave_out_since(eval_start)  # not training time
+                    if on_validation:
+                        on_validation(step, val_loss)
 
                 preempted = stop.agreed()
                 if step % config.checkpoint.every == 0 or step == t.steps or preempted:
