@@ -173,8 +173,8 @@ class Sweep:
 
     def all_done(self) -> bool:
         """No trial left to start or resume here, and none running anywhere."""
-        trials = self.study.get_trials(deepcopy=False)
-        return len(trials) >= self.trials and all(t.state.is_finished() for t in trials)
+        started = _started(self.study)
+        return len(started) >= self.trials and all(t.state.is_finished() for t in started)
 
     def start_next(self, slot: int) -> bool:
         """Resume an interrupted trial, else ask a new one within --trials; False if none."""
@@ -190,9 +190,10 @@ class Sweep:
                 if claim:
                     self.launch(slot, t.number, t._trial_id, t.params, claim, resumed=True)
                     return True
-        if len(trials) >= self.trials:
+        started = len(_started(self.study))
+        if started >= self.trials:
             return False
-        self.study.sampler = self.space.make_sampler(len(trials))
+        self.study.sampler = self.space.make_sampler(started)
         trial = self.study.ask(self.space.distributions())
         claim = sweep_storage.Claim.take(sweep_storage.trial_dir(self.study_dir, trial.number))
         if claim:  # else a resuming worker took it between the ask and now: it runs it
@@ -290,6 +291,11 @@ class Sweep:
         for slot in list(self.running):
             self.running[slot][1].wait()
             self.collect(slot)
+
+
+def _started(study) -> list:
+    """The trials asked so far (enqueued ones wait for an ask to take them)."""
+    return [t for t in study.get_trials(deepcopy=False) if t.state.name != "WAITING"]
 
 
 _PREEMPTED = 42  # jaxlm.train.PREEMPTED_EXIT_CODE, without importing the train stack

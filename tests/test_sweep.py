@@ -153,7 +153,7 @@ def setup(tmp_path_factory):
     rng = np.random.default_rng(0)
     tokenizer = root / "tokenizer.model"
     docs = [" ".join(rng.choice(WORDS, 30)) for _ in range(200)]
-    tokenizer_lib.train(docs, 160, tokenizer)
+    tokenizer_lib.train(docs, 320, tokenizer)
     with open(root / "chats.jsonl", "w") as f:
         for _ in range(300):
             words = list(rng.choice(WORDS, rng.integers(2, 5)))
@@ -162,7 +162,7 @@ def setup(tmp_path_factory):
     (root / "base.py").write_text(
         "from configs import tiny\n\n\ndef get_config():\n"
         "    c = tiny.get_config()\n"
-        "    c.model.update(dict(vocab_size=160, d_model=32, n_layers=2, n_heads=2,"
+        "    c.model.update(dict(vocab_size=320, d_model=32, n_layers=2, n_heads=2,"
         " n_kv_heads=1, d_ff=64))\n"
         f"    c.data.update(dict(source='sft:{root}/chats.jsonl', tokenizer='{tokenizer}',"
         " chat_template='plain', seq_len=32, val_fraction=0.1, eval_batches=1))\n"
