@@ -55,8 +55,7 @@ def best_command(study) -> str:
     attrs = study.user_attrs
     args = ["python", "-m", "jaxlm.train", f"--config={attrs.get('config', 'configs/tiny.py')}"]
     args += attrs.get("overrides", [])
-    args += [f"--config.{name}={value!r}" if isinstance(value, str) else
-             f"--config.{name}={value}" for name, value in best.params.items()]  # fmt: skip
+    args += [f"--config.{name}={value}" for name, value in best.params.items()]
     return " ".join(shlex.quote(a) for a in args)
 
 
