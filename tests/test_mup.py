@@ -124,8 +124,9 @@ def _activation_sizes(parametrization: str, width: int, steps: int = 4) -> dict:
         logits = model.apply({"params": p}, tokens[:, :-1])
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
 
+    grad = jax.jit(jax.grad(loss))
     for _ in range(steps):
-        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        updates, state = tx.update(grad(params), state, params)
         params = optax.apply_updates(params, updates)
     logits, found = model.apply({"params": params}, tokens, capture_intermediates=True,
                                 mutable=["intermediates"])  # fmt: skip

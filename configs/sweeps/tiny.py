@@ -1,4 +1,4 @@
-"""A sweep of the default model (configs/tiny.py) that runs on a laptop CPU in about 15 minutes.
+"""A sweep of the optimizer settings of the default model (configs/tiny.py), sized for a CPU.
 
     python -m jaxlm.sweep --config=configs/tiny.py --space=configs/sweeps/tiny.py \
         --study=runs/sweeps/tiny --trials=12 --config.train.steps=100 --config.train.eval_every=25
