@@ -25,9 +25,18 @@ TRIAL_INFO = "sweep_trial.json"
 
 
 def _exit_with_parent() -> None:
-    """A sweep killed with SIGKILL cannot stop its trials: each notices and stops itself, as
-    a killed `python -m jaxlm.train` would (it resumes from its newest checkpoint)."""
+    """A sweep killed with SIGKILL cannot stop its trials: each dies with it, as a killed
+    `python -m jaxlm.train` would (it resumes from its newest checkpoint). On Linux the
+    kernel sends the SIGKILL (PR_SET_PDEATHSIG); elsewhere, or if the sweep died before
+    that was set, a thread notices the new parent."""
     parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
 
     def watch():
         while os.getppid() == parent:

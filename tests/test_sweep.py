@@ -267,7 +267,9 @@ def test_kill_9_mid_trial_and_resume_ends_as_an_unbroken_sweep(setup, repo, tmp_
         "Space(params={'train.lr': log_uniform(1e-3, 3e-2), 'train.b2': uniform(0.9, 0.99)},"
         " seed=3, pruner='none')\n",
     )
-    args = ["--trials=3"]
+    # 30 steps a trial, a checkpoint every 5: the kill lands inside trial 1, far from its end.
+    args = ["--trials=3", "--config.train.steps=30", "--config.checkpoint.every=5",
+            "--config.train.eval_every=10"]  # fmt: skip
     unbroken = _sweep(repo, tmp_path / "unbroken", space, args, base=setup / "base.py")
     assert unbroken.returncode == 0, unbroken.stderr
     study_dir = tmp_path / "killed"
@@ -275,7 +277,7 @@ def test_kill_9_mid_trial_and_resume_ends_as_an_unbroken_sweep(setup, repo, tmp_
         _sweep_command(setup / "base.py", space, study_dir, args),
         cwd=repo, env=_env(repo), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    checkpoint = study_dir / "trial-0001" / "checkpoints" / "2"
+    checkpoint = study_dir / "trial-0001" / "checkpoints" / "5"
     deadline = time.time() + 600
     while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
@@ -288,6 +290,7 @@ def test_kill_9_mid_trial_and_resume_ends_as_an_unbroken_sweep(setup, repo, tmp_
     assert resumed.returncode == 0, resumed.stderr
     assert "trial 1 resumes from its checkpoint" in resumed.stdout
     assert not re.search(r"^trial 0 (starts|resumes)", resumed.stdout, re.M)  # it had ended
+    assert "resumed from" in (study_dir / "trial-0001" / "train.log").read_text()
     assert _trial_results(study_dir) == _trial_results(tmp_path / "unbroken")
 
 
