@@ -16,12 +16,9 @@ study stops at --trials trials. `--report` prints the table and writes the plots
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +28,15 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from jaxlm import cli, platforms, sweep_report, sweep_space, sweep_storage, sweep_trial
+from jaxlm import (
+    cli,
+    platforms,
+    sweep_devices,
+    sweep_report,
+    sweep_space,
+    sweep_storage,
+    sweep_trial,
+)
 from jaxlm.errors import ConfigError, SweepError
 
 FLAGS = flags.FLAGS
@@ -54,59 +59,6 @@ def _define_flags() -> None:
 
 
 POLL_SECONDS = 0.5
-
-
-def worker_envs(workers: int, environ=os.environ) -> tuple[list[dict], int]:
-    """Each worker's environment additions and the devices one trial sees: a share of the
-    GPUs, one TPU chip each (or the whole host for one worker), the CPU devices for all."""
-    if workers < 1:
-        raise SweepError(f"--workers={workers}: give 1 or more")
-    wants_cpu = environ.get("JAX_PLATFORMS", "") == "cpu"
-    gpus = [] if wants_cpu else _gpu_ids(environ)
-    chips = [] if wants_cpu or gpus else _tpu_chips()
-    if gpus:
-        if workers > len(gpus):
-            raise SweepError(f"--workers={workers}: this host has {len(gpus)} GPU(s); at most that")
-        per = len(gpus) // workers
-        return [
-            {"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * per : (i + 1) * per])}
-            for i in range(workers)
-        ], per
-    if chips:
-        if workers == 1:
-            return [{}], len(chips)
-        if workers != len(chips):
-            raise SweepError(
-                f"--workers={workers}: this TPU VM has {len(chips)} chips; run 1 worker (all "
-                f"chips) or {len(chips)} (one chip each)"
-            )
-        return [
-            {
-                "TPU_VISIBLE_CHIPS": str(i),
-                "TPU_CHIPS_PER_PROCESS_BOUNDS": "1,1,1",
-                "TPU_PROCESS_BOUNDS": "1,1,1",
-                "TPU_PROCESS_PORT": str(8476 + i),
-            }
-            for i in range(workers)
-        ], 1
-    forced = re.search(r"xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
-    return [{} for _ in range(workers)], int(forced.group(1)) if forced else 1
-
-
-def _gpu_ids(environ) -> list[str]:
-    if environ.get("CUDA_VISIBLE_DEVICES"):
-        return [g for g in environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
-    if not shutil.which("nvidia-smi"):
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU")]
-
-
-def _tpu_chips() -> list[str]:
-    return sorted(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def config_file(config, base: str, params: dict, study_dir: str, number: int) -> str:
@@ -383,7 +335,7 @@ def _main() -> None:
     if FLAGS.trials < 1:
         raise SweepError(f"--trials={FLAGS.trials}: give 1 or more")
     space = sweep_space.load(FLAGS.space)
-    envs, n_devices = worker_envs(FLAGS.workers)
+    envs, n_devices = sweep_devices.worker_envs(FLAGS.workers)
     base = FLAGS.config
     sweep_space.check(space, base, n_devices)
     trials = FLAGS.trials

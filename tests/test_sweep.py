@@ -16,7 +16,7 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from configs import tiny  # noqa: E402
-from jaxlm import sweep, sweep_space, sweep_storage, sweep_trial  # noqa: E402
+from jaxlm import sweep, sweep_devices, sweep_space, sweep_storage, sweep_trial  # noqa: E402
 from jaxlm import train as train_lib  # noqa: E402
 from jaxlm.data import tokenizer as tokenizer_lib  # noqa: E402
 from jaxlm.errors import SweepError  # noqa: E402
@@ -128,19 +128,19 @@ def test_a_trial_directory_is_claimed_by_one_process_at_a_time(tmp_path):
 
 
 def test_workers_split_the_gpus_and_take_one_tpu_chip_each(monkeypatch):
-    envs, per = sweep.worker_envs(2, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    envs, per = sweep_devices.worker_envs(2, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
     assert per == 2 and [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0,1", "2,3"]
     with pytest.raises(SweepError, match=r"--workers=5: this host has 4 GPU"):
-        sweep.worker_envs(5, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
-    envs, per = sweep.worker_envs(3, {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--x=1 "
+        sweep_devices.worker_envs(5, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    envs, per = sweep_devices.worker_envs(3, {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--x=1 "
                                       "--xla_force_host_platform_device_count=8"})  # fmt: skip
     assert per == 8 and envs == [{}, {}, {}]
-    monkeypatch.setattr(sweep, "_tpu_chips", lambda: ["/dev/accel0", "/dev/accel1"])
-    monkeypatch.setattr(sweep, "_gpu_ids", lambda environ: [])
-    envs, per = sweep.worker_envs(2, {})
+    monkeypatch.setattr(sweep_devices, "_tpu_chips", lambda: ["/dev/accel0", "/dev/accel1"])
+    monkeypatch.setattr(sweep_devices, "_gpu_ids", lambda environ: [])
+    envs, per = sweep_devices.worker_envs(2, {})
     assert per == 1 and [e["TPU_VISIBLE_CHIPS"] for e in envs] == ["0", "1"]
     with pytest.raises(SweepError, match=r"this TPU VM has 2 chips"):
-        sweep.worker_envs(3, {})
+        sweep_devices.worker_envs(3, {})
 
 
 # --- real sweeps: trials are short runs of a 2-layer model on a small chat set ------------------
