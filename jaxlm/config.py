@@ -23,6 +23,7 @@ from jaxlm.config_checks import (
     check_lora,
     check_mesh_fit,
     check_observability,
+    check_mup,
     check_rope_scaling,
     require,
     resolve_mesh_shape,
@@ -79,6 +80,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Layers per iteration of the layer scan: 1 compiles fastest; n_layers unrolls the whole
     # stack (no loop and no stacked per-layer residual buffers; same parameters either way).
     m.scan_unroll = 1
+    # --- muP (jaxlm.mup; README: Hyperparameter sweeps) ---
+    # "sp" (standard) or "mup" (maximal update: hidden matrices' init std and Adam learning
+    # rate scaled by mup_base_width / d_model, logits by the same, attention scores by
+    # 1 / head_dim), so settings tuned at mup_base_width hold at larger d_model
+    m.parametrization = "sp"
+    m.mup_base_width = 0  # the d_model the hyperparameters were tuned at; 0: d_model
 
     c.data = d = ml_collections.ConfigDict()
     # "builtin" (the running Python's standard library, see jaxlm.data.corpus),
@@ -224,6 +231,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
         head_dim % 2 == 0, "model.head_dim", head_dim, "rotary embeddings need an even head_dim"
     )
     check_rope_scaling(m)
+    check_mup(m)
     require(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"one of {REMAT_POLICIES}")
     require(
         1 <= int(m.scan_unroll) <= m.n_layers,

@@ -20,6 +20,22 @@ def require(ok: bool, field: str, value, valid: str):
         raise ConfigError(f"config.{field}={value!r} is invalid: {valid}")
 
 
+def check_mup(m) -> None:
+    """model.parametrization and mup_base_width."""
+    require(
+        m.parametrization in ("sp", "mup"), "model.parametrization", m.parametrization,
+        "'sp' or 'mup'",
+    )  # fmt: skip
+    require(
+        m.mup_base_width >= 0, "model.mup_base_width", m.mup_base_width,
+        "0 (model.d_model) or the positive width the hyperparameters were tuned at",
+    )  # fmt: skip
+    require(
+        m.parametrization != "mup" or not m.tie_embeddings, "model.tie_embeddings",
+        m.tie_embeddings, "False under model.parametrization='mup' (its head has rules of its own)",
+    )  # fmt: skip
+
+
 def resolve_mesh_shape(mesh_cfg, n_devices: int) -> dict:
     """Axis name -> size from config.mesh, its one -1 given the rest of the devices; the
     mesh must use every device present."""

@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import jaxlm
-from jaxlm import cli, files, hf_config, hf_tokenizer, hf_weights, param_layout, platforms
+from jaxlm import cli, files, hf_config, hf_tokenizer, hf_weights, mup, param_layout, platforms
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tokenizer_lib
@@ -228,6 +228,7 @@ def export_hf(
     params, meta, step = read_run(run)
     m = param_layout.model_fields(meta["config"]["model"])
     dtype = dtype or m["param_dtype"]
+    params = mup.fold_for_export(params, m)  # muP's multipliers into the weights
     n_files = hf_weights.write_hf_params(params, m, dtype, out, max_shard_size)
     bos, eos = hf_tokenizer.export(
         meta.get("tokenizer") or meta["config"].get("data", {}).get("tokenizer", ""), out

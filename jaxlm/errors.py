@@ -41,6 +41,10 @@ class EvalError(ValueError):
     """An evaluation input that cannot work; the message names it and the fix."""
 
 
+class SweepError(ValueError):
+    """A sweep that cannot start (its space, storage or study); the message names which."""
+
+
 class BadRecord(ValueError):
     """A record that cannot be trained on; `reason` is a key of readers.SKIP_REASONS."""
 

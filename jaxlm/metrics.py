@@ -328,3 +328,19 @@ def memory_per_device(factory) -> str:
             f" (LoRA adapters {_bytes(size(factory.trained(abstract)['params']))}, the rest frozen)"
         )
     return f"memory per device: {params}, optimizer state {_bytes(size(abstract['opt_state']))}"
+
+
+def last_value(workdir: epath.PathLike, name: str) -> tuple[float, int] | None:
+    """(value, step) of the last row of `workdir`'s metrics.jsonl that holds `name`, or None:
+    how a sweep reads a trial's result. A line torn by a kill is skipped."""
+    path = files.path(workdir) / Writer.FILENAME
+    found = None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if name in row:
+                found = (float(row[name]), int(row["step"]))
+    return found

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm import attention, lora
+from jaxlm import attention, lora, mup
 from jaxlm.loss import logits_dot
 
 
@@ -47,6 +47,9 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple = ()
+    # "sp" or "mup" (jaxlm.mup: init, learning rate, logits and attention scale by width)
+    parametrization: str = "sp"
+    mup_base_width: int = 0  # muP: the d_model the hyperparameters were tuned at (0: d_model)
 
 
 def _param(module: nn.Module, name: str, shape: tuple, names: tuple, std: float | None = None):
@@ -122,6 +125,7 @@ def _project(module: nn.Module, name: str, spec: str, x, shape, names, into_resi
     kernel writing into the residual stream starts smaller the deeper the model (GPT-2)."""
     c = module.cfg
     std = c.init_std / (2 * c.n_layers) ** 0.5 if into_residual else c.init_std
+    std *= mup.init_scale(c)
     y = jnp.einsum(spec, x, _param(module, name, shape, names, std).astype(c.dtype))
     if not c.lora_rank or name not in c.lora_targets:
         return y
@@ -150,6 +154,8 @@ class Attention(nn.Module):
         table = c.rotary_table or cache is not None
         q = apply_rotary(q, positions, c.rope_theta, slots, table, c.rope_scaling)
         k = apply_rotary(k, positions, c.rope_theta, slots, table, c.rope_scaling)
+        if c.parametrization == "mup":  # scores / head_dim, through any kernel
+            q = q * jnp.asarray(mup.query_scale(c), q.dtype)
         if cache is None:
             out = attention.attend(q, k, v, segment_ids, c.attention)
         else:
@@ -276,6 +282,8 @@ class Transformer(nn.Module):
                 # scanned input and output it would be copied whole at every decode step.
                 (x, cache), _ = layers((x, cache), positions, segment_ids, jnp.arange(c.n_layers))
         x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x)
+        if c.parametrization == "mup":  # logits * base_width / width
+            x = x * jnp.asarray(mup.logits_scale(c), x.dtype)
         if shards > 1:
             x = attention.restore(x, shards)
             x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))

@@ -21,7 +21,7 @@ import optax
 
 from jaxlm import attention as attention_lib
 from jaxlm import config as config_lib
-from jaxlm import kernel_choice, optim
+from jaxlm import kernel_choice, mup, optim
 from jaxlm import lora as lora_lib
 from jaxlm import loss as loss_lib
 from jaxlm import model as model_lib
@@ -171,7 +171,7 @@ def build(config, devices=None) -> tuple[StateFactory, config_lib.Derived]:
     model = model_lib.Transformer(model_cfg)
     factory = StateFactory(
         model,
-        optim.make_optimizer(config.train),
+        optim.make_optimizer(config.train, mup.ratio_of(model_cfg)),
         sharding_lib.make_mesh(derived.mesh_shape, devices),
         sharding_lib.axis_rules(config.mesh.rules),
         (derived.micro_batch_size, config.data.seq_len),

@@ -140,21 +140,22 @@ def _announce_stage(stages, stage, step, t, console, writer) -> None:
         writer.write(step, {"seq_len": seq_len, "rows_per_step": rows})
 
 
-def train(config, workdir: epath.PathLike) -> dict:
+def train(config, workdir: epath.PathLike, on_validation=None) -> dict:
     """Run (or resume) training as `config` says, in `workdir` (a local path or gs://...);
-    return the last logged metrics.
+    return the last logged metrics. `on_validation(step, val_loss)`, if given, hears each
+    validation after step 0 (a sweep's pruner; an exception it raises stops the run).
 
     SIGTERM and Ctrl-C are caught from the start: one that comes while the run loads, restores or
     compiles (a cluster's early warning, SLURM's --signal=TERM@N) saves after the first step.
     """
     stop = stop_signals.StopRequest()
     try:
-        return _train(config, files.path(workdir), stop)
+        return _train(config, files.path(workdir), stop, on_validation)
     finally:
         stop.restore()
 
 
-def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
+def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_validation) -> dict:
     factory, derived = step_lib.build(config)  # validates the config first
     tasks = train_eval.TaskEval.at_start(config)  # an unloadable lm-eval task stops us here
     t, d = config.train, config.data
@@ -266,6 +267,8 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                     last.update(task_rows(step))
                     throughput.leave_out_since(eval_start)  # not training time
                     account.mark("eval", step=step)
+                    if on_validation:
+                        on_validation(step, val_loss)
 
                 # A stop request saves here, or after the step already in flight.
                 stopping = stop.agreed()

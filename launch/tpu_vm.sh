@@ -16,6 +16,9 @@
 #                  is ACTIVE; SPOT=1 asks for spot capacity; DELETE_AFTER=1 deletes it at the end
 #   NUM_SLICES     slices joined over the data-center network (default 1); jaxlm's `data` mesh
 #                  axis crosses them, so --config.mesh.data must be a multiple of it
+#   COMMAND        the jaxlm module run (default jaxlm.train); COMMAND=jaxlm.sweep makes a
+#                  single-host slice (v5e-8, v6e-8, v4-8) one sweep worker, its arguments then
+#                  jaxlm.sweep's, installing .[tpu,sweep] (README: Hyperparameter sweeps)
 #   REPO, REF      git URL cloned on each worker (default: this checkout's origin) and the commit
 #                  checked out there (default: this checkout's HEAD)
 # The workdir must be storage every worker shares (a Filestore/NFS mount).
@@ -46,6 +49,8 @@ if [[ -z $repo ]]; then
   echo "# $no_repo"; repo=REPO
 fi
 ref=${REF:-$(git rev-parse HEAD)}
+command=${COMMAND:-jaxlm.train}
+extras=tpu; [[ $command == jaxlm.sweep ]] && extras=tpu,sweep
 run_id=${RUN_ID:-$(date -u +%Y%m%d-%H%M%S)}
 where=(--zone="$ZONE" ${PROJECT:+--project="$PROJECT"})
 echo "run $run_id: ${args[*]}"
@@ -98,11 +103,11 @@ mkdir -p ~/jaxlm-logs
 cd jaxlm && git fetch -q origin && git checkout -q $(sq "$ref")
 [ -d .venv ] || python3 -m venv .venv
 . .venv/bin/activate
-pip install -q -e '.[tpu]'
+pip install -q -e '.[$extras]'
 log=~/jaxlm-logs/\$(hostname)-$run_id.log
 export JAXLM_DISTRIBUTED=1 ${megascale:+$megascale MEGASCALE_SLICE_ID=$1}
 : >"\$log"  # there before tail follows it
-python -m jaxlm.train$train_args >>"\$log" 2>&1 &
+python -m $command$train_args >>"\$log" 2>&1 &
 pid=\$!; echo \$pid > ~/jaxlm-logs/train.pid
 tail -n +1 -f --pid=\$pid "\$log" &
 wait \$pid
