@@ -100,6 +100,8 @@ def default_config() -> ml_collections.ConfigDict:
     d.sft_overflow = "drop"
     d.text_key = "text"  # tfds: the feature holding the text
     d.val_fraction = 0.05  # builtin, tfds without a validation split: documents held out
+    # validation rows: eval_batches * train.global_batch_size, the same rows whatever
+    # train.grad_accum_steps (evaluated a microbatch at a time)
     d.eval_batches = 4
     d.num_threads = 2  # grain read threads
     d.prefetch = 4  # batches grain prepares ahead

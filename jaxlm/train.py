@@ -23,8 +23,8 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 import jaxlm
+from jaxlm import accumulation, cli, files, optim, platforms, seq_len_schedule, stop_signals
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import cli, files, optim, platforms, seq_len_schedule, stop_signals
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
@@ -200,7 +200,11 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
     train_step = step_lib.make_train_step(factory)
     eval_step = step_lib.make_eval_step(factory)
     train_batches = _train_batches(config, derived, data, begin.record.get("data"), console)
-    eval_batches = pipeline.eval_dataset(data.val_rows, derived.micro_batch_size, d.eval_batches)
+    # The validation set is the first eval_batches * global_batch_size rows whatever the
+    # microbatch, so runs that differ only in accumulation report the same val_loss.
+    eval_batches = pipeline.eval_dataset(
+        data.val_rows, derived.micro_batch_size, d.eval_batches * t.grad_accum_steps
+    )
 
     def validation_loss():
         return evaluate(eval_step, state["params"], eval_batches, factory.batch_sharding)
@@ -339,20 +343,27 @@ def _nothing_to_train(start: int, steps: int, console, checkpoints) -> dict:
 
 
 def _update(train_step, state, batches, stages, factory, t, window, nonfinite, step):
-    """One optimizer update: grad_accum_steps finite microbatches of the stage's row length. A
-    non-finite one changes nothing; with nonfinite="skip" another microbatch replaces it.
-    (state, train_step calls, the update's gradient norm)."""
+    """One optimizer update: grad_accum_steps finite microbatches of the stage's row length,
+    weighted by the window's target count (jaxlm.accumulation). A non-finite one changes
+    nothing; with nonfinite="skip" another microbatch replaces it, weighted by the count of
+    the window as first drawn. (state, train_step calls, the update's gradient norm)."""
     applied = calls = 0
+    targets = None
     while applied < t.grad_accum_steps:
+        drawn = [
+            pipeline.cut_rows(next(batches), stages.seq_len)
+            for _ in range(t.grad_accum_steps - applied)
+        ]
+        if targets is None:
+            targets = accumulation.window_targets(drawn)
         results = []
-        for _ in range(t.grad_accum_steps - applied):
-            rows = pipeline.cut_rows(next(batches), stages.seq_len)
+        for rows in drawn:
             batch = sharding_lib.global_batch(rows, factory.batch_sharding)
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, batch, targets)
             calls += 1
             results.append(metrics)
         for result in jax.device_get(results):
-            window.add(result["loss"])
+            window.add(result["loss_sum"], result["target_tokens"])
             if nonfinite.applied(result, step):
                 applied, grad_norm = applied + 1, float(result["grad_norm"])
     return state, calls, grad_norm
