@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxlm import attention as attention_lib
-from jaxlm import kernel_choice, seq_len_schedule
+from jaxlm import batch_schedule, kernel_choice, seq_len_schedule
 from jaxlm import model as model_lib
 from jaxlm.config_checks import (
     check_lora,
@@ -131,6 +131,16 @@ def default_config() -> ml_collections.ConfigDict:
     t.lora_rank = 0
     t.lora_alpha = 16.0
     t.lora_targets = ("q", "k", "v", "o", "gate", "up", "down")
+    # Batch-size schedule (jaxlm.batch_schedule): ((tokens, global_batch_size), ...), e.g.
+    # ((0, 64), (50_000_000, 128), (200_000_000, 256)): the global batch (rows of data.seq_len)
+    # once that many tokens are consumed; the first is (0, train.global_batch_size), each later
+    # one a multiple of it (the microbatch stays, more are accumulated). () = off. With one,
+    # the run lasts total_tokens (train.steps is derived), warmup and cosine decay run in
+    # tokens, and batch_lr_scaling ("none", "sqrt", "linear") scales the peak lr with the batch.
+    t.batch_schedule = ()
+    t.total_tokens = 0
+    t.warmup_tokens = 0
+    t.batch_lr_scaling = "none"
 
     c.mesh = me = ml_collections.ConfigDict()
     me.data = 1
@@ -299,6 +309,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
         t.max_skips_in_a_row >= 1, "train.max_skips_in_a_row", t.max_skips_in_a_row, "at least 1"
     )
     check_lora(t)
+    batch_schedule.check(t)
 
     shape = resolve_mesh_shape(config.mesh, n_devices)
     check_mesh_fit(config, shape)

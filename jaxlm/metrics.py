@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from jaxlm import files, param_layout
+from jaxlm import files, noise_scale, param_layout
 
 # Dense bf16 peak FLOP/s per device, from vendor spec sheets (docs/DESIGN.md). Matched by
 # substring against jax.Device.device_kind, most specific first.
@@ -202,7 +202,8 @@ WALL_CLOCK_FIELDS = ("tokens_per_second", "mfu")
 class LogWindow:
     """What a logged row sums over: the finite microbatches' loss sums and target counts since
     the last row (its loss is their token-weighted mean, as one batch of all their rows would
-    give), and the non-finite microbatches skipped so far (and in a row). Saved with each
+    give), the non-finite microbatches skipped so far (and in a row), and the smoothed gradient
+    noise scale (jaxlm.noise_scale). Saved with each
     checkpoint, so a run resumed between two rows logs the row the unbroken run logs, whatever
     log_every is. Kept as Python floats (exact in JSON) and summed in float64."""
 
@@ -215,6 +216,8 @@ class LogWindow:
         self.target_counts = [float(x) for x in state.get("target_counts", [1.0] * len(old))]
         self.skipped_total = int(state.get("skipped_total", 0))
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+        # Not reset by a logged row: an average over updates, resumed with the window.
+        self.noise_scale = noise_scale.NoiseScale(state.get("noise_scale"))
 
     def add(self, loss_sum, target_count) -> None:
         if np.isfinite(loss_sum):
@@ -237,6 +240,7 @@ class LogWindow:
             "target_counts": list(self.target_counts),
             "skipped_total": self.skipped_total,
             "skipped_in_a_row": self.skipped_in_a_row,
+            "noise_scale": self.noise_scale.state(),
         }
 
 

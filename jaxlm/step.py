@@ -175,7 +175,7 @@ def build(config, devices=None) -> tuple[StateFactory, config_lib.Derived]:
     model = model_lib.Transformer(model_cfg)
     factory = StateFactory(
         model,
-        optim.make_optimizer(config.train),
+        optim.make_optimizer(config.train, config.data.seq_len),
         sharding_lib.make_mesh(derived.mesh_shape, devices),
         sharding_lib.axis_rules(config.mesh.rules),
         (derived.micro_batch_size, config.data.seq_len),
@@ -219,26 +219,32 @@ class TrainStep:
     a microbatch is normalised by its own count: exact with grad_accum_steps=1 only.
     """
 
-    def __init__(self, jitted):
-        self.jitted = jitted
+    def __init__(self, jitted, accum_steps: int):
+        self.jitted, self.accum_steps = jitted, accum_steps
 
-    def __call__(self, state, batch, window_targets=0.0):
-        return self.jitted(state, batch, np.float32(window_targets))
+    def __call__(self, state, batch, window_targets=0.0, accum_steps=None):
+        """`accum_steps`: this update's microbatches (a batch schedule's stage), default
+        train.grad_accum_steps; a traced value, so a new stage does not recompile."""
+        accum = self.accum_steps if accum_steps is None else accum_steps
+        return self.jitted(state, batch, np.float32(window_targets), np.float32(accum))
 
-    def lower(self, state, batch, window_targets=None):
+    def lower(self, state, batch, window_targets=None, accum_steps=None):
         """As jax.jit's lower (abstract arguments welcome); the compiled program takes all
-        three arguments."""
-        if window_targets is None:
-            window_targets = jax.ShapeDtypeStruct((), jnp.float32)
-        return self.jitted.lower(state, batch, window_targets)
+        four arguments."""
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)
+        return self.jitted.lower(
+            state,
+            batch,
+            scalar if window_targets is None else window_targets,
+            scalar if accum_steps is None else accum_steps,
+        )
 
 
 def make_train_step(factory: StateFactory) -> TrainStep:
     """The train step of `factory`'s model and optimizer (see TrainStep)."""
     model, tx, loss_chunks = factory.model, factory.tx, factory.loss_chunks
-    accum_steps = factory.accum_steps
 
-    def train_step(state, batch, window_targets):
+    def train_step(state, batch, window_targets, accum_steps):
         # Gradients of the trained params only (with LoRA, the adapters): the frozen base is
         # a constant of the loss, so no gradient or optimizer state is ever made for it.
         trained, frozen = split_trained(model, state["params"])
@@ -253,6 +259,14 @@ def make_train_step(factory: StateFactory) -> TrainStep:
 
         (_, (loss_sum, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
         loss = loss_sum / jnp.maximum(count, 1.0)
+        # |this microbatch's own mean gradient|^2, for the gradient noise scale
+        # (jaxlm.noise_scale): the fed gradient is grad(loss_sum) / denominator.
+        denominator = jnp.where(
+            window_targets > 0, window_targets / accum_steps, jnp.maximum(count, 1.0)
+        )
+        micro_grad_sq = optax.tree.norm(grads, squared=True) * jnp.square(
+            denominator / jnp.maximum(count, 1.0)
+        )
         grad_norm = _applied_gradient_norm(grads, state["opt_state"])
         updates, opt_state = tx.update(grads, state["opt_state"], trained)
         # A non-finite loss or gradient leaves the state as it was; the loop decides
@@ -268,6 +282,7 @@ def make_train_step(factory: StateFactory) -> TrainStep:
             "loss": loss,
             "loss_sum": loss_sum,
             "grad_norm": grad_norm,
+            "micro_grad_sq": micro_grad_sq,
             "target_tokens": count,
             "finite": finite,
         }
@@ -277,10 +292,11 @@ def make_train_step(factory: StateFactory) -> TrainStep:
     return TrainStep(
         jax.jit(
             train_step,
-            in_shardings=(factory.shardings, factory.batch_sharding, replicated),
+            in_shardings=(factory.shardings, factory.batch_sharding, replicated, replicated),
             out_shardings=(factory.shardings, None),
             donate_argnums=0,
-        )
+        ),
+        factory.accum_steps,
     )
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import jaxlm
 from jaxlm import accumulation, cli, files, optim, platforms, seq_len_schedule, stop_signals
+from jaxlm import batch_schedule as batch_schedule_lib
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
@@ -170,6 +171,7 @@ def train(config, workdir: epath.PathLike) -> dict:
 
 def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
     factory, derived = step_lib.build(config)  # validates the config first
+    config = batch_schedule_lib.with_total_steps(config)  # train.steps from train.total_tokens
     t, d = config.train, config.data
     is_main = jax.process_index() == 0
     if is_main:
@@ -211,6 +213,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
 
     throughput = metrics_lib.Throughput(_announce_run(config, derived, factory, console))
     stages = _Stages(config, derived, console, writer)
+    batch_stages = batch_schedule_lib.Progress(config, console.print, writer)
     nonfinite = _NonFinitePolicy(t, console, window)
     last = {}
     if start == 0:  # where validation loss starts, so a run shows what it learned
@@ -227,9 +230,10 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                         compiles = True
                         throughput.pause()
                     stages.enter(step)
-                state, calls, grad_norm = _update(
-                    train_step, state, train_batches, stages, factory, t, window, nonfinite, step
-                )
+                state, calls, grad_norm = accumulation.update(
+                    train_step, state, train_batches, stages.seq_len, factory.batch_sharding,
+                    batch_stages.enter(step), window, nonfinite, step,
+                )  # fmt: skip
                 if compiles:
                     jax.block_until_ready(state)
                     throughput.resume()
@@ -239,7 +243,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest) -> dict:
                     )
 
                 if step % t.log_every == 0 or step == t.steps:
-                    last = _log(step, t, window, throughput, grad_norm, writer, console)
+                    last = _log(step, config, window, throughput, grad_norm, writer, console)
 
                 if step % t.eval_every == 0 or step == t.steps:
                     eval_start = time.perf_counter()
@@ -342,44 +346,22 @@ def _nothing_to_train(start: int, steps: int, console, checkpoints) -> dict:
     return {}
 
 
-def _update(train_step, state, batches, stages, factory, t, window, nonfinite, step):
-    """One optimizer update: grad_accum_steps finite microbatches of the stage's row length,
-    weighted by the window's target count (jaxlm.accumulation). A non-finite one changes
-    nothing; with nonfinite="skip" another microbatch replaces it, weighted by the count of
-    the window as first drawn. (state, train_step calls, the update's gradient norm)."""
-    applied = calls = 0
-    targets = None
-    while applied < t.grad_accum_steps:
-        drawn = [
-            pipeline.cut_rows(next(batches), stages.seq_len)
-            for _ in range(t.grad_accum_steps - applied)
-        ]
-        if targets is None:
-            targets = accumulation.window_targets(drawn)
-        results = []
-        for rows in drawn:
-            batch = sharding_lib.global_batch(rows, factory.batch_sharding)
-            state, metrics = train_step(state, batch, targets)
-            calls += 1
-            results.append(metrics)
-        for result in jax.device_get(results):
-            window.add(result["loss_sum"], result["target_tokens"])
-            if nonfinite.applied(result, step):
-                applied, grad_norm = applied + 1, float(result["grad_norm"])
-    return state, calls, grad_norm
-
-
-def _log(step, t, window, throughput, grad_norm, writer, console) -> dict:
+def _log(step, config, window, throughput, grad_norm, writer, console) -> dict:
     """The metrics row of the steps since the last one, written and printed."""
+    t = config.train
     last = {
         "loss": window.mean_loss(),
-        "lr": float(optim.schedule(t)(step - 1)),
+        "lr": float(optim.schedule(t, config.data.seq_len)(step - 1)),
         "grad_norm": grad_norm,
     }
     line = (
         f"step {step}/{t.steps} | loss {last['loss']:.4f} | lr {last['lr']:.2e}"
         f" | grad_norm {last['grad_norm']:.3f}"
     )
+    noise = window.noise_scale.value()
+    if noise is not None:  # B_simple in tokens, smoothed (jaxlm.noise_scale)
+        last["gradient_noise_scale"] = noise
+        line += f" | noise scale {noise:,.0f} tokens"
     if window.skipped_total:
         last["skipped_microbatches"] = window.skipped_total
         line += f" | skipped {window.skipped_total}"

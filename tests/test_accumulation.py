@@ -64,10 +64,10 @@ def _one_update(config, microbatches, exact: bool, base=None):
     with factory.context():
         for rows in microbatches:
             batch = sharding_lib.global_batch(rows, factory.batch_sharding)
-            state, _ = train_step(state, batch, targets)
+            state, metrics = train_step(state, batch, targets)
     state = jax.device_get(state)
     params = lora.split(state["params"])[0] if base is not None else state["params"]
-    return params, _adam_mu(state["opt_state"])
+    return params, _adam_mu(state["opt_state"]), jax.device_get(metrics)
 
 
 def _config(k: int, lora_rank: int = 0):
@@ -107,15 +107,19 @@ def test_k_microbatches_with_unequal_masks_equal_one_big_batch(lora_rank, lora_b
     counts = [int(rows["loss_mask"].sum()) for rows in _split(batch, 4)]
     assert max(counts) > 3 * min(counts)  # the microbatches' masks really differ
     # The big batch: one microbatch normalised by its own count, as without accumulation.
-    big_params, big_mu = _one_update(_config(1, lora_rank), [batch], exact=False, base=base)
+    big_params, big_mu, big = _one_update(_config(1, lora_rank), [batch], exact=False, base=base)
+    # The step's microbatch squared gradient norm (for the noise scale) is |gradient|^2, and
+    # the gradient is Adam's first moment / (1 - b1).
+    expected_sq = sum(np.sum(np.square(m / 0.1, dtype=np.float64)) for m in jax.tree.leaves(big_mu))
+    np.testing.assert_allclose(float(big["micro_grad_sq"]), expected_sq, rtol=1e-4)
     # Round-off alone: the same big batch with its rows in reverse order (float32 sums taken
     # in another order, as accumulation takes them).
     reverse = {key: v[::-1] for key, v in batch.items()}
-    r_params, r_mu = _one_update(_config(1, lora_rank), [reverse], exact=False, base=base)
+    r_params, r_mu, _ = _one_update(_config(1, lora_rank), [reverse], exact=False, base=base)
     roundoff = _relative_gap(big_mu, r_mu), _relative_gap(big_params, r_params)
     print(f"rows reversed: gradient {roundoff[0]:.2e}, params {roundoff[1]:.2e} relative")
     for k in (1, 2, 4):
-        params, mu = _one_update(_config(k, lora_rank), _split(batch, k), True, base=base)
+        params, mu, _ = _one_update(_config(k, lora_rank), _split(batch, k), True, base=base)
         # Adam's first moment after one update is (1 - b1) * the applied gradient.
         gaps = _relative_gap(big_mu, mu), _relative_gap(big_params, params)
         print(f"k={k}: gradient {gaps[0]:.2e}, params {gaps[1]:.2e} relative")
@@ -127,7 +131,7 @@ def test_k_microbatches_with_unequal_masks_equal_one_big_batch(lora_rank, lora_b
         assert gaps[1] <= max(tolerance, 2 * roundoff[1]), k
     # Normalising each microbatch by its own count (the old way) is measurably different:
     # the comparison above can fail.
-    _, naive_mu = _one_update(_config(4, lora_rank), _split(batch, 4), False, base=base)
+    _, naive_mu, _ = _one_update(_config(4, lora_rank), _split(batch, 4), False, base=base)
     assert _relative_gap(big_mu, naive_mu) > 1e-2
 
 
@@ -157,6 +161,11 @@ def test_sft_run_logs_the_same_losses_with_four_microbatches_as_with_one(sp_toke
     val = [(r["val_loss"], s["val_loss"]) for r, s in zip(one, four) if "val_loss" in r]
     print("losses", losses, "val_loss", val)
     assert [r["step"] for r in one] == [r["step"] for r in four]
+    # The gradient noise scale needs two batch sizes: logged with 4 microbatches, not with 1.
+    # (absent from a row while the smoothed |G|^2 estimate is not yet positive)
+    noise = [r["gradient_noise_scale"] for r in four if "gradient_noise_scale" in r]
+    assert noise and all(np.isfinite(noise)) and "gradient_noise_scale" in four[-2]
+    assert not any("gradient_noise_scale" in r for r in one)
     assert len(losses) == 6 and len(val) == 2
     for a, b in losses + val:
         assert abs(a - b) <= 2e-5 * abs(a)
