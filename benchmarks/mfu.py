@@ -150,7 +150,12 @@ def main(argv):
         for _ in range(t.grad_accum_steps):
             # The window's target count only scales the gradient: any positive one times the
             # same step.
-            state, metrics = train_step(state, next_batch(), np.float32(t.global_batch_size))
+            state, metrics = train_step(
+                state,
+                next_batch(),
+                np.float32(t.global_batch_size),
+                np.float32(t.grad_accum_steps),
+            )
         return jax.block_until_ready((state, metrics))
 
     for _ in range(_WARMUP.value):
