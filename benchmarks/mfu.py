@@ -156,7 +156,14 @@ def main(argv):
 
     def optimizer_step(state):
         for _ in range(t.grad_accum_steps):
-            state, metrics = train_step(state, next_batch())
+            # The window's target count only scales the gradient: any positive one times the
+            # same step.
+            state, metrics = train_step(
+                state,
+                next_batch(),
+                np.float32(t.global_batch_size),
+                np.float32(t.grad_accum_steps),
+            )
         return jax.block_until_ready((state, metrics))
 
     for _ in range(_WARMUP.value):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxlm import attention as attention_lib
-from jaxlm import kernel_choice, seq_len_schedule
+from jaxlm import batch_schedule, kernel_choice, seq_len_schedule
 from jaxlm import model as model_lib
 from jaxlm.config_checks import (
     check_eval_tasks,
@@ -109,6 +109,8 @@ def default_config() -> ml_collections.ConfigDict:
     d.sft_overflow = "drop"
     d.text_key = "text"  # tfds: the feature holding the text
     d.val_fraction = 0.05  # builtin, tfds without a validation split: documents held out
+    # validation rows: eval_batches * train.global_batch_size, the same rows whatever
+    # train.grad_accum_steps (evaluated a microbatch at a time)
     d.eval_batches = 4
     d.num_threads = 2  # grain read threads
     d.prefetch = 4  # batches grain prepares ahead
@@ -153,6 +155,16 @@ def default_config() -> ml_collections.ConfigDict:
     t.wandb_name = ""  # "": the workdir's name
     t.wandb_tags = ()
     t.wandb_mode = "online"  # "online", "offline" (`wandb sync` later) or "disabled"
+    # Batch-size schedule (jaxlm.batch_schedule): ((tokens, global_batch_size), ...), e.g.
+    # ((0, 64), (50_000_000, 128), (200_000_000, 256)): the global batch (rows of data.seq_len)
+    # once that many tokens are consumed; the first is (0, train.global_batch_size), each later
+    # one a multiple of it (the microbatch stays, more are accumulated). () = off. With one,
+    # the run lasts total_tokens (train.steps is derived), warmup and cosine decay run in
+    # tokens, and batch_lr_scaling ("none", "sqrt", "linear") scales the peak lr with the batch.
+    t.batch_schedule = ()
+    t.total_tokens = 0
+    t.warmup_tokens = 0
+    t.batch_lr_scaling = "none"
 
     c.mesh = me = ml_collections.ConfigDict()
     me.data = 1
@@ -324,6 +336,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
     check_lora(t)
     check_observability(t)
     check_eval_tasks(t)
+    batch_schedule.check(t)
 
     shape = resolve_mesh_shape(config.mesh, n_devices)
     check_mesh_fit(config, shape)

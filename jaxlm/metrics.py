@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from jaxlm import files, goodput, param_layout
+from jaxlm import files, goodput, noise_scale, param_layout
 
 # Dense bf16 peak FLOP/s per device, from vendor spec sheets (docs/DESIGN.md). Matched by
 # substring against jax.Device.device_kind, most specific first.
@@ -201,33 +201,47 @@ WALL_CLOCK_FIELDS = ("tokens_per_second", "mfu", *goodput.METRIC_FIELDS)
 
 
 class LogWindow:
-    """What a logged row sums over: the finite microbatch losses since the last row, and the
-    non-finite microbatches skipped so far (and in a row). Saved with each checkpoint, so a
-    run resumed between two rows logs the row the unbroken run logs, whatever log_every is.
-    Losses are kept as Python floats (exact in JSON) and averaged in float64."""
+    """What a logged row sums over: the finite microbatches' loss sums and target counts since
+    the last row (its loss is their token-weighted mean, as one batch of all their rows would
+    give), the non-finite microbatches skipped so far (and in a row), and the smoothed gradient
+    noise scale (jaxlm.noise_scale). Saved with each
+    checkpoint, so a run resumed between two rows logs the row the unbroken run logs, whatever
+    log_every is. Kept as Python floats (exact in JSON) and summed in float64."""
 
     def __init__(self, state: dict | None = None):
         state = state or {}
-        self.losses = [float(x) for x in state.get("losses", ())]
+        # A checkpoint from before the sums were kept holds per-microbatch mean losses: each
+        # counts as one target, as their plain mean did.
+        old = [float(x) for x in state.get("losses", ())]
+        self.loss_sums = [float(x) for x in state.get("loss_sums", old)]
+        self.target_counts = [float(x) for x in state.get("target_counts", [1.0] * len(old))]
         self.skipped_total = int(state.get("skipped_total", 0))
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+        # Not reset by a logged row: an average over updates, resumed with the window.
+        self.noise_scale = noise_scale.NoiseScale(state.get("noise_scale"))
 
-    def add(self, loss) -> None:
-        if np.isfinite(loss):
-            self.losses.append(float(loss))
+    def add(self, loss_sum, target_count) -> None:
+        if np.isfinite(loss_sum):
+            self.loss_sums.append(float(loss_sum))
+            self.target_counts.append(float(target_count))
 
     def mean_loss(self) -> float:
-        return float(np.mean(np.asarray(self.losses, np.float64))) if self.losses else float("nan")
+        count = np.sum(np.asarray(self.target_counts, np.float64))
+        if not count:
+            return float("nan")
+        return float(np.sum(np.asarray(self.loss_sums, np.float64)) / count)
 
     def reset(self) -> None:
         """A row was logged: the next one averages the losses from here on."""
-        self.losses = []
+        self.loss_sums, self.target_counts = [], []
 
     def state(self) -> dict:
         return {
-            "losses": list(self.losses),
+            "loss_sums": list(self.loss_sums),
+            "target_counts": list(self.target_counts),
             "skipped_total": self.skipped_total,
             "skipped_in_a_row": self.skipped_in_a_row,
+            "noise_scale": self.noise_scale.state(),
         }
 
 

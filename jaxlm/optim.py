@@ -5,13 +5,16 @@ from __future__ import annotations
 import jax
 import optax
 
-from jaxlm import mup
+from jaxlm import batch_schedule, mup
 
 NO_DECAY_LEAVES = ("scale", "bias")  # RMSNorm scales (and any bias): never decayed
 
 
-def schedule(t) -> optax.Schedule:
-    """Linear warmup to train.lr, then cosine decay to lr * min_lr_ratio at train.steps."""
+def schedule(t, seq_len: int = 0) -> optax.Schedule:
+    """Linear warmup to train.lr, then cosine decay to lr * min_lr_ratio at train.steps; with
+    train.batch_schedule, the same in tokens of rows of seq_len (jaxlm.batch_schedule)."""
+    if t.batch_schedule:
+        return batch_schedule.lr_schedule(t, seq_len)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=t.lr,
@@ -31,17 +34,27 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(t, hidden_lr_ratio: float = 1.0) -> optax.GradientTransformation:
+def make_optimizer(
+    t, seq_len: int = 0, hidden_lr_ratio: float = 1.0
+) -> optax.GradientTransformation:
     """clip -> AdamW(schedule, decay mask) [-> the hidden matrices' updates times
-    hidden_lr_ratio, muP's per-matrix learning rate]; in MultiSteps when accumulating."""
+    hidden_lr_ratio, muP's per-matrix learning rate]; in MultiSteps when accumulating (as many
+    microbatches as the batch schedule's stage holds, with one)."""
     tx = optax.chain(
         optax.clip_by_global_norm(t.clip_norm),
         optax.adamw(
-            schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask
+            schedule(t, seq_len),
+            b1=t.b1,
+            b2=t.b2,
+            eps=t.eps,
+            weight_decay=t.weight_decay,
+            mask=decay_mask,
         ),
     )
     if hidden_lr_ratio != 1.0:
         tx = optax.chain(tx, mup.scale_hidden_updates(hidden_lr_ratio))
-    if t.grad_accum_steps > 1:
+    if t.batch_schedule:
+        tx = optax.MultiSteps(tx, every_k_schedule=batch_schedule.accum_schedule(t, seq_len))
+    elif t.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=t.grad_accum_steps)
     return tx

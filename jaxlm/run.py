@@ -197,6 +197,7 @@ def load(
     config.model.update(dict(attention="xla", remat="none"))
     config.data.seq_len_schedule = ()
     config.train.update(dict(global_batch_size=len(devices), grad_accum_steps=1, loss_chunks=1))
+    config.train.update(dict(batch_schedule=(), total_tokens=0, warmup_tokens=0))
     try:
         derived = config_lib.validate(config, len(devices))
     except config_lib.ConfigError as e:

@@ -17,6 +17,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxlm import attention as attention_lib
@@ -90,9 +91,12 @@ class StateFactory:
     """Builds the abstract state, its shardings, and the real state on the mesh; carries what
     the train and eval steps take from the config (loss_chunks)."""
 
-    def __init__(self, model, tx, mesh, rules, batch_shape, loss_chunks: int = 1):
+    def __init__(
+        self, model, tx, mesh, rules, batch_shape, loss_chunks: int = 1, accum_steps: int = 1
+    ):
         self.model, self.tx, self.mesh, self.rules = model, tx, mesh, rules
         self.batch_shape, self.loss_chunks = batch_shape, loss_chunks
+        self.accum_steps = accum_steps  # microbatches MultiSteps averages per update
         # The key is made inside the trace: a concrete one would live on the host's default
         # device, which a mesh of devices from another platform (a TPU topology described on
         # a CPU host, jaxlm.aot) cannot take.
@@ -171,11 +175,12 @@ def build(config, devices=None) -> tuple[StateFactory, config_lib.Derived]:
     model = model_lib.Transformer(model_cfg)
     factory = StateFactory(
         model,
-        optim.make_optimizer(config.train, mup.ratio_of(model_cfg)),
+        optim.make_optimizer(config.train, config.data.seq_len, mup.ratio_of(model_cfg)),
         sharding_lib.make_mesh(derived.mesh_shape, devices),
         sharding_lib.axis_rules(config.mesh.rules),
         (derived.micro_batch_size, config.data.seq_len),
         config.train.loss_chunks,
+        config.train.grad_accum_steps,
     )
     return factory, derived
 
@@ -203,11 +208,43 @@ def _applied_gradient_norm(grads, opt_state):
     return optax.tree.norm(grads)
 
 
-def make_train_step(factory: StateFactory):
-    """jit(state, batch) -> (state, metrics); the state is donated."""
+class TrainStep:
+    """The jitted train step: (state, batch, window_targets) -> (state, metrics), the state
+    donated.
+
+    `window_targets` is the count of real targets in the whole accumulation window (every
+    microbatch, every host): each microbatch then feeds MultiSteps its summed per-token gradient
+    times grad_accum_steps / window_targets, so the mean MultiSteps applies is exactly the
+    window's per-token mean, as one batch holding all its rows would give. Left out (or 0),
+    a microbatch is normalised by its own count: exact with grad_accum_steps=1 only.
+    """
+
+    def __init__(self, jitted, accum_steps: int):
+        self.jitted, self.accum_steps = jitted, accum_steps
+
+    def __call__(self, state, batch, window_targets=0.0, accum_steps=None):
+        """`accum_steps`: this update's microbatches (a batch schedule's stage), default
+        train.grad_accum_steps; a traced value, so a new stage does not recompile."""
+        accum = self.accum_steps if accum_steps is None else accum_steps
+        return self.jitted(state, batch, np.float32(window_targets), np.float32(accum))
+
+    def lower(self, state, batch, window_targets=None, accum_steps=None):
+        """As jax.jit's lower (abstract arguments welcome); the compiled program takes all
+        four arguments."""
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)
+        return self.jitted.lower(
+            state,
+            batch,
+            scalar if window_targets is None else window_targets,
+            scalar if accum_steps is None else accum_steps,
+        )
+
+
+def make_train_step(factory: StateFactory) -> TrainStep:
+    """The train step of `factory`'s model and optimizer (see TrainStep)."""
     model, tx, loss_chunks = factory.model, factory.tx, factory.loss_chunks
 
-    def train_step(state, batch):
+    def train_step(state, batch, window_targets, accum_steps):
         # Gradients of the trained params only (with LoRA, the adapters): the frozen base is
         # a constant of the loss, so no gradient or optimizer state is ever made for it.
         trained, frozen = split_trained(model, state["params"])
@@ -215,9 +252,21 @@ def make_train_step(factory: StateFactory):
         def loss_fn(trained):
             params = join_trained(model, trained, frozen)
             total, count = loss_sum_and_count(model, params, batch, loss_chunks)
-            return total / jnp.maximum(count, 1.0), count
+            denominator = jnp.where(
+                window_targets > 0, window_targets / accum_steps, jnp.maximum(count, 1.0)
+            )
+            return total / denominator, (total, count)
 
-        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+        (_, (loss_sum, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+        loss = loss_sum / jnp.maximum(count, 1.0)
+        # |this microbatch's own mean gradient|^2, for the gradient noise scale
+        # (jaxlm.noise_scale): the fed gradient is grad(loss_sum) / denominator.
+        denominator = jnp.where(
+            window_targets > 0, window_targets / accum_steps, jnp.maximum(count, 1.0)
+        )
+        micro_grad_sq = optax.tree.norm(grads, squared=True) * jnp.square(
+            denominator / jnp.maximum(count, 1.0)
+        )
         grad_norm = _applied_gradient_norm(grads, state["opt_state"])
         updates, opt_state = tx.update(grads, state["opt_state"], trained)
         # A non-finite loss or gradient leaves the state as it was; the loop decides
@@ -229,14 +278,25 @@ def make_train_step(factory: StateFactory):
             (trained, state["opt_state"]),
         )
         new_state = {"params": join_trained(model, new_trained, frozen), "opt_state": opt_state}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": count, "finite": finite}
+        metrics = {
+            "loss": loss,
+            "loss_sum": loss_sum,
+            "grad_norm": grad_norm,
+            "micro_grad_sq": micro_grad_sq,
+            "target_tokens": count,
+            "finite": finite,
+        }
         return new_state, metrics
 
-    return jax.jit(
-        train_step,
-        in_shardings=(factory.shardings, factory.batch_sharding),
-        out_shardings=(factory.shardings, None),
-        donate_argnums=0,
+    replicated = jax.sharding.NamedSharding(factory.mesh, jax.sharding.PartitionSpec())
+    return TrainStep(
+        jax.jit(
+            train_step,
+            in_shardings=(factory.shardings, factory.batch_sharding, replicated, replicated),
+            out_shardings=(factory.shardings, None),
+            donate_argnums=0,
+        ),
+        factory.accum_steps,
     )
 
 

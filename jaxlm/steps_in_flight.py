@@ -22,7 +22,9 @@ import jax
 class StepsInFlight:
     """The train state and the microbatches dispatched on it whose metrics are not read yet.
 
-    `run_call(state) -> (state, metrics)` dispatches one microbatch (it takes the next batch).
+    `run_call(state, missing) -> (state, metrics)` dispatches one microbatch (it takes the
+    next batch; `missing` > 0: a replacement, that many microbatches still to apply). `accum`,
+    the microbatches of the step being completed, may change between steps.
     """
 
     def __init__(self, run_call: Callable, state, grad_accum_steps: int):
@@ -34,8 +36,8 @@ class StepsInFlight:
     def in_flight(self) -> bool:
         return bool(self.pending)
 
-    def _dispatch_one(self) -> None:
-        self.state, metrics = self.run_call(self.state)
+    def _dispatch_one(self, missing: int | None = None) -> None:
+        self.state, metrics = self.run_call(self.state, missing)
         self.pending.append(metrics)
 
     def dispatch(self, steps: int) -> None:
@@ -52,7 +54,7 @@ class StepsInFlight:
         calls = 0
         while True:
             if not self.pending:
-                self._dispatch_one()
+                self._dispatch_one(self.accum - self.applied)
             result = jax.device_get(self.pending.popleft())
             calls += 1
             if applied(result):

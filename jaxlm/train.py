@@ -22,8 +22,8 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 import jaxlm
-from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import (
+    accumulation,
     cli,
     files,
     goodput,
@@ -36,6 +36,8 @@ from jaxlm import (
     train_eval,
     wandb_log,
 )
+from jaxlm import batch_schedule as batch_schedule_lib
+from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import metrics as metrics_lib
 from jaxlm import run as run_lib
@@ -157,6 +159,7 @@ def train(config, workdir: epath.PathLike, on_validation=None) -> dict:
 
 def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_validation) -> dict:
     factory, derived = step_lib.build(config)  # validates the config first
+    config = batch_schedule_lib.with_total_steps(config)  # train.steps from train.total_tokens
     tasks = train_eval.TaskEval.at_start(config)  # an unloadable lm-eval task stops us here
     t, d = config.train, config.data
     is_main = jax.process_index() == 0
@@ -198,15 +201,20 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_valid
     train_step = step_lib.make_train_step(factory)
     eval_step = step_lib.make_eval_step(factory)
     train_batches = _train_batches(config, derived, data, begin.record.get("data"), console)
-    eval_batches = pipeline.eval_dataset(data.val_rows, derived.micro_batch_size, d.eval_batches)
+    # The validation set is the first eval_batches * global_batch_size rows whatever the
+    # microbatch, so runs that differ only in accumulation report the same val_loss.
+    eval_batches = pipeline.eval_dataset(
+        data.val_rows, derived.micro_batch_size, d.eval_batches * t.grad_accum_steps
+    )
 
     def validation_loss():
         return evaluate(eval_step, steps.state["params"], eval_batches, factory.batch_sharding)
 
-    def run_call(state):  # one microbatch of the current stage's row length
+    def run_call(state, missing=None):  # one microbatch (of a window, or a replacement)
         with account.inside("data_wait"):
-            rows = pipeline.cut_rows(next(train_batches), stages.seq_len)
-        return train_step(state, sharding_lib.global_batch(rows, factory.batch_sharding))
+            batch, targets, accum = feed.draw(missing)
+        state, metrics = train_step(state, batch, targets, accum)
+        return state, {**metrics, "window_targets": targets}
 
     def task_rows(step):  # train.eval_tasks, logged beside val_loss
         return (
@@ -215,7 +223,15 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_valid
 
     throughput = metrics_lib.Throughput(_announce_run(config, derived, factory, console))
     stages = _Stages(config, derived, console, writer)
+    batch_stages = batch_schedule_lib.Progress(config, console.print, writer)
     nonfinite = _NonFinitePolicy(t, console, window)
+    feed = accumulation.WindowFeed(
+        train_batches,
+        lambda: stages.seq_len,
+        lambda step: batch_schedule_lib.accum_at(config, step),
+        factory.batch_sharding,
+        first_step=start + 1,
+    )
     steps = steps_in_flight.StepsInFlight(run_call, state, t.grad_accum_steps)
     del state  # the steps in flight own it now (donated at each call)
     profiler = profiling.StepProfiler(t, workdir / "profile", console.print)
@@ -238,13 +254,20 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_valid
                         throughput.pause()
                     stages.enter(step)
                 # The next step is queued behind this one unless this step's state is needed
-                # as it is (saved, evaluated, or the last of its row length) or it compiles.
+                # as it is (saved, evaluated, the last of its row length or batch stage) or it
+                # compiles; with train.nonfinite="skip" never (see _state_needed_after).
                 holds = compiles or stopping or _state_needed_after(step, config, stages)
+                steps.accum = batch_stages.enter(step)
                 profiler.before_step(step, compiles)
                 steps.dispatch(1 if holds or profiler.edge(step) else 2)
+                applied = []  # (|micro gradient|^2, targets, window targets) of each applied
                 calls, grad_norm = steps.finish_step(
-                    lambda result, step=step: _applied(result, window, nonfinite, step)
+                    lambda result, step=step, applied=applied: _applied(
+                        result, window, nonfinite, step, applied
+                    )
                 )
+                micro_sq, micro_tokens, targets = zip(*applied)
+                window.noise_scale.add_window(micro_sq, micro_tokens, grad_norm**2, targets[0])
                 if compiles:
                     jax.block_until_ready(steps.state)
                     throughput.resume()
@@ -257,7 +280,9 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_valid
 
                 if step % t.log_every == 0 or step == t.steps:
                     badput = goodput.fractions(account.summary())
-                    last = _log(step, t, window, throughput, grad_norm, writer, console, badput)
+                    last = _log(
+                        step, config, window, throughput, grad_norm, writer, console, badput
+                    )
 
                 if step % t.eval_every == 0 or step == t.steps:
                     eval_start = time.perf_counter()
@@ -374,34 +399,49 @@ def _nothing_to_train(start: int, steps: int, console, checkpoints) -> dict:
 
 
 def _state_needed_after(step: int, config, stages) -> bool:
-    """Whether `step`'s state is used as it is: saved, evaluated, or the last of its stage's
-    row length (the next compiles for another). No step is dispatched past such a one."""
+    """Whether `step`'s state is used as it is: saved, evaluated, the last of its stage's
+    row length (the next compiles for another) or of its batch stage (the next accumulates
+    another count). No step is dispatched past such a one, nor past any with
+    train.nonfinite="skip": a skipped microbatch is replaced by one drawn for its own window
+    (jaxlm.accumulation), which a step already in flight would have taken."""
     t = config.train
+    accum = batch_schedule_lib.accum_at(config, step)
     return (
-        step % config.checkpoint.every == 0
+        t.nonfinite == "skip"
+        or step % config.checkpoint.every == 0
         or step % t.eval_every == 0
         or step == t.steps
         or stages.at(step + 1) != stages.stage
+        or batch_schedule_lib.accum_at(config, step + 1) != accum
     )
 
 
-def _applied(result: dict, window, nonfinite, step: int) -> bool:
-    """One microbatch's metrics read back: into the log window; whether its update counts."""
-    window.add(result["loss"])
-    return nonfinite.applied(result, step)
+def _applied(result: dict, window, nonfinite, step: int, applied: list) -> bool:
+    """One microbatch's metrics read back: into the log window; whether its update counts
+    (then its gradient's squared norm, its targets and its window's go to `applied`)."""
+    window.add(result["loss_sum"], result["target_tokens"])
+    if not nonfinite.applied(result, step):
+        return False
+    applied.append((result["micro_grad_sq"], result["target_tokens"], result["window_targets"]))
+    return True
 
 
-def _log(step, t, window, throughput, grad_norm, writer, console, goodput_fields) -> dict:
+def _log(step, config, window, throughput, grad_norm, writer, console, goodput_fields) -> dict:
     """The metrics row of the steps since the last one, written and printed."""
+    t = config.train
     last = {
         "loss": window.mean_loss(),
-        "lr": float(optim.schedule(t)(step - 1)),
+        "lr": float(optim.schedule(t, config.data.seq_len)(step - 1)),
         "grad_norm": grad_norm,
     }
     line = (
         f"step {step}/{t.steps} | loss {last['loss']:.4f} | lr {last['lr']:.2e}"
         f" | grad_norm {last['grad_norm']:.3f}"
     )
+    noise = window.noise_scale.value()
+    if noise is not None:  # B_simple in tokens, smoothed (jaxlm.noise_scale)
+        last["gradient_noise_scale"] = noise
+        line += f" | noise scale {noise:,.0f} tokens"
     if window.skipped_total:
         last["skipped_microbatches"] = window.skipped_total
         line += f" | skipped {window.skipped_total}"

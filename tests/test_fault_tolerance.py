@@ -145,16 +145,17 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path, repo, tokenizer_path
     assert [r["step"] for r in rows if "val_loss" in r] == [0, steps]
 
 
-def assert_ends_as_unbroken(tmp_path, workdir, steps, config):
+def assert_ends_as_unbroken(tmp_path, workdir, steps, config, microbatches=None):
     """The resumed run in `workdir` ends as the one in tmp_path/unbroken: the same final
-    params bit for bit, its data position at `steps`, and the same metric rows in
+    params bit for bit, its data position at `microbatches` (default `steps`), and the same
+    metric rows in
     metrics.jsonl and TensorBoard, row for row and bit for bit, but for the wall-clock
     fields. Returns the resumed run's metric rows."""
     expected, _ = final_params(tmp_path / "unbroken", steps, config)
     actual, meta = final_params(workdir, steps, config)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
         np.testing.assert_array_equal(a, b)
-    assert meta["data"]["iterator"] == {"next_index": steps}
+    assert meta["data"]["iterator"] == {"next_index": microbatches or steps}
     rows = metric_rows(workdir)
     assert deterministic(rows) == deterministic(metric_rows(tmp_path / "unbroken"))
 

@@ -54,7 +54,10 @@ def test_mup_scales_hidden_init_and_learning_rate_by_base_over_width():
     assert float(np.std(params["head"])) == pytest.approx(0.02, rel=0.05)
     t = small_config().train
     grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.01, params)
-    sp_tx, mup_tx = optim.make_optimizer(t), optim.make_optimizer(t, mup.ratio_of(cfg))
+    sp_tx, mup_tx = (
+        optim.make_optimizer(t),
+        optim.make_optimizer(t, hidden_lr_ratio=mup.ratio_of(cfg)),
+    )
     sp_up, _ = sp_tx.update(grads, sp_tx.init(params), params)
     mup_up, _ = mup_tx.update(grads, mup_tx.init(params), params)
     for path, a in jax.tree_util.tree_leaves_with_path(sp_up):
@@ -117,7 +120,7 @@ def _activation_sizes(parametrization: str, width: int, steps: int = 4) -> dict:
     params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
     t = small_config().train
     t.lr, t.warmup_steps, t.weight_decay = 1e-2, 0, 0.0
-    tx = optim.make_optimizer(t, mup.ratio_of(cfg))
+    tx = optim.make_optimizer(t, hidden_lr_ratio=mup.ratio_of(cfg))
     state = tx.init(params)
 
     def loss(p):
