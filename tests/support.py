@@ -2,6 +2,7 @@
 
 import struct
 
+import jax.numpy as jnp
 import numpy as np
 
 from configs import tiny
@@ -69,6 +70,34 @@ def float32_roundoff(values, n_terms: int) -> float:
     with the largest of `values` standing for that size. A real error (a mask, a scale, a
     block out of place) is orders of magnitude above it."""
     return float(np.finfo(np.float32).eps * np.sqrt(n_terms) * np.max(np.abs(values)))
+
+
+def bfloat16_roundoff(values, n_terms: int) -> float:
+    """float32_roundoff for a program that rounds what it sums to bfloat16 (eps 2^-7)."""
+    values = np.asarray(values, np.float32)
+    return float(jnp.finfo(jnp.bfloat16).eps * np.sqrt(n_terms) * np.max(np.abs(values)))
+
+
+def assert_greedy(tokens, logits, n_terms: int):
+    """Each of `tokens` is the argmax of its row of `logits` (float32, computed another way),
+    or ties it within float32_roundoff: on a near-tie either pick is right, and another CPU's
+    summation order may take the other. A wrong pick is off by the logits' spread."""
+    logits = np.asarray(logits)
+    chosen = logits[np.arange(len(tokens)), np.asarray(tokens)]
+    bound = float32_roundoff(logits, n_terms)
+    np.testing.assert_allclose(chosen, logits.max(-1), rtol=0, atol=bound)
+
+
+def logit_terms(config) -> int:
+    """The terms behind one logit (for float32_roundoff): attention sums over up to seq_len
+    keys, then the head over d_model, as in test_splash's model test."""
+    return config.data.seq_len * config.model.d_model
+
+
+def loss_terms(config) -> int:
+    """The terms a model's mean loss, or one gradient entry, sums over (for float32_roundoff):
+    each token's logsumexp over the vocabulary, then the batch's tokens."""
+    return config.train.global_batch_size * config.data.seq_len * config.model.vocab_size
 
 
 def ref_attention(q, k, v, segments):

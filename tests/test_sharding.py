@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from support import factory_for, packed_batch, small_config
+from support import factory_for, float32_roundoff, loss_terms, packed_batch, small_config
 
 from jaxlm import sharding as sharding_lib
 from jaxlm import step as step_lib
@@ -43,12 +43,14 @@ def reference():
 
 
 def _assert_matches_reference(loss, grads, ref_loss, ref_grads):
-    assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
+    # Meshes split the sums over tokens and vocabulary differently: float32 round-off of
+    # those sums bounds the difference (support.loss_terms); a wrong shard is order 1e-2.
+    terms = loss_terms(small_config())
+    assert abs(float(loss) - ref_loss) <= float32_roundoff(ref_loss, terms)
     for (path, g), r in zip(
         jax.tree_util.tree_leaves_with_path(jax.device_get(grads)), jax.tree.leaves(ref_grads)
     ):
-        scale = np.abs(r).max()
-        assert np.abs(g - r).max() <= 1e-5 * scale, jax.tree_util.keystr(path)
+        assert np.abs(g - r).max() <= float32_roundoff(r, terms), jax.tree_util.keystr(path)
 
 
 @pytest.mark.parametrize("name", list(MESHES))
@@ -96,8 +98,11 @@ def test_train_step_agrees_across_meshes(reference):
         with factory.context():
             state, metrics = step(state, sharding_lib.global_batch(batch, factory.batch_sharding))
         losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
-    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
-    assert abs(losses[0][0] - ref_loss) <= 1e-5 * ref_loss
+    # Loss and gradient norm carry the round-off of the sums behind them (see above).
+    terms = loss_terms(small_config())
+    for got, want in zip(losses[1], losses[0]):
+        assert abs(got - want) <= float32_roundoff(want, terms)
+    assert abs(losses[0][0] - ref_loss) <= float32_roundoff(ref_loss, terms)
 
 
 def test_weights_are_sharded_as_the_rules_say():

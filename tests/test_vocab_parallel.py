@@ -9,7 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
-from support import assert_directional_derivatives, factory_for, packed_batch, small_config
+from support import (
+    assert_directional_derivatives,
+    factory_for,
+    float32_roundoff,
+    loss_terms,
+    packed_batch,
+    small_config,
+)
 
 from jaxlm import loss as loss_lib
 from jaxlm import sharding as sharding_lib
@@ -112,11 +119,13 @@ def test_loss_and_gradients_match_float64_numpy(name, chunks):
     _assert_close(grad_x, expected[1])
     _assert_close(grad_head, expected[2])
     assert np.all(np.asarray(grad_x)[weights == 0] == 0)
-    # The same as without a mesh (jaxlm.loss unsharded), to the same tolerance.
+    # The same as without a mesh (jaxlm.loss unsharded), up to float32 round-off of the sums
+    # over tokens and vocabulary that the shards split differently.
     unsharded, (unsharded_x, unsharded_head) = _on_mesh(None, *args, chunks)
-    assert abs(float(loss) - float(unsharded)) <= 1e-5 * abs(float(unsharded))
-    _assert_close(grad_x, np.asarray(unsharded_x, np.float64))
-    _assert_close(grad_head, np.asarray(unsharded_head, np.float64))
+    terms = x.shape[0] * x.shape[1] * head.shape[1]
+    assert abs(float(loss) - float(unsharded)) <= float32_roundoff(unsharded, terms)
+    for got, want in ((grad_x, unsharded_x), (grad_head, unsharded_head)):
+        assert np.abs(np.asarray(got) - want).max() <= float32_roundoff(want, terms)
 
 
 def test_bfloat16_inputs_give_float32_loss_and_bfloat16_gradients():
@@ -251,11 +260,13 @@ def test_model_loss_and_gradients_match_one_device(mesh, chunks, one_device):
         factory, jax.device_put(params, factory.shardings["params"]), batch
     )
     assert "shard_map" in jaxpr  # the vocab-parallel loss ran
-    assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
+    # float32 round-off of the sums over tokens and vocabulary, which the meshes split.
+    terms = loss_terms(config)
+    assert abs(float(loss) - ref_loss) <= float32_roundoff(ref_loss, terms)
     for (path, g), r in zip(
         jax.tree_util.tree_leaves_with_path(jax.device_get(grads)), jax.tree.leaves(ref_grads)
     ):
-        assert np.abs(g - r).max() <= 1e-5 * np.abs(r).max(), jax.tree_util.keystr(path)
+        assert np.abs(g - r).max() <= float32_roundoff(r, terms), jax.tree_util.keystr(path)
 
 
 def test_train_and_eval_steps_on_tensor4_match_one_device(one_device):
@@ -269,6 +280,7 @@ def test_train_and_eval_steps_on_tensor4_match_one_device(one_device):
     ref_norm = np.sqrt(
         sum(np.sum(np.square(g, dtype=np.float64)) for g in jax.tree.leaves(ref_grads))
     )
-    assert abs(float(eval_sum) / float(count) - ref_loss) <= 1e-5 * ref_loss
-    assert abs(float(metrics["loss"]) - ref_loss) <= 1e-5 * ref_loss
-    assert abs(float(metrics["grad_norm"]) - ref_norm) <= 1e-5 * ref_norm
+    terms = loss_terms(_step_config())  # float32 round-off, as in the test above
+    assert abs(float(eval_sum) / float(count) - ref_loss) <= float32_roundoff(ref_loss, terms)
+    assert abs(float(metrics["loss"]) - ref_loss) <= float32_roundoff(ref_loss, terms)
+    assert abs(float(metrics["grad_norm"]) - ref_norm) <= float32_roundoff(ref_norm, terms)
