@@ -100,7 +100,7 @@ def test_killed_across_batch_stages_resumes_exactly(tmp_path, repo, tokenizer_pa
     # crosses into the next stage again.
     outputs = []
     for pattern in ("step 4/6 | loss", "step 6/6 | loss", None):
-        code, output = run_until(command, repo, pattern)
+        code, output = run_until(command, repo, pattern, timeout=1200)  # a loaded host
         assert code == (-signal.SIGKILL if pattern else 0), output[-3000:]
         outputs.append(output)
     assert "step 3/6 | batch stage 2/3 starts: 16 rows of 64 tokens per update" in outputs[0]
