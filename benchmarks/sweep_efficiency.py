@@ -70,6 +70,7 @@ def summary(study: pathlib.Path) -> dict:
 def main(argv):
     del argv
     root = pathlib.Path(_OUT.value or tempfile.mkdtemp(prefix="sweep_efficiency_"))
+    root.mkdir(parents=True, exist_ok=True)
     unpruned_space = root / "space_unpruned.py"
     text = pathlib.Path(_SPACE.value).read_text()
     unpruned_space.write_text(text + "\n\n_pruned = get_space\n\n\ndef get_space():\n"
