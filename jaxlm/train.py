@@ -27,10 +27,10 @@ from jaxlm import (
     cli,
     files,
     goodput,
-    optim,
     platforms,
     profiling,
     seq_len_schedule,
+    step_results,
     steps_in_flight,
     stop_signals,
     train_eval,
@@ -71,35 +71,6 @@ class _Console:
 
     def close(self) -> None:
         self.bar.close()
-
-
-class _NonFinitePolicy:
-    """train.nonfinite: stop at a non-finite microbatch ("raise"), or count and go on ("skip")
-    until train.max_skips_in_a_row in a row. The step never applies such an update. The
-    counts live in the checkpointed log window, so a resumed run counts on from them."""
-
-    def __init__(self, t, console, window: metrics_lib.LogWindow):
-        self.t, self.console, self.window = t, console, window
-
-    def applied(self, result: dict, step: int) -> bool:
-        w = self.window
-        if result["finite"]:
-            w.skipped_in_a_row = 0
-            return True
-        w.skipped_in_a_row, w.skipped_total = w.skipped_in_a_row + 1, w.skipped_total + 1
-        what = f"non-finite loss {result['loss']} / grad_norm {result['grad_norm']} at step {step}"
-        if self.t.nonfinite == "raise":
-            raise NonFiniteError(
-                f"{what}; the update was not applied and nothing was saved "
-                "(train.nonfinite='raise')"
-            )
-        self.console.print(f"step {step}/{self.t.steps} | {what}: update skipped")
-        if w.skipped_in_a_row >= self.t.max_skips_in_a_row:
-            raise NonFiniteError(
-                f"{what}: {w.skipped_in_a_row} non-finite microbatches in a row "
-                f"(train.max_skips_in_a_row={self.t.max_skips_in_a_row}); stopping"
-            )
-        return False
 
 
 def evaluate(eval_step, params, eval_data, batch_sharding) -> float:
@@ -224,7 +195,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_valid
     throughput = metrics_lib.Throughput(_announce_run(config, derived, factory, console))
     stages = _Stages(config, derived, console, writer)
     batch_stages = batch_schedule_lib.Progress(config, console.print, writer)
-    nonfinite = _NonFinitePolicy(t, console, window)
+    nonfinite = step_results.NonFinitePolicy(t, console, window)
     feed = accumulation.WindowFeed(
         train_batches,
         lambda: stages.seq_len,
@@ -262,7 +233,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_valid
                 steps.dispatch(1 if holds or profiler.edge(step) else 2)
                 applied = []  # (|micro gradient|^2, targets, window targets) of each applied
                 calls, grad_norm = steps.finish_step(
-                    lambda result, step=step, applied=applied: _applied(
+                    lambda result, step=step, applied=applied: step_results.applied(
                         result, window, nonfinite, step, applied
                     )
                 )
@@ -280,7 +251,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_valid
 
                 if step % t.log_every == 0 or step == t.steps:
                     badput = goodput.fractions(account.summary())
-                    last = _log(
+                    last = step_results.log_row(
                         step, config, window, throughput, grad_norm, writer, console, badput
                     )
 
@@ -414,48 +385,6 @@ def _state_needed_after(step: int, config, stages) -> bool:
         or stages.at(step + 1) != stages.stage
         or batch_schedule_lib.accum_at(config, step + 1) != accum
     )
-
-
-def _applied(result: dict, window, nonfinite, step: int, applied: list) -> bool:
-    """One microbatch's metrics read back: into the log window; whether its update counts
-    (then its gradient's squared norm, its targets and its window's go to `applied`)."""
-    window.add(result["loss_sum"], result["target_tokens"])
-    if not nonfinite.applied(result, step):
-        return False
-    applied.append((result["micro_grad_sq"], result["target_tokens"], result["window_targets"]))
-    return True
-
-
-def _log(step, config, window, throughput, grad_norm, writer, console, goodput_fields) -> dict:
-    """The metrics row of the steps since the last one, written and printed."""
-    t = config.train
-    last = {
-        "loss": window.mean_loss(),
-        "lr": float(optim.schedule(t, config.data.seq_len)(step - 1)),
-        "grad_norm": grad_norm,
-    }
-    line = (
-        f"step {step}/{t.steps} | loss {last['loss']:.4f} | lr {last['lr']:.2e}"
-        f" | grad_norm {last['grad_norm']:.3f}"
-    )
-    noise = window.noise_scale.value()
-    if noise is not None:  # B_simple in tokens, smoothed (jaxlm.noise_scale)
-        last["gradient_noise_scale"] = noise
-        line += f" | noise scale {noise:,.0f} tokens"
-    if window.skipped_total:
-        last["skipped_microbatches"] = window.skipped_total
-        line += f" | skipped {window.skipped_total}"
-    rates = throughput.rates()
-    if rates:
-        last.update(rates)
-        line += f" | tokens/s {last['tokens_per_second']:,.0f} | MFU {100 * last['mfu']:.1f}%"
-    last.update(goodput_fields)
-    line += f" | goodput {100 * last['goodput']:.0f}%"
-    writer.write(step, last)
-    console.print(line)
-    window.reset()
-    throughput.restart()
-    return last
 
 
 def _record(config, step, data, train_batches, window, lora_base) -> dict:
