@@ -110,4 +110,4 @@ def test_killed_across_batch_stages_resumes_exactly(tmp_path, repo, tokenizer_pa
     config.train.steps = steps
     rows = assert_ends_as_unbroken(tmp_path, tmp_path / "killed", steps, config, microbatches=14)
     stage_rows = [(r["step"], r["global_batch_size"]) for r in rows if "batch_stage" in r]
-    assert stage_rows == [(3, 16), (5, 32)]
+    assert stage_rows == [(1, 8), (3, 16), (5, 32)]  # the first stage starts at step 1
