@@ -372,7 +372,9 @@ def _nothing_to_train(start: int, steps: int, console, checkpoints) -> dict:
 def _state_needed_after(step: int, config, stages) -> bool:
     """Whether `step`'s state is used as it is: saved, evaluated, the last of its stage's
     row length (the next compiles for another) or of its batch stage (the next accumulates
-    another count). No step is dispatched past such a one, nor past any with
+    another count), or logged (so tokens/s and MFU time exactly the steps they count: a
+    device that executes as it is dispatched, as XLA's CPU client can, would otherwise put
+    the next step's time in this row). No step is dispatched past such a one, nor past any with
     train.nonfinite="skip": a skipped microbatch is replaced by one drawn for its own window
     (jaxlm.accumulation), which a step already in flight would have taken."""
     t = config.train
@@ -381,6 +383,7 @@ def _state_needed_after(step: int, config, stages) -> bool:
         t.nonfinite == "skip"
         or step % config.checkpoint.every == 0
         or step % t.eval_every == 0
+        or step % t.log_every == 0
         or step == t.steps
         or stages.at(step + 1) != stages.stage
         or batch_schedule_lib.accum_at(config, step + 1) != accum
