@@ -169,7 +169,7 @@ def test_memory_line_shows_optimizer_state_for_the_adapters_only():
     adapters = per_device(factory.trained(factory.abstract)["params"])
     optimizer = per_device(factory.abstract["opt_state"])
     assert optimizer == 2 * adapters + 8  # Adam's two moments of the adapters, two step counts
-    line = train_lib._memory_per_device(factory)
+    line = metrics.memory_per_device(factory)
     assert (
         f"LoRA adapters {train_lib._bytes(adapters)}" in line
         and f"optimizer state {train_lib._bytes(optimizer)}" in line
