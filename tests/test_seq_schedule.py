@@ -118,11 +118,11 @@ def test_training_runs_each_stage_at_its_length(tmp_path, tokenizer_path, monkey
     def recording_make(factory):
         step = real_make(factory)
 
-        def recorded(state, batch):
+        def recorded(state, batch, *window):  # window: the targets and microbatches
             calls.append(batch["inputs"].shape)
             in_train[0] = True
             try:
-                return step(state, batch)
+                return step(state, batch, *window)
             finally:
                 in_train[0] = False
 
