@@ -8,7 +8,7 @@ import pytest
 
 from configs import tiny
 from jaxlm import config as config_lib
-from jaxlm import kernel_choice, seq_len_schedule
+from jaxlm import kernel_choice, optim, seq_len_schedule
 from jaxlm import metrics as metrics_lib
 from jaxlm import step as step_lib
 from jaxlm import train as train_lib
@@ -168,7 +168,7 @@ def test_training_runs_each_stage_at_its_length(tmp_path, tokenizer_path, monkey
         expected = metrics_lib.flops_per_token(config.model, head_dim, lengths[step])
         assert per_token == pytest.approx(expected, rel=1e-9)
     # The learning rate runs on by optimizer step, whatever the stage.
-    schedule = train_lib.optim.schedule(config.train)
+    schedule = optim.schedule(config.train)
     assert [r["lr"] for r in rows if "lr" in r] == pytest.approx(
         [float(schedule(s - 1)) for s in range(1, 7)]
     )
