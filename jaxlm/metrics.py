@@ -319,7 +319,7 @@ class Writer:
             self._tb.close()
 
 
-def _bytes(n: float) -> str:
+def readable_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:,.1f} {unit}"
@@ -336,12 +336,12 @@ def memory_per_device(factory) -> str:
         )
 
     abstract = factory.abstract
-    params = f"params {_bytes(size(abstract['params']))}"
+    params = f"params {readable_bytes(size(abstract['params']))}"
     if factory.lora:
-        params += (
-            f" (LoRA adapters {_bytes(size(factory.trained(abstract)['params']))}, the rest frozen)"
-        )
-    return f"memory per device: {params}, optimizer state {_bytes(size(abstract['opt_state']))}"
+        adapters = readable_bytes(size(factory.trained(abstract)["params"]))
+        params += f" (LoRA adapters {adapters}, the rest frozen)"
+    optimizer = readable_bytes(size(abstract["opt_state"]))
+    return f"memory per device: {params}, optimizer state {optimizer}"
 
 
 def last_value(workdir: epath.PathLike, name: str) -> tuple[float, int] | None:

@@ -247,7 +247,7 @@ def test_cli_scores_texts_a_prepared_split_and_choices(run_dir, tmp_path, repo, 
     for args, message in [
         ((f"--choices={bad}",), f'{bad}:1: "answer" is 2'),
         ((f"--data={tmp_path}/none*.jsonl",), "matches no file"),
-        ((), "give --data"),
+        ((), "give --tasks"),
     ]:
         done = cli(*args)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr

@@ -171,8 +171,8 @@ def test_memory_line_shows_optimizer_state_for_the_adapters_only():
     assert optimizer == 2 * adapters + 8  # Adam's two moments of the adapters, two step counts
     line = metrics.memory_per_device(factory)
     assert (
-        f"LoRA adapters {train_lib._bytes(adapters)}" in line
-        and f"optimizer state {train_lib._bytes(optimizer)}" in line
+        f"LoRA adapters {metrics.readable_bytes(adapters)}" in line
+        and f"optimizer state {metrics.readable_bytes(optimizer)}" in line
     ), line
 
 

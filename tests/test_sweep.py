@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -304,7 +305,10 @@ def _two_workers_share_one_study(setup, repo, tmp_path, storage):
         tmp_path / "space.py",
         "Space(params={'train.lr': log_uniform(1e-3, 3e-2)}, pruner='none')\n",
     )
-    extra = ["--trials=4"] + ([f"--storage={storage}", f"--study_name={tmp_path.name}"]
+    # A server outlives the test (and CI may start from a copy of this machine's database):
+    # a name of its own, or the workers would find last run's finished study and do nothing.
+    study_name = f"{tmp_path.name}-{uuid.uuid4().hex[:8]}"
+    extra = ["--trials=4"] + ([f"--storage={storage}", f"--study_name={study_name}"]
                               if storage else [])  # fmt: skip
     study_dir = tmp_path / "study"
     processes = [
@@ -327,6 +331,8 @@ def _two_workers_share_one_study(setup, repo, tmp_path, storage):
     for n in everything:
         log = (study_dir / f"trial-{n:04d}" / "train.log").read_text()
         assert log.count("step 0/6 | validation loss") == 1
+    if storage:
+        optuna.delete_study(study_name=study_name, storage=storage)
 
 
 POSTGRES_URL = os.environ.get("JAXLM_POSTGRES_URL", "postgresql://postgres@localhost/postgres")
