@@ -7,8 +7,10 @@ import time
 
 import pytest
 from test_fault_tolerance import cli, metric_rows, run_until
+from test_profiling import small
 
 from jaxlm import goodput
+from jaxlm import train as train_lib
 
 
 def _span(attempt, t0, t1, bucket, step=None):
@@ -40,6 +42,43 @@ def _last_step(rows):
     return max(r["step"] for r in rows if "loss" in r)
 
 
+@pytest.mark.slow  # three attempts, each compiling
+def test_two_failed_attempts_lose_exactly_the_steps_computed_past_their_checkpoints(
+    tmp_path, tokenizer_path, monkeypatch
+):
+    """Where an attempt stops is known to the step (a failing input pipeline, not a kill, whose
+    moment falls anywhere): the lost steps are exactly the metrics rows past the checkpoint
+    the next attempt resumed from, and the buckets add up to the wall time."""
+    config = small(tokenizer_path, 9)
+    config.checkpoint.every = 3
+    config.train.eval_every = 100
+    fail_at = [5, 7]  # batch indices: steps 6 and 8's batches
+
+    class Fails(train_lib.pipeline.Batches):
+        def __next__(self):
+            if fail_at and self.get_state()["next_index"] == fail_at[0]:
+                raise RuntimeError(f"input failed at {fail_at.pop(0)}")
+            return super().__next__()
+
+    monkeypatch.setattr(train_lib.pipeline, "Batches", Fails)
+    redone = 0
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="input failed"):
+            train_lib.train(config, tmp_path)
+        computed = _last_step(metric_rows(tmp_path))  # rows past the checkpoint are rewound
+        newest = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+        assert computed > newest
+        redone += computed - newest
+    train_lib.train(config, tmp_path)
+
+    summary = goodput.account(
+        [json.loads(x) for x in open(tmp_path / "goodput" / "process_0.jsonl")]
+    )
+    assert summary["attempts"] == 3 and summary["lost_steps"] == redone
+    assert summary["seconds"]["lost"] > 0
+    assert sum(summary["seconds"].values()) == pytest.approx(summary["total"], rel=1e-9)
+
+
 @pytest.mark.slow  # other processes
 def test_killed_twice_the_account_adds_up_and_counts_the_redone_steps(
     tmp_path, repo, tokenizer_path
@@ -64,8 +103,9 @@ def test_killed_twice_the_account_adds_up_and_counts_the_redone_steps(
     events = [json.loads(x) for x in open(workdir / "goodput" / "process_0.jsonl")]
     summary = goodput.account(events)
     assert summary["attempts"] == 3
-    # A kill can fall between a step's line in the account and its metrics row: that step is
-    # then lost but not in the rows.
+    # A SIGKILL can fall between a step's line in the account and its metrics row: that step
+    # is then lost but not in the rows. Exact equality where the stop is known to the step:
+    # test_two_failed_attempts_lose_exactly_the_steps_computed_past_their_checkpoints.
     assert redone <= summary["lost_steps"] <= redone + 2
     assert summary["seconds"]["lost"] > 0
     assert sum(summary["seconds"].values()) == pytest.approx(summary["total"], rel=0.01)
