@@ -22,8 +22,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -108,18 +106,8 @@ def worker(args) -> None:
 
 
 def measure(args, engine: str) -> list[dict]:
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.eval_throughput",
-        f"--engine={engine}",
-        f"--root={args.root}",
-        f"--batch_size={args.batch_size}",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode:
-        sys.exit(f"{engine} failed:\n{done.stderr[-3000:]}")
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    flags = [f"--engine={engine}", f"--root={args.root}", f"--batch_size={args.batch_size}"]
+    return results_table.worker_lines("benchmarks.eval_throughput", flags, engine)
 
 
 def main() -> None:

@@ -24,8 +24,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -180,10 +178,7 @@ def worker(args) -> None:
 
 
 def measure(args, engine: str, batch: int) -> list[dict]:
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.generate_vs_hf",
+    flags = [
         f"--engine={engine}",
         f"--hf_dir={args.hf_dir}",
         f"--worker_batch={batch}",
@@ -192,10 +187,8 @@ def measure(args, engine: str, batch: int) -> list[dict]:
         f"--new_tokens={args.new_tokens}",
         f"--repeats={args.repeats}",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode:
-        sys.exit(f"{engine} at batch {batch} failed:\n{done.stderr[-3000:]}")
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    what = f"{engine} at batch {batch}"
+    return results_table.worker_lines("benchmarks.generate_vs_hf", flags, what)
 
 
 def main() -> None:

@@ -103,3 +103,17 @@ def package_version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def worker_lines(module: str, flags: list[str], what: str) -> list[dict]:
+    """Run `python -m module *flags` (one side of a comparison, in a fresh process) and read
+    the JSON lines it printed; exit with its stderr's tail, naming `what`, if it failed."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", module, *flags], capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        sys.exit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

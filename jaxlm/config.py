@@ -193,6 +193,19 @@ class Derived:
     n_params: int
 
 
+def with_fields(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+    """A copy of `config` with each dotted field of `values` ("train.lr": 3e-3) set: a trial
+    of a sweep, a candidate of the planner."""
+    config = config.copy_and_resolve_references()
+    for name, value in values.items():
+        *sections, key = name.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[key] = value
+    return config
+
+
 def _unknown_fields(given, schema, prefix=""):
     for key in given.keys():
         name = f"{prefix}{key}"

@@ -154,8 +154,7 @@ class Attention(nn.Module):
         table = c.rotary_table or cache is not None
         q = apply_rotary(q, positions, c.rope_theta, slots, table, c.rope_scaling)
         k = apply_rotary(k, positions, c.rope_theta, slots, table, c.rope_scaling)
-        if c.parametrization == "mup":  # scores / head_dim, through any kernel
-            q = q * jnp.asarray(mup.query_scale(c), q.dtype)
+        q = mup.scale_queries(q, c)  # muP: scores / head_dim, through any kernel
         if cache is None:
             out = attention.attend(q, k, v, segment_ids, c.attention)
         else:
@@ -282,8 +281,7 @@ class Transformer(nn.Module):
                 # scanned input and output it would be copied whole at every decode step.
                 (x, cache), _ = layers((x, cache), positions, segment_ids, jnp.arange(c.n_layers))
         x = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x)
-        if c.parametrization == "mup":  # logits * base_width / width
-            x = x * jnp.asarray(mup.logits_scale(c), x.dtype)
+        x = mup.scale_logits(x, c)  # muP: logits * base_width / width
         if shards > 1:
             x = attention.restore(x, shards)
             x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))

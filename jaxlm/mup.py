@@ -47,13 +47,18 @@ def init_scale(cfg) -> float:
     return float(np.sqrt(ratio_of(cfg)))
 
 
-def query_scale(cfg) -> float:
-    """What the queries are multiplied by: 1 / sqrt(head_dim) under muP (scores / head_dim)."""
-    return float(cfg.head_dim) ** -0.5 if cfg.parametrization == "mup" else 1.0
+def scale_queries(q, cfg):
+    """The queries times 1 / sqrt(head_dim) under muP (scores / head_dim); as they are under sp."""
+    if cfg.parametrization != "mup":
+        return q
+    return q * np.asarray(float(cfg.head_dim) ** -0.5, q.dtype)
 
 
-def logits_scale(cfg) -> float:
-    return ratio_of(cfg)
+def scale_logits(x, cfg):
+    """The final hidden state times the width ratio under muP (logits * ratio); as is under sp."""
+    if cfg.parametrization != "mup":
+        return x
+    return x * np.asarray(ratio_of(cfg), x.dtype)
 
 
 def lr_multipliers(params, ratio: float):

@@ -154,23 +154,12 @@ def candidate_overrides(config, n_devices: int, loss_chunks=(1, 4, 16)):
         }
 
 
-def with_overrides(config, overrides: dict):
-    new = config.copy_and_resolve_references()
-    for path, value in overrides.items():
-        node = new
-        *parents, leaf = path.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return new
-
-
 def analytic_candidates(config, topology: Topology, spec: DeviceSpec, devices: list):
     """Candidates that validate and fit by the analytic estimate (with 10% slack), fastest
     first; ties go to fewer microbatches, then fewer loss chunks."""
     found, n_devices = [], len(devices)
     for overrides in candidate_overrides(config, n_devices):
-        trial = with_overrides(config, overrides)
+        trial = config_lib.with_fields(config, overrides)
         try:
             derived = config_lib.validate(trial, n_devices)
         except config_lib.ConfigError:
@@ -265,7 +254,7 @@ def plan(
     budget, cache = _Budget(budget_s, log), ({} if cache is None else cache)
 
     def compile_candidate(cand, correct: bool, kind: str):
-        trial = with_overrides(config, cand.overrides)
+        trial = config_lib.with_fields(config, cand.overrides)
         cand.report = budget.timed(
             kind,
             lambda: aot.compile_for(

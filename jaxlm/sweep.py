@@ -37,6 +37,7 @@ from jaxlm import (
     sweep_storage,
     sweep_trial,
 )
+from jaxlm import config as config_lib
 from jaxlm.errors import ConfigError, SweepError
 
 FLAGS = flags.FLAGS
@@ -159,7 +160,7 @@ class Sweep:
             return
         config_path = directory / "config.py"
         if not config_path.exists():
-            config = sweep_space.apply(self.base, params)
+            config = config_lib.with_fields(self.base, params)
             text = config_file(config, self.study.user_attrs.get("config"), params,
                                self.study_dir, number)  # fmt: skip
             config_path.write_text(text)

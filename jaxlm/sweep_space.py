@@ -143,18 +143,6 @@ def load(path: str) -> Space:
     return space
 
 
-def apply(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
-    """A copy of `config` with each dotted field of `values` set."""
-    config = ml_collections.ConfigDict(config.to_dict())  # a copy, types kept
-    for name, value in values.items():
-        *sections, key = name.split(".")
-        node = config
-        for section in sections:
-            node = node[section]
-        node[key] = value
-    return config
-
-
 def _field_type(config, name: str) -> tuple[type | None, str]:
     """The type of the config field `name` ("train.lr"), or None and why it names none."""
     node = config
@@ -232,7 +220,7 @@ def check(space: Space, base: ml_collections.ConfigDict, n_devices: int) -> None
         )
         for value in dist.corners():
             try:
-                config_lib.validate(apply(base, {name: value}), n_devices)
+                config_lib.validate(config_lib.with_fields(base, {name: value}), n_devices)
             except ConfigError as e:
                 raise SweepError(
                     f"space parameter {name}={value!r} makes the config invalid: {e}"

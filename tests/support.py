@@ -23,6 +23,17 @@ def small_config(**mesh):
     return config
 
 
+def short_run_config(tokenizer_path, steps, **train):
+    """A run of `steps` updates of a 2-layer model on the test corpus, seconds a step; logs
+    every step unless `train` says otherwise."""
+    config = tiny.get_config()
+    config.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128))
+    config.data.update(dict(tokenizer=tokenizer_path, seq_len=64, eval_batches=1))
+    config.train.update(dict(steps=steps, global_batch_size=8, warmup_steps=0, log_every=1))
+    config.train.update(train)
+    return config
+
+
 def factory_for(config, devices=None):
     return step_lib.build(config, devices)[0]
 

@@ -6,8 +6,8 @@ import sys
 import time
 
 import pytest
+from support import short_run_config
 from test_fault_tolerance import cli, metric_rows, run_until
-from test_profiling import small
 
 from jaxlm import goodput
 from jaxlm import train as train_lib
@@ -49,7 +49,7 @@ def test_two_failed_attempts_lose_exactly_the_steps_computed_past_their_checkpoi
     """Where an attempt stops is known to the step (a failing input pipeline, not a kill, whose
     moment falls anywhere): the lost steps are exactly the metrics rows past the checkpoint
     the next attempt resumed from, and the buckets add up to the wall time."""
-    config = small(tokenizer_path, 9)
+    config = short_run_config(tokenizer_path, 9)
     config.checkpoint.every = 3
     config.train.eval_every = 100
     fail_at = [5, 7]  # batch indices: steps 6 and 8's batches

@@ -4,18 +4,11 @@ import gzip
 import json
 
 import pytest
+from support import short_run_config
 
 from configs import tiny
 from jaxlm import config as config_lib
 from jaxlm import train as train_lib
-
-
-def small(tokenizer_path, steps):
-    config = tiny.get_config()
-    config.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128))
-    config.data.update(dict(tokenizer=tokenizer_path, seq_len=64, eval_batches=1))
-    config.train.update(dict(steps=steps, global_batch_size=8, warmup_steps=0, log_every=1))
-    return config
 
 
 def modules_traced(directory):
@@ -30,7 +23,7 @@ def modules_traced(directory):
 
 
 def test_profile_steps_trace_the_train_step_only(tmp_path, tokenizer_path):
-    config = small(tokenizer_path, 5)
+    config = short_run_config(tokenizer_path, 5)
     # Step 1 compiles: the window (1, 2) starts after it. Step 2 is also evaluated and saved,
     # after the trace stops.
     config.train.profile_steps = (1, 2)
@@ -44,7 +37,7 @@ def test_profile_steps_trace_the_train_step_only(tmp_path, tokenizer_path):
 
 
 def test_profile_every_repeats_the_window(tmp_path, tokenizer_path):
-    config = small(tokenizer_path, 7)
+    config = short_run_config(tokenizer_path, 7)
     config.train.profile_steps, config.train.profile_every = (2, 3), 3
     config.train.eval_every = config.checkpoint.every = 100
     train_lib.train(config, tmp_path)

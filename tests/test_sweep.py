@@ -17,6 +17,7 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from configs import tiny  # noqa: E402
+from jaxlm import config as config_lib  # noqa: E402
 from jaxlm import sweep, sweep_devices, sweep_space, sweep_storage, sweep_trial  # noqa: E402
 from jaxlm import train as train_lib  # noqa: E402
 from jaxlm.data import tokenizer as tokenizer_lib  # noqa: E402
@@ -101,13 +102,13 @@ def test_the_cli_stops_on_a_bad_space_or_storage_in_one_line_before_any_trial(tm
 def test_a_trials_config_file_is_the_full_config_with_its_parameters(tmp_path):
     base = _base(**{"train.steps": 7, "model.remat": "full", "mesh.rules": (("embed", "fsdp"),)})
     params = {"train.lr": 0.00123, "model.remat": "none", "train.warmup_steps": 3}
-    config = sweep_space.apply(base, params)
+    config = config_lib.with_fields(base, params)
     path = tmp_path / "config.py"
     path.write_text(sweep.config_file(config, "configs/tiny.py", params, str(tmp_path), 7))
     loaded = sweep_trial.load_config(path)
     assert loaded.to_dict() == config.to_dict()
     assert loaded.train.lr == 0.00123 and loaded.train.steps == 7 and loaded.model.remat == "none"
-    assert base.train.lr == tiny.get_config().train.lr  # apply copies
+    assert base.train.lr == tiny.get_config().train.lr  # with_fields copies
     assert path.read_text().count("# sweep parameter") == 3
 
 

@@ -15,6 +15,7 @@ from support import (
     float32_roundoff,
     loss_terms,
     one_document_batch,
+    short_run_config,
     small_config,
     tensorboard_view,
 )
@@ -206,16 +207,8 @@ def test_run_paths_keep_uris_and_make_local_ones_absolute(tmp_path, monkeypatch)
     ]
 
 
-def _short_run_config(tokenizer_path, steps):
-    config = tiny.get_config()
-    config.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128))
-    config.data.update(dict(tokenizer=tokenizer_path, seq_len=64, eval_batches=1))
-    config.train.update(dict(steps=steps, global_batch_size=8, warmup_steps=0, eval_every=2))
-    return config
-
-
 def test_console_shows_the_validation_loss_before_training(tmp_path, tokenizer_path, capsys):
-    train_lib.train(_short_run_config(tokenizer_path, 2), tmp_path)
+    train_lib.train(short_run_config(tokenizer_path, 2, eval_every=2), tmp_path)
     out = capsys.readouterr().out
     # The README's "from about 8.4" is this line (also for SFT and LoRA runs: same loop).
     step0 = [line for line in out.splitlines() if line.startswith("step 0/2 | validation loss ")]
@@ -225,10 +218,10 @@ def test_console_shows_the_validation_loss_before_training(tmp_path, tokenizer_p
 
 
 def test_run_already_past_train_steps_says_so_and_trains_nothing(tmp_path, tokenizer_path, capsys):
-    train_lib.train(_short_run_config(tokenizer_path, 2), tmp_path)
+    train_lib.train(short_run_config(tokenizer_path, 2, eval_every=2), tmp_path)
     rows = _metrics(tmp_path)
     capsys.readouterr()
-    assert train_lib.train(_short_run_config(tokenizer_path, 1), tmp_path) == {}
+    assert train_lib.train(short_run_config(tokenizer_path, 1, eval_every=2), tmp_path) == {}
     out = capsys.readouterr().out
     assert (
         "the run is already at step 2 of --config.train.steps=1: nothing to train; "

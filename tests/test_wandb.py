@@ -6,7 +6,7 @@ import shutil
 import sys
 
 import pytest
-from test_profiling import small
+from support import short_run_config
 from wandb_records import history, run_ids
 
 from configs import tiny
@@ -15,7 +15,7 @@ from jaxlm import train as train_lib
 
 
 def _config(tokenizer_path, steps):
-    config = small(tokenizer_path, steps)
+    config = short_run_config(tokenizer_path, steps)
     config.checkpoint.every = 2
     config.train.update(dict(wandb_project="jaxlm-test", wandb_mode="offline", eval_every=2))
     return config
