@@ -147,6 +147,39 @@ def test_jaxlm_model_equals_the_harness_hf_model(
     )
 
 
+@pytest.mark.slow  # three harness runs of generate_until, each compiling its decode
+def test_sampled_generate_until_follows_the_task_settings(small_run, hf_results, tmp_path):
+    """Sampling through the harness's generation_kwargs: top_k=1 is greedy whatever the
+    temperature (the Hugging Face model's greedy text); hot sampling departs from it and
+    repeats itself under the same seed."""
+    run = run_lib.load(small_run, shard_rows=True, unstack=False)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+
+    def generations(name, settings, seed=1234):
+        directory = tmp_path / name
+        directory.mkdir(exist_ok=True)
+        task = (
+            TASKS["generate"]
+            .replace("jaxlm_test_generate", name)
+            .replace("do_sample: false", settings)
+        )
+        (directory / "task.yaml").write_text(task.format(data=json.dumps(str(data))))
+        lm = harness.JaxlmLM(run=run, batch_size=4, seed=seed)
+        results = harness.evaluate(
+            lm, harness.load_tasks([str(directory)]), log_samples=True, bootstrap_iters=0
+        )
+        return [s["resps"][0][0] for s in _samples(results, name)]
+
+    greedy = [s["resps"][0][0] for s in _samples(hf_results, "jaxlm_test_generate")]
+    top_1 = generations("top_1", "do_sample: true\n  temperature: 1.5\n  top_k: 1")
+    assert top_1 == greedy and any(greedy)
+    hot = "do_sample: true\n  temperature: 3.0"
+    first, again = generations("hot", hot), generations("hot", hot)
+    assert first == again != greedy
+    assert generations("hot", hot, seed=7) != first
+
+
 def test_without_lm_eval_tasks_name_the_extra(tmp_path, repo):
     (tmp_path / "sitecustomize.py").write_text(
         "import sys\n"
