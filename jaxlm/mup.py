@@ -11,6 +11,12 @@ the width trained):
 | head (untied) | init_std | lr | logits * ratio |
 | attention | | | scores q.k / head_dim, not / sqrt(head_dim) |
 | norm scales | 1 | lr | as is |
+| LoRA A of a hidden matrix (width -> rank) | as sp (1/sqrt(fan_in)) | lr * ratio | as is |
+| LoRA B (rank -> width; starts at zero) | 0 | lr | as is |
+
+LoRA's A contracts the width into a fixed rank, as the head does, so its Adam step shrinks
+with the width; B fans a fixed rank out to the width, as the embedding does, so its step
+does not (Tensor Programs V's output and input weights).
 
 Under "sp" (the standard parametrization) every multiplier is 1 and nothing changes, so an sp
 run computes exactly what it did before. At ratio 1 muP differs from sp only in the attention
@@ -28,6 +34,8 @@ import optax
 
 PARAMETRIZATIONS = ("sp", "mup")
 HIDDEN = ("q", "k", "v", "o", "gate", "up", "down")
+# LoRA's A of a hidden matrix (jaxlm.lora names it `q_lora_a`, ...): its learning rate too
+WIDTH_CONTRACTING = HIDDEN + tuple(name + "_lora_a" for name in HIDDEN)
 
 
 def width_ratio(parametrization: str, base_width: int, d_model: int) -> float:
@@ -62,11 +70,12 @@ def scale_logits(x, cfg):
 
 
 def lr_multipliers(params, ratio: float):
-    """A tree like `params`: `ratio` for the hidden matrices, 1 for every other leaf."""
+    """A tree like `params`: `ratio` for the hidden matrices and LoRA's A of them, 1 for
+    every other leaf."""
 
     def multiplier(path, _):
         names = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]
-        return ratio if names and names[-1] in HIDDEN else 1.0
+        return ratio if names and names[-1] in WIDTH_CONTRACTING else 1.0
 
     return jax.tree_util.tree_map_with_path(multiplier, params)
 

@@ -9,9 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
+from benchmarks import mup_coord_check
 from jaxlm import config as config_lib
 from jaxlm import convert, mup, optim
 from jaxlm.model import ModelConfig, Transformer
@@ -108,42 +108,11 @@ def test_export_folds_the_multipliers_so_transformers_gives_the_same_logits(tmp_
     np.testing.assert_allclose(hf_logits(reloaded, tokens), got, atol=1e-5, rtol=0)
 
 
-def _activation_sizes(parametrization: str, width: int, steps: int = 4) -> dict:
-    """Mean |x| of each block's output and of the logits after `steps` Adam steps (lr 1e-2)
-    of a 2-layer model of `width`, base width 64, on fixed random tokens."""
-    cfg = _model_config(
-        d_model=width, parametrization=parametrization, mup_base_width=64, scan_layers=False
-    )
-    model = Transformer(cfg)
-    rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, 128, (4, 32)))
-    params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
-    t = small_config().train
-    t.lr, t.warmup_steps, t.weight_decay = 1e-2, 0, 0.0
-    tx = optim.make_optimizer(t, hidden_lr_ratio=mup.ratio_of(cfg))
-    state = tx.init(params)
-
-    def loss(p):
-        logits = model.apply({"params": p}, tokens[:, :-1])
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
-
-    grad = jax.jit(jax.grad(loss))
-    for _ in range(steps):
-        updates, state = tx.update(grad(params), state, params)
-        params = optax.apply_updates(params, updates)
-    logits, found = model.apply({"params": params}, tokens, capture_intermediates=True,
-                                mutable=["intermediates"])  # fmt: skip
-    sizes = {f"layers_{i}": float(jnp.mean(jnp.abs(
-        found["intermediates"][f"layers_{i}"]["__call__"][0][0]))) for i in range(2)}  # fmt: skip
-    sizes["logits"] = float(jnp.mean(jnp.abs(logits)))
-    return sizes
-
-
 @pytest.mark.slow  # four widths up to 512, two parametrizations, a few Adam steps each
 def test_coordinate_check_activations_stay_flat_under_mup_and_grow_under_sp():
     widths = (64, 128, 256, 512)
     for name, flat in (("mup", True), ("sp", False)):
-        sizes = [_activation_sizes(name, w) for w in widths]
+        sizes = [mup_coord_check.activation_sizes(name, w)[-1] for w in widths]
         growth = {k: sizes[-1][k] / sizes[0][k] for k in sizes[0]}
         print(name, growth)
         if flat:
