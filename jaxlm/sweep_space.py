@@ -101,8 +101,10 @@ class Space:
         if self.sampler == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if self.sampler == "grid":
+            # The grid's order is its seed's, the same for every trial and worker: trial n takes
+            # point n of it, so no two trials (on any worker) run the same point.
             grid = {name: list(d.choices) for name, d in self.params.items()}
-            return optuna.samplers.GridSampler(grid, seed=seed)
+            return optuna.samplers.GridSampler(grid, seed=self.seed)
         return optuna.samplers.TPESampler(seed=seed)
 
     def make_pruner(self):

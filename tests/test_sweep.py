@@ -112,6 +112,23 @@ def test_a_trials_config_file_is_the_full_config_with_its_parameters(tmp_path):
     assert path.read_text().count("# sweep parameter") == 3
 
 
+def test_a_grid_is_asked_point_by_point_without_repeats_while_trials_run():
+    """As the sweep asks (a sampler per trial, seeded by the trials asked before; trials still
+    running while the next is asked, as with --workers): every grid point once."""
+    import optuna
+
+    lrs = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    space = Space(params={"train.lr": choice(*lrs)}, sampler="grid", pruner="none")
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    asked = []
+    for n in range(len(lrs)):
+        study.sampler = space.make_sampler(n)
+        asked.append(study.ask(space.distributions()))
+        if n % 2:  # half of them finish before the next ask, half are still running
+            study.tell(asked[-1], 1.0)
+    assert sorted(t.params["train.lr"] for t in asked) == sorted(lrs)
+
+
 def test_a_trial_directory_is_claimed_by_one_process_at_a_time(tmp_path):
     directory = tmp_path / "trial-0003"
     claim = sweep_storage.Claim.take(directory)
