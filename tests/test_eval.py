@@ -259,3 +259,12 @@ def test_a_missing_data_file_names_the_data_flag(tmp_path):
 
     with pytest.raises(EvalError, match=r"^--data='.*none\*\.jsonl' matches no file$"):
         eval_lib.read_texts(str(tmp_path / "none*.jsonl"))
+
+
+def test_scoring_lengths_pad_a_batch_by_under_a_fifth_with_four_shapes_per_doubling():
+    lengths = range(1, 2049)
+    padded = [eval_lib.score_length(n, 2048) for n in lengths]
+    assert all(p >= n for n, p in zip(lengths, padded))
+    assert max((p - n) / p for n, p in zip(lengths, padded) if n > 16) < 0.2
+    assert sorted(set(p for n, p in zip(lengths, padded) if 256 < n <= 512)) == [320, 384, 448, 512]
+    assert eval_lib.score_length(108, 100) == 100  # never past the context
