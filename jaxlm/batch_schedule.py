@@ -26,6 +26,20 @@ import ml_collections
 from jaxlm import config_checks
 
 LR_SCALINGS = ("none", "sqrt", "linear")
+ADAPTIVE = ("adaptive",)  # train.batch_schedule of the adaptive ramp (jaxlm.adaptive_batch)
+
+
+def is_adaptive(t: ml_collections.ConfigDict) -> bool:
+    return tuple(t.batch_schedule) == ADAPTIVE
+
+
+def pairs(t: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
+    """The schedule as (tokens, batch) pairs: one stage of train.global_batch_size without one,
+    and for the adaptive ramp before it decides anything (its decisions are appended to it
+    as it goes, jaxlm.adaptive_batch)."""
+    if not t.batch_schedule or is_adaptive(t):
+        return ((0, int(t.global_batch_size)),)
+    return tuple((int(a), int(b)) for a, b in t.batch_schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +54,7 @@ def stages(t: ml_collections.ConfigDict, seq_len: int) -> tuple[Stage, ...]:
     """The stages of a validated config.train for rows of seq_len (data.seq_len); one stage
     of train.global_batch_size without a schedule."""
     micro = t.global_batch_size // t.grad_accum_steps
-    schedule = tuple((int(a), int(b)) for a, b in t.batch_schedule) or (
-        (0, int(t.global_batch_size)),
-    )
+    schedule = pairs(t)
     out = [Stage(1, schedule[0][1], schedule[0][1] // micro, 0)]
     for threshold, batch in schedule[1:]:
         last = out[-1]
@@ -71,6 +83,15 @@ def total_steps(t: ml_collections.ConfigDict, seq_len: int) -> int:
     total = int(t.total_tokens)
     last = [s for s in stages(t, seq_len) if s.tokens_before < total][-1]
     return last.first_step - 1 + math.ceil((total - last.tokens_before) / (last.batch * seq_len))
+
+
+def updates_to_reach(t: ml_collections.ConfigDict, seq_len: int, tokens: int) -> int:
+    """The updates after which at least `tokens` are consumed (0 for 0): where something
+    set in tokens (data.seq_len_schedule's stages) starts, as a batch stage does."""
+    all_stages = stages(t, seq_len)
+    stage = [s for s in all_stages if s.tokens_before <= tokens][-1]
+    per_update = stage.batch * seq_len
+    return stage.first_step - 1 + math.ceil((tokens - stage.tokens_before) / per_update)
 
 
 def with_total_steps(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -127,6 +148,12 @@ def check(t: ml_collections.ConfigDict) -> None:
         f"one of {LR_SCALINGS}",
     )
     schedule = t.batch_schedule
+    config_checks.require(
+        not t.max_global_batch_size or is_adaptive(t),
+        "train.max_global_batch_size",
+        t.max_global_batch_size,
+        "0 unless train.batch_schedule is ('adaptive',) (its ceiling)",
+    )
     if not schedule:
         for field in ("total_tokens", "warmup_tokens"):
             config_checks.require(
@@ -135,6 +162,10 @@ def check(t: ml_collections.ConfigDict) -> None:
                 t[field],
                 "0 without train.batch_schedule (the run's length is train.steps)",
             )
+        return
+    if is_adaptive(t):
+        _check_length(t)
+        _check_adaptive(t)
         return
 
     def require(ok, valid):
@@ -148,7 +179,8 @@ def check(t: ml_collections.ConfigDict) -> None:
             for p in schedule
         ),
         "a tuple of (tokens, global_batch_size) integer pairs, e.g. "
-        f"((0, {t.global_batch_size}), (50_000_000, {2 * t.global_batch_size}))",
+        f"((0, {t.global_batch_size}), (50_000_000, {2 * t.global_batch_size})), or "
+        "('adaptive',)",
     )
     thresholds, batches = [p[0] for p in schedule], [p[1] for p in schedule]
     require(
@@ -164,6 +196,10 @@ def check(t: ml_collections.ConfigDict) -> None:
         f"every batch must be a multiple of the first, {batches[0]} (the microbatch of "
         f"{micro} rows stays; a stage accumulates more of them)",
     )
+    _check_length(t)
+
+
+def _check_length(t: ml_collections.ConfigDict) -> None:
     config_checks.require(
         t.total_tokens > 0,
         "train.total_tokens",
@@ -175,6 +211,31 @@ def check(t: ml_collections.ConfigDict) -> None:
         "train.warmup_tokens",
         t.warmup_tokens,
         f"from 0 to below train.total_tokens={t.total_tokens}",
+    )
+
+
+def _check_adaptive(t: ml_collections.ConfigDict) -> None:
+    first, ceiling = t.global_batch_size, t.max_global_batch_size
+    doublings = ceiling // first if ceiling and ceiling % first == 0 else 0
+    config_checks.require(
+        doublings >= 2 and doublings & (doublings - 1) == 0,
+        "train.max_global_batch_size",
+        ceiling,
+        f"train.global_batch_size={first} times a power of two (the adaptive ramp doubles "
+        f"the batch), e.g. {8 * first}",
+    )
+    config_checks.require(
+        t.grad_accum_steps >= 2 or t.noise_scale_halves,
+        "train.grad_accum_steps",
+        t.grad_accum_steps,
+        "at least 2 with the adaptive ramp, or train.noise_scale_halves=True: the gradient "
+        "noise scale that drives it compares smaller batches' gradients with the update's",
+    )
+    config_checks.require(
+        t.adaptive_batch_ratio > 0,
+        "train.adaptive_batch_ratio",
+        t.adaptive_batch_ratio,
+        "above 0 (the batch doubles once the noise scale passes this times the batch)",
     )
 
 
@@ -191,8 +252,11 @@ class Progress:
 
     def __init__(self, config: ml_collections.ConfigDict, print_line, writer):
         self.config, self.print_line, self.writer = config, print_line, writer
-        self.stages = stages(config.train, config.data.seq_len)
         self.index = None
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:  # read each time: the adaptive ramp adds stages
+        return stages(self.config.train, self.config.data.seq_len)
 
     def enter(self, step: int) -> int:
         """Move to update `step`'s stage; its microbatches per update."""

@@ -161,10 +161,20 @@ def default_config() -> ml_collections.ConfigDict:
     # one a multiple of it (the microbatch stays, more are accumulated). () = off. With one,
     # the run lasts total_tokens (train.steps is derived), warmup and cosine decay run in
     # tokens, and batch_lr_scaling ("none", "sqrt", "linear") scales the peak lr with the batch.
+    # ("adaptive",) (--config.train.batch_schedule=adaptive; jaxlm.adaptive_batch): start at
+    # global_batch_size and double, up to max_global_batch_size, whenever the smoothed gradient
+    # noise scale passes adaptive_batch_ratio times the batch in tokens.
     t.batch_schedule = ()
     t.total_tokens = 0
     t.warmup_tokens = 0
     t.batch_lr_scaling = "none"
+    t.max_global_batch_size = 0  # the adaptive ramp's ceiling: global_batch_size * 2^n
+    t.adaptive_batch_ratio = 1.0
+    # The gradient noise scale compares small batches' gradients with the update's: the
+    # microbatches' (grad_accum_steps >= 2), or with noise_scale_halves=True each microbatch's
+    # two halves, differentiated side by side in the step (one more gradient-sized buffer, the
+    # same FLOPs): a noise scale with one microbatch per update.
+    t.noise_scale_halves = False
 
     c.mesh = me = ml_collections.ConfigDict()
     me.data = 1
@@ -372,6 +382,14 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> Derived:
         f"each microbatch (global_batch_size / grad_accum_steps = {micro}) must be "
         f"divisible by the data-parallel degree mesh.data*mesh.fsdp = {dp}; "
         f"use a multiple of {dp * t.grad_accum_steps}",
+    )
+    require(
+        not t.noise_scale_halves or micro % (2 * dp) == 0,
+        "train.noise_scale_halves",
+        t.noise_scale_halves,
+        f"True only with microbatches of an even number of rows per device (global_batch_size "
+        f"/ grad_accum_steps = {micro} over {dp} ways); use a multiple of "
+        f"{2 * dp * t.grad_accum_steps}",
     )
     return Derived(
         head_dim=head_dim,

@@ -344,6 +344,22 @@ def memory_per_device(factory) -> str:
     return f"memory per device: {params}, optimizer state {optimizer}"
 
 
+def keep_rows_before(path: epath.Path, first_step: int) -> None:
+    """Drop the rows at or after `first_step`, which this run logs again (a killed run's rows
+    past its checkpoint; all of them when starting afresh), and any line torn by the kill."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) < first_step:
+            kept.append(line)
+    files.write_atomically(path, "".join(line + "\n" for line in kept))
+
+
 def last_value(workdir: epath.PathLike, name: str) -> tuple[float, int] | None:
     """(value, step) of the last row of `workdir`'s metrics.jsonl that holds `name`, or None:
     how a sweep reads a trial's result. A line torn by a kill is skipped."""

@@ -1,5 +1,8 @@
 """data.seq_len_schedule: short rows first, then longer, at constant tokens per step.
 
+A stage starts after a number of updates, or, with train.batch_schedule (whose run is measured
+in tokens), once a number of tokens is consumed: the first update after it, as a batch stage.
+
 The stages a run goes through and which one a step is in (for the train loop and the
 attention checks), and what a schedule needs of the rest of the config.
 """
@@ -8,13 +11,19 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxlm import config_checks
+from jaxlm import batch_schedule, config_checks
 
 
 def seq_len_stages(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
-    """((start_step, seq_len), ...) of a validated config; one stage without a schedule."""
+    """((start_step, seq_len), ...) of a validated config, start_step the updates done before
+    the stage; one stage without a schedule. With a batch schedule the config gives tokens,
+    turned into updates here (the adaptive ramp's decisions move them: read it each time)."""
     schedule = config.data.seq_len_schedule
-    return tuple((int(a), int(b)) for a, b in schedule) or ((0, int(config.data.seq_len)),)
+    stages = tuple((int(a), int(b)) for a, b in schedule) or ((0, int(config.data.seq_len)),)
+    if not config.train.batch_schedule:
+        return stages
+    t, seq_len = config.train, config.data.seq_len
+    return tuple((batch_schedule.updates_to_reach(t, seq_len, a), b) for a, b in stages)
 
 
 def stage_at(stages: tuple[tuple[int, int], ...], step: int) -> int:
@@ -34,17 +43,18 @@ def check(config: ml_collections.ConfigDict, mesh_shape: dict) -> None:
     def require(ok, valid):
         config_checks.require(ok, "data.seq_len_schedule", schedule, valid)
 
+    start = "start_tokens" if config.train.batch_schedule else "start_step"
     require(
         all(
             isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, int) for x in p)
             for p in schedule
         ),
-        "a tuple of (start_step, seq_len) integer pairs, e.g. "
-        f"((0, {max(2, seq_len // 4)}), (1000, {seq_len}))",
+        f"a tuple of ({start}, seq_len) integer pairs (tokens with train.batch_schedule), "
+        f"e.g. ((0, {max(2, seq_len // 4)}), (1000, {seq_len}))",
     )
     starts, lengths = [p[0] for p in schedule], [p[1] for p in schedule]
-    require(starts[0] == 0, "the first stage must start at step 0")
-    require(all(a < b for a, b in zip(starts, starts[1:])), "start steps must strictly increase")
+    require(starts[0] == 0, "the first stage must start at 0")
+    require(all(a < b for a, b in zip(starts, starts[1:])), f"{start}s must strictly increase")
     require(all(a < b for a, b in zip(lengths, lengths[1:])), "lengths must strictly increase")
     require(
         lengths[-1] == seq_len,

@@ -92,11 +92,20 @@ class StateFactory:
     the train and eval steps take from the config (loss_chunks)."""
 
     def __init__(
-        self, model, tx, mesh, rules, batch_shape, loss_chunks: int = 1, accum_steps: int = 1
+        self,
+        model,
+        tx,
+        mesh,
+        rules,
+        batch_shape,
+        loss_chunks: int = 1,
+        accum_steps: int = 1,
+        halves: bool = False,
     ):
         self.model, self.tx, self.mesh, self.rules = model, tx, mesh, rules
         self.batch_shape, self.loss_chunks = batch_shape, loss_chunks
         self.accum_steps = accum_steps  # microbatches MultiSteps averages per update
+        self.halves = halves  # train.noise_scale_halves (make_train_step)
         # The key is made inside the trace: a concrete one would live on the host's default
         # device, which a mesh of devices from another platform (a TPU topology described on
         # a CPU host, jaxlm.aot) cannot take.
@@ -175,14 +184,22 @@ def build(config, devices=None) -> tuple[StateFactory, config_lib.Derived]:
     model = model_lib.Transformer(model_cfg)
     factory = StateFactory(
         model,
-        optim.make_optimizer(config.train, config.data.seq_len, mup.ratio_of(model_cfg)),
+        optimizer_for(config, model_cfg),
         sharding_lib.make_mesh(derived.mesh_shape, devices),
         sharding_lib.axis_rules(config.mesh.rules),
         (derived.micro_batch_size, config.data.seq_len),
         config.train.loss_chunks,
         config.train.grad_accum_steps,
+        config.train.noise_scale_halves,
     )
     return factory, derived
+
+
+def optimizer_for(config, model_cfg) -> optax.GradientTransformation:
+    """config.train's optimizer for `model_cfg` (muP's learning-rate ratio), its batch schedule
+    as it stands: the adaptive ramp (jaxlm.adaptive_batch) builds it again at each decision,
+    into a state of the same structure."""
+    return optim.make_optimizer(config.train, config.data.seq_len, mup.ratio_of(model_cfg))
 
 
 def abstract_batch(factory: StateFactory, batch_size: int, seq_len: int) -> dict:
@@ -240,33 +257,50 @@ class TrainStep:
         )
 
 
+def _halves(batch: dict) -> dict:
+    """The rows of a batch as two halves, [2, rows / 2, ...] (train.noise_scale_halves)."""
+    return jax.tree.map(lambda x: x.reshape(2, x.shape[0] // 2, *x.shape[1:]), batch)
+
+
 def make_train_step(factory: StateFactory) -> TrainStep:
-    """The train step of `factory`'s model and optimizer (see TrainStep)."""
+    """The train step of `factory`'s model and optimizer (see TrainStep). With
+    `factory.halves` (train.noise_scale_halves) each half of the microbatch is differentiated
+    on its own, side by side (vmap), and each half's gradient norm reported for the noise
+    scale; the update is their sum, the same gradient."""
     model, tx, loss_chunks = factory.model, factory.tx, factory.loss_chunks
+    halves = factory.halves
 
     def train_step(state, batch, window_targets, accum_steps):
         # Gradients of the trained params only (with LoRA, the adapters): the frozen base is
         # a constant of the loss, so no gradient or optimizer state is ever made for it.
         trained, frozen = split_trained(model, state["params"])
 
-        def loss_fn(trained):
+        # What a microbatch's loss sum is divided by: its share of the window's targets, or
+        # without them (window_targets 0) its own.
+        own = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        denominator = jnp.where(window_targets > 0, window_targets / accum_steps, own)
+
+        def loss_fn(trained, rows):
             params = join_trained(model, trained, frozen)
-            total, count = loss_sum_and_count(model, params, batch, loss_chunks)
-            denominator = jnp.where(
-                window_targets > 0, window_targets / accum_steps, jnp.maximum(count, 1.0)
-            )
+            total, count = loss_sum_and_count(model, params, rows, loss_chunks)
             return total / denominator, (total, count)
 
-        (_, (loss_sum, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+        step_grad = jax.value_and_grad(loss_fn, has_aux=True)
+        if halves:
+            (_, (part_sums, part_counts)), part_grads = jax.vmap(step_grad, in_axes=(None, 0))(
+                trained, _halves(batch)
+            )
+            grads = jax.tree.map(lambda g: jnp.sum(g, axis=0), part_grads)
+            loss_sum, count = jnp.sum(part_sums), jnp.sum(part_counts)
+        else:
+            (_, (loss_sum, count)), grads = step_grad(trained, batch)
+            part_grads = jax.tree.map(lambda g: g[None], grads)
+            part_counts = count[None]
         loss = loss_sum / jnp.maximum(count, 1.0)
-        # |this microbatch's own mean gradient|^2, for the gradient noise scale
-        # (jaxlm.noise_scale): the fed gradient is grad(loss_sum) / denominator.
-        denominator = jnp.where(
-            window_targets > 0, window_targets / accum_steps, jnp.maximum(count, 1.0)
-        )
-        micro_grad_sq = optax.tree.norm(grads, squared=True) * jnp.square(
-            denominator / jnp.maximum(count, 1.0)
-        )
+        # |each part's own mean gradient|^2 (the microbatch, or its halves), for the gradient
+        # noise scale (jaxlm.noise_scale): a fed gradient is grad(loss_sum) / denominator.
+        part_sq = jax.vmap(lambda g: optax.tree.norm(g, squared=True))(part_grads)
+        micro_grad_sq = part_sq * jnp.square(denominator / jnp.maximum(part_counts, 1.0))
         grad_norm = _applied_gradient_norm(grads, state["opt_state"])
         updates, opt_state = tx.update(grads, state["opt_state"], trained)
         # A non-finite loss or gradient leaves the state as it was; the loop decides
@@ -282,7 +316,8 @@ def make_train_step(factory: StateFactory) -> TrainStep:
             "loss": loss,
             "loss_sum": loss_sum,
             "grad_norm": grad_norm,
-            "micro_grad_sq": micro_grad_sq,
+            "micro_grad_sq": micro_grad_sq,  # [parts]
+            "part_tokens": part_counts,  # [parts]
             "target_tokens": count,
             "finite": finite,
         }

@@ -39,11 +39,13 @@ class NonFinitePolicy:
 
 def applied(result: dict, window, nonfinite, step: int, applied: list) -> bool:
     """One microbatch's metrics read back: into the log window; whether its update counts
-    (then its gradient's squared norm, its targets and its window's go to `applied`)."""
+    (then for each of its parts, the microbatch or its halves, the part's gradient squared
+    norm, its targets and the window's go to `applied`)."""
     window.add(result["loss_sum"], result["target_tokens"])
     if not nonfinite.applied(result, step):
         return False
-    applied.append((result["micro_grad_sq"], result["target_tokens"], result["window_targets"]))
+    for part_sq, part_tokens in zip(result["micro_grad_sq"], result["part_tokens"]):
+        applied.append((part_sq, part_tokens, result["window_targets"]))
     return True
 
 

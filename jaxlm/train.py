@@ -10,7 +10,6 @@ stops at once.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from tqdm import tqdm
 import jaxlm
 from jaxlm import (
     accumulation,
+    adaptive_batch,
     cli,
     files,
     goodput,
@@ -78,22 +78,6 @@ def evaluate(eval_step, params, eval_data, batch_sharding) -> float:
     loss_sum = sum(float(t[0]) for t in totals)
     count = sum(float(t[1]) for t in totals)
     return loss_sum / max(count, 1.0)
-
-
-def _keep_metrics_before(path: epath.Path, first_step: int) -> None:
-    """Drop the rows at or after `first_step`, which this run logs again (a killed run's rows
-    past its checkpoint; all of them when starting afresh), and any line torn by the kill."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) < first_step:
-            kept.append(line)
-    files.write_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def _announce_stage(stages, stage, step, t, console, writer) -> None:
@@ -152,6 +136,11 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_valid
     account.mark("restore" if begin.step else "startup")
     account.resumed_at(begin.step)
     start, state = begin.step, begin.state
+    # The adaptive ramp's decisions so far (none afresh) set the batch schedule and train.steps.
+    ramp = adaptive_batch.Ramp(config, begin.record.get("batch_decisions", ()))
+    if ramp.decisions:
+        factory.tx = step_lib.optimizer_for(config, factory.model.cfg)
+    console.bar.total = t.steps
     if start >= t.steps:  # a rerun of a finished run, or train.steps lowered below it
         return _nothing_to_train(start, t.steps, console, checkpoints)
     # Checkpoints written before the log window was saved resume with an empty one.
@@ -162,7 +151,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_valid
     # Both logs forget what an earlier run logged from there on.
     first_logged = start + 1 if start else 0
     if is_main:
-        _keep_metrics_before(workdir / metrics_lib.Writer.FILENAME, first_logged)
+        metrics_lib.keep_rows_before(workdir / metrics_lib.Writer.FILENAME, first_logged)
     wandb_run = wandb_log.WandbRun(config, workdir) if is_main and t.wandb_project else None
     writer = metrics_lib.Writer(
         workdir, enabled=is_main, first_step=first_logged, sinks=(wandb_run,) if wandb_run else ()
@@ -206,7 +195,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_valid
     steps = steps_in_flight.StepsInFlight(run_call, state, t.grad_accum_steps)
     del state  # the steps in flight own it now (donated at each call)
     profiler = profiling.StepProfiler(t, workdir / "profile", console.print)
-    last, stopping = {}, False
+    last, stopping, rebuilt = {}, False, False
     account.mark("startup")
     if start == 0:  # where validation loss starts, so a run shows what it learned
         val_loss = validation_loss()
@@ -216,13 +205,17 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_valid
         task_rows(0)
     try:
         with factory.context():
-            for step in range(start + 1, t.steps + 1):
+            step = start
+            while step < t.steps:  # the adaptive ramp shortens train.steps as it doubles
+                step += 1
                 compiles = not throughput.started
-                if stages.stage != stages.at(step):
-                    if stages.stage is not None:  # this step compiles for the new length
-                        jax.block_until_ready(steps.state)
-                        compiles = True
-                        throughput.pause()
+                new_length = stages.stage != stages.at(step)
+                if rebuilt or (new_length and stages.stage is not None):
+                    # this step compiles: for a new row length, or a new batch stage's optimizer
+                    jax.block_until_ready(steps.state)
+                    compiles, rebuilt = True, False
+                    throughput.pause()
+                if new_length:
                     stages.enter(step)
                 # The next step is queued behind this one unless this step's state is needed
                 # as it is (saved, evaluated, the last of its row length or batch stage) or it
@@ -254,6 +247,12 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_valid
                     last = step_results.log_row(
                         step, config, window, throughput, grad_norm, writer, console, badput
                     )
+                    decision = ramp.decide(step, window.noise_scale.value())
+                    if decision:  # the next update takes twice the rows
+                        console.print(decision)
+                        console.bar.total = t.steps
+                        factory.tx = step_lib.optimizer_for(config, factory.model.cfg)
+                        train_step, rebuilt = step_lib.make_train_step(factory), True
 
                 if step % t.eval_every == 0 or step == t.steps:
                     eval_start = time.perf_counter()
@@ -277,7 +276,7 @@ def _train(config, workdir: epath.Path, stop: stop_signals.StopRequest, on_valid
                     checkpoints.save(
                         step,
                         factory.trained(steps.state),
-                        _record(config, step, data, train_batches, window, begin.lora_base),
+                        _record(config, step, data, train_batches, window, begin, ramp),
                     )
                     account.mark("checkpoint_save", step=step)
                 console.bar.update(1)
@@ -337,8 +336,11 @@ class _Stages:
 
     def __init__(self, config, derived, console, writer):
         self.config, self.derived, self.console, self.writer = config, derived, console, writer
-        self.stages = seq_len_schedule.seq_len_stages(config)
         self.stage = self.seq_len = self.flops_per_token = None
+
+    @property
+    def stages(self):  # read each time: with a batch schedule, the adaptive ramp moves them
+        return seq_len_schedule.seq_len_stages(self.config)
 
     def at(self, step: int) -> int:
         return seq_len_schedule.stage_at(self.stages, step)
@@ -390,7 +392,7 @@ def _state_needed_after(step: int, config, stages) -> bool:
     )
 
 
-def _record(config, step, data, train_batches, window, lora_base) -> dict:
+def _record(config, step, data, train_batches, window, begin, ramp) -> dict:
     """A checkpoint's JSON record: what resuming, generating and converting read back."""
     return {
         "step": step,
@@ -401,7 +403,8 @@ def _record(config, step, data, train_batches, window, lora_base) -> dict:
         "rng": {"seed": config.seed},
         "log_window": window.state(),
         # A LoRA checkpoint holds adapters only: the base they were trained beside.
-        **({"lora_base": lora_base} if lora_base else {}),
+        **({"lora_base": begin.lora_base} if begin.lora_base else {}),
+        **({"batch_decisions": ramp.state()} if ramp.enabled else {}),
     }
 
 

@@ -41,7 +41,8 @@ _STEPS = {}  # (k, lora_rank) -> (factory, train step): each compiles once per t
 
 def _one_update(config, microbatches, exact: bool, base=None):
     """State after one optimizer update over `microbatches` (float32 host arrays)."""
-    key = (config.train.grad_accum_steps, config.train.lora_rank)
+    t = config.train
+    key = (t.grad_accum_steps, t.lora_rank, t.noise_scale_halves)
     if key not in _STEPS:
         factory = factory_for(config)
         _STEPS[key] = factory, step_lib.make_train_step(factory)
@@ -111,7 +112,7 @@ def test_k_microbatches_with_unequal_masks_equal_one_big_batch(lora_rank, lora_b
     # The step's microbatch squared gradient norm (for the noise scale) is |gradient|^2, and
     # the gradient is Adam's first moment / (1 - b1).
     expected_sq = sum(np.sum(np.square(m / 0.1, dtype=np.float64)) for m in jax.tree.leaves(big_mu))
-    np.testing.assert_allclose(float(big["micro_grad_sq"]), expected_sq, rtol=1e-4)
+    np.testing.assert_allclose(float(big["micro_grad_sq"][0]), expected_sq, rtol=1e-4)
     # Round-off alone: the same big batch with its rows in reverse order (float32 sums taken
     # in another order, as accumulation takes them).
     reverse = {key: v[::-1] for key, v in batch.items()}
@@ -169,3 +170,26 @@ def test_sft_run_logs_the_same_losses_with_four_microbatches_as_with_one(sp_toke
     assert len(losses) == 6 and len(val) == 2
     for a, b in losses + val:
         assert abs(a - b) <= 2e-5 * abs(a)
+
+
+def test_halves_give_the_same_update_and_each_half_its_own_gradient_norm():
+    """train.noise_scale_halves: one microbatch differentiated as two halves side by side
+    applies the gradient of the whole, and reports |each half's own mean gradient|^2, as a
+    step over that half alone computes it (the noise scale's small batches)."""
+    batch = _masked_batch(_config(1))
+    config = _config(1)
+    config.train.noise_scale_halves = True
+    params, mu, metrics = _one_update(config, [batch], exact=True)
+    want_params, want_mu, whole = _one_update(_config(1), [batch], exact=True)
+    assert _relative_gap(want_mu, mu) <= 1e-6
+    assert _relative_gap(want_params, params) <= 1e-6
+    assert metrics["micro_grad_sq"].shape == metrics["part_tokens"].shape == (2,)
+    for h, half in enumerate(_split(batch, 2)):
+        config = _config(1)
+        config.train.global_batch_size = ROWS // 2
+        _, _, alone = _one_update(config, [half], exact=False)  # its own mean gradient
+        assert float(metrics["part_tokens"][h]) == half["loss_mask"].sum()
+        np.testing.assert_allclose(
+            float(metrics["micro_grad_sq"][h]), float(alone["micro_grad_sq"][0]), rtol=1e-4
+        )
+    assert float(whole["target_tokens"]) == float(metrics["part_tokens"].sum())

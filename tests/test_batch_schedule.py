@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_fault_tolerance import assert_ends_as_unbroken, cli, run_until, tiny_config
 
-from jaxlm import batch_schedule, optim
+from jaxlm import batch_schedule, optim, seq_len_schedule
 from jaxlm import config as config_lib
 from jaxlm import train as train_lib
 
@@ -111,3 +111,15 @@ def test_killed_across_batch_stages_resumes_exactly(tmp_path, repo, tokenizer_pa
     rows = assert_ends_as_unbroken(tmp_path, tmp_path / "killed", steps, config, microbatches=14)
     stage_rows = [(r["step"], r["global_batch_size"]) for r in rows if "batch_stage" in r]
     assert stage_rows == [(1, 8), (3, 16), (5, 32)]  # the first stage starts at step 1
+
+
+def test_seq_len_stages_start_by_tokens_under_a_batch_schedule(tokenizer_path):
+    config = scheduled(tiny_config(tokenizer_path, 1))
+    config.data.seq_len_schedule = ((0, 32), (1024, 64), (2048, 64 * 2))
+    config.data.seq_len = 128  # rows of 128: updates of 1024, 2048 then 4096 tokens
+    config.train.batch_schedule = ((0, 8), (2048, 16), (6144, 32))
+    # By hand: 1 update reaches 1024 tokens, 2 reach 2048 (both stages start by tokens)
+    assert seq_len_schedule.seq_len_stages(config) == ((0, 32), (1, 64), (2, 128))
+    config.data.seq_len_schedule = ((0, 32), (4000, 128))  # within update 3 (2048 -> 4096)
+    assert seq_len_schedule.seq_len_stages(config) == ((0, 32), (3, 128))
+    config_lib.validate(config, 8)

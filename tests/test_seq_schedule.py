@@ -18,8 +18,8 @@ FIELD = "config.data.seq_len_schedule="
 
 BAD = [
     # (schedule, other changes, words the message must contain besides the field)
-    (((1, 128), (10, 256)), {}, ["first stage must start at step 0"]),
-    (((0, 64), (10, 128), (10, 256)), {}, ["start steps must strictly increase"]),
+    (((1, 128), (10, 256)), {}, ["first stage must start at 0"]),
+    (((0, 64), (10, 128), (10, 256)), {}, ["start_steps must strictly increase"]),
     (((0, 128), (10, 64), (20, 256)), {}, ["lengths must strictly increase"]),
     (((0, 64), (10, 128)), {}, ["last length must be data.seq_len=256"]),
     (((0, 96), (10, 256)), {}, ["length 96", "divide data.seq_len=256"]),
