@@ -3,13 +3,15 @@ a larger one is useful (McCandlish et al. 2018; Merrill et al. 2025 find the cri
 starts near zero and grows as training goes).
 
 The run starts at train.global_batch_size. At each logged step (train.log_every; the loop
-keeps nothing in flight past one) the smoothed noise scale B_simple (jaxlm.noise_scale, in
-tokens) is compared with the batch in tokens; once it exceeds train.adaptive_batch_ratio
-times it, and doubling stays within train.max_global_batch_size, the next update takes twice
-the rows. A decision is a stage of an ordinary batch schedule (jaxlm.batch_schedule): the
-tokens consumed so far and the new batch, so the microbatch stays, the learning rate keeps
-running in tokens (scaled as train.batch_lr_scaling says), and train.steps becomes the
-updates that reach train.total_tokens at the new batch.
+keeps nothing in flight past one) at least train.adaptive_batch_interval updates after the
+start or the last doubling (so the average reflects the current batch), the smoothed noise
+scale B_simple (jaxlm.noise_scale, in tokens) is compared with the batch in tokens; once it
+exceeds train.adaptive_batch_ratio times it, and doubling stays within
+train.max_global_batch_size, the next update takes twice the rows. A decision is a stage of
+an ordinary batch schedule (jaxlm.batch_schedule): the tokens consumed so far and the new
+batch, so the microbatch stays, the learning rate keeps running in tokens (scaled as
+train.batch_lr_scaling says), and train.steps becomes the updates that reach
+train.total_tokens at the new batch.
 
 The decisions go into every checkpoint's record ("batch_decisions"); a resumed run rebuilds
 the same schedule, and with the noise scale's averages restored (the log window) it makes the
@@ -39,22 +41,19 @@ class Ramp:
         t.batch_schedule = ((0, int(t.global_batch_size)), *self.decisions)
         t.steps = batch_schedule.total_steps(t, self.config.data.seq_len)
 
-    def batch_at(self, step: int) -> int:
-        stages = batch_schedule.stages(self.config.train, self.config.data.seq_len)
-        return stages[batch_schedule.stage_at(stages, step)].batch
-
     def decide(self, step: int, noise_scale: float | None) -> str:
         """After logged update `step`: double the batch from the next update if the noise scale
         says so. Returns the console line of a decision, or "" (none)."""
         t, seq_len = self.config.train, self.config.data.seq_len
         if not self.enabled or noise_scale is None or step >= t.steps:
             return ""
-        batch = self.batch_at(step)
-        threshold = t.adaptive_batch_ratio * batch * seq_len
-        if noise_scale <= threshold or 2 * batch > t.max_global_batch_size:
-            return ""
         stages = batch_schedule.stages(t, seq_len)
         stage = stages[batch_schedule.stage_at(stages, step)]
+        batch = stage.batch
+        threshold = t.adaptive_batch_ratio * batch * seq_len
+        settled = step - (stage.first_step - 1) >= t.adaptive_batch_interval
+        if not settled or noise_scale <= threshold or 2 * batch > t.max_global_batch_size:
+            return ""
         consumed = stage.tokens_before + (step - stage.first_step + 1) * batch * seq_len
         self.decisions.append((consumed, 2 * batch))
         self._apply()

@@ -232,6 +232,12 @@ def _check_adaptive(t: ml_collections.ConfigDict) -> None:
         "noise scale that drives it compares smaller batches' gradients with the update's",
     )
     config_checks.require(
+        t.adaptive_batch_interval >= 1,
+        "train.adaptive_batch_interval",
+        t.adaptive_batch_interval,
+        "at least 1 (updates between two decisions of the adaptive ramp)",
+    )
+    config_checks.require(
         t.adaptive_batch_ratio > 0,
         "train.adaptive_batch_ratio",
         t.adaptive_batch_ratio,

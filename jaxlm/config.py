@@ -170,6 +170,9 @@ def default_config() -> ml_collections.ConfigDict:
     t.batch_lr_scaling = "none"
     t.max_global_batch_size = 0  # the adaptive ramp's ceiling: global_batch_size * 2^n
     t.adaptive_batch_ratio = 1.0
+    # updates between two decisions, and before the first: the smoothed noise scale (an average
+    # over about 20 updates) must have seen the current batch
+    t.adaptive_batch_interval = 20
     # The gradient noise scale compares small batches' gradients with the update's: the
     # microbatches' (grad_accum_steps >= 2), or with noise_scale_halves=True each microbatch's
     # two halves, differentiated side by side in the step (one more gradient-sized buffer, the

@@ -20,6 +20,7 @@ def adaptive(config, ratio=1.0):
     t = config.train
     t.batch_schedule, t.global_batch_size, t.grad_accum_steps = ("adaptive",), 16, 2
     t.max_global_batch_size, t.adaptive_batch_ratio = 64, ratio
+    t.adaptive_batch_interval = 2  # decisions at most every 2 updates
     t.total_tokens, t.warmup_tokens = TOTAL, 1024
     return config
 
@@ -30,6 +31,7 @@ def test_the_batch_doubles_after_the_noise_scale_passes_it_up_to_the_ceiling(tok
     ramp = adaptive_batch.Ramp(config)
     assert config.train.batch_schedule == ((0, 16),) and config.train.steps == 14
     assert seq_len_schedule.seq_len_stages(config)[1] == (4, 64)  # 4 updates of 1024 tokens
+    assert ramp.decide(1, 1e9) == ""  # 1 update: fewer than adaptive_batch_interval
     assert ramp.decide(2, 1024.0) == ""  # equal to the batch's 1024 tokens: not past it
     assert ramp.decide(2, None) == ""  # no estimate yet
     line = ramp.decide(2, 1500.0)
@@ -39,10 +41,14 @@ def test_the_batch_doubles_after_the_noise_scale_passes_it_up_to_the_ceiling(tok
     assert config.train.batch_schedule == ((0, 16), (2048, 32))
     assert [s.accum_steps for s in batch_schedule.stages(config.train, 64)] == [2, 4]
     assert seq_len_schedule.seq_len_stages(config)[1] == (3, 64)  # 2 x 1024 + 2048 tokens
-    assert ramp.decide(3, 2048.5) != ""  # from 2048 + 2048 tokens
-    assert config.train.batch_schedule == ((0, 16), (2048, 32), (4096, 64))
-    assert config.train.steps == 6  # 3 + ceil((14336 - 4096) / 4096)
-    assert ramp.decide(4, 1e9) == ""  # 128 rows would pass max_global_batch_size=64
+    assert ramp.decide(3, 1e9) == ""  # 1 update into the new batch: not settled
+    assert ramp.decide(4, 2048.5) != ""  # from 2048 + 2 x 2048 tokens
+    assert config.train.batch_schedule == ((0, 16), (2048, 32), (6144, 64))
+    assert config.train.steps == 6  # 4 + ceil((14336 - 6144) / 4096)
+    capped = batch_schedule.with_total_steps(adaptive(tiny_config(tokenizer_path, 1)))
+    capped.train.max_global_batch_size = 32
+    low = adaptive_batch.Ramp(capped)
+    assert low.decide(2, 1e9) != "" and low.decide(4, 1e9) == ""  # 64 rows would pass 32
     # A resumed run rebuilds the same schedule from the record's decisions.
     again = batch_schedule.with_total_steps(adaptive(tiny_config(tokenizer_path, 1)))
     adaptive_batch.Ramp(again, copy.deepcopy(ramp.state()))
@@ -58,6 +64,7 @@ def test_the_batch_doubles_after_the_noise_scale_passes_it_up_to_the_ceiling(tok
         ("max_global_batch_size", 16, "times a power of two"),
         ("grad_accum_steps", 1, "at least 2 with the adaptive ramp"),
         ("adaptive_batch_ratio", 0.0, "above 0"),
+        ("adaptive_batch_interval", 0, "at least 1"),
         ("total_tokens", 0, "needed with train.batch_schedule"),
     ],
 )
