@@ -1,13 +1,14 @@
-"""The same model on the same token budget with a fixed small batch, a fixed large batch and a
-token-threshold batch schedule: final validation loss, optimizer steps and wall time per arm,
-and a plot of loss against tokens and of the gradient noise scale over training.
+"""The same model on the same token budget with a fixed small batch, a fixed large batch, a
+token-threshold batch schedule and the adaptive ramp: final validation loss, optimizer steps
+and wall time per arm, and a plot of loss against tokens and of the gradient noise scale.
 
     python -m benchmarks.batch_ramp --total_tokens=300000
 
 Every arm is a `train.batch_schedule` (a fixed batch is a one-stage schedule), so all three
 run their learning rate in tokens (warmup, then cosine to total_tokens) and accumulate
-microbatches of the same rows (so each logs the gradient noise scale). The adaptive ramp
-(#26 item 4) is not implemented, so it has no arm. Rows go to
+microbatches of the same rows (so each logs the gradient noise scale). The adaptive arm starts
+at the small batch and doubles up to the large one where the noise scale passes the batch
+(train.adaptive_batch_ratio 1). Rows go to
 benchmarks/results/batch-ramp-<cpu>.md / .jsonl, the plot beside them (matplotlib).
 """
 
@@ -21,15 +22,16 @@ from absl import app, flags
 
 from benchmarks import results_table
 from configs import tiny
-from jaxlm import batch_schedule
+from jaxlm import batch_schedule, platforms
 from jaxlm import train as train_lib
 
 _TOTAL = flags.DEFINE_integer("total_tokens", 300_000, "Tokens every arm trains on.")
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/jaxlm-batch-ramp", "Runs go under here.")
+_ROOT = flags.DEFINE_string("root", "/tmp/jaxlm-batch-ramp", "The arms' runs go under here.")
 _RESULTS = flags.DEFINE_string("results", "benchmarks/results", "Where rows are appended.")
 _NOTE = flags.DEFINE_string("note", "", "Free text recorded with the rows.")
 
 SEQ_LEN, MICRO = 64, 4  # rows of 64 tokens, microbatches of 4 rows
+SMALL, LARGE = 8, 32  # the fixed arms' batches, where the ramps start and end
 
 
 def arms(total: int) -> dict:
@@ -38,6 +40,7 @@ def arms(total: int) -> dict:
         "fixed small (8)": ((0, 8),),
         "fixed large (32)": ((0, 32),),
         "schedule 8 -> 16 -> 32": ((0, 8), (total // 8, 16), (total // 3, 32)),
+        "adaptive 8 -> 32": batch_schedule.ADAPTIVE,
     }
 
 
@@ -47,8 +50,11 @@ def arm_config(schedule, total: int, workdir: pathlib.Path):
     m.n_layers, m.d_model, m.n_heads, m.n_kv_heads, m.d_ff = 2, 128, 4, 2, 384
     config.data.seq_len, config.data.eval_batches = SEQ_LEN, 8
     config.data.tokenizer = str(workdir / "tokenizer.model")
-    t.global_batch_size, t.grad_accum_steps = schedule[0][1], schedule[0][1] // MICRO
+    first = SMALL if schedule == batch_schedule.ADAPTIVE else schedule[0][1]
+    t.global_batch_size, t.grad_accum_steps = first, first // MICRO
     t.batch_schedule, t.total_tokens, t.warmup_tokens = schedule, total, total // 20
+    if schedule == batch_schedule.ADAPTIVE:
+        t.max_global_batch_size = LARGE
     t.batch_lr_scaling = "sqrt"
     t.log_every, t.eval_every = 2, 10**9  # validation at the start and the end only
     config.checkpoint.every = 10**9
@@ -56,17 +62,23 @@ def arm_config(schedule, total: int, workdir: pathlib.Path):
     return config
 
 
-def tokens_at(config, step: int) -> int:
-    """Tokens consumed by the end of update `step`."""
-    t = config.train
-    stages = batch_schedule.stages(t, SEQ_LEN)
-    stage = stages[batch_schedule.stage_at(stages, step)]
-    return stage.tokens_before + (step - stage.first_step + 1) * stage.batch * SEQ_LEN
+def tokens_by_step(logged: list[dict], first_batch: int) -> dict[int, int]:
+    """Tokens consumed by the end of each update, from the run's metrics rows (a stage's
+    first update logs its batch), so the adaptive arm's decisions count too."""
+    starts = {int(r["step"]): int(r["global_batch_size"]) for r in logged if "batch_stage" in r}
+    last = max(int(r["step"]) for r in logged)
+    tokens, batch, out = 0, first_batch, {}
+    for step in range(1, last + 1):
+        batch = starts.get(step, batch)
+        tokens += batch * SEQ_LEN
+        out[step] = tokens
+    return out
 
 
 def main(argv):
     del argv
-    total, root = _TOTAL.value, pathlib.Path(_WORKDIR.value)
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
+    total, root = _TOTAL.value, pathlib.Path(_ROOT.value)
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "tokenizer.model").exists():  # trained once, by a first short run
         warm = arm_config(((0, 8),), 2048, root)
@@ -83,10 +95,12 @@ def main(argv):
         train_lib.train(config, workdir)
         wall = time.perf_counter() - start
         logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-        steps = batch_schedule.total_steps(config.train, SEQ_LEN)
-        losses = [(tokens_at(config, r["step"]), r["loss"]) for r in logged if "loss" in r]
+        tokens = tokens_by_step(logged, config.train.global_batch_size)
+        steps = max(tokens)
+        assert tokens[steps] >= total > tokens[steps] - 32 * SEQ_LEN, (name, tokens[steps])
+        losses = [(tokens[r["step"]], r["loss"]) for r in logged if "loss" in r]
         noise = [
-            (tokens_at(config, r["step"]), r["gradient_noise_scale"])
+            (tokens[r["step"]], r["gradient_noise_scale"])
             for r in logged
             if "gradient_noise_scale" in r
         ]
@@ -96,6 +110,9 @@ def main(argv):
                 "date": time.strftime("%Y-%m-%d"),
                 "arm": name,
                 "schedule": str(schedule),
+                "stages": [
+                    (r["step"], r["global_batch_size"]) for r in logged if "batch_stage" in r
+                ],
                 "total_tokens": total,
                 "optimizer_steps": steps,
                 "final_val_loss": [r["val_loss"] for r in logged if "val_loss" in r][-1],
@@ -108,7 +125,8 @@ def main(argv):
     table = results_table.record(
         pathlib.Path(_RESULTS.value) / f"batch-ramp-{slug}",
         rows,
-        "# Batch ramp: fixed small, fixed large and a scheduled batch on one token budget\n\n"
+        "# Batch ramp: fixed small, fixed large, scheduled and adaptive batches on one token "
+        "budget\n\n"
         "`python -m benchmarks.batch_ramp`: a 2-layer d_model-128 model, rows of 64 tokens, "
         "microbatches of 4 rows, lr in tokens with sqrt batch scaling; see its docstring.",
         [

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from jaxlm import config as config_lib
-from jaxlm import mup, optim
+from jaxlm import mup, optim, platforms
 from jaxlm.model import ModelConfig, Transformer
 
 BASE_WIDTH = 64
@@ -100,6 +100,7 @@ def plot(measured: dict, widths: list[int], path: pathlib.Path) -> None:
 
 
 def main():
+    platforms.skip_absent_tpu()  # before JAX starts: no libtpu noise on a CPU host
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--widths", default="64,128,256,512,1024")
     parser.add_argument("--steps", type=int, default=4)
