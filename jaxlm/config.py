@@ -161,22 +161,16 @@ def default_config() -> ml_collections.ConfigDict:
     # one a multiple of it (the microbatch stays, more are accumulated). () = off. With one,
     # the run lasts total_tokens (train.steps is derived), warmup and cosine decay run in
     # tokens, and batch_lr_scaling ("none", "sqrt", "linear") scales the peak lr with the batch.
-    # ("adaptive",) (--config.train.batch_schedule=adaptive; jaxlm.adaptive_batch): start at
-    # global_batch_size and double, up to max_global_batch_size, whenever the smoothed gradient
-    # noise scale passes adaptive_batch_ratio times the batch in tokens.
+    # ("adaptive",) (--config.train.batch_schedule=adaptive): the batch doubles up to
+    # max_global_batch_size where the noise scale passes it (jaxlm.adaptive_batch).
     t.batch_schedule = ()
     t.total_tokens = 0
     t.warmup_tokens = 0
     t.batch_lr_scaling = "none"
     t.max_global_batch_size = 0  # the adaptive ramp's ceiling: global_batch_size * 2^n
     t.adaptive_batch_ratio = 1.0
-    # updates between two decisions, and before the first: the smoothed noise scale (an average
-    # over about 20 updates) must have seen the current batch
-    t.adaptive_batch_interval = 20
-    # The gradient noise scale compares small batches' gradients with the update's: the
-    # microbatches' (grad_accum_steps >= 2), or with noise_scale_halves=True each microbatch's
-    # two halves, differentiated side by side in the step (one more gradient-sized buffer, the
-    # same FLOPs): a noise scale with one microbatch per update.
+    t.adaptive_batch_interval = 20  # updates before the first decision and between two
+    # True: the noise scale from each microbatch's two halves, so also with grad_accum_steps=1
     t.noise_scale_halves = False
 
     c.mesh = me = ml_collections.ConfigDict()

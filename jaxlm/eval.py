@@ -21,10 +21,9 @@ context + choice after those of the context (whitespace ending the context moves
 choice). `acc` picks the most likely choice, `acc_norm` the
 most likely per character of the choice.
 
-Requests are sorted by length and batched; a batch is padded to the next of a few lengths
-per power of two (`score_length`), so few shapes compile and little of a batch is padding.
-Rows are split over every device (FSDP weights as in training, tensor parallel as the run
-trained).
+Requests are sorted by length and batched, a batch padded to one of four lengths per power of
+two (`score_length`). Rows are split over every device (FSDP weights as in training, tensor
+parallel as the run trained).
 """
 
 from __future__ import annotations
@@ -93,16 +92,10 @@ def _token_scores(cfg: model_lib.ModelConfig, rules: tuple, chunk: int, params, 
 
 
 def score_length(length: int, max_len: int) -> int:
-    """A scoring batch's padded length: the next multiple of a quarter of the power of two
-    below it (16, 20, 24, 28, 32, 40, ..., 96, 112, 128, 160, ...), at most max_len.
-
-    At most a fifth of a batch is padding (powers of two alone pad up to half, and on a
-    compute-bound device cost as much), for four compiled shapes per doubling of length
-    instead of one."""
-    if length <= gen.MIN_BUCKET:
-        return min(gen.MIN_BUCKET, max_len)
-    quarter = (1 << ((length - 1).bit_length() - 1)) // 4
-    return min(-(-length // quarter) * quarter, max_len)
+    """The next multiple of a quarter of the power of two below `length` (16, 20, 24, 28, 32, 40,
+    ...; at most max_len): under a fifth padding, for four compiled shapes per doubling."""
+    quarter = (1 << ((max(length, gen.MIN_BUCKET) - 1).bit_length() - 1)) // 4
+    return min(max(gen.MIN_BUCKET, -(-length // quarter) * quarter), max_len)
 
 
 def _rows_per_batch(run: run_lib.Run, batch_size: int) -> int:
