@@ -1,17 +1,19 @@
 """lm-eval requests per second: jaxlm's harness model against the harness's Hugging Face model.
 
     python -m benchmarks.eval_throughput [--config=configs/125m.py] [--items=24] [--rounds=1]
+        [--choice_chars=40]
 
 One random LlamaForCausalLM of the config's shape (float32) is saved, imported as a jaxlm run
 and exported back (so both read the same weights and the same tokenizer, a 4096-piece one
 trained on the built-in corpus). The task is a local multiple-choice YAML task over `items`
-items of four choices each, contexts cut from the built-in corpus: `items * 4` loglikelihood
-requests. Each measurement is its own process, engines alternating (jaxlm, hf, hf, jaxlm, ...)
-so a change in the host's load falls on both; a process evaluates the task once untimed
-(jaxlm compiles a program per length bucket there; the harness's model warms up) and then
-once timed. jaxlm runs as `python -m jaxlm.eval --tasks` does (rows sorted by length, padded to
-power-of-two buckets); the harness's model as its users run it (`HFLM`, batch_size as given,
-float32, CPU threads = cores). Rows go to benchmarks/results/eval-throughput-<host>.
+items of four choices each, contexts (200 characters) and choices (`choice_chars`) cut from
+the built-in corpus: `items * 4` loglikelihood requests. Each measurement is its own process,
+engines alternating (jaxlm, hf, hf, jaxlm, ...) so a change in the host's load falls on both;
+a process evaluates the task once untimed (jaxlm compiles a program per length bucket there;
+the harness's model warms up) and then once timed. jaxlm runs as `python -m jaxlm.eval
+--tasks` does (rows sorted by length, padded to length buckets, each item's context computed
+once for its four choices); the harness's model as its users run it (`HFLM`, batch_size as
+given, float32, CPU threads = cores). Rows go to benchmarks/results/eval-throughput-<host>.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ metric_list:
 """
 
 
-def prepare(config_path: str, items: int, root: pathlib.Path) -> None:
-    """root/hf (the exported model), root/run (the jaxlm run), root/tasks (the task)."""
+def prepare(config_path: str, items: int, root: pathlib.Path, choice_chars: int = 40) -> None:
+    """root/hf (the exported model), root/run (the jaxlm run), root/tasks (the task): contexts
+    of 200 characters, choices of `choice_chars` (40: ARC-like answers; 120: HellaSwag-like
+    endings)."""
     import random
     import shutil
 
@@ -63,14 +67,16 @@ def prepare(config_path: str, items: int, root: pathlib.Path) -> None:
     shutil.copyfile(root / "tokenizer.model", root / "random" / "tokenizer.model")
     convert.import_hf(root / "random", root / "run")
     convert.export_hf(root / "run", root / "hf", dtype="float32")
-    rng, rows = random.Random(0), []
+    rng, rows, need = random.Random(0), [], max(600, 200 + 4 * (choice_chars + 10))
     for _ in range(items):
-        text = rng.choice([d for d in docs if len(d) > 600])
-        at = rng.randrange(len(text) - 600)
+        text = rng.choice([d for d in docs if len(d) > need])
+        at, step = rng.randrange(len(text) - need), choice_chars + 10
         rows.append(
             {
                 "q": text[at : at + 200],
-                "choices": [text[at + 200 + 50 * k : at + 240 + 50 * k] for k in range(4)],
+                "choices": [
+                    text[at + 200 + step * k : at + 200 + step * k + choice_chars] for k in range(4)
+                ],
                 "gold": 0,
             }
         )
@@ -114,6 +120,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="configs/125m.py")
     p.add_argument("--items", type=int, default=24)
+    p.add_argument("--choice_chars", type=int, default=40)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--engine", choices=ENGINES)  # internal: one measuring process
@@ -124,7 +131,7 @@ def main() -> None:
         return worker(args)
     with tempfile.TemporaryDirectory() as tmp:
         args.root = tmp
-        prepare(args.config, args.items, pathlib.Path(tmp))
+        prepare(args.config, args.items, pathlib.Path(tmp), args.choice_chars)
         runs = {e: [] for e in ENGINES}
         order = [e for r in range(args.rounds) for e in (ENGINES if r % 2 == 0 else ENGINES[::-1])]
         order = order + order[::-1]  # jaxlm, hf, hf, jaxlm
@@ -144,6 +151,7 @@ def main() -> None:
             "date": stamp,
             "engine": engine,
             "config": args.config,
+            "choice_chars": args.choice_chars,
             "requests": timed[0]["requests"],
             "batch_size": args.batch_size,
             "requests_per_s": rate,
@@ -160,6 +168,7 @@ def main() -> None:
                 stamp,
                 engine,
                 args.config,
+                args.choice_chars,
                 row["requests"],
                 args.batch_size,
                 f"{rate:.2f}",
@@ -174,7 +183,8 @@ def main() -> None:
         "# lm-eval multiple choice: requests/s, jaxlm's harness model vs the harness's HF model\n\n"
         "Median over processes of the timed evaluation (after one untimed); first: the untimed "
         "one, compiles included. `python -m benchmarks.eval_throughput`.",
-        ["date", "engine", "config", "requests", "batch", "req/s", "first req/s", "acc", "load"],
+        ["date", "engine", "config", "choice chars", "requests", "batch", "req/s", "first req/s"]
+        + ["acc", "load"],
         cells,
     )
     print(table.read_text())

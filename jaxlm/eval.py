@@ -21,126 +21,26 @@ context + choice after those of the context (whitespace ending the context moves
 choice). `acc` picks the most likely choice, `acc_norm` the
 most likely per character of the choice.
 
-Requests are sorted by length and batched, a batch padded to one of four lengths per power of
-two (`score_length`). Rows are split over every device (FSDP weights as in training, tensor
-parallel as the run trained).
+Every request goes through one scorer (jaxlm.scorer): batched by length, rows over every
+device, a context shared by several requests (an item's choices) computed once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 from collections.abc import Iterable, Sequence
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from jaxlm import eval_tasks, files, platforms
-from jaxlm import generate as gen
-from jaxlm import model as model_lib
+from jaxlm import eval_tasks, files, platforms, scorer
 from jaxlm import run as run_lib
 from jaxlm.errors import EvalError
 
-LOGITS_BUDGET = 1 << 27  # float32 logits held at once, per device (512 MiB)
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """Score `continuation` (token ids, at least one) after `context` (at least one)."""
-
-    context: tuple
-    continuation: tuple
-
-
-@dataclasses.dataclass(frozen=True)
-class Score:
-    logprob: float  # sum of the continuation's token log-probabilities
-    greedy: bool  # every continuation token is the model's argmax (ties count)
-
-
-# ---------------------------------------------------------------- the jitted scorer
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _token_scores(cfg: model_lib.ModelConfig, rules: tuple, chunk: int, params, inputs, targets):
-    """Log-probability of each target [b, l] and whether it is the argmax, a `chunk` of
-    positions at a time so whole float32 logits are never held."""
-    with nn.logical_axis_rules(rules):
-        hidden, head = model_lib.Transformer(cfg).apply(
-            {"params": params}, inputs, head_inputs=True
-        )
-        b, length, d = hidden.shape
-        pieces = (
-            hidden.reshape(b, length // chunk, chunk, d).swapaxes(0, 1),
-            targets.reshape(b, length // chunk, chunk).swapaxes(0, 1),
-        )
-
-        def score(piece):
-            h, t = piece
-            logits = model_lib.logits_dot(h, head).astype(jnp.float32)  # [b, chunk, vocab]
-            target = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-            logprob = target - jax.nn.logsumexp(logits, axis=-1)
-            return logprob, target >= jnp.max(logits, axis=-1)
-
-        logprob, greedy = jax.lax.map(score, pieces)
-        return logprob.swapaxes(0, 1).reshape(b, length), greedy.swapaxes(0, 1).reshape(b, length)
-
-
-def score_length(length: int, max_len: int) -> int:
-    """The next multiple of a quarter of the power of two below `length` (16, 20, 24, 28, 32, 40,
-    ...; at most max_len): under a fifth padding, for four compiled shapes per doubling."""
-    quarter = (1 << ((max(length, gen.MIN_BUCKET) - 1).bit_length() - 1)) // 4
-    return min(max(gen.MIN_BUCKET, -(-length // quarter) * quarter), max_len)
-
-
-def _rows_per_batch(run: run_lib.Run, batch_size: int) -> int:
-    """`batch_size` rounded up to a multiple of the devices the rows are split over."""
-    ways = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
-    return -(-batch_size // ways) * ways
-
-
-def score(
-    run: run_lib.Run, requests: Sequence[Request], batch_size: int = 16, progress=None
-) -> list[Score]:
-    """A Score for each request, in order. A request longer than the context keeps its last
-    `max_len` inputs (the continuation's end), as the harness does. `progress(n)` is told
-    after each batch how many requests it scored."""
-    rows = _rows_per_batch(run, batch_size)
-    rules = tuple(run.rules)
-    scored: list[Score | None] = [None] * len(requests)
-    prepared = []
-    for i, r in enumerate(requests):
-        if not r.context or not r.continuation:
-            raise EvalError(f"request {i} has an empty context or continuation")
-        tokens = (r.context + r.continuation)[-(run.max_len + 1) :]
-        prepared.append((i, np.asarray(tokens, np.int32), min(len(r.continuation), run.max_len)))
-    prepared.sort(key=lambda p: -len(p[1]))  # similar lengths share a batch and its padding
-    for start in range(0, len(prepared), rows):
-        batch = prepared[start : start + rows]
-        length = score_length(max(len(t) - 1 for _, t, _ in batch), run.max_len)
-        inputs = np.zeros((rows, length), np.int32)
-        targets = np.zeros((rows, length), np.int32)
-        for row, (_, tokens, _) in enumerate(batch):
-            inputs[row, : len(tokens) - 1] = tokens[:-1]
-            targets[row, : len(tokens) - 1] = tokens[1:]
-        budget = LOGITS_BUDGET * run.mesh.devices.size // (rows * run.config.vocab_size)
-        chunk = max([c for c in range(1, length + 1) if length % c == 0 and c <= budget], default=1)
-        with jax.set_mesh(run.mesh):
-            logprob, greedy = _token_scores(run.config, rules, chunk, run.params, inputs, targets)
-        logprob, greedy = np.asarray(logprob, np.float64), np.asarray(greedy)
-        for row, (i, tokens, n) in enumerate(batch):
-            end = len(tokens) - 1
-            scored[i] = Score(
-                float(logprob[row, end - n : end].sum()), bool(greedy[row, end - n : end].all())
-            )
-        if progress is not None:
-            progress(len(batch))
-    return scored
+# The scorer's names, for callers of jaxlm.eval.
+Request, Score, score = scorer.Request, scorer.Score, scorer.score
 
 
 # ---------------------------------------------------------------- documents

@@ -4,10 +4,11 @@
     lm_eval.simple_evaluate(model=jaxlm.harness.JaxlmLM(path="runs/tiny"), tasks=["arc_easy"])
 
 All three request types go through jaxlm's own code: `loglikelihood` through jaxlm.eval's
-split (`split_pair`, as the harness's Hugging Face model splits) and scorer (`score`: sorted
-by length, batched into power-of-two buckets, rows over every device), the same path as
-`python -m jaxlm.eval --choices`; `loglikelihood_rolling` cuts each document into windows of
-the run's context with the harness's own window functions and scores them the same way;
+split (`split_pair`, as the harness's Hugging Face model splits) and jaxlm.scorer (sorted by
+length, batched into length buckets, rows over every device, a context shared by several
+requests computed once), the same path as `python -m jaxlm.eval --choices`;
+`loglikelihood_rolling` cuts each document into windows of the run's context with the
+harness's own window functions and scores them the same way;
 `generate_until` decodes through jaxlm.generate (greedy, or sampled with the request's
 temperature / top_k / top_p), stopping a row at EOS, its token budget or a stop sequence.
 
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from jaxlm import eval as eval_lib
 from jaxlm import generate as gen
 from jaxlm import run as run_lib
+from jaxlm import scorer
 from jaxlm.errors import EvalError
 
 
@@ -61,7 +63,7 @@ class JaxlmLM(TemplateLM):
         self.run, self.sp, self.path = run, run.tokenizer, path or "jaxlm-run"
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_gen_toks, self.seed, self.progress = int(max_gen_toks), int(seed), progress
-        self._rows = eval_lib._rows_per_batch(run, self.batch_size)
+        self._rows = scorer.rows_per_batch(run, self.batch_size)
         self._chat = None  # a chat_prompt.ChatPrompt once the harness applies the template
 
     # ------------------------------------------------------------ tokens, as the HF model has them
@@ -123,7 +125,7 @@ class JaxlmLM(TemplateLM):
 
     def _score(self, requests: list, what: str, disable_tqdm: bool) -> list:
         with self._bar(len(requests), what, disable_tqdm) as bar:
-            return eval_lib.score(self.run, requests, self.batch_size, progress=bar.update)
+            return scorer.score(self.run, requests, self.batch_size, progress=bar.update)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         """(log P(continuation | context), is greedy) per request, split by jaxlm.eval's
@@ -141,7 +143,7 @@ class JaxlmLM(TemplateLM):
             if not continuation:
                 raise EvalError(f"the continuation of {pair!r} has no tokens")
         scores = self._score(
-            [eval_lib.Request(tuple(c), tuple(x)) for _, c, x in requests],
+            [scorer.Request(tuple(c), tuple(x)) for _, c, x in requests],
             "loglikelihood",
             disable_tqdm,
         )
@@ -165,7 +167,7 @@ class JaxlmLM(TemplateLM):
                     context_len=1,
                 ),
             ):
-                windows.append(eval_lib.Request(tuple(context), tuple(continuation)))
+                windows.append(scorer.Request(tuple(context), tuple(continuation)))
                 owner.append(n)
         totals = np.zeros(len(requests))
         for n, scored in zip(owner, self._score(windows, "loglikelihood_rolling", disable_tqdm)):
@@ -242,7 +244,7 @@ class JaxlmLM(TemplateLM):
         return [self.sp.decode(c) for c in completions[: len(prompts)]]
 
 
-def _as_lists(request: eval_lib.Request) -> tuple[list, list]:
+def _as_lists(request: scorer.Request) -> tuple[list, list]:
     return list(request.context), list(request.continuation)
 
 

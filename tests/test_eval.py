@@ -19,7 +19,7 @@ from support import float32_roundoff
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxlm import convert  # noqa: E402
+from jaxlm import convert, scorer  # noqa: E402
 from jaxlm import eval as eval_lib  # noqa: E402
 from jaxlm import generate as gen  # noqa: E402
 from jaxlm import run as run_lib  # noqa: E402
@@ -187,6 +187,38 @@ def test_every_mesh_scores_the_same(run_dir):
     assert a["tokens"] == b["tokens"]
 
 
+@pytest.mark.parametrize("n_devices", [1, 8])
+def test_requests_sharing_a_context_match_transformers(run_dir, hf, n_devices):
+    """Requests that share a context compute it once (a KV cache, jaxlm.scorer): one-token and
+    longer continuations, a group larger than a batch; beside them requests scored alone (a
+    context of its own, contexts cut to fit the run's). Each equals transformers' float64
+    log-probability of the whole sequence, cut as the scorer cuts it."""
+    if n_devices == 8:
+        run = run_lib.load(run_dir, shard_rows=True)
+    else:
+        run = run_lib.load(run_dir, tensor=1, devices=jax.devices()[:1], shard_rows=True)
+    sp, bos = run.tokenizer, run.tokenizer.bos_id()
+    add = (bos, *sp.encode("def add(a, b):\n    return a"))
+    imports = (bos, *sp.encode("import os\nimport sys\n"))
+    long = (bos, *sp.encode(TEXTS[1])[:CONTEXT])  # 65 tokens: any continuation is cut
+    lines = ["import json", "def f(x):\n    return x", "class A:", "x = 1", "print(os.sep)"]
+    requests = [eval_lib.Request(add, (t,)) for t in sp.encode(" + b - b * b")[:3]]
+    requests += [eval_lib.Request(imports, tuple(sp.encode(line))) for line in lines]
+    requests += [
+        eval_lib.Request((bos, *sp.encode("for i in range(3):")), tuple(sp.encode(" pass"))),
+        eval_lib.Request(long, tuple(sp.encode("x = 2"))),
+        eval_lib.Request(long, tuple(sp.encode("y"))),
+    ]
+    plain, shared = scorer.split_by_context(requests, run.max_len)
+    assert sorted(shared) == list(range(8)) and sorted(plain) == [8, 9, 10]
+
+    got = eval_lib.score(run, requests, batch_size=4)  # the 5 imports lines span two batches
+    for request, scored in zip(requests, got):
+        tokens = list(request.context + request.continuation)[-(CONTEXT + 1) :]
+        want = reference_logprobs(hf, tokens)[-len(request.continuation) :].sum()
+        np.testing.assert_allclose(scored.logprob, want, rtol=0, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_cli_scores_texts_a_prepared_split_and_choices(run_dir, tmp_path, repo, tokenizer_path):
     from jaxlm.data import prepare
@@ -263,8 +295,8 @@ def test_a_missing_data_file_names_the_data_flag(tmp_path):
 
 def test_scoring_lengths_pad_a_batch_by_under_a_fifth_with_four_shapes_per_doubling():
     lengths = range(1, 2049)
-    padded = [eval_lib.score_length(n, 2048) for n in lengths]
+    padded = [scorer.score_length(n, 2048) for n in lengths]
     assert all(p >= n for n, p in zip(lengths, padded))
     assert max((p - n) / p for n, p in zip(lengths, padded) if n > 16) < 0.2
     assert sorted(set(p for n, p in zip(lengths, padded) if 256 < n <= 512)) == [320, 384, 448, 512]
-    assert eval_lib.score_length(108, 100) == 100  # never past the context
+    assert scorer.score_length(108, 100) == 100  # never past the context
