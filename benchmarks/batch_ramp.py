@@ -97,7 +97,7 @@ def main(argv):
         logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
         tokens = tokens_by_step(logged, config.train.global_batch_size)
         steps = max(tokens)
-        assert tokens[steps] >= total > tokens[steps] - 32 * SEQ_LEN, (name, tokens[steps])
+        assert tokens[steps] >= total > tokens[steps] - LARGE * SEQ_LEN, (name, tokens[steps])
         losses = [(tokens[r["step"]], r["loss"]) for r in logged if "loss" in r]
         noise = [
             (tokens[r["step"]], r["gradient_noise_scale"])

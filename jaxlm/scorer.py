@@ -138,14 +138,13 @@ def score(
     rows = rows_per_batch(run, batch_size)
     scored: list[Score | None] = [None] * len(requests)
     plain, shared = split_by_context(requests, run.max_len)
-    for batch in _batches(sorted(plain, key=lambda i: -_length(requests[i], run.max_len)), rows):
-        _score_plain(run, [requests[i] for i in batch], rows, scored, batch)
-        if progress is not None:
-            progress(len(batch))
-    for batch in _batches(shared, rows):
-        _score_shared(run, [requests[i] for i in batch], rows, scored, batch)
-        if progress is not None:
-            progress(len(batch))
+    plain.sort(key=lambda i: -_length(requests[i], run.max_len))
+    for score_batch, order in ((_score_plain, plain), (_score_shared, shared)):
+        for start in range(0, len(order), rows):
+            batch = order[start : start + rows]
+            score_batch(run, [requests[i] for i in batch], rows, scored, batch)
+            if progress is not None:
+                progress(len(batch))
     return scored
 
 
@@ -171,11 +170,6 @@ def _longest(requests: Sequence[Request], members: list[int]) -> int:
 
 def _length(request: Request, max_len: int) -> int:
     return min(len(request.context) + len(request.continuation) - 1, max_len)
-
-
-def _batches(indices: list[int], rows: int):
-    for start in range(0, len(indices), rows):
-        yield indices[start : start + rows]
 
 
 def _score_plain(run, batch: list[Request], rows: int, scored: list, where: list[int]) -> None:
